@@ -1,0 +1,112 @@
+"""Build script for calibops' compiled ops.
+
+- The C++ CPU ops (csrc/ops.cpp + csrc/cpu/*.cpp) are built whenever torch is importable at build time
+  (install with ``pip install --no-build-isolation -e .`` so the build sees *your* torch).
+- The CUDA ops (csrc/cuda/*.cu + csrc/cuda/*.cpp) are added when torch has CUDA and nvcc is found.
+- Knobs (environment variables):
+    CALIBOPS_NO_EXT=1       build nothing compiled (pure Python: reference + Triton backends)
+    CALIBOPS_NO_CUDA=1      skip the CUDA ops even where they could be built
+    CALIBOPS_FORCE_CUDA=1   build the CUDA ops even if no GPU is visible (needs torch with CUDA + nvcc)
+    CALIBOPS_REQUIRE_EXT=1  fail the install if the extension does not build (default: warn, go on)
+    CALIBOPS_CPU_FLAGS      extra C++ flags for the CPU kernels (default: "-O3")
+    CALIBOPS_CUDA_ARCH      TORCH_CUDA_ARCH_LIST for the CUDA ops (default: torch's own choice)
+- The package never *needs* the extension: without it, `calibops` imports and `available_backends()`
+  says why the compiled backends are missing.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+import warnings
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _extensions_and_cmdclass():
+    if _flag("CALIBOPS_NO_EXT"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        msg = (
+            "calibops: torch is not importable at build time, so the C++/CUDA backends are not built. "
+            "Install torch first and use `pip install --no-build-isolation -e .` to build them."
+        )
+        if _flag("CALIBOPS_REQUIRE_EXT"):
+            raise RuntimeError(msg) from None
+        warnings.warn(msg, stacklevel=1)
+        return [], {}
+
+    def rel(pattern: str) -> list[str]:
+        return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+    sources = rel("csrc/ops.cpp") + rel("csrc/cpu/*.cpp")
+    cpu_flags = os.environ.get("CALIBOPS_CPU_FLAGS", "-O3").split()
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx_flags = ["-std=c++17", *cpu_flags, *openmp]
+    define_macros = [("TORCH_EXTENSION_NAME", "_C")]
+    link_args = list(openmp)
+
+    want_cuda = (
+        not _flag("CALIBOPS_NO_CUDA")
+        and torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+        and (torch.cuda.is_available() or _flag("CALIBOPS_FORCE_CUDA"))
+    )
+    if want_cuda and os.environ.get("CALIBOPS_CUDA_ARCH"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["CALIBOPS_CUDA_ARCH"]
+
+    if want_cuda:
+        sources += rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")
+        ext = cpp_extension.CUDAExtension(
+            "calibops._C",
+            sources,
+            define_macros=[*define_macros, ("CALIBOPS_WITH_CUDA", "1")],
+            extra_compile_args={
+                "cxx": cxx_flags,
+                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
+            },
+            extra_link_args=link_args,
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "calibops._C",
+            sources,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_args,
+        )
+
+    use_ninja = shutil.which("ninja") is not None
+    base = cpp_extension.BuildExtension.with_options(use_ninja=use_ninja)
+
+    class OptionalBuildExtension(base):
+        """Builds the extension; a failed build warns and installs the pure-Python package instead."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # noqa: BLE001 - any compiler failure must not break install
+                if _flag("CALIBOPS_REQUIRE_EXT"):
+                    raise
+                warnings.warn(
+                    f"calibops: building the compiled ops failed ({exc}); installing without them. "
+                    "Set CALIBOPS_REQUIRE_EXT=1 to make this an error.",
+                    stacklevel=1,
+                )
+
+    return [ext], {"build_ext": OptionalBuildExtension}
+
+
+ext_modules, cmdclass = _extensions_and_cmdclass()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
