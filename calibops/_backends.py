@@ -1,0 +1,128 @@
+"""Which backend runs, why, and the fallback rules. The only place that decides.
+
+Rules (SPEC §2):
+- ``"reference"``: pure PyTorch, autograd-native, any device; always available.
+- ``"cpu"``: the fused C++ kernel (calibops._C), CPU tensors.
+- ``"cuda"``: the fused CUDA C++ kernel (calibops._C built with CUDA), CUDA tensors.
+- ``"triton"``: the Triton kernels, CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1`` (tests).
+- ``"auto"``: CUDA tensor -> cuda if built, else triton, else reference; CPU tensor -> cpu if built, else
+  reference. The environment variable ``CALIBOPS_BACKEND`` overrides auto (and is then treated like an
+  explicit request). Auto never raises for a missing backend; an explicit request that cannot run raises
+  ``RuntimeError`` with the reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Callable
+
+import torch
+
+from . import _ops
+
+__all__ = ["BACKENDS", "available_backends", "backend_for", "resolve_backend", "stats_function"]
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    try:
+        importlib.import_module("calibops.triton")
+    except Exception as exc:  # noqa: BLE001
+        return f"calibops.triton failed to import: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _why_unavailable(name: str, device: torch.device | None) -> str | None:
+    """None if backend ``name`` can run on ``device`` (None: on some device of this machine), else why not."""
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if not _ops.extension_loaded():
+            return f"the compiled extension calibops._C is not loaded ({_ops.EXTENSION_ERROR})"
+        if not _ops.has_cpu_kernels():
+            return "calibops._C has no CPU kernels"
+        if device is not None and device.type != "cpu":
+            return f"the cpu backend runs on CPU tensors, got a {device.type} tensor"
+        return None
+    if name == "cuda":
+        if not _ops.extension_loaded():
+            return f"the compiled extension calibops._C is not loaded ({_ops.EXTENSION_ERROR})"
+        if not _ops.has_cuda_kernels():
+            return "calibops._C was built without CUDA kernels (torch without CUDA, or no nvcc at build time)"
+        if device is not None and device.type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, got a {device.type} tensor"
+        if device is None and not torch.cuda.is_available():
+            return "no CUDA device is available"
+        return None
+    if name == "triton":
+        err = _triton_import_error()
+        if err is not None:
+            return err
+        if device is not None and device.type == "cpu" and not _triton_interpret():
+            return "Triton runs CPU tensors only under TRITON_INTERPRET=1 (set before triton is imported)"
+        if device is not None and device.type not in ("cpu", "cuda"):
+            return f"the triton backend runs on CUDA tensors, got a {device.type} tensor"
+        if device is None and not (torch.cuda.is_available() or _triton_interpret()):
+            return "no CUDA device is available (and TRITON_INTERPRET is not set)"
+        return None
+    raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {name!r}")
+
+
+def available_backends() -> dict[str, str | None]:
+    """Every backend name mapped to ``None`` if it can run on this machine, else the reason it cannot."""
+    return {name: _why_unavailable(name, None) for name in BACKENDS}
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that will run for a tensor on ``device`` when ``backend`` is requested."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend == "auto":
+        env = os.environ.get("CALIBOPS_BACKEND", "").strip()
+        if env and env != "auto":
+            backend = env
+        else:
+            if device.type == "cuda":
+                for name in ("cuda", "triton"):
+                    if _why_unavailable(name, device) is None:
+                        return name
+                return "reference"
+            if device.type == "cpu" and _why_unavailable("cpu", device) is None:
+                return "cpu"
+            return "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
+    why = _why_unavailable(backend, device)
+    if why is not None:
+        raise RuntimeError(f"calibops backend {backend!r} is not available: {why}")
+    return backend
+
+
+def backend_for(tensor: torch.Tensor, backend: str = "auto") -> str:
+    """The backend that ``backend`` (default auto) resolves to for ``tensor``."""
+    return resolve_backend(backend, tensor.device)
+
+
+def stats_function(name: str) -> Callable:
+    """The statistics forward (with autograd) of a resolved backend, kernel-contract signature."""
+    if name == "reference":
+        from .reference import binned_stats_prepared
+
+        return binned_stats_prepared
+    if name in ("cpu", "cuda"):
+        return torch.ops.calibops.binned_stats
+    if name == "triton":
+        from . import triton as triton_backend
+
+        return triton_backend.binned_stats
+    raise ValueError(f"unknown backend {name!r}")
