@@ -1,0 +1,18 @@
+"""calibops: fused, exact calibration losses and metrics for image segmentation in PyTorch."""
+
+from ._backends import available_backends, backend_for
+from .functional import BinnedStats, CalibrationErrors
+from .losses import HardL1ACELoss, MarginalL1ACELoss, SoftL1ACELoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BinnedStats",
+    "CalibrationErrors",
+    "HardL1ACELoss",
+    "MarginalL1ACELoss",
+    "SoftL1ACELoss",
+    "__version__",
+    "available_backends",
+    "backend_for",
+]

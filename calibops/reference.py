@@ -1,0 +1,229 @@
+"""The pure-PyTorch specification of every calibops statistic, loss and metric (SPEC §1).
+
+Everything here is vectorised (no Python loop over images, classes or bins), autograd-native and runs on any
+device. Kernel backends must agree with these functions; tests compare them against each other.
+
+Layers:
+- :func:`bin_edges` / :func:`bin_centres`: the float32 edges and centres every backend bins with.
+- :func:`binned_stats_prepared`: the (B, C, M) statistics from a prepared ``[B, C, N]`` input and target —
+  the same signature and semantics as the kernel ops (docs/kernel_contract.md).
+- :func:`ace_from_stats`: the mL1-ACE epilogue on the statistics (shared by every backend).
+- :func:`calibration_errors_from_stats`: ECE / ACE / MCE from hard statistics (shared by every backend).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "EPS32",
+    "BinnedStats",
+    "CalibrationErrors",
+    "ace_from_stats",
+    "bin_centres",
+    "bin_edges",
+    "binned_stats_prepared",
+    "calibration_errors_from_stats",
+    "reduce_loss",
+]
+
+EPS32 = float(torch.finfo(torch.float32).eps)
+
+ACT_NONE, ACT_SOFTMAX, ACT_SIGMOID = 0, 1, 2
+
+
+class BinnedStats(NamedTuple):
+    """Per-(image, class, bin) statistics, each (B, C, M) float32.
+
+    Hard binning: ``count`` = number of voxels in the bin, ``sum_p`` = Σ p, ``sum_y`` = Σ y.
+    Soft binning: ``count`` = Σ w (membership weights), ``sum_p`` = Σ w·p, ``sum_y`` = Σ w·y.
+    """
+
+    count: torch.Tensor
+    sum_p: torch.Tensor
+    sum_y: torch.Tensor
+
+
+class CalibrationErrors(NamedTuple):
+    """Expected (ECE), average (ACE) and maximum (MCE) calibration error, each (B, C')."""
+
+    ece: torch.Tensor
+    ace: torch.Tensor
+    mce: torch.Tensor
+
+
+@functools.lru_cache(maxsize=64)
+def _edges_cpu(num_bins: int, soft: bool) -> torch.Tensor:
+    if soft:
+        return torch.linspace(0.0, 1.0 + EPS32, 2 * num_bins + 1, dtype=torch.float32)[1::2].contiguous()
+    return torch.linspace(0.0, 1.0 + EPS32, num_bins + 1, dtype=torch.float32)
+
+
+_edges_device_cache: dict[tuple[int, bool, torch.device], torch.Tensor] = {}
+
+
+def bin_edges(num_bins: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Hard-binning edges ``e_k = linspace(0, 1 + eps32, M + 1)[k]`` in float32, shape (M + 1,).
+
+    Computed once on the CPU (so every device bins with bit-identical edges) and cached per device.
+    """
+    return _edge_tensor(num_bins, False, torch.device(device))
+
+
+def bin_centres(num_bins: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Soft-binning centres ``c_j = linspace(0, 1 + eps32, 2M + 1)[2j + 1]`` in float32, shape (M,)."""
+    return _edge_tensor(num_bins, True, torch.device(device))
+
+
+def _edge_tensor(num_bins: int, soft: bool, device: torch.device) -> torch.Tensor:
+    key = (num_bins, soft, device)
+    t = _edges_device_cache.get(key)
+    if t is None:
+        t = _edges_cpu(num_bins, soft).to(device)
+        if not torch.compiler.is_compiling():
+            _edges_device_cache[key] = t
+    return t
+
+
+def _activate(x: torch.Tensor, activation: int) -> torch.Tensor:
+    if activation == ACT_SOFTMAX:
+        return torch.softmax(x, dim=1)
+    if activation == ACT_SIGMOID:
+        return torch.sigmoid(x)
+    return x
+
+
+def binned_stats_prepared(
+    input: torch.Tensor,  # [B, C, N]
+    target: torch.Tensor,  # [B, N] integer labels, or [B, C, N] dense
+    edges: torch.Tensor,  # [M + 1] hard edges, or [M] soft centres
+    num_bins: int,
+    soft: bool,
+    activation: int,
+    labels: bool,
+    ignore_index: int | None,
+    right: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference of the kernel op ``calibops::binned_stats`` (docs/kernel_contract.md).
+
+    Returns ``(count, sum_p, sum_y, bad)``: three (B, C, M) tensors (float32, or float64 for float64 input)
+    and the int64 number of labels outside [0, C) that are not ``ignore_index`` (left out of the statistics).
+    Sums are accumulated in float64 and rounded once, so the reference is as exact as the float32 output
+    allows at any volume size.
+    """
+    B, C, N = input.shape
+    M = num_bins
+    out_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    x = input.to(out_dtype)
+    p = _activate(x, activation)
+    acc = torch.float64
+
+    if labels:
+        lab = target.reshape(B, N).long()
+        in_range = (lab >= 0) & (lab < C)
+        ignored = lab == ignore_index if ignore_index is not None else torch.zeros_like(in_range)
+        bad = (~in_range & ~ignored).sum()
+        keep = (in_range & ~ignored).unsqueeze(1)  # [B, 1, N]
+        classes = torch.arange(C, device=input.device).view(1, C, 1)
+        y = (lab.unsqueeze(1) == classes).to(acc)  # [B, C, N]
+        mask = keep.to(acc)
+    else:
+        y = target.reshape(B, C, N).to(acc)
+        bad = torch.zeros((), dtype=torch.int64, device=input.device)
+        mask = None
+
+    pa = p.to(acc)
+    zeros = torch.zeros(B, C, M, dtype=acc, device=input.device)
+    if not soft:
+        idx = torch.bucketize(p.detach(), edges[1:].to(p.dtype), right=right).clamp_(max=M - 1)
+        w = torch.ones_like(pa) if mask is None else mask.expand(B, C, N)
+        count = zeros.scatter_add(2, idx, w)
+        sum_p = zeros.scatter_add(2, idx, pa * w)
+        sum_y = zeros.scatter_add(2, idx, y * w)
+    else:
+        centres = edges.to(acc)
+        # t = (number of centres strictly below p) - 1, in -1 .. M-1
+        t = torch.bucketize(p.detach(), edges.to(p.dtype), right=False) - 1
+        if M == 1:
+            lo = torch.zeros_like(t)
+            w_lo = torch.ones_like(pa)
+            hi, w_hi = lo, torch.zeros_like(pa)
+        else:
+            lo = t.clamp(0, M - 2)
+            hi = lo + 1
+            c_lo, c_hi = centres[lo], centres[hi]
+            w_in = (c_hi - pa) / (c_hi - c_lo)
+            w_lo = torch.where(t < 0, torch.ones_like(pa), torch.where(t >= M - 1, torch.zeros_like(pa), w_in))
+            w_hi = 1.0 - w_lo  # "the rest" of the voxel's unit weight
+        if mask is not None:
+            w_lo = w_lo * mask
+            w_hi = w_hi * mask
+        count = zeros.scatter_add(2, lo, w_lo).scatter_add(2, hi, w_hi)
+        sum_p = zeros.scatter_add(2, lo, w_lo * pa).scatter_add(2, hi, w_hi * pa)
+        sum_y = zeros.scatter_add(2, lo, w_lo * y).scatter_add(2, hi, w_hi * y)
+    return count.to(out_dtype), sum_p.to(out_dtype), sum_y.to(out_dtype), bad
+
+
+def _bin_gaps(stats: BinnedStats, soft: bool, empty_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid bins, |S_p/n - S_y/n| with 0 on invalid bins), each (B, C, M)."""
+    n = stats.count
+    valid = (n >= empty_weight) & (n > 0) if soft else n > 0
+    den = torch.where(valid, n, torch.ones_like(n))
+    gap = (stats.sum_p / den - stats.sum_y / den).abs()
+    return valid, torch.where(valid, gap, torch.zeros_like(gap))
+
+
+def ace_from_stats(
+    stats: BinnedStats,
+    soft: bool = False,
+    empty_weight: float = 0.01,
+    ignore_empty_classes: bool = True,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-(image, class) marginal L1 ACE, (B, C), differentiable through ``stats``.
+
+    ``ACE[b,c] = mean over valid bins of |S_p/n - S_y/n|`` (0 when no bin is valid); valid bins are ``n > 0``
+    (hard) or ``W >= empty_weight`` and ``W > 0`` (soft). ``ignore_empty_classes`` multiplies by
+    ``[Σ_i y[b,c,i] > 0]`` (= ``Σ_j S_y > 0``); ``weight`` (C,) multiplies per class.
+    """
+    valid, gap = _bin_gaps(stats, soft, empty_weight)
+    k = valid.sum(-1).clamp(min=1).to(gap.dtype)
+    ace = gap.sum(-1) / k
+    if ignore_empty_classes:
+        ace = ace * (stats.sum_y.detach().sum(-1) > 0).to(ace.dtype)
+    if weight is not None:
+        ace = ace * weight.to(device=ace.device, dtype=ace.dtype).view(1, -1)
+    return ace
+
+
+def reduce_loss(per_class: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``"mean"`` over all B×C' entries (masked ones count as 0), ``"sum"``, or ``"none"`` (B, C')."""
+    if reduction == "mean":
+        return per_class.mean()
+    if reduction == "sum":
+        return per_class.sum()
+    return per_class
+
+
+def calibration_errors_from_stats(stats: BinnedStats) -> CalibrationErrors:
+    """ECE, ACE, MCE per leading index from hard statistics (..., M); NaN where no bin has a voxel.
+
+    ``ECE = Σ_j n_j gap_j / Σ_j n_j``, ``ACE = mean of gap_j over non-empty bins``,
+    ``MCE = max of gap_j over non-empty bins``, ``gap_j = |S_p/n - S_y/n|``.
+    Works for per-image stats (B, C, M) and for pooled (micro) stats (C, M) alike. No gradient.
+    """
+    with torch.no_grad():
+        count = stats.count.double()
+        s = BinnedStats(count, stats.sum_p.double(), stats.sum_y.double())
+        valid, gap = _bin_gaps(s, False, 0.0)
+        total = count.sum(-1)
+        k = valid.sum(-1)
+        nan = torch.full_like(total, float("nan"))
+        ece = torch.where(total > 0, (count * gap).sum(-1) / total.clamp(min=1e-300), nan)
+        ace = torch.where(k > 0, gap.sum(-1) / k.clamp(min=1), nan)
+        mce = torch.where(k > 0, gap.amax(-1) if gap.shape[-1] > 0 else total, nan)
+        out = stats.count.dtype
+        return CalibrationErrors(ece.to(out), ace.to(out), mce.to(out))
