@@ -112,7 +112,9 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def median_time(fn: Callable[[], object], warmup: int = 2, reps: int = 7, sync: Callable[[], None] | None = None) -> float:
+def median_time(
+    fn: Callable[[], object], warmup: int = 2, reps: int = 7, sync: Callable[[], None] | None = None
+) -> float:
     """Median wall time of ``fn()`` in seconds (CPU timing; GPU scripts use triton.testing.do_bench)."""
     for _ in range(warmup):
         fn()

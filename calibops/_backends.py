@@ -31,14 +31,16 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_import_error() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
     try:
-        importlib.import_module("calibops.triton")
+        mod = importlib.import_module("calibops.triton")
     except Exception as exc:  # noqa: BLE001
         return f"calibops.triton failed to import: {type(exc).__name__}: {exc}"
+    if not callable(getattr(mod, "binned_stats", None)):
+        return "calibops.triton provides no binned_stats kernel"
     return None
 
 

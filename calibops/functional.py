@@ -178,7 +178,8 @@ def _prepare(input, target, *, to_onehot_y, softmax, sigmoid, ignore_index, back
             xd = x.detach()
             if not bool(torch.isfinite(xd).all()):
                 raise ValueError(
-                    "input holds non-finite values; pass probabilities in [0, 1], or logits with softmax=True/sigmoid=True"
+                    "input holds non-finite values; pass probabilities in [0, 1], "
+                    "or logits with softmax=True/sigmoid=True"
                 )
             lo, hi = torch.aminmax(xd)
             if bool(lo < 0) or bool(hi > 1):
