@@ -46,13 +46,15 @@ class DatasetCalibrationResult(NamedTuple):
     ``macro``: mean over images of the per-image values (images where a value is NaN are skipped; NaN if no
     image has it). ``micro``: the same formulas on the statistics summed over all images.
     ``num_images``: images seen (over all ranks when distributed). ``classes``: the class index of each of
-    the C' entries.
+    the C' entries. ``images_per_class``: (C',) int64, images in which the class has at least one voxel
+    (the number of images its macro ECE/ACE/MCE average over).
     """
 
     macro: CalibrationErrors
     micro: CalibrationErrors
     num_images: int
     classes: tuple[int, ...]
+    images_per_class: torch.Tensor
 
 
 def reliability_histogram_counts(stats: BinnedStats, right: bool = False) -> torch.Tensor:
@@ -357,7 +359,9 @@ class DatasetCalibration:
         macro_errs = CalibrationErrors(*(m.float() for m in macro))
         micro = calibration_errors_from_stats(BinnedStats(s["count"], s["sum_p"], s["sum_y"]))
         micro_errs = CalibrationErrors(*(m.float() for m in micro))
-        return DatasetCalibrationResult(macro_errs, micro_errs, int(s["num_images"]), self.classes)
+        return DatasetCalibrationResult(
+            macro_errs, micro_errs, int(s["num_images"]), self.classes, s["macro_n"][0].clone()
+        )
 
     def histogram(self) -> torch.Tensor:
         """The dataset reliability histogram ``H[c, a, j]``, int64 (C', M, M): class, accuracy bin (0 =

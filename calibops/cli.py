@@ -1,0 +1,257 @@
+"""``calibops evaluate``: calibration metrics and the dataset reliability histogram of saved predictions.
+
+    calibops evaluate --pred DIR --label DIR [--out DIR] [--num-bins 20] [--include-background] ...
+    python -m calibops evaluate ...
+
+Reads probability maps and integer label maps (NIfTI ``.nii``/``.nii.gz`` through nibabel, or NumPy
+``.npy``/``.npz``) paired by file name, accumulates them with :class:`calibops.metrics.DatasetCalibration`
+one case at a time (memory: one case plus O(C·M²)), and writes into ``--out``:
+
+- ``per_image.csv``: one row per case and class: ECE, ACE, MCE, voxels (and Dice with ``--dice``);
+- ``summary.csv``: per class macro (mean over cases) and micro (pooled) ECE/ACE/MCE, and their class mean;
+- ``dataset_histogram.png`` / ``.pdf``: the dataset reliability histogram figure;
+- ``dataset_histogram.npz``: the histogram (C', M, M), pooled voxel counts (C', M) and class indices.
+
+Everything is checked before anything is written: a missing pair, a shape mismatch, values that are not
+probabilities, or labels out of range stop the run with a message and exit status 1 and no output files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["build_parser", "evaluate", "evaluate_main"]
+
+
+class EvaluationError(Exception):
+    """A problem with the data or the options; reported without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``calibops evaluate``."""
+    p = argparse.ArgumentParser(
+        prog="calibops evaluate",
+        description="Calibration (ECE/ACE/MCE, macro and micro) and the dataset reliability histogram of "
+        "probability maps against label maps, paired by file name.",
+    )
+    p.add_argument("--pred", required=True, metavar="DIR",
+                   help="directory of probability maps: .npy/.npz (C, *spatial) or .nii/.nii.gz "
+                   "(*spatial, C)")
+    p.add_argument("--label", required=True, metavar="DIR",
+                   help="directory of integer label maps (*spatial) with the same file names")
+    p.add_argument("--out", default="calibops_eval", metavar="DIR",
+                   help="output directory (default: %(default)s)")
+    p.add_argument("--num-bins", type=int, default=20, help="confidence bins M (default: %(default)s)")
+    p.add_argument("--include-background", action="store_true", help="also evaluate class 0")
+    p.add_argument("--ignore-index", type=int, default=None, help="label value left out of every statistic")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="expected number of channels C (default: taken from the first prediction)")
+    p.add_argument("--class-names", default=None,
+                   help="comma-separated names of all C classes (background included), for CSV and figure")
+    p.add_argument("--channel-dim", type=int, default=None,
+                   help="channel axis of the prediction files (default: 0 for NumPy, -1 for NIfTI)")
+    p.add_argument("--npz-key", default=None, help="array name inside prediction .npz files")
+    p.add_argument("--softmax", action="store_true",
+                   help="predictions are logits: apply softmax over channels")
+    p.add_argument("--multilabel", action="store_true",
+                   help="channels are independent probabilities (do not require them to sum to 1)")
+    p.add_argument("--sum-tolerance", type=float, default=1e-3,
+                   help="allowed |sum over channels - 1| of probabilities (default: %(default)s)")
+    p.add_argument("--dice", action="store_true", help="add the Dice score of the argmax prediction per case")
+    p.add_argument("--backend", default="auto", help="statistics backend (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _progress(items: Sequence[Any], enabled: bool) -> Iterable[Any]:
+    if not enabled:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is part of the optional extra "io"; fall back to a plain counter
+        return _plain_progress(items)
+    return tqdm(items, desc="evaluate", unit="case", file=sys.stderr)
+
+
+def _plain_progress(items: Sequence[Any]) -> Iterable[Any]:
+    n = len(items)
+    for i, it in enumerate(items):
+        print(f"evaluate: case {i + 1}/{n}", file=sys.stderr)
+        yield it
+
+
+def _check_probabilities(name: str, probs: np.ndarray, multilabel: bool, tol: float) -> np.ndarray:
+    if not np.all(np.isfinite(probs)):
+        raise EvaluationError(f"case {name!r}: the prediction holds NaN or infinite values")
+    lo, hi = float(probs.min()), float(probs.max())
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise EvaluationError(
+            f"case {name!r}: prediction values span [{lo:.4g}, {hi:.4g}], not probabilities in [0, 1] "
+            "(pass --softmax for logits)"
+        )
+    probs = np.clip(probs, 0.0, 1.0)  # float rounding only (checked above)
+    if not multilabel and probs.shape[0] > 1:
+        dev = float(np.abs(probs.sum(axis=0, dtype=np.float64) - 1.0).max())
+        if dev > tol:
+            raise EvaluationError(
+                f"case {name!r}: class probabilities do not sum to 1 (max deviation {dev:.3g} > {tol}); "
+                "pass --multilabel for independent (sigmoid) channels or --softmax for logits"
+            )
+    return probs
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the evaluation described by parsed ``args``; returns the results, writes nothing."""
+    import torch
+
+    from . import io
+    from .metrics import DatasetCalibration
+
+    if args.num_bins < 1:
+        raise EvaluationError(f"--num-bins must be >= 1, got {args.num_bins}")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise EvaluationError(f"--num-classes must be >= 1, got {args.num_classes}")
+    if not args.sum_tolerance >= 0:
+        raise EvaluationError(f"--sum-tolerance must be >= 0, got {args.sum_tolerance}")
+    cases = io.match_cases(args.pred, args.label)
+    names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
+
+    metric: DatasetCalibration | None = None
+    C = args.num_classes
+    for name, pred_path, label_path in _progress(cases, not args.no_progress):
+        try:
+            probs = io.load_probabilities(pred_path, channel_dim=args.channel_dim, npz_key=args.npz_key)
+            label = io.load_label(label_path, spatial_ndim=probs.ndim - 1)
+        except (ValueError, TypeError) as exc:
+            raise EvaluationError(f"case {name!r}: {exc}") from exc
+        if C is None:
+            C = probs.shape[0]
+        if probs.shape[0] != C:
+            raise EvaluationError(
+                f"case {name!r}: prediction has {probs.shape[0]} channels, expected {C} "
+                f"(shape {probs.shape}; channel axis first after --channel-dim)"
+            )
+        if label.shape != probs.shape[1:]:
+            raise EvaluationError(
+                f"case {name!r}: label map shape {label.shape} does not match the prediction's spatial shape "
+                f"{probs.shape[1:]} (prediction {pred_path.name}, label {label_path.name})"
+            )
+        if not args.softmax:
+            probs = _check_probabilities(name, probs, args.multilabel, args.sum_tolerance)
+        if metric is None:
+            if names is not None and len(names) != C:
+                raise EvaluationError(f"--class-names gives {len(names)} names for {C} classes")
+            metric = DatasetCalibration(
+                C, num_bins=args.num_bins, include_background=args.include_background, to_onehot_y=True,
+                softmax=args.softmax, ignore_index=args.ignore_index, backend=args.backend,
+                keep_records=True, dice=args.dice,
+            )
+        try:
+            metric.update(torch.from_numpy(probs)[None], torch.from_numpy(label)[None], image_ids=[name])
+        except (ValueError, TypeError) as exc:
+            raise EvaluationError(f"case {name!r}: {exc}") from exc
+    assert metric is not None  # match_cases never returns an empty list
+    if names is None:
+        names = [f"class {c}" for c in range(metric.num_classes)]
+    return {
+        "metric": metric,
+        "result": metric.compute(),
+        "histogram": metric.histogram(),
+        "counts": metric.pooled_counts(),
+        "class_names": names,
+        "num_cases": len(cases),
+    }
+
+
+def _fmt(v: float) -> str:
+    return "nan" if math.isnan(v) else f"{v:.6f}"
+
+
+def _write_outputs(res: dict[str, Any], out: Path, dice: bool) -> list[Path]:
+    """Write every output into a temporary directory next to ``out``, then move them in place."""
+    from .plot import dataset_reliability_histogram
+
+    metric = res["metric"]
+    r = res["result"]
+    names = res["class_names"]
+    used = [names[c] for c in metric.classes]
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".calibops-tmp-", dir=out))
+    try:
+        fields = ["case", "class", "class_name", "ece", "ace", "mce", "voxels"] + (["dice"] if dice else [])
+        with open(tmp / "per_image.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(fields)
+            for rec in metric.records():
+                row = [rec["image"], rec["class"], names[rec["class"]], _fmt(rec["ece"]), _fmt(rec["ace"]),
+                       _fmt(rec["mce"]), rec["voxels"]]
+                if dice:
+                    row.append(_fmt(rec["dice"]))
+                w.writerow(row)
+        with open(tmp / "summary.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["class", "class_name", "cases", "macro_ece", "macro_ace", "macro_mce", "micro_ece",
+                        "micro_ace", "micro_mce"])
+            n = r.images_per_class
+            cols = [r.macro.ece, r.macro.ace, r.macro.mce, r.micro.ece, r.micro.ace, r.micro.mce]
+            for k, c in enumerate(metric.classes):
+                w.writerow([c, names[c], int(n[k]), *(_fmt(float(v[k])) for v in cols)])
+            means = [float(v[~v.isnan()].mean()) if bool((~v.isnan()).any()) else math.nan for v in cols]
+            w.writerow(["mean", "mean over classes", res["num_cases"], *(_fmt(m) for m in means)])
+        np.savez(tmp / "dataset_histogram.npz", histogram=res["histogram"].cpu().numpy(),
+                 counts=res["counts"].cpu().numpy(), classes=np.asarray(metric.classes),
+                 class_names=np.asarray(used))
+        fig = dataset_reliability_histogram(res["histogram"], counts=res["counts"], class_names=used)
+        fig.savefig(tmp / "dataset_histogram.png", dpi=200)
+        fig.savefig(tmp / "dataset_histogram.pdf")
+        written = []
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+            written.append(out / f.name)
+        return written
+    finally:
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
+
+
+def _print_summary(res: dict[str, Any]) -> None:
+    metric, r, names = res["metric"], res["result"], res["class_names"]
+    print(f"{res['num_cases']} cases, {metric.num_bins} bins")
+    print(f"{'class':<16} {'macro ECE':>10} {'macro ACE':>10} {'macro MCE':>10} "
+          f"{'micro ECE':>10} {'micro ACE':>10} {'micro MCE':>10}")
+    for k, c in enumerate(metric.classes):
+        vals = [r.macro.ece, r.macro.ace, r.macro.mce, r.micro.ece, r.micro.ace, r.micro.mce]
+        print(f"{names[c][:16]:<16} " + " ".join(f"{float(v[k]):>10.4f}" for v in vals))
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``calibops evaluate``; returns the exit status (0 ok, 1 data error, 2 usage)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help (0) and on usage errors (2)
+        return int(exc.code) if isinstance(exc.code, int) else 2
+    try:
+        res = evaluate(args)
+        written = _write_outputs(res, Path(args.out), args.dice)
+    except (EvaluationError, ValueError, TypeError, FileNotFoundError, ImportError, RuntimeError) as exc:
+        print(f"calibops evaluate: error: {exc}", file=sys.stderr)
+        return 1
+    _print_summary(res)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(evaluate_main())
