@@ -13,7 +13,6 @@ Rules (SPEC §2):
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from collections.abc import Callable
@@ -31,17 +30,22 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
+_TRITON_ERROR: list[str | None] = []  # filled on first use: [None] or [reason]
+
+
 def _triton_import_error() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install triton)"
-    try:
-        mod = importlib.import_module("calibops.triton")
-    except Exception as exc:  # noqa: BLE001
-        return f"calibops.triton failed to import: {type(exc).__name__}: {exc}"
-    if not callable(getattr(mod, "binned_stats", None)):
-        return "calibops.triton provides no binned_stats kernel"
-    return None
+    """Why the Triton backend cannot be imported (None if it can); decided once, then a plain lookup."""
+    if not _TRITON_ERROR:
+        if importlib.util.find_spec("triton") is None:
+            err = "triton is not installed (pip install triton)"
+        else:
+            try:
+                mod = importlib.import_module("calibops.triton")
+                err = None if callable(getattr(mod, "binned_stats", None)) else "calibops.triton has no kernel"
+            except Exception as exc:  # noqa: BLE001
+                err = f"calibops.triton failed to import: {type(exc).__name__}: {exc}"
+        _TRITON_ERROR.append(err)
+    return _TRITON_ERROR[0]
 
 
 def _why_unavailable(name: str, device: torch.device | None) -> str | None:

@@ -14,7 +14,13 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["EXTENSION_ERROR", "extension_loaded", "has_cuda_kernels", "register_stats_autograd"]
+__all__ = [
+    "EXTENSION_ERROR",
+    "extension_loaded",
+    "has_cpu_kernels",
+    "has_cuda_kernels",
+    "register_stats_autograd",
+]
 
 EXTENSION_ERROR: str | None = None
 try:
@@ -28,18 +34,25 @@ def extension_loaded() -> bool:
     return EXTENSION_ERROR is None
 
 
-def has_cuda_kernels() -> bool:
-    """True when the loaded extension registered CUDA implementations of the calibops ops."""
+def _has_kernel(key: str) -> bool:
     if not extension_loaded():
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("calibops::binned_stats", "CUDA")
+    return torch._C._dispatch_has_kernel_for_dispatch_key("calibops::binned_stats", key)
+
+
+# Decided once at import, so backend resolution is plain Python that torch.compile traces without breaks.
+HAS_CPU_KERNELS: bool = _has_kernel("CPU")
+HAS_CUDA_KERNELS: bool = _has_kernel("CUDA")
+
+
+def has_cuda_kernels() -> bool:
+    """True when the loaded extension registered CUDA implementations of the calibops ops."""
+    return HAS_CUDA_KERNELS
 
 
 def has_cpu_kernels() -> bool:
     """True when the loaded extension registered CPU implementations of the calibops ops."""
-    if not extension_loaded():
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("calibops::binned_stats", "CPU")
+    return HAS_CPU_KERNELS
 
 
 def _stats_fake(input, target, edges, num_bins, soft, activation, labels, ignore_index, right):
