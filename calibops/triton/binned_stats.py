@@ -1,0 +1,585 @@
+"""Triton kernels for the calibops statistics ops (docs/kernel_contract.md).
+
+Two ops, registered with :func:`torch.library.triton_op` so ``torch.compile(fullgraph=True)`` traces into
+them, with the shared autograd formula of :mod:`calibops._ops` attached to the forward:
+
+- ``calibops::triton_binned_stats(input, target, edges, num_bins, soft, activation, labels, ignore_index,
+  right) -> (count, sum_p, sum_y, bad)``
+- ``calibops::triton_binned_stats_backward(grad_count, grad_sum_p, grad_sum_y, input, target, edges, ...)
+  -> grad_input``
+
+Forward design (one read of input and target):
+    grid = (B * P, NUM_CC). Program ``(b, pn, cc)`` walks ``tiles_per_prog`` consecutive ``[C_BLOCK, BLOCK_N]``
+    tiles of image ``b`` (classes ``cc*C_BLOCK ...``), computes p (softmax over C / sigmoid fused), the bin
+    index (hard) or the two bins and weights (soft) per element, and accumulates a ``[C_BLOCK, M_PAD]``
+    register histogram per statistic by a static loop over the bins (compare against the bin index, masked
+    row sums: no ``tl.histogram``, no atomics). Each program writes its partial histograms to a
+    ``[3, B*P, C, M]`` buffer; ``torch.sum`` over P merges them in a fixed order, so results are bitwise
+    deterministic run to run on one device.
+
+Backward design (one read of input and target, one write of the gradient): grid = (B * P,); each program
+walks its tiles, recomputes p and the bins, gathers the (B, C, M) upstream gradients at the element's bins
+(tiny, cache resident) and applies the contract's chain rule through the memberships and the activation.
+
+Block-size heuristic (documented, no autotuning so runs are reproducible and the interpreter stays fast):
+    - ``C_BLOCK = next_pow2(C)`` up to ``MAX_C_BLOCK = 32``: up to 32 classes live in one register tile.
+    - ``BLOCK_N = TILE_ELEMS // C_BLOCK`` (clamped to [16, 1024] and to next_pow2(N)), ``TILE_ELEMS = 2048``
+      forward / ``4096`` backward, ``num_warps = 4`` (8 for backward tiles of 4096 elements): about 16
+      elements of each per-element temporary per thread.
+    - Forward programs per image: enough for ~4 programs per SM over the whole grid, but at most
+      ``MAX_TILES_PER_PROG = 256`` tiles each (bounds the sequential float32 accumulation length).
+    The environment variables ``CALIBOPS_TRITON_TILE_FWD`` / ``CALIBOPS_TRITON_TILE_BWD`` override
+    ``TILE_ELEMS`` (powers of two) for experiments.
+
+Classes above the register limit (C > 32) are still exact: the classes are processed in chunks of 32.
+Forward: one program axis per chunk; with softmax each chunk-program also runs an online max/sum over all
+chunks for the normaliser (the input is then read ``ceil(C/32)`` times, mostly from L2). Backward: the
+program loops over chunks (softmax: normaliser pass, dot-product pass, write pass).
+
+Offsets are 64-bit everywhere (image and class strides are promoted to int64 before multiplying), so inputs
+with more than 2^31 elements are addressed correctly. Bin indices are clamped before any gather, so NaN/inf
+inputs cannot read out of bounds.
+"""
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .. import _ops
+
+__all__ = ["MAX_C_BLOCK", "binned_stats", "binned_stats_backward", "launch_config"]
+
+MAX_C_BLOCK = 32
+MAX_TILES_PER_PROG = 256
+_LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_DENSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.bool, torch.uint8)
+_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_x(x_img, c, n, cmask, nmask, N):
+    """Input tile [C_BLOCK, BLOCK_N] as float32 (0 outside the masks)."""
+    offs = c[:, None].to(tl.int64) * N + n[None, :]
+    return tl.load(x_img + offs, mask=cmask[:, None] & nmask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _softmax_norm(x_img, n, nmask, C, N, C_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per-voxel max and sum(exp(x - max)) over all C classes, online over class chunks ([BLOCK_N] each)."""
+    mx = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    den = tl.zeros([BLOCK_N], tl.float32)
+    for c0 in range(0, C, C_BLOCK):
+        c = c0 + tl.arange(0, C_BLOCK)
+        cmask = c < C
+        x = _load_x(x_img, c, n, cmask, nmask, N)
+        x = tl.where(cmask[:, None], x, float("-inf"))
+        new_mx = tl.maximum(mx, tl.max(x, axis=0))
+        den = den * tl.exp(mx - new_mx) + tl.sum(tl.exp(x - new_mx[None, :]), axis=0)
+        mx = new_mx
+    return mx, den
+
+
+@triton.jit
+def _probs(x, cmask, mx, den, ACTIVATION: tl.constexpr, SINGLE_CHUNK: tl.constexpr):
+    """p from the float32 tile x: identity (0), softmax over dim 0 (1), sigmoid (2).
+
+    With SINGLE_CHUNK the softmax normaliser is computed from the tile itself (mx, den unused)."""
+    if ACTIVATION == 1:
+        xs = tl.where(cmask[:, None], x, float("-inf"))
+        if SINGLE_CHUNK:
+            e = tl.exp(xs - tl.max(xs, axis=0)[None, :])
+            p = e / tl.sum(e, axis=0)[None, :]
+        else:
+            p = tl.exp(xs - mx[None, :]) / den[None, :]
+    elif ACTIVATION == 2:
+        p = 1.0 / (1.0 + tl.exp(-x))
+    else:
+        p = x
+    return p
+
+
+@triton.jit
+def _target(t_ptr, b64, c, n, cmask, nmask, C, N, ignore_index, LABELS: tl.constexpr, HAS_IGNORE: tl.constexpr):
+    """(y [C_BLOCK, BLOCK_N] float32, keep [BLOCK_N] voxel used, bad [BLOCK_N] out-of-range label)."""
+    if LABELS:
+        lab = tl.load(t_ptr + b64 * N + n, mask=nmask, other=0).to(tl.int64)
+        in_range = (lab >= 0) & (lab < C)
+        if HAS_IGNORE:
+            ignored = lab == ignore_index
+        else:
+            ignored = lab != lab
+        keep = nmask & in_range & (~ignored)
+        bad = nmask & (~in_range) & (~ignored)
+        y = (lab[None, :] == c[:, None].to(tl.int64)).to(tl.float32)
+    else:
+        offs = (b64 * C + c[:, None].to(tl.int64)) * N + n[None, :]
+        y = tl.load(t_ptr + offs, mask=cmask[:, None] & nmask[None, :], other=0).to(tl.float32)
+        keep = nmask
+        bad = nmask & (n != n)
+    return y, keep, bad
+
+
+@triton.jit
+def _hard_bin(p, e_ptr, NUM_BINS: tl.constexpr, RIGHT: tl.constexpr):
+    """Hard bin j in [0, M-1] (== bucketize(p, e[1:], right).clamp(max=M-1)): estimate, correct one step."""
+    q = p * NUM_BINS
+    q = tl.where(q > 0.0, q, 0.0)  # NaN -> 0
+    q = tl.where(q < NUM_BINS - 1, q, NUM_BINS - 1)
+    j0 = q.to(tl.int32)
+    e_lo = tl.load(e_ptr + j0)
+    e_hi = tl.load(e_ptr + j0 + 1)
+    if RIGHT:
+        down = p < e_lo
+        up = p >= e_hi
+    else:
+        down = p <= e_lo
+        up = p > e_hi
+    j = j0 - (down & (j0 > 0)).to(tl.int32) + up.to(tl.int32)
+    return tl.minimum(tl.maximum(j, 0), NUM_BINS - 1)
+
+
+@triton.jit
+def _soft_bins(p, e_ptr, NUM_BINS: tl.constexpr):
+    """Soft memberships: (lo, w_lo, w_hi, slope); bin lo+1 gets w_hi, dw_lo/dp = -slope, dw_hi/dp = +slope.
+
+    t = #{k : c_k < p} - 1 in -1..M-1; lo = clamp(t, 0, M-2); interior (0 <= t < M-1):
+    w_lo = (c[lo+1] - p) / (c[lo+1] - c[lo]); t = -1: w_lo = 1; t = M-1: w_lo = 0; w_hi = 1 - w_lo.
+    With M == 1 everything goes to bin 0 (w_hi = 0 and bin 1 does not exist)."""
+    if NUM_BINS == 1:
+        lo = tl.zeros(p.shape, tl.int32)
+        w_lo = tl.full(p.shape, 1.0, tl.float32)
+        w_hi = tl.zeros(p.shape, tl.float32)
+        slope = tl.zeros(p.shape, tl.float32)
+    else:
+        # u = #{k : c_k < p}; c_k ~ (k + 1/2)/M, so u ~ floor(p*M + 1/2); correct by one step.
+        q = p * NUM_BINS + 0.5
+        q = tl.where(q > 0.0, q, 0.0)  # NaN -> 0
+        q = tl.where(q < NUM_BINS, q, NUM_BINS)
+        u0 = q.to(tl.int32)
+        c_below = tl.load(e_ptr + tl.maximum(u0 - 1, 0))
+        c_at = tl.load(e_ptr + tl.minimum(u0, NUM_BINS - 1))
+        dec = (u0 > 0) & (~(c_below < p))
+        inc = (u0 < NUM_BINS) & (c_at < p)
+        t = u0 - dec.to(tl.int32) + inc.to(tl.int32) - 1
+        t = tl.minimum(tl.maximum(t, -1), NUM_BINS - 1)
+        lo = tl.minimum(tl.maximum(t, 0), NUM_BINS - 2)
+        c_lo = tl.load(e_ptr + lo)
+        c_hi = tl.load(e_ptr + lo + 1)
+        d = c_hi - c_lo
+        interior = (t >= 0) & (t < NUM_BINS - 1)
+        w_in = (c_hi - p) / d
+        w_lo = tl.where(interior, w_in, tl.where(t < 0, 1.0, 0.0))
+        w_hi = 1.0 - w_lo
+        slope = tl.where(interior, 1.0 / d, 0.0)
+    return lo, w_lo, w_hi, slope
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _stats_fwd_kernel(
+    x_ptr,  # [B, C, N] input (float32/float16/bfloat16)
+    t_ptr,  # [B, N] integer labels or [B, C, N] dense target
+    e_ptr,  # [M + 1] edges (hard) or [M] centres (soft), float32
+    part_ptr,  # [3, B * P, C, M] float32 per-program partial count / sum_p / sum_y
+    bad_ptr,  # [B * P] int32 per-program out-of-range label counts
+    C,
+    N,
+    P,
+    tiles_per_prog,
+    ignore_index,
+    NUM_BINS: tl.constexpr,
+    M_PAD: tl.constexpr,
+    C_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SOFT: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    LABELS: tl.constexpr,
+    HAS_IGNORE: tl.constexpr,
+    RIGHT: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cc = tl.program_id(1)
+    b = pid // P
+    pn = pid % P
+    b64 = b.to(tl.int64)
+    x_img = x_ptr + b64 * C * N
+    c = cc * C_BLOCK + tl.arange(0, C_BLOCK)
+    cmask = c < C
+    mcol = tl.arange(0, M_PAD)
+    acc_n = tl.zeros([C_BLOCK, M_PAD], tl.float32)
+    acc_p = tl.zeros([C_BLOCK, M_PAD], tl.float32)
+    acc_y = tl.zeros([C_BLOCK, M_PAD], tl.float32)
+    nbad = tl.zeros([BLOCK_N], tl.int32)
+    tile0 = pn.to(tl.int64) * tiles_per_prog
+    for it in range(0, tiles_per_prog):
+        n = (tile0 + it) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < N
+        x = _load_x(x_img, c, n, cmask, nmask, N)
+        if ACTIVATION == 1 and not SINGLE_CHUNK:
+            mx, den = _softmax_norm(x_img, n, nmask, C, N, C_BLOCK, BLOCK_N)
+        else:
+            mx = tl.zeros([BLOCK_N], tl.float32)
+            den = mx
+        p = _probs(x, cmask, mx, den, ACTIVATION, SINGLE_CHUNK)
+        y, keep, bad = _target(t_ptr, b64, c, n, cmask, nmask, C, N, ignore_index, LABELS, HAS_IGNORE)
+        nbad += bad.to(tl.int32)
+        valid = cmask[:, None] & keep[None, :]
+        if SOFT:
+            lo, w_lo, w_hi, slope = _soft_bins(p, e_ptr, NUM_BINS)
+            lo = tl.where(valid, lo, -2)  # -2: neither lo nor lo+1 can match a bin
+            for m in tl.static_range(NUM_BINS):
+                w = tl.where(lo == m, w_lo, 0.0) + tl.where(lo == m - 1, w_hi, 0.0)
+                cm = tl.sum(w, axis=1)
+                pm = tl.sum(w * p, axis=1)
+                ym = tl.sum(w * y, axis=1)
+                sel = (mcol == m)[None, :]
+                acc_n += tl.where(sel, cm[:, None], 0.0)
+                acc_p += tl.where(sel, pm[:, None], 0.0)
+                acc_y += tl.where(sel, ym[:, None], 0.0)
+        else:
+            j = _hard_bin(p, e_ptr, NUM_BINS, RIGHT)
+            j = tl.where(valid, j, -1)
+            for m in tl.static_range(NUM_BINS):
+                hit = j == m
+                cm = tl.sum(hit.to(tl.float32), axis=1)
+                pm = tl.sum(tl.where(hit, p, 0.0), axis=1)
+                ym = tl.sum(tl.where(hit, y, 0.0), axis=1)
+                sel = (mcol == m)[None, :]
+                acc_n += tl.where(sel, cm[:, None], 0.0)
+                acc_p += tl.where(sel, pm[:, None], 0.0)
+                acc_y += tl.where(sel, ym[:, None], 0.0)
+    BP = tl.num_programs(0).to(tl.int64)  # = B * P
+    offs = (pid.to(tl.int64) * C + c[:, None].to(tl.int64)) * NUM_BINS + mcol[None, :]
+    omask = cmask[:, None] & (mcol < NUM_BINS)[None, :]
+    stat_stride = BP * C * NUM_BINS
+    tl.store(part_ptr + offs, acc_n, mask=omask)
+    tl.store(part_ptr + stat_stride + offs, acc_p, mask=omask)
+    tl.store(part_ptr + 2 * stat_stride + offs, acc_y, mask=omask)
+    if cc == 0:
+        tl.store(bad_ptr + pid, tl.sum(nbad, axis=0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _grad_p(
+    x, c, cmask, n, nmask, mx, den, t_ptr, e_ptr, gc_ptr, gp_ptr, gy_ptr, b64, C, N, ignore_index,
+    NUM_BINS: tl.constexpr, SOFT: tl.constexpr, ACTIVATION: tl.constexpr, LABELS: tl.constexpr,
+    HAS_IGNORE: tl.constexpr, RIGHT: tl.constexpr, SINGLE_CHUNK: tl.constexpr,
+):
+    """(p, dL/dp) for one [C_BLOCK, BLOCK_N] tile; dL/dp = 0 on ignored voxels and padding."""
+    p = _probs(x, cmask, mx, den, ACTIVATION, SINGLE_CHUNK)
+    y, keep, bad = _target(t_ptr, b64, c, n, cmask, nmask, C, N, ignore_index, LABELS, HAS_IGNORE)
+    valid = cmask[:, None] & keep[None, :]
+    g_row = (b64 * C + c[:, None].to(tl.int64)) * NUM_BINS  # [C_BLOCK, 1] row of the (B, C, M) grads
+    if SOFT:
+        lo, w_lo, w_hi, slope = _soft_bins(p, e_ptr, NUM_BINS)
+        hi = tl.minimum(lo + 1, NUM_BINS - 1)
+        gc_lo = tl.load(gc_ptr + g_row + lo, mask=valid, other=0.0)
+        gp_lo = tl.load(gp_ptr + g_row + lo, mask=valid, other=0.0)
+        gy_lo = tl.load(gy_ptr + g_row + lo, mask=valid, other=0.0)
+        gc_hi = tl.load(gc_ptr + g_row + hi, mask=valid, other=0.0)
+        gp_hi = tl.load(gp_ptr + g_row + hi, mask=valid, other=0.0)
+        gy_hi = tl.load(gy_ptr + g_row + hi, mask=valid, other=0.0)
+        # membership derivatives: dw_lo/dp = -slope, dw_hi/dp = +slope (0 outside the interior)
+        g = (gc_hi - gc_lo) * slope + (gy_hi - gy_lo) * (y * slope)
+        g += gp_lo * (w_lo - p * slope) + gp_hi * (w_hi + p * slope)
+    else:
+        j = _hard_bin(p, e_ptr, NUM_BINS, RIGHT)
+        g = tl.load(gp_ptr + g_row + j, mask=valid, other=0.0)
+    g = tl.where(valid, g, 0.0)
+    return p, g
+
+
+@triton.jit
+def _stats_bwd_kernel(
+    gc_ptr,  # [B, C, M] float32 grad of count
+    gp_ptr,  # [B, C, M] float32 grad of sum_p
+    gy_ptr,  # [B, C, M] float32 grad of sum_y
+    x_ptr,  # [B, C, N] input
+    t_ptr,  # [B, N] labels or [B, C, N] dense target
+    e_ptr,  # [M + 1] edges / [M] centres
+    gx_ptr,  # [B, C, N] output grad, input's dtype
+    C,
+    N,
+    P,
+    tiles_per_prog,
+    ignore_index,
+    NUM_BINS: tl.constexpr,
+    C_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SOFT: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    LABELS: tl.constexpr,
+    HAS_IGNORE: tl.constexpr,
+    RIGHT: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // P
+    pn = pid % P
+    b64 = b.to(tl.int64)
+    img = b64 * C * N
+    x_img = x_ptr + img
+    gx_img = gx_ptr + img
+    tile0 = pn.to(tl.int64) * tiles_per_prog
+    for it in range(0, tiles_per_prog):
+        n = (tile0 + it) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < N
+        if SINGLE_CHUNK:
+            c = tl.arange(0, C_BLOCK)
+            cmask = c < C
+            x = _load_x(x_img, c, n, cmask, nmask, N)
+            zero = tl.zeros([BLOCK_N], tl.float32)
+            p, g = _grad_p(
+                x, c, cmask, n, nmask, zero, zero, t_ptr, e_ptr, gc_ptr, gp_ptr, gy_ptr, b64, C, N, ignore_index,
+                NUM_BINS, SOFT, ACTIVATION, LABELS, HAS_IGNORE, RIGHT, True,
+            )
+            if ACTIVATION == 1:
+                dot = tl.sum(p * g, axis=0)
+                gx = p * (g - dot[None, :])
+            elif ACTIVATION == 2:
+                gx = g * p * (1.0 - p)
+            else:
+                gx = g
+            offs = c[:, None].to(tl.int64) * N + n[None, :]
+            tl.store(gx_img + offs, gx.to(gx_ptr.dtype.element_ty), mask=cmask[:, None] & nmask[None, :])
+        else:
+            if ACTIVATION == 1:
+                mx, den = _softmax_norm(x_img, n, nmask, C, N, C_BLOCK, BLOCK_N)
+                dot = tl.zeros([BLOCK_N], tl.float32)
+                for c0 in range(0, C, C_BLOCK):
+                    c = c0 + tl.arange(0, C_BLOCK)
+                    cmask = c < C
+                    x = _load_x(x_img, c, n, cmask, nmask, N)
+                    p, g = _grad_p(
+                        x, c, cmask, n, nmask, mx, den, t_ptr, e_ptr, gc_ptr, gp_ptr, gy_ptr, b64, C, N,
+                        ignore_index, NUM_BINS, SOFT, ACTIVATION, LABELS, HAS_IGNORE, RIGHT, False,
+                    )
+                    dot += tl.sum(p * g, axis=0)
+            else:
+                mx = tl.zeros([BLOCK_N], tl.float32)
+                den = mx
+                dot = mx
+            for c0 in range(0, C, C_BLOCK):
+                c = c0 + tl.arange(0, C_BLOCK)
+                cmask = c < C
+                x = _load_x(x_img, c, n, cmask, nmask, N)
+                p, g = _grad_p(
+                    x, c, cmask, n, nmask, mx, den, t_ptr, e_ptr, gc_ptr, gp_ptr, gy_ptr, b64, C, N,
+                    ignore_index, NUM_BINS, SOFT, ACTIVATION, LABELS, HAS_IGNORE, RIGHT, False,
+                )
+                if ACTIVATION == 1:
+                    gx = p * (g - dot[None, :])
+                elif ACTIVATION == 2:
+                    gx = g * p * (1.0 - p)
+                else:
+                    gx = g
+                offs = c[:, None].to(tl.int64) * N + n[None, :]
+                tl.store(gx_img + offs, gx.to(gx_ptr.dtype.element_ty), mask=cmask[:, None] & nmask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch heuristics
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _env_pow2(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    value = int(raw)
+    if value < 16 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 16, got {raw!r}")
+    return value
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # interpreter: few programs keep the Python-level overhead low
+
+
+def launch_config(B: int, C: int, N: int, num_bins: int, device: torch.device, backward: bool = False) -> dict:
+    """Block sizes and grid for a ``[B, C, N]`` problem (see the module docstring for the heuristic)."""
+    c_block = min(triton.next_power_of_2(max(C, 1)), MAX_C_BLOCK)
+    tile = _env_pow2("CALIBOPS_TRITON_TILE_BWD" if backward else "CALIBOPS_TRITON_TILE_FWD",
+                     4096 if backward else 2048)
+    block_n = max(16, min(tile // c_block, 1024, triton.next_power_of_2(max(N, 1))))
+    num_warps = 8 if backward and c_block * block_n >= 4096 else 4
+    num_cc = triton.cdiv(C, c_block)
+    tiles = triton.cdiv(N, block_n)
+    if backward:
+        # one tile per program unless the grid would get huge (then a few consecutive tiles each)
+        progs = max(1, min(tiles, (1 << 24) // max(B, 1)))
+    else:
+        target = 4 * _num_sms(device)
+        progs = max(1, min(tiles, triton.cdiv(target, max(B * num_cc, 1))))
+        progs = max(progs, triton.cdiv(tiles, MAX_TILES_PER_PROG))
+    tiles_per_prog = triton.cdiv(tiles, progs)
+    progs = triton.cdiv(tiles, tiles_per_prog)
+    return {
+        "C_BLOCK": c_block,
+        "BLOCK_N": block_n,
+        "num_warps": num_warps,
+        "P": progs,
+        "tiles_per_prog": tiles_per_prog,
+        "num_cc": num_cc,
+        "M_PAD": triton.next_power_of_2(num_bins),
+    }
+
+
+def _check_args(input, target, edges, num_bins, soft, activation, labels, ignore_index):
+    if not isinstance(input, torch.Tensor) or input.dim() != 3:
+        raise ValueError(f"input must be a [B, C, N] tensor, got {getattr(input, 'shape', type(input))}")
+    if input.dtype not in _INPUT_DTYPES:
+        raise TypeError(f"input must be float32, float16 or bfloat16, got {input.dtype}")
+    B, C, N = input.shape
+    if not isinstance(num_bins, int) or num_bins < 1:
+        raise ValueError(f"num_bins must be an integer >= 1, got {num_bins!r}")
+    if activation not in (0, 1, 2):
+        raise ValueError(f"activation must be 0 (none), 1 (softmax) or 2 (sigmoid), got {activation!r}")
+    if labels:
+        if target.dtype not in _LABEL_DTYPES:
+            raise TypeError(f"target labels must be uint8/int8/int16/int32/int64, got {target.dtype}")
+        if tuple(target.shape) != (B, N):
+            raise ValueError(f"target labels must have shape [B, N] = {(B, N)}, got {tuple(target.shape)}")
+    else:
+        if target.dtype not in _DENSE_DTYPES:
+            raise TypeError(f"dense target must be float32/float16/bfloat16/bool/uint8, got {target.dtype}")
+        if tuple(target.shape) != (B, C, N):
+            raise ValueError(f"dense target must have the shape of input {(B, C, N)}, got {tuple(target.shape)}")
+        if ignore_index is not None:
+            raise ValueError("ignore_index is only supported with integer labels (labels=True)")
+    want = num_bins if soft else num_bins + 1
+    if edges.dtype != torch.float32 or edges.dim() != 1 or edges.numel() != want:
+        raise ValueError(
+            f"edges must be float32 of shape ({want},) for num_bins={num_bins}, soft={soft}; "
+            f"got {edges.dtype} {tuple(edges.shape)}"
+        )
+    for name, t in (("target", target), ("edges", edges)):
+        if t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+
+
+def _flags(soft, activation, labels, ignore_index, right, cfg):
+    return {
+        "NUM_BINS": cfg["M"],
+        "C_BLOCK": cfg["C_BLOCK"],
+        "BLOCK_N": cfg["BLOCK_N"],
+        "SOFT": bool(soft),
+        "ACTIVATION": int(activation),
+        "LABELS": bool(labels),
+        "HAS_IGNORE": bool(labels) and ignore_index is not None,
+        "RIGHT": bool(right),
+        "SINGLE_CHUNK": cfg["num_cc"] == 1,
+        "num_warps": cfg["num_warps"],
+    }
+
+
+def _target_arg(target: torch.Tensor) -> torch.Tensor:
+    target = target.contiguous()
+    return target.view(torch.uint8) if target.dtype == torch.bool else target
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ops
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton_op("calibops::triton_binned_stats", mutates_args=())
+def _triton_binned_stats(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    edges: torch.Tensor,
+    num_bins: int,
+    soft: bool,
+    activation: int,
+    labels: bool,
+    ignore_index: Optional[int],  # noqa: UP045 - schema inference needs a real annotation
+    right: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward statistics ``(count, sum_p, sum_y, bad)``, see docs/kernel_contract.md."""
+    _check_args(input, target, edges, num_bins, soft, activation, labels, ignore_index)
+    B, C, N = input.shape
+    M = num_bins
+    if B * C * N == 0:
+        z = input.new_zeros((B, C, M), dtype=torch.float32)
+        return z, z.clone(), z.clone(), input.new_zeros((), dtype=torch.int64)
+    x = input.contiguous()
+    t = _target_arg(target)
+    e = edges.contiguous()
+    cfg = launch_config(B, C, N, M, x.device)
+    cfg["M"] = M
+    P = cfg["P"]
+    part = torch.empty((3, B * P, C, M), dtype=torch.float32, device=x.device)
+    bad = torch.empty((B * P,), dtype=torch.int32, device=x.device)
+    grid = (B * P, cfg["num_cc"])
+    wrap_triton(_stats_fwd_kernel)[grid](
+        x, t, e, part, bad, C, N, P, cfg["tiles_per_prog"], 0 if ignore_index is None else int(ignore_index),
+        M_PAD=cfg["M_PAD"], **_flags(soft, activation, labels, ignore_index, right, cfg),
+    )
+    part = part.view(3, B, P, C, M)
+    count, sum_p, sum_y = (part[s].sum(dim=1) for s in range(3))  # fixed-order merge over P
+    return count, sum_p, sum_y, bad.sum().to(torch.int64)
+
+
+@triton_op("calibops::triton_binned_stats_backward", mutates_args=())
+def _triton_binned_stats_backward(
+    grad_count: torch.Tensor,
+    grad_sum_p: torch.Tensor,
+    grad_sum_y: torch.Tensor,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    edges: torch.Tensor,
+    num_bins: int,
+    soft: bool,
+    activation: int,
+    labels: bool,
+    ignore_index: Optional[int],  # noqa: UP045 - schema inference needs a real annotation
+    right: bool,
+) -> torch.Tensor:
+    """Gradient w.r.t. ``input`` from the gradients of the (B, C, M) statistics (one pass)."""
+    _check_args(input, target, edges, num_bins, soft, activation, labels, ignore_index)
+    B, C, N = input.shape
+    M = num_bins
+    for name, g in (("grad_count", grad_count), ("grad_sum_p", grad_sum_p), ("grad_sum_y", grad_sum_y)):
+        if tuple(g.shape) != (B, C, M):
+            raise ValueError(f"{name} must have shape {(B, C, M)}, got {tuple(g.shape)}")
+    grad = torch.empty((B, C, N), dtype=input.dtype, device=input.device)
+    if B * C * N == 0:
+        return grad
+    x = input.contiguous()
+    t = _target_arg(target)
+    gc, gp, gy = (g.contiguous().float() for g in (grad_count, grad_sum_p, grad_sum_y))
+    cfg = launch_config(B, C, N, M, x.device, backward=True)
+    cfg["M"] = M
+    P = cfg["P"]
+    wrap_triton(_stats_bwd_kernel)[(B * P,)](
+        gc, gp, gy, x, t, edges.contiguous(), grad, C, N, P, cfg["tiles_per_prog"],
+        0 if ignore_index is None else int(ignore_index),
+        **_flags(soft, activation, labels, ignore_index, right, cfg),
+    )
+    return grad
+
+
+binned_stats = torch.ops.calibops.triton_binned_stats
+binned_stats_backward = torch.ops.calibops.triton_binned_stats_backward
+_ops.register_stats_autograd("calibops::triton_binned_stats", binned_stats_backward)
