@@ -155,8 +155,7 @@ def dataset_reliability_histogram(
     fig = Figure(figsize=(fig_w, fig_h), layout="constrained")
     gs = fig.add_gridspec(len(height_ratios), ncols, height_ratios=height_ratios)
 
-    cm = mpl.colormaps[cmap].copy()
-    cm.set_bad("white")
+    cm = mpl.colormaps[cmap].with_extremes(bad="white")
     norm = PowerNorm(gamma=gamma, vmin=0.0, vmax=1.0)
     edges = _edges(M)
     centres = 0.5 * (edges[:-1] + edges[1:])

@@ -1,0 +1,149 @@
+"""Figures: the dataset reliability histogram and the per-image reliability diagram.
+
+The checks read the figure's content (panels, titles, the drawn, column-normalised data, the colour norm,
+the diagonal, the count bars, the corner text) rather than only that something was drawn, and save it to
+PNG (raster) and PDF/SVG (vector).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+
+from matplotlib.collections import QuadMesh  # noqa: E402
+from matplotlib.colors import PowerNorm  # noqa: E402
+
+from calibops import functional as F  # noqa: E402
+from calibops.metrics import DatasetCalibration  # noqa: E402
+from calibops.plot import column_normalise, dataset_reliability_histogram, reliability_diagram  # noqa: E402
+
+
+def _metric(C=4, M=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m = DatasetCalibration(C, num_bins=M, to_onehot_y=True, softmax=True)
+    for size in ((12, 10), (8, 9)):
+        m.update(torch.randn(3, C, *size, generator=g) * 2, torch.randint(0, C, (3, *size), generator=g))
+    return m
+
+
+def _heat_axes(fig):
+    return [
+        ax for ax in fig.axes
+        if ax.get_label() != "<colorbar>" and any(isinstance(c, QuadMesh) for c in ax.collections)
+    ]
+
+
+def _mesh(ax) -> QuadMesh:
+    return next(c for c in ax.collections if isinstance(c, QuadMesh))
+
+
+def _has_diagonal(ax) -> bool:
+    return any(
+        np.allclose(line.get_xdata(), [0, 1]) and np.allclose(line.get_ydata(), [0, 1]) for line in ax.lines
+    )
+
+
+def test_dataset_histogram_figure_content(tmp_path):
+    m = _metric()
+    H = m.histogram()
+    fig = m.plot(class_names=["background", "liver", "kidney", "spleen"], gamma=0.4)
+    heat = _heat_axes(fig)
+    assert [ax.get_title() for ax in heat] == ["liver", "kidney", "spleen", "all classes"]
+    maps = [H[0], H[1], H[2], H.sum(0)]
+    for ax, h in zip(heat, maps, strict=True):
+        mesh = _mesh(ax)
+        data = np.ma.getdata(mesh.get_array()).reshape(10, 10)  # rows: accuracy bins, cols: confidence
+        mask = np.ma.getmaskarray(mesh.get_array()).reshape(10, 10)
+        cols = h.sum(0).numpy()
+        # every non-empty confidence column sums to 1; empty columns are masked (background)
+        np.testing.assert_allclose(data[:, cols > 0].sum(0), 1.0, atol=1e-12)
+        assert mask[:, cols == 0].all() and not mask[:, cols > 0].any()
+        np.testing.assert_allclose(data[:, cols > 0], (h / h.sum(0).clamp(min=1)).numpy()[:, cols > 0])
+        assert isinstance(mesh.norm, PowerNorm) and mesh.norm.gamma == 0.4
+        assert mesh.norm.vmin == 0 and mesh.norm.vmax == 1
+        assert _has_diagonal(ax)
+        assert ax.get_xlim() == (0, 1) and ax.get_ylim() == (0, 1)
+    # count bars under each panel: pooled voxels per confidence bin
+    bar_axes = [ax for ax in fig.axes if ax not in heat and ax.patches]
+    assert len(bar_axes) == 4
+    heights = np.array([p.get_height() for p in bar_axes[0].patches])
+    np.testing.assert_allclose(np.nan_to_num(heights), m.pooled_counts()[0].numpy())
+    assert bar_axes[0].get_yscale() == "log"
+    # a colour bar
+    assert any("fraction" in ax.get_ylabel() for ax in fig.axes)
+    for ext in ("png", "pdf", "svg"):
+        fig.savefig(tmp_path / f"h.{ext}")
+    assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "h.pdf").read_bytes()[:5] == b"%PDF-"
+    assert b"<svg" in (tmp_path / "h.svg").read_bytes()[:1000]
+
+
+def test_dataset_histogram_options():
+    H = torch.zeros(2, 5, 5, dtype=torch.int64)
+    H[0, 1, 1] = 3
+    H[1, 4, 4] = 2
+    fig = dataset_reliability_histogram(H, show_counts=False, all_classes=False)
+    assert len(fig.axes) == 2 + 1  # two maps and the colour bar, no count bars
+    assert [ax.get_title() for ax in _heat_axes(fig)] == ["class 0", "class 1"]
+    fig = dataset_reliability_histogram(H, ncols=1)
+    assert len(_heat_axes(fig)) == 3
+    # one class: no "all classes" panel (it would repeat the map)
+    assert len(_heat_axes(dataset_reliability_histogram(H[:1]))) == 1
+
+
+def test_column_normalise():
+    h = np.array([[[1, 0], [3, 0]]])
+    out = column_normalise(h)
+    np.testing.assert_allclose(out[0, :, 0], [0.25, 0.75])
+    assert np.isnan(out[0, :, 1]).all()
+
+
+def test_dataset_histogram_bad_input():
+    with pytest.raises(ValueError, match="shape"):
+        dataset_reliability_histogram(torch.zeros(2, 5, 4))
+    with pytest.raises(ValueError, match="class_names"):
+        dataset_reliability_histogram(torch.zeros(2, 5, 5), class_names=["a"])
+    with pytest.raises(ValueError, match="counts"):
+        dataset_reliability_histogram(torch.zeros(2, 5, 5), counts=torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="non-negative"):
+        dataset_reliability_histogram(-torch.ones(1, 3, 3))
+    with pytest.raises(ValueError, match="gamma"):
+        dataset_reliability_histogram(torch.zeros(1, 3, 3), gamma=0)
+
+
+def test_reliability_diagram_content(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 30, 30, generator=g) * 2
+    y = torch.randint(0, 3, (2, 30, 30), generator=g)
+    stats = F.binned_stats(x, y, num_bins=10, to_onehot_y=True, softmax=True)
+    errs = F.calibration_errors(x, y, num_bins=10, to_onehot_y=True, softmax=True, include_background=True)
+    fig = reliability_diagram(stats, image=1, class_index=2, title="case 1, class 2")
+    ax = fig.axes[0]
+    assert ax.get_title() == "case 1, class 2"
+    assert _has_diagonal(ax)
+    text = " ".join(t.get_text() for t in ax.texts)
+    for name, v in zip(("ECE", "ACE", "MCE"), errs, strict=True):
+        assert f"{name} {float(v[1, 2]):.4f}" in text
+    n, sp, sy = (s[1, 2].double() for s in stats)
+    valid = n > 0
+    gaps = sorted(round(p.get_height(), 9) for p in ax.patches)
+    expected = sorted(round(float(v), 9) for v in (sp[valid] / n[valid] - sy[valid] / n[valid]).abs())
+    assert gaps == pytest.approx(expected, abs=1e-6)  # one gap bar per non-empty bin
+    ticks = ax.collections[0].get_offsets()  # observed-frequency ticks at bin centres
+    np.testing.assert_allclose(np.asarray(ticks)[:, 1], (sy[valid] / n[valid]).numpy(), atol=1e-6)
+    assert len(fig.axes) == 2 and fig.axes[1].get_yscale() == "log"
+    fig.savefig(tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    # (M,) tuples work too, and no count panel on request
+    fig = reliability_diagram((n, sp, sy), show_counts=False)
+    assert len(fig.axes) == 1
+
+
+def test_reliability_diagram_bad_input():
+    with pytest.raises(TypeError, match="stats"):
+        reliability_diagram(torch.zeros(5))
+    with pytest.raises(ValueError, match="shapes"):
+        reliability_diagram((torch.ones(5), torch.ones(4), torch.ones(5)))
