@@ -504,7 +504,6 @@ def _target_arg(target: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
-@triton_op("calibops::triton_binned_stats", mutates_args=())
 def _triton_binned_stats(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -541,7 +540,6 @@ def _triton_binned_stats(
     return count, sum_p, sum_y, bad.sum().to(torch.int64)
 
 
-@triton_op("calibops::triton_binned_stats_backward", mutates_args=())
 def _triton_binned_stats_backward(
     grad_count: torch.Tensor,
     grad_sum_p: torch.Tensor,
@@ -580,6 +578,24 @@ def _triton_binned_stats_backward(
     return grad
 
 
+def _register(name: str, impl, fake) -> None:
+    """Register ``impl`` as ``calibops::<name>``.
+
+    Compiled Triton (GPU): :func:`torch.library.triton_op`, so torch.compile traces into the kernels.
+    Under ``TRITON_INTERPRET=1`` the kernels are plain Python functions that ``wrap_triton`` cannot trace
+    (it would run them on fake tensors), so the same implementation is registered as an opaque
+    :func:`torch.library.custom_op` with a shape-only fake kernel instead: identical schema and results,
+    and torch.compile / opcheck still work on CPU tensors in tests."""
+    if INTERPRETED:
+        op = torch.library.custom_op(f"calibops::{name}", impl, mutates_args=())
+        op.register_fake(fake)
+    else:
+        triton_op(f"calibops::{name}", impl, mutates_args=())
+
+
+INTERPRETED = not isinstance(_stats_fwd_kernel, triton.runtime.JITFunction)
+_register("triton_binned_stats", _triton_binned_stats, _ops._stats_fake)
+_register("triton_binned_stats_backward", _triton_binned_stats_backward, _ops._stats_backward_fake)
 binned_stats = torch.ops.calibops.triton_binned_stats
 binned_stats_backward = torch.ops.calibops.triton_binned_stats_backward
 _ops.register_stats_autograd("calibops::triton_binned_stats", binned_stats_backward)
