@@ -1,0 +1,151 @@
+// The plain-C++ interface between the torch binding (binned_stats_cuda.cpp, compiled by the host compiler
+// with torch headers) and the CUDA kernels (binned_stats.cu, compiled by nvcc without any torch header).
+// Only CUDA runtime types cross it: pointers, sizes, enums, cudaStream_t.
+// Semantics of both ops: docs/kernel_contract.md.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace calibops_cuda {
+
+// Element types the kernels read (input, dense target, labels) and write (the gradient).
+enum ElemKind : int {
+  kF32 = 0,
+  kF16 = 1,
+  kBF16 = 2,
+  kU8 = 3,  // also bool (one byte, 0 / 1)
+  kI8 = 4,
+  kI16 = 5,
+  kI32 = 6,
+  kI64 = 7,
+};
+
+// One call of the forward or backward op.
+struct StatsArgs {
+  const void* input;   // [B, C, N] contiguous, input_kind in {kF32, kF16, kBF16}
+  int input_kind;
+  const void* target;  // labels: [B, N] (kU8 .. kI64); dense: [B, C, N] (kF32, kF16, kBF16, kU8)
+  int target_kind;
+  const float* edges;  // hard: [M + 1] edges; soft: [M] centres (float32, device memory)
+  int64_t B, C, N, M;
+  bool soft;
+  int activation;      // 0 none, 1 softmax over C, 2 sigmoid
+  bool labels;
+  bool has_ignore;
+  int64_t ignore_index;
+  bool right;
+};
+
+// Launch configuration, a pure function of the problem shape and the device's shared-memory limit
+// (so the statistics are bitwise reproducible run to run on one device). Shared by the CUDA launchers and the
+// host emulation used by the tests on machines without a GPU.
+struct Plan {
+  int threads;              // T: threads per block
+  int tile;                 // V: voxels per tile (power of two, >= 32)
+  int tile_log2;
+  int tiles_per_block;      // K: consecutive tiles one block processes
+  int group;                // G: forward histogram slots per class (threads sharing a class in a tile)
+  int slots;                // NS = C * G private histograms per block
+  int slot_stride;          // NS rounded up to a multiple of 32 (bank-conflict-free columns) when NS >= 32
+  int64_t blocks_per_image; // P
+  int64_t off_edges, off_grads, off_hist, off_x, off_g, off_t;  // shared-memory offsets, in 4-byte words
+  bool grads_in_smem;       // backward: the (C, M) grads of the image live in shared memory
+  size_t smem_bytes;
+  const char* error;        // nullptr, or why this problem cannot run on the CUDA backend
+};
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Computes the plan. smem_limit: the device's opt-in shared memory per block, in bytes.
+//
+// Forward: a block of T = 256 threads owns K = 16 consecutive tiles of V voxels of one image. Per tile it
+// (1) loads the [C][V] input tile and the labels / dense target into shared memory with coalesced loads,
+// (2) turns each voxel's column into probabilities (softmax / sigmoid in float32), (3) accumulates: thread s
+// owns class s / G and voxels v = s % G, s % G + G, ... of the tile, and adds them, in that order, to its own
+// private [3][M] histogram column in shared memory (hist[(stat * M + bin) * slot_stride + s], so the 32
+// lanes of a warp always hit 32 different banks, whatever their bins). No two threads ever write the same
+// word, so no atomics are needed and every sum has a fixed order. The block's G columns of class c are then
+// summed in slot order (float64) into a per-block partial [3][C][M]; a second kernel sums the P partials of
+// an image in block order (float64) and rounds once to float32. Hence: bitwise deterministic, no float
+// atomics, and each float32 running sum has at most K * V / G (= 256 for C <= 4) terms.
+// Backward: a block owns K = 4 tiles; per tile the same loads, then each thread turns its voxel columns
+// into gradients (the (C, M) grads of the image gathered from shared memory) and writes them coalesced.
+inline Plan make_plan(const StatsArgs& a, bool backward, int64_t smem_limit) {
+  Plan pl{};
+  pl.error = nullptr;
+  const int64_t C = a.C, M = a.M;
+  const int T = 256;
+  pl.threads = T;
+  int V = 1024, lg = 10;
+  while (V > 32 && C * V > 4096) {
+    V >>= 1;
+    --lg;
+  }
+  pl.tile = V;
+  pl.tile_log2 = lg;
+  int64_t words = 0;
+  auto take = [&words](int64_t n) {
+    const int64_t off = words;
+    words += round_up(n, 4);
+    return off;
+  };
+  pl.off_edges = take(a.soft ? M : M + 1);
+  pl.off_grads = pl.off_g = pl.off_hist = -1;
+  pl.grads_in_smem = false;
+  if (!backward) {
+    pl.tiles_per_block = 16;
+    int64_t G = C <= T ? T / C : 1;
+    auto stride = [C](int64_t g) { const int64_t ns = C * g; return ns >= 32 ? round_up(ns, 32) : ns; };
+    while (G > 1 && 3 * M * stride(G) * 4 > 64 * 1024) G = (G + 1) / 2;
+    pl.group = static_cast<int>(G);
+    pl.slots = static_cast<int>(C * G);
+    pl.slot_stride = static_cast<int>(stride(G));
+    pl.off_hist = take(3 * M * pl.slot_stride);
+  } else {
+    pl.tiles_per_block = 4;
+    pl.group = pl.slots = pl.slot_stride = 0;
+    pl.grads_in_smem = 3 * C * M * 4 <= 32 * 1024;
+    if (pl.grads_in_smem) pl.off_grads = take(3 * C * M);
+    if (a.activation == 1) pl.off_g = take(C * V);
+  }
+  pl.off_x = take(C * V);
+  pl.off_t = take(a.labels ? V : C * V);
+  pl.smem_bytes = static_cast<size_t>(words) * 4;
+  const int64_t tiles = (a.N + V - 1) / V;
+  pl.blocks_per_image = (tiles + pl.tiles_per_block - 1) / pl.tiles_per_block;
+  if (C < 1 || C > (int64_t{1} << 20) || M < 1 || M > (int64_t{1} << 20)) {
+    pl.error = "number of classes and num_bins must lie in [1, 2^20]";
+  } else if (static_cast<int64_t>(pl.smem_bytes) > smem_limit) {
+    pl.error = backward ? "the classes x bins of this problem need more shared memory than the device has "
+                          "(backward tile); use the triton or reference backend"
+                        : "num_bins x classes too large for the shared-memory histograms of the cuda backend; "
+                          "use the triton or reference backend";
+  } else if (a.B * pl.blocks_per_image > 0x7fffffffLL) {
+    pl.error = "too many images x voxels for one launch";
+  }
+  return pl;
+}
+
+// Number of float64 entries of the forward workspace (per-block partial histograms [B, P, 3, C, M]).
+inline size_t stats_workspace_doubles(const StatsArgs& a, const Plan& pl) {
+  return static_cast<size_t>(a.B * pl.blocks_per_image * 3 * a.C * a.M);
+}
+
+// Forward: count/sum_p/sum_y float32 [B, C, M] (fully written), bad: int64 scalar (zeroed and written here).
+// workspace: stats_workspace_doubles() float64 entries. Returns nullptr on success, else an error message.
+const char* launch_binned_stats(const StatsArgs& a, const Plan& pl, double* workspace, float* count, float* sum_p,
+                                float* sum_y, int64_t* bad, cudaStream_t stream);
+
+// Backward: grad_count/grad_sum_p/grad_sum_y float32 [B, C, M]; grad_input [B, C, N] of input_kind (fully
+// written). Returns nullptr on success, else an error message.
+const char* launch_binned_stats_backward(const StatsArgs& a, const Plan& pl, const float* grad_count,
+                                         const float* grad_sum_p, const float* grad_sum_y, void* grad_input,
+                                         cudaStream_t stream);
+
+// The device's opt-in shared memory per block in bytes (the `smem_limit` of make_plan), or -1 on error.
+int64_t device_smem_limit(int device);
+
+}  // namespace calibops_cuda
