@@ -110,6 +110,19 @@ def _check_probabilities(name: str, probs: np.ndarray, multilabel: bool, tol: fl
     return probs
 
 
+def _check_labels(name: str, label: np.ndarray, num_classes: int, ignore_index: int | None) -> None:
+    # checked here too (not only by binned_stats) so CALIBOPS_VALIDATE=0 cannot drop voxels silently
+    bad = (label < 0) | (label >= num_classes)
+    if ignore_index is not None:
+        bad &= label != ignore_index
+    if bad.any():
+        values = np.unique(label[bad])[:5].tolist()
+        allowed = f"[0, {num_classes})" + (f" or --ignore-index {ignore_index}" if ignore_index is not None else "")
+        raise EvaluationError(
+            f"case {name!r}: {int(bad.sum())} label(s) outside {allowed}, e.g. {values}"
+        )
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Run the evaluation described by parsed ``args``; returns the results, writes nothing."""
     import torch
@@ -146,8 +159,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 f"case {name!r}: label map shape {label.shape} does not match the prediction's spatial shape "
                 f"{probs.shape[1:]} (prediction {pred_path.name}, label {label_path.name})"
             )
-        if not args.softmax:
+        if args.softmax:
+            if not np.all(np.isfinite(probs)):
+                raise EvaluationError(f"case {name!r}: the logits hold NaN or infinite values")
+        else:
             probs = _check_probabilities(name, probs, args.multilabel, args.sum_tolerance)
+        _check_labels(name, label, C, args.ignore_index)
         if metric is None:
             if names is not None and len(names) != C:
                 raise EvaluationError(f"--class-names gives {len(names)} names for {C} classes")

@@ -207,6 +207,13 @@ def test_non_probability_inputs(tmp_path, capsys, corrupt, match):
     _fails(tmp_path, capsys, pred, label, match=match)
 
 
+def test_non_finite_logits(tmp_path, capsys):
+    cases = _cases(logits=True)
+    cases[0][1][0, 0, 0, 0] = np.inf
+    pred, label = _write_nifti(tmp_path, cases)
+    _fails(tmp_path, capsys, pred, label, "--softmax", match="logits hold NaN or infinite")
+
+
 def test_multilabel_accepts_independent_channels(tmp_path, capsys):
     cases = [(n, p * 0.5, lab) for n, p, lab in _cases()]
     pred, label = _write_nifti(tmp_path, cases)
@@ -215,11 +222,15 @@ def test_multilabel_accepts_independent_channels(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
 
 
-def test_labels_out_of_range_and_non_integer(tmp_path, capsys):
+def test_labels_out_of_range_and_non_integer(tmp_path, capsys, monkeypatch):
     cases = _cases()
     cases[0][2][0, 0, 0] = 5
     pred, label = _write_nifti(tmp_path, cases)
     _fails(tmp_path, capsys, pred, label, match="outside [0, 3)")
+    _fails(tmp_path, capsys, pred, label, "--ignore-index", "4", match="or --ignore-index 4, e.g. [5]")
+    monkeypatch.setenv("CALIBOPS_VALIDATE", "0")  # the CLI checks labels itself
+    _fails(tmp_path, capsys, pred, label, match="outside [0, 3)")
+    monkeypatch.delenv("CALIBOPS_VALIDATE")
     cases[0][2][0, 0, 0] = 1
     nib.save(nib.Nifti1Image(cases[0][2], np.eye(4)), label / "case00.nii.gz")
     nib.save(nib.Nifti1Image(cases[1][2].astype(np.float32) + 0.5, np.eye(4)), label / "case01.nii.gz")
