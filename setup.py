@@ -8,7 +8,9 @@
     CALIBOPS_NO_CUDA=1      skip the CUDA ops even where they could be built
     CALIBOPS_FORCE_CUDA=1   build the CUDA ops even if no GPU is visible (needs torch with CUDA + nvcc)
     CALIBOPS_REQUIRE_EXT=1  fail the install if the extension does not build (default: warn, go on)
-    CALIBOPS_CPU_FLAGS      extra C++ flags for the CPU kernels (default: "-O3")
+    CALIBOPS_CPU_FLAGS      extra C++ flags for the CPU kernels (default: "-O3"); the kernels are also built
+                            for AVX2 and AVX-512 and the best one the CPU runs is picked at run time
+                            (CALIBOPS_CPU_ISA=base|avx2|avx512 forces one), so no -march flag is needed
     CALIBOPS_CUDA_ARCH      TORCH_CUDA_ARCH_LIST for the CUDA ops (default: torch's own choice)
 - The package never *needs* the extension: without it, `calibops` imports and `available_backends()`
   says why the compiled backends are missing.
@@ -53,7 +55,10 @@ def _extensions_and_cmdclass():
     sources = rel("csrc/ops.cpp") + rel("csrc/cpu/*.cpp")
     cpu_flags = os.environ.get("CALIBOPS_CPU_FLAGS", "-O3").split()
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    cxx_flags = ["-std=c++17", *cpu_flags, *openmp]
+    # No FMA contraction: the base/AVX2/AVX-512 builds of csrc/cpu (picked at run time, see
+    # csrc/cpu/kernel_avx2.cpp) then round identically and give bitwise equal results on every x86 CPU.
+    strict_fp = ["-ffp-contract=off"] if sys.platform != "win32" else []
+    cxx_flags = ["-std=c++17", *cpu_flags, *strict_fp, *openmp]
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
     link_args = list(openmp)
 

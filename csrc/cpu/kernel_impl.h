@@ -1,0 +1,509 @@
+// The fused CPU kernels (forward statistics and backward gradient), written once and compiled once per
+// instruction set: kernel_<isa>.cpp defines CALIBOPS_ISA_NS / CALIBOPS_ISA_NAME, selects the target and
+// includes this file. Everything lives in the namespace calibops::cpu::<isa>, with internal linkage, and uses
+// no torch or standard-library inline code, so the ISA builds never share machine code by accident.
+//
+// Work unit: a tile of T voxels of one image, held as [C][T] float rows in L1:
+//   load (own dtype -> f32) -> activation (softmax over C / sigmoid, vectorised exp) -> bin index per
+//   (class, voxel) -> forward: scatter into small per-worker float64 histograms; backward: gather the
+//   per-bin gradient, chain through the activation, store in the input dtype.
+// The inner loops over the T voxels of a row are branch-free so the compiler vectorises them.
+#ifndef CALIBOPS_ISA_NS
+#error "kernel_impl.h is included by kernel_<isa>.cpp only"
+#endif
+
+namespace calibops {
+namespace cpu {
+namespace CALIBOPS_ISA_NS {
+
+using i32 = int32_t;
+using i64 = int64_t;
+using u16 = uint16_t;
+using u32 = uint32_t;
+
+static inline u32 f2u(float f) {
+  u32 u;
+  memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+static inline float u2f(u32 u) {
+  float f;
+  memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Scalar conversions (branch-free: they sit inside vectorised loops).
+
+// IEEE binary16 -> float32, exact for normals, subnormals, inf and NaN.
+static inline float half_to_float(u16 h) {
+  const u32 sign = static_cast<u32>(h & 0x8000u) << 16;
+  const u32 em = h & 0x7fffu;
+  const u32 scaled = f2u(u2f(em << 13) * 0x1p112f);  // rebias the exponent (also right for subnormals)
+  const u32 special = (em << 13) | 0x7f800000u;       // inf / NaN keep their payload
+  return u2f((em >= 0x7c00u ? special : scaled) | sign);
+}
+
+static inline float bf16_to_float(u16 h) { return u2f(static_cast<u32>(h) << 16); }
+
+// float32 -> binary16, round to nearest even (overflow -> inf, NaN -> quiet NaN).
+static inline u16 float_to_half(float f) {
+  u32 u = f2u(f);
+  const u32 sign = u & 0x80000000u;
+  u ^= sign;
+  const u32 o_special = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  const u32 magic = 126u << 23;  // 0.5f: adding it rounds a subnormal half mantissa into the low bits
+  const u32 o_sub = f2u(u2f(u) + u2f(magic)) - magic;
+  const u32 mant_odd = (u >> 13) & 1u;
+  const u32 o_norm = (u + (static_cast<u32>(15 - 127) << 23) + 0xfffu + mant_odd) >> 13;
+  const u32 o = u >= (143u << 23) ? o_special : (u < (113u << 23) ? o_sub : o_norm);
+  return static_cast<u16>(o | (sign >> 16));
+}
+
+// float32 -> bfloat16, round to nearest even, NaN stays a (quiet) NaN.
+static inline u16 float_to_bf16(float f) {
+  const u32 u = f2u(f);
+  const u32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const u32 nan = (u >> 16) | 0x40u;
+  return static_cast<u16>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+}
+
+// exp(x) for float32, ~1 ulp (Cephes polynomial on [-ln2/2, ln2/2]); exp(-inf) = 0, exp(+inf) = inf, NaN -> NaN.
+// Written without branches or library calls so loops calling it vectorise.
+static inline float exp_f(float x) {
+  const float hi = 88.0f, lo = -87.33654f;
+  float xc = x > hi ? hi : x;  // NaN passes through both clamps
+  xc = xc < lo ? lo : xc;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer kept in the low mantissa bits
+  const float t = xc * 1.44269504088896341f + magic;
+  const float n = t - magic;
+  const i32 ni = static_cast<i32>(f2u(t) - f2u(magic));
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  const float scale = u2f(static_cast<u32>(ni + 127) << 23);
+  float e = y * scale;
+  e = x < lo ? 0.0f : e;
+  e = x > hi ? __builtin_inff() : e;
+  return e;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Scratch layout (floats) for one worker: rows of T floats, T a multiple of 16 (64-byte aligned rows).
+
+struct Layout {
+  i64 x, y, bins, g, lab, rowa, rowb, ftab, lo_of, dtab, total;
+};
+
+static Layout layout(const Problem& pb) {
+  const i64 T = pb.tile, C = pb.C, M2 = pb.M + 2;
+  Layout L;
+  L.x = 0;                 // [C][T] input, then p
+  L.y = L.x + C * T;       // [C][T] dense target as float
+  L.bins = L.y + C * T;    // [C][T] int32 hard bin / soft state u
+  L.g = L.bins + C * T;    // [C][T] backward: d loss / d p
+  L.lab = L.g + C * T;     // [T] int32 label or -1 (ignored / out of range)
+  L.rowa = L.lab + T;      // [T] softmax max, then 1 / sum; backward: sum_c p g
+  L.rowb = L.rowa + T;     // [T] softmax sum
+  L.ftab = L.rowb + T;     // [3][C][M + 2] backward gradient tables
+  L.lo_of = L.ftab + 3 * C * M2;           // [M + 2] int32 soft state -> low bin
+  L.dtab = ((L.lo_of + M2 + 15) / 16) * 16;  // [3][M + 2] float64 soft state -> (c_hi, 1/d, base)
+  L.total = L.dtab + 6 * M2 + 16;
+  return L;
+}
+
+static size_t scratch_floats(const Problem& pb) { return static_cast<size_t>(layout(pb).total); }
+
+static size_t hist_doubles(const Problem& pb) {
+  return static_cast<size_t>(pb.C * pb.copies * (pb.M + 2) * 4);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Tile loading.
+
+static void load_float_row(const void* base, int kind, i64 off, i64 n, float* __restrict dst) {
+  if (kind == kF32) {
+    const float* __restrict s = static_cast<const float*>(base) + off;
+    for (i64 i = 0; i < n; ++i) dst[i] = s[i];
+  } else if (kind == kF16) {
+    const u16* __restrict s = static_cast<const u16*>(base) + off;
+    for (i64 i = 0; i < n; ++i) dst[i] = half_to_float(s[i]);
+  } else if (kind == kBF16) {
+    const u16* __restrict s = static_cast<const u16*>(base) + off;
+    for (i64 i = 0; i < n; ++i) dst[i] = bf16_to_float(s[i]);
+  } else if (kind == kBool) {
+    const unsigned char* __restrict s = static_cast<const unsigned char*>(base) + off;
+    for (i64 i = 0; i < n; ++i) dst[i] = s[i] != 0 ? 1.0f : 0.0f;
+  } else {  // kU8
+    const unsigned char* __restrict s = static_cast<const unsigned char*>(base) + off;
+    for (i64 i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]);
+  }
+}
+
+static void store_row(void* base, int kind, i64 off, i64 n, const float* __restrict src) {
+  if (kind == kF32) {
+    float* __restrict d = static_cast<float*>(base) + off;
+    for (i64 i = 0; i < n; ++i) d[i] = src[i];
+  } else if (kind == kF16) {
+    u16* __restrict d = static_cast<u16*>(base) + off;
+    for (i64 i = 0; i < n; ++i) d[i] = float_to_half(src[i]);
+  } else {  // kBF16
+    u16* __restrict d = static_cast<u16*>(base) + off;
+    for (i64 i = 0; i < n; ++i) d[i] = float_to_bf16(src[i]);
+  }
+}
+
+// lab[i] = label when in [0, C), else -1; returns how many were neither in range nor ignore_index.
+template <typename T>
+static i64 load_labels_t(const T* __restrict s, i64 n, i64 C, bool has_ignore, i64 ignore, i32* __restrict lab) {
+  i64 bad = 0;
+  for (i64 i = 0; i < n; ++i) {
+    const i64 v = static_cast<i64>(s[i]);
+    const bool in = (v >= 0) & (v < C);
+    const bool ign = has_ignore & (v == ignore);
+    lab[i] = in ? static_cast<i32>(v) : -1;
+    bad += static_cast<i64>(!in & !ign);
+  }
+  return bad;
+}
+
+static i64 load_labels(const Problem& pb, i64 off, i64 n, i32* lab) {
+  const bool hi = pb.has_ignore;
+  const i64 ig = pb.ignore_index, C = pb.C;
+  switch (pb.target_kind) {
+    case kU8:
+      return load_labels_t(static_cast<const uint8_t*>(pb.target) + off, n, C, hi, ig, lab);
+    case kI8:
+      return load_labels_t(static_cast<const int8_t*>(pb.target) + off, n, C, hi, ig, lab);
+    case kI16:
+      return load_labels_t(static_cast<const int16_t*>(pb.target) + off, n, C, hi, ig, lab);
+    case kI32:
+      return load_labels_t(static_cast<const int32_t*>(pb.target) + off, n, C, hi, ig, lab);
+    default:
+      return load_labels_t(static_cast<const int64_t*>(pb.target) + off, n, C, hi, ig, lab);
+  }
+}
+
+// x [C][T] in place: logits -> probabilities.
+static void activate(const Problem& pb, float* __restrict x, float* __restrict rowa, float* __restrict rowb,
+                     i64 n) {
+  const i64 T = pb.tile, C = pb.C;
+  if (pb.activation == 1) {
+    for (i64 i = 0; i < n; ++i) rowa[i] = x[i];
+    for (i64 c = 1; c < C; ++c) {
+      const float* __restrict xc = x + c * T;
+      for (i64 i = 0; i < n; ++i) rowa[i] = xc[i] > rowa[i] ? xc[i] : rowa[i];
+    }
+    for (i64 i = 0; i < n; ++i) rowb[i] = 0.0f;
+    for (i64 c = 0; c < C; ++c) {
+      float* __restrict xc = x + c * T;
+      for (i64 i = 0; i < n; ++i) {
+        const float e = exp_f(xc[i] - rowa[i]);
+        xc[i] = e;
+        rowb[i] += e;
+      }
+    }
+    for (i64 i = 0; i < n; ++i) rowa[i] = 1.0f / rowb[i];
+    for (i64 c = 0; c < C; ++c) {
+      float* __restrict xc = x + c * T;
+      for (i64 i = 0; i < n; ++i) xc[i] *= rowa[i];
+    }
+  } else if (pb.activation == 2) {
+    for (i64 c = 0; c < C; ++c) {
+      float* __restrict xc = x + c * T;
+      for (i64 i = 0; i < n; ++i) xc[i] = 1.0f / (1.0f + exp_f(-xc[i]));
+    }
+  }
+}
+
+// Hard: bins[c][i] = bucketize(p, e[1:], right).clamp(max=M-1), or M (a discarded slot) for masked voxels.
+// Soft: bins[c][i] = u = t + 1 in 0..M, t = #{k : centre[k] < p} - 1, or M + 1 for masked voxels.
+static void compute_bins(const Problem& pb, const float* __restrict x, const i32* __restrict lab,
+                         i32* __restrict bins, i64 n) {
+  const i64 T = pb.tile, C = pb.C;
+  const i32 M = static_cast<i32>(pb.M);
+  const float Mf = static_cast<float>(pb.M), top = static_cast<float>(pb.M - 1);
+  const float* __restrict e = pb.edges;
+  const bool masked = pb.labels;
+  for (i64 c = 0; c < C; ++c) {
+    const float* __restrict p = x + c * T;
+    i32* __restrict out = bins + c * T;
+    if (!pb.soft) {
+      if (!pb.right) {
+        for (i64 i = 0; i < n; ++i) {
+          float q = p[i] * Mf;
+          q = q >= 0.0f ? q : 0.0f;  // also maps NaN to 0
+          q = q <= top ? q : top;
+          const i32 j0 = static_cast<i32>(q);
+          i32 j = j0 - static_cast<i32>((j0 > 0) & (p[i] <= e[j0])) + static_cast<i32>(p[i] > e[j0 + 1]);
+          j = j < M - 1 ? j : M - 1;
+          out[i] = j;
+        }
+      } else {
+        for (i64 i = 0; i < n; ++i) {
+          float q = p[i] * Mf;
+          q = q >= 0.0f ? q : 0.0f;
+          q = q <= top ? q : top;
+          const i32 j0 = static_cast<i32>(q);
+          i32 j = j0 - static_cast<i32>((j0 > 0) & (p[i] < e[j0])) + static_cast<i32>(p[i] >= e[j0 + 1]);
+          j = j < M - 1 ? j : M - 1;
+          out[i] = j;
+        }
+      }
+      if (masked)
+        for (i64 i = 0; i < n; ++i) out[i] = lab[i] >= 0 ? out[i] : M;
+    } else {
+      for (i64 i = 0; i < n; ++i) {
+        float q = p[i] * Mf - 0.5f;
+        q = q >= -1.0f ? q : -1.0f;  // also maps NaN to -1
+        q = q <= top ? q : top;
+        const i32 t0 = static_cast<i32>(q + 1.0f) - 1;  // floor, since q + 1 >= 0
+        const i32 a = t0 >= 0 ? t0 : 0;
+        const i32 bidx = t0 + 1 < M ? t0 + 1 : M - 1;
+        const i32 dec = static_cast<i32>((t0 >= 0) & !(e[a] < p[i]));
+        const i32 inc = static_cast<i32>((t0 + 1 < M) & (e[bidx] < p[i]));
+        out[i] = t0 - dec + inc + 1;
+      }
+      if (masked)
+        for (i64 i = 0; i < n; ++i) out[i] = lab[i] >= 0 ? out[i] : M + 1;
+    }
+  }
+}
+
+// Soft state u -> (low bin, c_hi, 1/(c_hi - c_lo), base) so that w_lo = (c_hi - p) / d + base with
+// 1/d = 0 outside the interior: below the first centre all weight goes to bin 0, above the last to bin M-1,
+// masked voxels go to the discarded slots M and M+1.
+static void soft_tables(const Problem& pb, i32* lo_of, double* chi, double* invd, double* base) {
+  const i64 M = pb.M;
+  const float* c = pb.edges;
+  for (i64 u = 0; u <= M + 1; ++u) {
+    chi[u] = 0.0;
+    invd[u] = 0.0;
+    base[u] = 0.0;
+    if (u == 0 || u == M + 1 || M == 1) {
+      lo_of[u] = static_cast<i32>(u == M + 1 ? M : 0);
+      base[u] = 1.0;
+    } else if (u == M) {
+      lo_of[u] = static_cast<i32>(M - 2);
+    } else {
+      const i64 t = u - 1;
+      lo_of[u] = static_cast<i32>(t);
+      chi[u] = static_cast<double>(c[t + 1]);
+      invd[u] = 1.0 / (static_cast<double>(c[t + 1]) - static_cast<double>(c[t]));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward.
+
+// h[0..3] += w * (1, p, y, 0): one 256-bit add with AVX (two with SSE2).
+#if defined(__GNUC__) || defined(__clang__)
+typedef double v4d __attribute__((vector_size(32), aligned(8)));
+static inline void acc4(double* h, double w, double p, double y) {
+  const v4d v = {w, w * p, w * y, 0.0};
+  *reinterpret_cast<v4d*>(h) += v;
+}
+#else
+static inline void acc4(double* h, double w, double p, double y) {
+  h[0] += w;
+  h[1] += w * p;
+  h[2] += w * y;
+}
+#endif
+
+// One class row of a tile into its histograms h [copies][M + 2][4] (count, sum_p, sum_y, unused).
+// y_lab: labels mode (y = [lab == c]); otherwise y is the dense row.
+static void scatter_row(const Problem& pb, const float* __restrict p, const float* __restrict y,
+                        const i32* __restrict lab, i32 c, const i32* __restrict bins, double* __restrict h,
+                        i64 n, const i32* lo_of, const double* chi, const double* invd, const double* base) {
+  const i64 stride = (pb.M + 2) * 4;
+  const i64 cmask = pb.copies - 1;
+  if (!pb.soft) {
+    for (i64 i = 0; i < n; ++i) {
+      const double yv = pb.labels ? (lab[i] == c ? 1.0 : 0.0) : static_cast<double>(y[i]);
+      acc4(h + (i & cmask) * stride + bins[i] * 4, 1.0, static_cast<double>(p[i]), yv);
+    }
+  } else {
+    for (i64 i = 0; i < n; ++i) {
+      const double yv = pb.labels ? (lab[i] == c ? 1.0 : 0.0) : static_cast<double>(y[i]);
+      const double pv = static_cast<double>(p[i]);
+      const i32 u = bins[i];
+      const double wl = (chi[u] - pv) * invd[u] + base[u];
+      const double wh = 1.0 - wl;
+      double* hb = h + (i & cmask) * stride + lo_of[u] * 4;
+      acc4(hb, wl, pv, yv);
+      acc4(hb + 4, wh, pv, yv);
+    }
+  }
+}
+
+static i64 forward(const Problem& pb, i64 b, i64 begin, i64 end, double* out, float* scratch, double* hist) {
+  const i64 T = pb.tile, C = pb.C, N = pb.N, M = pb.M, M2 = M + 2;
+  const Layout L = layout(pb);
+  float* x = scratch + L.x;
+  float* y = scratch + L.y;
+  i32* bins = reinterpret_cast<i32*>(scratch + L.bins);
+  i32* lab = reinterpret_cast<i32*>(scratch + L.lab);
+  i32* lo_of = reinterpret_cast<i32*>(scratch + L.lo_of);
+  double* dt = reinterpret_cast<double*>(scratch + L.dtab);
+  double *chi = dt, *invd = dt + M2, *base = dt + 2 * M2;
+  if (pb.soft) soft_tables(pb, lo_of, chi, invd, base);
+  const i64 hsize = C * pb.copies * M2 * 4;
+  for (i64 k = 0; k < hsize; ++k) hist[k] = 0.0;
+
+  i64 bad = 0;
+  for (i64 i0 = begin; i0 < end; i0 += T) {
+    const i64 n = end - i0 < T ? end - i0 : T;
+    for (i64 c = 0; c < C; ++c) load_float_row(pb.input, pb.in_kind, (b * C + c) * N + i0, n, x + c * T);
+    if (pb.labels) {
+      bad += load_labels(pb, b * N + i0, n, lab);
+    } else {
+      for (i64 c = 0; c < C; ++c) load_float_row(pb.target, pb.target_kind, (b * C + c) * N + i0, n, y + c * T);
+    }
+    activate(pb, x, scratch + L.rowa, scratch + L.rowb, n);
+    compute_bins(pb, x, lab, bins, n);
+    for (i64 c = 0; c < C; ++c)
+      scatter_row(pb, x + c * T, y + c * T, lab, static_cast<i32>(c), bins + c * T, hist + c * pb.copies * M2 * 4,
+                  n, lo_of, chi, invd, base);
+  }
+  // Merge the interleaved copies in a fixed order.
+  for (i64 c = 0; c < C; ++c)
+    for (i64 j = 0; j < M; ++j)
+      for (i64 s = 0; s < 3; ++s) {
+        double acc = 0.0;
+        for (i64 k = 0; k < pb.copies; ++k) acc += hist[((c * pb.copies + k) * M2 + j) * 4 + s];
+        out[(c * M + j) * 3 + s] = acc;
+      }
+  return bad;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward.
+
+// Gradient of bin j of the row at offset o (0 for the discarded slots j >= M).
+static inline double bin_grad(const float* g, i64 o, i64 j, i64 M) {
+  return j < M ? static_cast<double>(g[o + j]) : 0.0;
+}
+
+// Per class, per bin state: d loss / d p = K0 + K1 * p + K2 * y  (hard: K0 = G_p[bin], K1 = K2 = 0).
+// Soft, with w_lo = (c_hi - p)/d + base, w_hi = 1 - w_lo, dw_hi/dp = -dw_lo/dp = 1/d (0 outside the interior):
+//   g = Gp[lo] w_lo + Gp[hi] w_hi + (1/d) (Gc[hi] - Gc[lo] + p (Gp[hi] - Gp[lo]) + y (Gy[hi] - Gy[lo])).
+static void grad_tables(const Problem& pb, i64 b, const float* gc, const float* gp, const float* gy, float* k0,
+                        float* k1, float* k2, const i32* lo_of, const double* chi, const double* invd,
+                        const double* base) {
+  const i64 C = pb.C, M = pb.M, M2 = M + 2;
+  for (i64 c = 0; c < C; ++c) {
+    const i64 o = (b * C + c) * M;
+    float* K0 = k0 + c * M2;
+    float* K1 = k1 + c * M2;
+    float* K2 = k2 + c * M2;
+    if (!pb.soft) {
+      for (i64 j = 0; j < M; ++j) K0[j] = gp[o + j];
+      K0[M] = K0[M + 1] = 0.0f;  // masked voxels
+      for (i64 j = 0; j < M2; ++j) K1[j] = K2[j] = 0.0f;
+      continue;
+    }
+    for (i64 u = 0; u < M2; ++u) {
+      const i64 lo = lo_of[u], hi = lo + 1;
+      const double a = bin_grad(gp, o, lo, M), bb = bin_grad(gp, o, hi, M), id = invd[u];
+      // g = bb + (a - bb) w_lo + id (dGc + p dGp + y dGy),  w_lo = base + id chi - id p
+      const double dgc = bin_grad(gc, o, hi, M) - bin_grad(gc, o, lo, M);
+      K0[u] = static_cast<float>(bb + (a - bb) * (base[u] + id * chi[u]) + id * dgc);
+      K1[u] = static_cast<float>(2.0 * id * (bb - a));  // through w_lo, w_hi and through p itself
+      K2[u] = static_cast<float>(id * (bin_grad(gy, o, hi, M) - bin_grad(gy, o, lo, M)));
+    }
+  }
+}
+
+static void backward(const Problem& pb, const float* grad_count, const float* grad_sum_p, const float* grad_sum_y,
+                     void* grad, i64 b, i64 begin, i64 end, float* scratch) {
+  const i64 T = pb.tile, C = pb.C, N = pb.N, M2 = pb.M + 2;
+  const Layout L = layout(pb);
+  float* x = scratch + L.x;
+  float* y = scratch + L.y;
+  float* g = scratch + L.g;
+  float* rowa = scratch + L.rowa;
+  i32* bins = reinterpret_cast<i32*>(scratch + L.bins);
+  i32* lab = reinterpret_cast<i32*>(scratch + L.lab);
+  i32* lo_of = reinterpret_cast<i32*>(scratch + L.lo_of);
+  double* dt = reinterpret_cast<double*>(scratch + L.dtab);
+  double *chi = dt, *invd = dt + M2, *base = dt + 2 * M2;
+  float *k0 = scratch + L.ftab, *k1 = k0 + C * M2, *k2 = k1 + C * M2;
+  if (pb.soft) soft_tables(pb, lo_of, chi, invd, base);
+  grad_tables(pb, b, grad_count, grad_sum_p, grad_sum_y, k0, k1, k2, lo_of, chi, invd, base);
+
+  for (i64 i0 = begin; i0 < end; i0 += T) {
+    const i64 n = end - i0 < T ? end - i0 : T;
+    for (i64 c = 0; c < C; ++c) load_float_row(pb.input, pb.in_kind, (b * C + c) * N + i0, n, x + c * T);
+    if (pb.labels) {
+      load_labels(pb, b * N + i0, n, lab);
+    } else if (pb.soft) {
+      for (i64 c = 0; c < C; ++c) load_float_row(pb.target, pb.target_kind, (b * C + c) * N + i0, n, y + c * T);
+    }
+    activate(pb, x, rowa, scratch + L.rowb, n);
+    compute_bins(pb, x, lab, bins, n);
+    for (i64 c = 0; c < C; ++c) {
+      const float* __restrict p = x + c * T;
+      const i32* __restrict u = bins + c * T;
+      float* __restrict gc = g + c * T;
+      const float* __restrict K0 = k0 + c * M2;
+      if (!pb.soft) {
+        for (i64 i = 0; i < n; ++i) gc[i] = K0[u[i]];
+      } else {
+        const float* __restrict K1 = k1 + c * M2;
+        const float* __restrict K2 = k2 + c * M2;
+        if (pb.labels) {
+          const i32 ci = static_cast<i32>(c);
+          for (i64 i = 0; i < n; ++i) {
+            const float yv = lab[i] == ci ? 1.0f : 0.0f;
+            gc[i] = K0[u[i]] + K1[u[i]] * p[i] + K2[u[i]] * yv;
+          }
+        } else {
+          const float* __restrict yc = y + c * T;
+          for (i64 i = 0; i < n; ++i) gc[i] = K0[u[i]] + K1[u[i]] * p[i] + K2[u[i]] * yc[i];
+        }
+      }
+    }
+    // Chain through the activation (in place in g).
+    if (pb.activation == 1) {
+      for (i64 i = 0; i < n; ++i) rowa[i] = 0.0f;
+      for (i64 c = 0; c < C; ++c) {
+        const float* __restrict p = x + c * T;
+        const float* __restrict gc = g + c * T;
+        for (i64 i = 0; i < n; ++i) rowa[i] += p[i] * gc[i];
+      }
+      for (i64 c = 0; c < C; ++c) {
+        const float* __restrict p = x + c * T;
+        float* __restrict gc = g + c * T;
+        for (i64 i = 0; i < n; ++i) gc[i] = p[i] * (gc[i] - rowa[i]);
+      }
+    } else if (pb.activation == 2) {
+      for (i64 c = 0; c < C; ++c) {
+        const float* __restrict p = x + c * T;
+        float* __restrict gc = g + c * T;
+        for (i64 i = 0; i < n; ++i) gc[i] = gc[i] * (p[i] * (1.0f - p[i]));
+      }
+    }
+    if (pb.labels) {
+      for (i64 c = 0; c < C; ++c) {
+        float* __restrict gc = g + c * T;
+        for (i64 i = 0; i < n; ++i) gc[i] = lab[i] >= 0 ? gc[i] : 0.0f;
+      }
+    }
+    for (i64 c = 0; c < C; ++c) store_row(grad, pb.in_kind, (b * C + c) * N + i0, n, g + c * T);
+  }
+}
+
+static const KernelTable kTable = {CALIBOPS_ISA_NAME, scratch_floats, hist_doubles, forward, backward};
+
+}  // namespace CALIBOPS_ISA_NS
+}  // namespace cpu
+}  // namespace calibops
