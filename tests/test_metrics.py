@@ -409,3 +409,18 @@ def test_cuda_inputs_match_cpu_reference():
     assert gpu.histogram().device.type == "cuda"
     _assert_matches(gpu, oracle(batches, 4, 20, **cfg))
     assert torch.equal(gpu.histogram().cpu(), cpu.histogram())
+
+
+def test_write_records_csv(tmp_path):
+    import csv
+
+    m = DatasetCalibration(3, to_onehot_y=True, softmax=True, keep_records=True, dice=True)
+    g = torch.Generator().manual_seed(2)
+    m.update(torch.randn(2, 3, 6, 5, generator=g), torch.randint(0, 3, (2, 6, 5), generator=g), ["p", "q"])
+    m.write_records_csv(tmp_path / "r.csv")
+    with open(tmp_path / "r.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["image", "class", "ece", "ace", "mce", "voxels", "dice"]
+    assert [(r["image"], r["class"]) for r in rows] == [("p", "1"), ("p", "2"), ("q", "1"), ("q", "2")]
+    recs = m.records(gather=True)  # not distributed: the local records, unchanged
+    assert [float(r["ece"]) for r in rows] == pytest.approx([r["ece"] for r in recs], abs=0)
