@@ -1,0 +1,452 @@
+"""The Triton backend (calibops::triton_binned_stats / _backward) against the reference.
+
+Without a GPU the kernels run on CPU tensors through the Triton interpreter: TRITON_INTERPRET=1 must be set
+before triton is imported (tests/conftest.py does it; it is repeated here so this module also works alone).
+With a GPU the same tests run on CUDA tensors with the compiled kernels.
+
+Tolerances (from the float64-accumulating reference, which bins the same float32 p):
+- statistics: the kernel sums float32 values in float32 (blocked), the reference sums them in float64 and
+  rounds once, so the error is a few float32 ulps of the largest partial sum: rtol 1e-5 relative to the
+  bin's magnitude (|stat| + count, a bound on the summed absolute values), for every input dtype (inputs are
+  read exactly in their own dtype and converted to float32 by both sides).
+- gradients: computed in float32 and rounded once to the input dtype; the float32 error is a few ulps of the
+  largest term of the chain rule, so per element rtol(dtype) + atol = 1e-5 * max|grad| with rtol from
+  ``GRAD_RTOL`` (float32 1e-5 over ~1e-7 seen; float16 2^-10 and bfloat16 2^-7: one rounding of the output).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+import calibops.functional as F  # noqa: E402
+from calibops.reference import bin_centres, bin_edges, binned_stats_prepared  # noqa: E402
+
+from . import _oracle  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+INTERPRET = DEVICE.type == "cpu"
+
+tb = pytest.importorskip("calibops.triton.binned_stats")
+
+GRAD_RTOL = {torch.float32: 1e-5, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+STAT_RTOL = 1e-5
+ACT = {"none": 0, "softmax": 1, "sigmoid": 2}
+
+
+def test_kernels_are_interpreted_on_cpu_and_compiled_on_gpu():
+    # On a CPU-only machine the kernels only run if triton was imported with TRITON_INTERPRET=1.
+    assert tb.INTERPRETED == INTERPRET, (
+        "calibops.triton was imported before TRITON_INTERPRET was set (or set on a GPU machine); "
+        "set it in tests/conftest.py before anything imports triton"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _make(B, C, N, *, act, labels, dtype=torch.float32, target_dtype=None, soft_target=True, ignore_index=None,
+          bad_labels=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, N, generator=g) * 2
+    if act == "none":
+        x = torch.softmax(x, 1) if C > 1 else torch.rand(B, C, N, generator=g)
+    x = x.to(dtype)
+    if labels:
+        lo, hi = (-2, C + 2) if bad_labels else (0, C)
+        t = torch.randint(lo, hi, (B, N), generator=g)
+        if ignore_index is not None:
+            t[torch.rand(B, N, generator=g) < 0.2] = ignore_index
+        t = t.to(target_dtype or torch.int64)
+    else:
+        if soft_target:
+            t = torch.rand(B, C, N, generator=g)
+        else:
+            t = torch.nn.functional.one_hot(torch.randint(0, C, (B, N), generator=g), C).permute(0, 2, 1)
+        td = target_dtype or torch.float32
+        t = (t > 0.5) if td == torch.bool else t.to(td)
+    return x.to(DEVICE), t.to(DEVICE)
+
+
+def _edges(num_bins, soft):
+    return (bin_centres if soft else bin_edges)(num_bins, DEVICE)
+
+
+def _check_stats(out, ref, label="", soft=False, act="none"):
+    count, sum_p, sum_y, bad = out
+    rc, rp, ry, rbad = ref
+    # Soft memberships have slope 1/(c[j+1]-c[j]) ~ M in p: the kernel's softmax/sigmoid and torch's differ by
+    # a few float32 ulps (<= 4 eps32 for p <= 1), which moves each voxel's weights by up to M * 4 eps32.
+    slack = 0.0
+    if soft and act != "none":
+        slack = rc.double().sum(-1, keepdim=True) * rc.shape[-1] * 4 * torch.finfo(torch.float32).eps
+    for name, a, r in (("count", count, rc), ("sum_p", sum_p, rp), ("sum_y", sum_y, ry)):
+        assert a.dtype == torch.float32 and a.shape == r.shape, (name, a.dtype, a.shape, r.shape)
+        scale = r.double().abs() + rc.double().abs()
+        err = (a.double() - r.double()).abs()
+        worst = (err - STAT_RTOL * scale - slack).max().item()
+        assert worst <= 1e-6, f"{label} {name}: max error {err.max().item():.3g} exceeds tolerance"
+    assert bad.dtype == torch.int64 and bad.dim() == 0
+    assert int(bad) == int(rbad), f"{label} bad: {int(bad)} != {int(rbad)}"
+
+
+def _run_both(x, t, num_bins, soft, act, labels, ignore_index, right, seed=1):
+    """Forward and backward (random upstream grads on all three statistics) on triton and reference."""
+    e = _edges(num_bins, soft)
+    B, C = x.shape[:2]
+    g = torch.Generator().manual_seed(seed)
+    ups = [torch.randn(B, C, num_bins, generator=g).to(DEVICE) for _ in range(3)]
+    xk = x.detach().clone().requires_grad_()
+    out = tb.binned_stats(xk, t, e, num_bins, soft, ACT[act], labels, ignore_index, right)
+    sum((u * o).sum() for u, o in zip(ups, out[:3])).backward()
+    xr = x.detach().float().clone().requires_grad_()
+    ref = binned_stats_prepared(xr, t, e, num_bins, soft, ACT[act], labels, ignore_index, right)
+    sum((u * o).sum() for u, o in zip(ups, ref[:3])).backward()
+    return out, ref, xk.grad, xr.grad
+
+
+def _check_grad(gk, gr, dtype, label=""):
+    assert gk.dtype == dtype and gk.shape == gr.shape
+    err = (gk.double() - gr.double()).abs()
+    tol = GRAD_RTOL[dtype] * gr.double().abs() + 1e-5 * gr.double().abs().max() + 1e-30
+    bad = err > tol
+    assert not bool(bad.any()), (
+        f"{label}: {int(bad.sum())} gradient elements off, max abs error {err.max().item():.3g} "
+        f"(max |grad| {gr.abs().max().item():.3g})"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# statistics and gradients vs the reference, every option
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("act", ["none", "softmax", "sigmoid"])
+@pytest.mark.parametrize("target", ["labels", "dense"])
+@pytest.mark.parametrize("right", [False, True], ids=["left", "right"])
+def test_stats_and_grad_every_option(soft, act, target, right):
+    labels = target == "labels"
+    x, t = _make(2, 5, 75, act=act, labels=labels, seed=hash((soft, act, target, right)) % 1000)
+    out, ref, gk, gr = _run_both(x, t, 7, soft, act, labels, None, right)
+    _check_stats(out, ref, f"{soft=} {act=} {target=}", soft, act)
+    _check_grad(gk, gr, torch.float32, f"{soft=} {act=} {target=}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("act", ["none", "softmax", "sigmoid"])
+def test_half_inputs_read_in_own_dtype(dtype, soft, act):
+    x, t = _make(2, 3, 61, act=act, labels=True, dtype=dtype, seed=7)
+    out, ref, gk, gr = _run_both(x, t, 10, soft, act, True, None, False)
+    _check_stats(out, ref, f"{dtype}", soft, act)
+    _check_grad(gk, gr, dtype, f"{dtype} {soft=} {act=}")
+
+
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+def test_label_dtypes(label_dtype):
+    x, t = _make(1, 4, 50, act="softmax", labels=True, target_dtype=label_dtype, seed=3)
+    out, ref, gk, gr = _run_both(x, t, 6, False, "softmax", True, None, False)
+    _check_stats(out, ref, str(label_dtype), False, "softmax")
+    _check_grad(gk, gr, torch.float32, str(label_dtype))
+
+
+@pytest.mark.parametrize("target_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.bool, torch.uint8])
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_dense_target_dtypes(target_dtype, soft):
+    soft_target = target_dtype.is_floating_point
+    x, t = _make(2, 3, 40, act="sigmoid", labels=False, target_dtype=target_dtype, soft_target=soft_target, seed=5)
+    out, ref, gk, gr = _run_both(x, t, 8, soft, "sigmoid", False, None, False)
+    _check_stats(out, ref, str(target_dtype), soft, "sigmoid")
+    _check_grad(gk, gr, torch.float32, str(target_dtype))
+
+
+@pytest.mark.parametrize("ignore_index,label_dtype", [(-100, torch.int64), (255, torch.uint8), (0, torch.int32)])
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_ignore_index_and_bad_labels(ignore_index, label_dtype, soft):
+    # labels outside [0, C) that are not ignore_index are counted in `bad` and left out, like ignored voxels
+    x, t = _make(2, 4, 90, act="softmax", labels=True, target_dtype=torch.int64, ignore_index=ignore_index,
+                 bad_labels=label_dtype != torch.uint8, seed=11)
+    t = t.to(label_dtype)
+    out, ref, gk, gr = _run_both(x, t, 5, soft, "softmax", True, ignore_index, False)
+    _check_stats(out, ref, f"ignore_index={ignore_index}", soft, "softmax")
+    _check_grad(gk, gr, torch.float32, f"ignore_index={ignore_index}")
+    skipped = (t == ignore_index) | (t.long() < 0) | (t.long() >= 4)
+    assert bool(skipped.any())
+    assert bool((gk.permute(0, 2, 1)[skipped] == 0).all()), "ignored / out-of-range voxels must get zero gradient"
+
+
+@pytest.mark.parametrize(
+    "B,C,N,M",
+    [(1, 1, 1, 1), (3, 1, 33, 4), (1, 2, 1025, 20), (2, 17, 19, 3), (1, 33, 23, 6), (2, 40, 11, 15), (1, 3, 5, 64)],
+    ids=["tiny", "C1", "N1025", "C17", "C33-chunks", "C40-chunks", "M64"],
+)
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("act", ["none", "softmax", "sigmoid"])
+def test_odd_shapes_and_many_classes(B, C, N, M, soft, act):
+    # C > 32 exercises the class-chunk path (online softmax normaliser over chunks)
+    x, t = _make(B, C, N, act=act, labels=True, ignore_index=C - 1 if C > 2 else None, seed=B * 1000 + C + N)
+    ignore = C - 1 if C > 2 else None
+    out, ref, gk, gr = _run_both(x, t, M, soft, act, True, ignore, False)
+    _check_stats(out, ref, f"{B=} {C=} {N=} {M=}", soft, act)
+    _check_grad(gk, gr, torch.float32, f"{B=} {C=} {N=} {M=}")
+
+
+@pytest.mark.parametrize("num_bins", [1, 2, 5, 20])
+@pytest.mark.parametrize("right", [False, True], ids=["left", "right"])
+def test_probabilities_exactly_on_edges_and_centres(num_bins, right):
+    # every edge, every centre, their float32 neighbours, 0 and 1: the bin rule must match bucketize exactly
+    e = bin_edges(num_bins).double()
+    c = bin_centres(num_bins).double()
+    pts = torch.cat([e, c, torch.tensor([0.0, 1.0, 0.5])]).float()
+    pts = torch.cat([pts, torch.nextafter(pts, torch.tensor(2.0)), torch.nextafter(pts, torch.tensor(-1.0))])
+    pts = pts.clamp(0, 1).unique()
+    x = pts.view(1, 1, -1).to(DEVICE)
+    t = (torch.arange(pts.numel()) % 2).float().view(1, 1, -1).to(DEVICE)
+    for soft in (False, True):
+        out, ref, gk, gr = _run_both(x, t, num_bins, soft, "none", False, None, right)
+        assert torch.equal(out[0], ref[0]) or soft, "hard counts must be exact"
+        _check_stats(out, ref, f"edges {soft=}")
+        _check_grad(gk, gr, torch.float32, f"edges {soft=}")
+
+
+def test_grad_of_single_statistic_and_zero_grads():
+    # gradient flowing from sum_p only (the others get zeros from the autograd glue)
+    x, t = _make(2, 4, 30, act="softmax", labels=True, seed=2)
+    e = _edges(6, True)
+    xk = x.clone().requires_grad_()
+    xr = x.clone().requires_grad_()
+    w = torch.linspace(-2.0, 3.5, 6, device=DEVICE)  # per-bin upstream weights (a constant would cancel in softmax)
+    (tb.binned_stats(xk, t, e, 6, True, 1, True, None, False)[1] * w).sum().backward()
+    (binned_stats_prepared(xr, t, e, 6, True, 1, True, None, False)[1] * w).sum().backward()
+    _check_grad(xk.grad, xr.grad, torch.float32, "sum_p only")
+
+
+def test_empty_volume():
+    x = torch.zeros(2, 3, 0, device=DEVICE)
+    t = torch.zeros(2, 0, dtype=torch.int64, device=DEVICE)
+    count, sum_p, sum_y, bad = tb.binned_stats(x, t, _edges(4, False), 4, False, 1, True, None, False)
+    assert count.shape == (2, 3, 4) and not bool(count.any()) and int(bad) == 0
+    g = tb.binned_stats_backward(count, sum_p, sum_y, x, t, _edges(4, False), 4, False, 1, True, None, False)
+    assert g.shape == x.shape
+
+
+def test_deterministic_bitwise():
+    x, t = _make(2, 6, 3000, act="softmax", labels=True, seed=4)
+    e = _edges(20, True)
+    a = tb.binned_stats(x, t, e, 20, True, 1, True, None, False)
+    b = tb.binned_stats(x, t, e, 20, True, 1, True, None, False)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    g1 = tb.binned_stats_backward(a[0], a[1], a[2], x, t, e, 20, True, 1, True, None, False)
+    g2 = tb.binned_stats_backward(a[0], a[1], a[2], x, t, e, 20, True, 1, True, None, False)
+    assert torch.equal(g1, g2)
+
+
+def test_many_programs_partial_merge():
+    # more tiles than one program takes (forces several partial histograms per image, merged over P)
+    cfg = tb.launch_config(1, 2, 300_000, 4, DEVICE)
+    assert cfg["P"] > 1 or DEVICE.type == "cpu"
+    x, t = _make(1, 2, 40_000 if INTERPRET else 300_000, act="sigmoid", labels=False, seed=9)
+    out, ref, gk, gr = _run_both(x, t, 4, False, "sigmoid", False, None, False)
+    _check_stats(out, ref, "many programs")
+    _check_grad(gk, gr, torch.float32, "many programs")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# launch heuristic
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("C", [1, 2, 3, 4, 16, 17, 32, 33, 100])
+def test_launch_config_heuristic(C):
+    cfg = tb.launch_config(2, C, 7_225_344, 20, torch.device("cpu"))
+    assert cfg["C_BLOCK"] == min(triton.next_power_of_2(C), tb.MAX_C_BLOCK)
+    assert cfg["num_cc"] * cfg["C_BLOCK"] >= C
+    assert cfg["P"] * cfg["tiles_per_prog"] * cfg["BLOCK_N"] >= 7_225_344
+    assert cfg["tiles_per_prog"] <= tb.MAX_TILES_PER_PROG
+    assert cfg["M_PAD"] == 32
+    bw = tb.launch_config(2, C, 7_225_344, 20, torch.device("cpu"), backward=True)
+    assert bw["P"] * bw["tiles_per_prog"] * bw["BLOCK_N"] >= 7_225_344
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bad arguments
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_bad_arguments_name_the_argument():
+    x, t = _make(1, 3, 10, act="softmax", labels=True)
+    e = _edges(4, False)
+    with pytest.raises(ValueError, match="num_bins"):
+        tb.binned_stats(x, t, e, 0, False, 1, True, None, False)
+    with pytest.raises(ValueError, match="edges"):
+        tb.binned_stats(x, t, _edges(4, True), 4, False, 1, True, None, False)
+    with pytest.raises(ValueError, match="activation"):
+        tb.binned_stats(x, t, e, 4, False, 3, True, None, False)
+    with pytest.raises(ValueError, match="target"):
+        tb.binned_stats(x, t[:, :5], e, 4, False, 1, True, None, False)
+    with pytest.raises(TypeError, match="target"):
+        tb.binned_stats(x, t.float(), e, 4, False, 1, True, None, False)
+    with pytest.raises(TypeError, match="input"):
+        tb.binned_stats(x.double(), t, e, 4, False, 1, True, None, False)
+    with pytest.raises(ValueError, match="input"):
+        tb.binned_stats(x[0], t, e, 4, False, 1, True, None, False)
+    with pytest.raises(ValueError, match="ignore_index"):
+        tb.binned_stats(x, torch.rand_like(x), e, 4, False, 1, False, 0, False)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 2.0, -1.0])
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_invalid_probabilities_stay_in_bounds(value, soft):
+    # validation off: the kernel must still index only its own memory (bins clamped before any gather)
+    x, t = _make(1, 2, 20, act="none", labels=True)
+    x[0, 0, 3] = value
+    e = _edges(5, soft)
+    count, sum_p, sum_y, bad = tb.binned_stats(x, t, e, 5, soft, 0, True, None, False)
+    assert count.shape == (1, 2, 5)
+    assert abs(float(count.sum()) - 40) < 1e-3
+    g = tb.binned_stats_backward(count, sum_p, sum_y, x, t, e, 5, soft, 0, True, None, False)
+    assert g.shape == x.shape
+
+
+# --------------------------------------------------------------------------------------------------------------
+# registration: dispatcher, autograd glue, opcheck, torch.compile, autocast
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_dispatcher_uses_registered_op():
+    from calibops import _backends
+
+    assert _backends.stats_function("triton") is torch.ops.calibops.triton_binned_stats
+    assert _backends.resolve_backend("triton", DEVICE) == "triton"
+
+
+def test_opcheck():
+    x, t = _make(1, 3, 20, act="softmax", labels=True)
+    for soft in (False, True):
+        e = _edges(4, soft)
+        torch.library.opcheck(
+            torch.ops.calibops.triton_binned_stats, (x.clone().requires_grad_(), t, e, 4, soft, 1, True, None, False)
+        )
+        g = [torch.randn(1, 3, 4, device=DEVICE) for _ in range(3)]
+        torch.library.opcheck(
+            torch.ops.calibops.triton_binned_stats_backward, (*g, x, t, e, 4, soft, 1, True, None, False)
+        )
+
+
+def test_compile_fullgraph():
+    x, t = _make(2, 3, 40, act="softmax", labels=True, seed=6)
+    e = _edges(5, True)
+
+    def f(x, t):
+        count, sum_p, sum_y, _ = tb.binned_stats(x, t, e, 5, True, 1, True, None, False)
+        return ((sum_p - sum_y).abs() / count.clamp(min=1)).sum()
+
+    backend = "aot_eager" if INTERPRET else "inductor"
+    xe = x.clone().requires_grad_()
+    xc = x.clone().requires_grad_()
+    le = f(xe, t)
+    le.backward()
+    lc = torch.compile(f, fullgraph=True, backend=backend)(xc, t)
+    lc.backward()
+    torch.testing.assert_close(lc, le, rtol=1e-6, atol=0)
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# end to end through the public API (shared epilogue), including grad_output != 1 and the float64 oracle
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("binning", ["hard", "soft"])
+@pytest.mark.parametrize("opts", [
+    dict(softmax=True, to_onehot_y=True),
+    dict(sigmoid=True, to_onehot_y=False, include_background=False),
+    dict(softmax=True, to_onehot_y=True, ignore_index=2, reduction="none"),
+    dict(to_onehot_y=True, reduction="sum", right=True, ignore_empty_classes=False),
+], ids=["softmax-labels", "sigmoid-dense", "ignore-none", "probs-sum-right"])
+def test_loss_matches_reference_and_oracle(binning, opts):
+    g = torch.Generator().manual_seed(21)
+    B, C, sp = 2, 4, (5, 3, 4)
+    x = torch.randn(B, C, *sp, generator=g)
+    if not (opts.get("softmax") or opts.get("sigmoid")):
+        x = torch.softmax(x, 1)
+    lab = torch.randint(0, C, (B, *sp), generator=g)
+    target = lab if opts.get("to_onehot_y") else torch.nn.functional.one_hot(lab, C).movedim(-1, 1).float()
+    x, target = x.to(DEVICE), target.to(DEVICE)
+    losses, grads = {}, {}
+    up = None
+    for backend in ("triton", "reference"):
+        xx = x.clone().requires_grad_()
+        loss = F.marginal_l1_ace(xx, target, num_bins=6, binning=binning, backend=backend, **opts)
+        if up is None:
+            up = torch.rand(loss.shape, generator=g).to(DEVICE) * 3 + 0.5  # grad_output != 1
+        loss.backward(up)
+        losses[backend], grads[backend] = loss.detach(), xx.grad
+    torch.testing.assert_close(losses["triton"], losses["reference"], rtol=1e-5, atol=1e-7)
+    _check_grad(grads["triton"], grads["reference"], torch.float32, "loss")
+    act = "softmax" if opts.get("softmax") else "sigmoid" if opts.get("sigmoid") else None
+    keys = ("include_background", "to_onehot_y", "ignore_empty_classes", "reduction", "right", "ignore_index")
+    value, gx = _oracle.loss_and_grad(
+        x.cpu().numpy(), target.cpu().numpy(), num_bins=6, binning=binning, act=act,
+        grad_output=up.cpu().numpy(), **{k: opts[k] for k in keys if k in opts},
+    )
+    torch.testing.assert_close(losses["triton"].cpu().double(), torch.as_tensor(value), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads["triton"].cpu().double(), torch.as_tensor(gx), rtol=1e-3, atol=1e-6)
+
+
+def test_autocast_passes_input_dtype_through():
+    x, t = _make(1, 3, 40, act="softmax", labels=True, dtype=torch.float16, seed=8)
+    e = _edges(5, False)
+    plain = tb.binned_stats(x, t, e, 5, False, 1, True, None, False)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16 if INTERPRET else torch.float16):
+        auto = tb.binned_stats(x, t, e, 5, False, 1, True, None, False)
+    for a, b in zip(plain, auto):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPU only: > 2^31 elements (64-bit offsets)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (64-bit offsets need > 2^31 elements)")
+def test_more_than_2_31_elements():
+    free, _ = torch.cuda.mem_get_info()
+    if free < 16 * 2**30:
+        pytest.skip(f"needs ~14 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    B, C, N, M = 2, 2, 2**29 + 2**28 + 7, 10  # B*C*N > 2^31 + 2^30: image 1 class 1 starts beyond 2^31
+    x = torch.empty(B, C, N, dtype=torch.float16, device="cuda")
+    x[0].fill_(0.125)  # bin 1 of 10
+    x[1, 0].fill_(0.625)  # bin 6
+    x[1, 1].fill_(0.875)  # bin 8
+    x[1, 1, -1] = 0.375  # the very last element: bin 3
+    t = torch.zeros(B, N, dtype=torch.uint8, device="cuda")
+    t[1, -1] = 1
+    e = bin_edges(M, "cuda")
+    count, sum_p, sum_y, bad = tb.binned_stats(x, t, e, M, False, 0, True, None, False)
+    assert int(bad) == 0
+    expect = torch.zeros(B, C, M, dtype=torch.float64)
+    expect[0, :, 1] = N
+    expect[1, 0, 6] = N
+    expect[1, 1, 8] = N - 1
+    expect[1, 1, 3] = 1
+    torch.testing.assert_close(count.double().cpu(), expect, rtol=1e-6, atol=0)
+    assert float(sum_y[1, 1, 3]) == 1.0 and float(sum_y[1, 0].sum()) == N - 1
+    gp = torch.arange(B * C * M, dtype=torch.float32, device="cuda").view(B, C, M)
+    z = torch.zeros_like(gp)
+    grad = tb.binned_stats_backward(z, gp, z, x, t, e, M, False, 0, True, None, False)
+    assert float(grad[1, 1, -1]) == float(gp[1, 1, 3]) and float(grad[1, 1, 0]) == float(gp[1, 1, 8])
+    assert float(grad[1, 0, -1]) == float(gp[1, 0, 6]) and float(grad[0, 1, -1]) == float(gp[0, 1, 1])
