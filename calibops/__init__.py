@@ -3,12 +3,14 @@
 from ._backends import available_backends, backend_for
 from .functional import BinnedStats, CalibrationErrors
 from .losses import HardL1ACELoss, MarginalL1ACELoss, SoftL1ACELoss
+from .metrics import DatasetCalibration
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BinnedStats",
     "CalibrationErrors",
+    "DatasetCalibration",
     "HardL1ACELoss",
     "MarginalL1ACELoss",
     "SoftL1ACELoss",
