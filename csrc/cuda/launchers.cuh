@@ -61,7 +61,7 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Computes the plan. smem_limit: the device's opt-in shared memory per block, in bytes.
 //
-// Forward: a block of T = 256 threads owns K = 16 consecutive tiles of V voxels of one image. Per tile it
+// Forward: a block of T = 256 threads owns K <= 16 consecutive tiles of V voxels of one image. Per tile it
 // (1) loads the [C][V] input tile and the labels / dense target into shared memory with coalesced loads,
 // (2) turns each voxel's column into probabilities (softmax / sigmoid in float32), (3) accumulates: thread s
 // owns class s / G and voxels v = s % G, s % G + G, ... of the tile, and adds them, in that order, to its own
@@ -70,7 +70,7 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // word, so no atomics are needed and every sum has a fixed order. The block's G columns of class c are then
 // summed in slot order (float64) into a per-block partial [3][C][M]; a second kernel sums the P partials of
 // an image in block order (float64) and rounds once to float32. Hence: bitwise deterministic, no float
-// atomics, and each float32 running sum has at most K * V / G (= 256 for C <= 4) terms.
+// atomics, and each float32 running sum has at most max(256, V / G) terms (K is chosen so).
 // Backward: a block owns K = 4 tiles; per tile the same loads, then each thread turns its voxel columns
 // into gradients (the (C, M) grads of the image gathered from shared memory) and writes them coalesced.
 inline Plan make_plan(const StatsArgs& a, bool backward, int64_t smem_limit) {
@@ -96,10 +96,12 @@ inline Plan make_plan(const StatsArgs& a, bool backward, int64_t smem_limit) {
   pl.off_grads = pl.off_g = pl.off_hist = -1;
   pl.grads_in_smem = false;
   if (!backward) {
-    pl.tiles_per_block = 16;
     int64_t G = C <= T ? T / C : 1;
     auto stride = [C](int64_t g) { const int64_t ns = C * g; return ns >= 32 ? round_up(ns, 32) : ns; };
     while (G > 1 && 3 * M * stride(G) * 4 > 64 * 1024) G = (G + 1) / 2;
+    // Each slot's float32 running sums get K * V / G terms: at most 256 (unless V / G alone exceeds it).
+    const int64_t K = (256 * G) / V;
+    pl.tiles_per_block = static_cast<int>(K < 1 ? 1 : (K > 16 ? 16 : K));
     pl.group = static_cast<int>(G);
     pl.slots = static_cast<int>(C * G);
     pl.slot_stride = static_cast<int>(stride(G));

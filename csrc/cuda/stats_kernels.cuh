@@ -20,6 +20,11 @@
 #else
 #define CB_HD inline
 #endif
+#if defined(__CUDA_ARCH__)
+#define CB_UNROLL _Pragma("unroll")
+#else
+#define CB_UNROLL
+#endif
 
 namespace calibops_cuda {
 
@@ -149,13 +154,13 @@ CB_HD int phase_load(const StatsArgs& a, const Plan& pl, float* sm, int64_t b, i
   constexpr int U = 8;  // loads in flight per thread
   for (int base = t; base < total; base += U * T) {
     float r[U];
-#pragma unroll
+CB_UNROLL
     for (int u = 0; u < U; ++u) {
       const int e = base + u * T;
       const int v = e & (V - 1);
       r[u] = (e < total && v < valid) ? load_in<INK>(a.input, img + static_cast<int64_t>(e >> lg) * N + v) : 0.0f;
     }
-#pragma unroll
+CB_UNROLL
     for (int u = 0; u < U; ++u) {
       const int e = base + u * T;
       if (e < total) sx[e] = r[u];
@@ -182,7 +187,7 @@ CB_HD int phase_load(const StatsArgs& a, const Plan& pl, float* sm, int64_t b, i
     float* sy = sm + pl.off_t;
     for (int base = t; base < total; base += U * T) {
       float r[U];
-#pragma unroll
+CB_UNROLL
       for (int u = 0; u < U; ++u) {
         const int e = base + u * T;
         const int v = e & (V - 1);
@@ -190,7 +195,7 @@ CB_HD int phase_load(const StatsArgs& a, const Plan& pl, float* sm, int64_t b, i
                    ? load_dense(a.target, a.target_kind, img + static_cast<int64_t>(e >> lg) * N + v)
                    : 0.0f;
       }
-#pragma unroll
+CB_UNROLL
       for (int u = 0; u < U; ++u) {
         const int e = base + u * T;
         if (e < total) sy[e] = r[u];
