@@ -319,29 +319,54 @@ static inline void acc4(double* h, double w, double p, double y) {
 }
 #endif
 
-// One class row of a tile into its histograms h [copies][M + 2][4] (count, sum_p, sum_y, unused).
-// y_lab: labels mode (y = [lab == c]); otherwise y is the dense row.
+static inline void hard_one(double* hc, i32 j, float p, float y) {
+  acc4(hc + j * 4, 1.0, static_cast<double>(p), static_cast<double>(y));
+}
+
+// Soft membership in float64 (as exact as the reference): w_lo = (c_hi - p) / d + base, w_hi = 1 - w_lo.
+static inline void soft_one(double* hc, i32 u, float p, float y, const i32* lo_of, const double* chi,
+                            const double* invd, const double* base) {
+  const double pv = static_cast<double>(p), yv = static_cast<double>(y);
+  const double wl = (chi[u] - pv) * invd[u] + base[u];
+  double* hb = hc + lo_of[u] * 4;
+  acc4(hb, wl, pv, yv);
+  acc4(hb + 4, 1.0 - wl, pv, yv);
+}
+
+// One class row of a tile into its histograms h [copies][M + 2][4] (count, sum_p, sum_y, unused); voxel i
+// goes to copy i % copies, so consecutive voxels in one bin do not wait on each other's stores.
+template <bool SOFT>
 static void scatter_row(const Problem& pb, const float* __restrict p, const float* __restrict y,
-                        const i32* __restrict lab, i32 c, const i32* __restrict bins, double* __restrict h,
-                        i64 n, const i32* lo_of, const double* chi, const double* invd, const double* base) {
+                        const i32* __restrict bins, double* __restrict h, i64 n, const i32* lo_of,
+                        const double* chi, const double* invd, const double* base) {
   const i64 stride = (pb.M + 2) * 4;
-  const i64 cmask = pb.copies - 1;
-  if (!pb.soft) {
-    for (i64 i = 0; i < n; ++i) {
-      const double yv = pb.labels ? (lab[i] == c ? 1.0 : 0.0) : static_cast<double>(y[i]);
-      acc4(h + (i & cmask) * stride + bins[i] * 4, 1.0, static_cast<double>(p[i]), yv);
+  i64 i = 0;
+#define CALIBOPS_ONE(hc, k)                                              \
+  if (SOFT)                                                              \
+    soft_one(hc, bins[k], p[k], y[k], lo_of, chi, invd, base);           \
+  else                                                                   \
+    hard_one(hc, bins[k], p[k], y[k])
+  if (pb.copies == 4) {
+    double *h0 = h, *h1 = h + stride, *h2 = h + 2 * stride, *h3 = h + 3 * stride;
+    for (; i + 4 <= n; i += 4) {
+      CALIBOPS_ONE(h0, i);
+      CALIBOPS_ONE(h1, i + 1);
+      CALIBOPS_ONE(h2, i + 2);
+      CALIBOPS_ONE(h3, i + 3);
     }
-  } else {
-    for (i64 i = 0; i < n; ++i) {
-      const double yv = pb.labels ? (lab[i] == c ? 1.0 : 0.0) : static_cast<double>(y[i]);
-      const double pv = static_cast<double>(p[i]);
-      const i32 u = bins[i];
-      const double wl = (chi[u] - pv) * invd[u] + base[u];
-      const double wh = 1.0 - wl;
-      double* hb = h + (i & cmask) * stride + lo_of[u] * 4;
-      acc4(hb, wl, pv, yv);
-      acc4(hb + 4, wh, pv, yv);
-    }
+  }
+  for (; i < n; ++i) {
+    CALIBOPS_ONE(h + (i & (pb.copies - 1)) * stride, i);
+  }
+#undef CALIBOPS_ONE
+}
+
+// y [C][T] = [lab == c] as float (0 for masked voxels, whose bins are discarded anyway).
+static void labels_to_rows(const Problem& pb, const i32* __restrict lab, float* __restrict y, i64 n) {
+  for (i64 c = 0; c < pb.C; ++c) {
+    float* __restrict yc = y + c * pb.tile;
+    const i32 ci = static_cast<i32>(c);
+    for (i64 i = 0; i < n; ++i) yc[i] = lab[i] == ci ? 1.0f : 0.0f;
   }
 }
 
@@ -365,14 +390,19 @@ static i64 forward(const Problem& pb, i64 b, i64 begin, i64 end, double* out, fl
     for (i64 c = 0; c < C; ++c) load_float_row(pb.input, pb.in_kind, (b * C + c) * N + i0, n, x + c * T);
     if (pb.labels) {
       bad += load_labels(pb, b * N + i0, n, lab);
+      labels_to_rows(pb, lab, y, n);
     } else {
       for (i64 c = 0; c < C; ++c) load_float_row(pb.target, pb.target_kind, (b * C + c) * N + i0, n, y + c * T);
     }
     activate(pb, x, scratch + L.rowa, scratch + L.rowb, n);
     compute_bins(pb, x, lab, bins, n);
-    for (i64 c = 0; c < C; ++c)
-      scatter_row(pb, x + c * T, y + c * T, lab, static_cast<i32>(c), bins + c * T, hist + c * pb.copies * M2 * 4,
-                  n, lo_of, chi, invd, base);
+    for (i64 c = 0; c < C; ++c) {
+      double* h = hist + c * pb.copies * M2 * 4;
+      if (pb.soft)
+        scatter_row<true>(pb, x + c * T, y + c * T, bins + c * T, h, n, lo_of, chi, invd, base);
+      else
+        scatter_row<false>(pb, x + c * T, y + c * T, bins + c * T, h, n, lo_of, chi, invd, base);
+    }
   }
   // Merge the interleaved copies in a fixed order.
   for (i64 c = 0; c < C; ++c)
@@ -423,6 +453,17 @@ static void grad_tables(const Problem& pb, i64 b, const float* gc, const float* 
   }
 }
 
+// g = d loss / d p for one class row: K0[u] + K1[u] p + K2[u] y (gathers from the per-class tables).
+static void grad_p_row(const Problem& pb, const float* __restrict p, const float* __restrict y,
+                       const i32* __restrict u, const float* __restrict K0, const float* __restrict K1,
+                       const float* __restrict K2, float* __restrict g, i64 n) {
+  if (!pb.soft) {
+    for (i64 i = 0; i < n; ++i) g[i] = K0[u[i]];
+  } else {
+    for (i64 i = 0; i < n; ++i) g[i] = K0[u[i]] + K1[u[i]] * p[i] + K2[u[i]] * y[i];
+  }
+}
+
 static void backward(const Problem& pb, const float* grad_count, const float* grad_sum_p, const float* grad_sum_y,
                      void* grad, i64 b, i64 begin, i64 end, float* scratch) {
   const i64 T = pb.tile, C = pb.C, N = pb.N, M2 = pb.M + 2;
@@ -445,32 +486,15 @@ static void backward(const Problem& pb, const float* grad_count, const float* gr
     for (i64 c = 0; c < C; ++c) load_float_row(pb.input, pb.in_kind, (b * C + c) * N + i0, n, x + c * T);
     if (pb.labels) {
       load_labels(pb, b * N + i0, n, lab);
+      if (pb.soft) labels_to_rows(pb, lab, y, n);
     } else if (pb.soft) {
       for (i64 c = 0; c < C; ++c) load_float_row(pb.target, pb.target_kind, (b * C + c) * N + i0, n, y + c * T);
     }
     activate(pb, x, rowa, scratch + L.rowb, n);
     compute_bins(pb, x, lab, bins, n);
     for (i64 c = 0; c < C; ++c) {
-      const float* __restrict p = x + c * T;
-      const i32* __restrict u = bins + c * T;
-      float* __restrict gc = g + c * T;
-      const float* __restrict K0 = k0 + c * M2;
-      if (!pb.soft) {
-        for (i64 i = 0; i < n; ++i) gc[i] = K0[u[i]];
-      } else {
-        const float* __restrict K1 = k1 + c * M2;
-        const float* __restrict K2 = k2 + c * M2;
-        if (pb.labels) {
-          const i32 ci = static_cast<i32>(c);
-          for (i64 i = 0; i < n; ++i) {
-            const float yv = lab[i] == ci ? 1.0f : 0.0f;
-            gc[i] = K0[u[i]] + K1[u[i]] * p[i] + K2[u[i]] * yv;
-          }
-        } else {
-          const float* __restrict yc = y + c * T;
-          for (i64 i = 0; i < n; ++i) gc[i] = K0[u[i]] + K1[u[i]] * p[i] + K2[u[i]] * yc[i];
-        }
-      }
+      const i64 t = c * M2;
+      grad_p_row(pb, x + c * T, y + c * T, bins + c * T, k0 + t, k1 + t, k2 + t, g + c * T, n);
     }
     // Chain through the activation (in place in g).
     if (pb.activation == 1) {
