@@ -62,8 +62,21 @@ def _near_edge(p: torch.Tensor, num_bins: int) -> torch.Tensor:
     return (d < EDGE_MARGIN).any(1)
 
 
-def make_case(B, C, N, *, act="softmax", labels=True, dtype=torch.float32, target_dtype=None, num_bins=20,
-              ignore_index=None, bad_labels=False, seed=0, device="cpu"):
+def make_case(
+    B,
+    C,
+    N,
+    *,
+    act="softmax",
+    labels=True,
+    dtype=torch.float32,
+    target_dtype=None,
+    num_bins=20,
+    ignore_index=None,
+    bad_labels=False,
+    seed=0,
+    device="cpu",
+):
     """A random kernel-layout problem: input [B, C, N] of ``dtype`` (logits, or probabilities for act "none"),
     target labels [B, N] or dense [B, C, N]; voxels whose probability lies within EDGE_MARGIN of a bin edge
     are redrawn (for act "none" probabilities are binned bit-identically on both sides, so no redraw)."""
@@ -181,14 +194,42 @@ def cuda_stats(x, t, num_bins, soft, act, labels, ignore_index=None, right=False
 def cuda_grad(x, t, grads, num_bins, soft, act, labels, ignore_index=None, right=False):
     edges = edges_for(num_bins, soft, x.device)
     gc, gp, gy = (g.to(x.device).contiguous() for g in grads)
-    return torch.ops.calibops.binned_stats_backward(gc, gp, gy, x, t, edges, num_bins, soft, ACT[act], labels,
-                                                    ignore_index, right)
+    return torch.ops.calibops.binned_stats_backward(
+        gc, gp, gy, x, t, edges, num_bins, soft, ACT[act], labels, ignore_index, right
+    )
 
 
-def _run_case(B, C, N, *, soft, act, labels, dtype=torch.float32, target_dtype=None, num_bins=20, ignore_index=None,
-              right=False, bad_labels=False, seed=0, triton_too=False):
-    x, t = make_case(B, C, N, act=act, labels=labels, dtype=dtype, target_dtype=target_dtype, num_bins=num_bins,
-                     ignore_index=ignore_index, bad_labels=bad_labels, seed=seed, device="cuda")
+def _run_case(
+    B,
+    C,
+    N,
+    *,
+    soft,
+    act,
+    labels,
+    dtype=torch.float32,
+    target_dtype=None,
+    num_bins=20,
+    ignore_index=None,
+    right=False,
+    bad_labels=False,
+    seed=0,
+    triton_too=False,
+):
+    x, t = make_case(
+        B,
+        C,
+        N,
+        act=act,
+        labels=labels,
+        dtype=dtype,
+        target_dtype=target_dtype,
+        num_bins=num_bins,
+        ignore_index=ignore_index,
+        bad_labels=bad_labels,
+        seed=seed,
+        device="cuda",
+    )
     what = f"B{B} C{C} N{N} M{num_bins} soft={soft} act={act} labels={labels} {dtype} {t.dtype} ii={ignore_index}"
     got = cuda_stats(x, t, num_bins, soft, act, labels, ignore_index, right)
     ref = reference_stats(x, t, num_bins, soft, act, labels, ignore_index, right)
@@ -215,15 +256,23 @@ def _run_case(B, C, N, *, soft, act, labels, dtype=torch.float32, target_dtype=N
 @pytest.mark.parametrize("labels", [True, False])
 def test_options_grid(soft, act, dtype, labels):
     ii = 2 if labels else None
-    _run_case(2, 4, 5000, soft=soft, act=act, labels=labels, dtype=dtype, ignore_index=ii, seed=3,
-              triton_too=True)
+    _run_case(2, 4, 5000, soft=soft, act=act, labels=labels, dtype=dtype, ignore_index=ii, seed=3, triton_too=True)
 
 
 @gpu
 @pytest.mark.parametrize("target_dtype", LABEL_DTYPES)
 def test_label_dtypes_and_bad_labels(target_dtype):
-    _run_case(2, 3, 3001, soft=False, act="softmax", labels=True, target_dtype=target_dtype, bad_labels=True,
-              ignore_index=-1 if target_dtype != torch.uint8 else 0)
+    _run_case(
+        2,
+        3,
+        3001,
+        soft=False,
+        act="softmax",
+        labels=True,
+        target_dtype=target_dtype,
+        bad_labels=True,
+        ignore_index=-1 if target_dtype != torch.uint8 else 0,
+    )
 
 
 @gpu
@@ -236,8 +285,17 @@ def test_dense_target_dtypes(target_dtype, soft):
 @gpu
 @pytest.mark.parametrize(
     "B,C,N,M",
-    [(1, 1, 1, 1), (3, 2, 33, 1), (1, 4, 16384 * 2 + 1, 20), (2, 16, 4099, 20), (1, 3, 70000, 7),
-     (1, 130, 300, 5), (1, 300, 257, 10), (2, 4, 1000, 200), (4, 2, 0, 5)],
+    [
+        (1, 1, 1, 1),
+        (3, 2, 33, 1),
+        (1, 4, 16384 * 2 + 1, 20),
+        (2, 16, 4099, 20),
+        (1, 3, 70000, 7),
+        (1, 130, 300, 5),
+        (1, 300, 257, 10),
+        (2, 4, 1000, 200),
+        (4, 2, 0, 5),
+    ],
 )
 @pytest.mark.parametrize("soft", [False, True])
 def test_odd_shapes(B, C, N, M, soft):
@@ -283,8 +341,10 @@ def test_64bit_offsets():
     t = torch.randint(0, 2, (1, N), device="cuda", dtype=torch.uint8)
     full = cuda_stats(x, t, 20, False, "softmax", True)
     h = N // 2
-    parts = [cuda_stats(x[:, :, s].contiguous(), t[:, s].contiguous(), 20, False, "softmax", True)
-             for s in (slice(0, h), slice(h, N))]
+    parts = [
+        cuda_stats(x[:, :, s].contiguous(), t[:, s].contiguous(), 20, False, "softmax", True)
+        for s in (slice(0, h), slice(h, N))
+    ]
     # counts above 2^24 are not exact in float32: the whole is rounded once, the halves twice
     for k in (0, 1, 2):
         torch.testing.assert_close(full[k], parts[0][k] + parts[1][k], rtol=STAT_RTOL, atol=0)
@@ -311,8 +371,16 @@ def test_dispatch_and_public_api():
         outs = []
         for backend in ("cuda", "reference"):
             xx = logits.detach().clone().requires_grad_(True)
-            loss = F.marginal_l1_ace(xx, labels, num_bins=20, binning=binning, softmax=True, to_onehot_y=True,
-                                     reduction="none", backend=backend)
+            loss = F.marginal_l1_ace(
+                xx,
+                labels,
+                num_bins=20,
+                binning=binning,
+                softmax=True,
+                to_onehot_y=True,
+                reduction="none",
+                backend=backend,
+            )
             (loss * torch.linspace(0.5, 2.0, loss.numel(), device="cuda").view_as(loss)).sum().backward()
             outs.append((loss.detach(), xx.grad))
         torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-6)
@@ -323,12 +391,17 @@ def test_dispatch_and_public_api():
 def test_opcheck():
     x, t = make_case(2, 3, 700, act="softmax", labels=True, seed=2, device="cuda")
     edges = edges_for(20, False, "cuda")
-    torch.library.opcheck(torch.ops.calibops.binned_stats, (x, t, edges, 20, False, 1, True, None, False),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.calibops.binned_stats,
+        (x, t, edges, 20, False, 1, True, None, False),
+        test_utils=("test_schema", "test_faketensor"),
+    )
     grads = random_grads(2, 3, 20, device="cuda")
-    torch.library.opcheck(torch.ops.calibops.binned_stats_backward,
-                          (*grads, x, t, edges, 20, False, 1, True, None, False),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.calibops.binned_stats_backward,
+        (*grads, x, t, edges, 20, False, 1, True, None, False),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 @gpu

@@ -69,7 +69,9 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // lanes of a warp always hit 32 different banks, whatever their bins). No two threads ever write the same
 // word, so no atomics are needed and every sum has a fixed order. The block's G columns of class c are then
 // summed in slot order (float64) into a per-block partial [3][C][M]; a second kernel sums the P partials of
-// an image in block order (float64) and rounds once to float32. Hence: bitwise deterministic, no float
+// an image in block order (float64) and rounds once to float32. G is halved until the histograms take at most
+// 32 KiB (C = 4 or 16, M = 20: G = 32 or 8, ~50 KiB of shared memory per block, 4 blocks per H100 SM), so
+// several blocks per SM keep loads in flight while others accumulate. Hence: bitwise deterministic, no float
 // atomics, and each float32 running sum has at most max(256, V / G) terms (K is chosen so).
 // Backward: a block owns K = 4 tiles; per tile the same loads, then each thread turns its voxel columns
 // into gradients (the (C, M) grads of the image gathered from shared memory) and writes them coalesced.
@@ -98,7 +100,7 @@ inline Plan make_plan(const StatsArgs& a, bool backward, int64_t smem_limit) {
   if (!backward) {
     int64_t G = C <= T ? T / C : 1;
     auto stride = [C](int64_t g) { const int64_t ns = C * g; return ns >= 32 ? round_up(ns, 32) : ns; };
-    while (G > 1 && 3 * M * stride(G) * 4 > 64 * 1024) G = (G + 1) / 2;
+    while (G > 1 && 3 * M * stride(G) * 4 > 32 * 1024) G = (G + 1) / 2;
     // Each slot's float32 running sums get K * V / G terms: at most 256 (unless V / G alone exceeds it).
     const int64_t K = (256 * G) / V;
     pl.tiles_per_block = static_cast<int>(K < 1 ? 1 : (K > 16 ? 16 : K));
