@@ -108,15 +108,13 @@ def _probs(x, cmask, mx, den, ACTIVATION: tl.constexpr, SINGLE_CHUNK: tl.constex
 
 
 @triton.jit
-def _target(t_ptr, b64, c, n, cmask, nmask, C, N, ignore_index, LABELS: tl.constexpr, HAS_IGNORE: tl.constexpr):
+def _target(t_ptr, b64, c, n, cmask, nmask, C, N, ignore_index, has_ignore, LABELS: tl.constexpr):
     """(y [C_BLOCK, BLOCK_N] float32, keep [BLOCK_N] voxel used, bad [BLOCK_N] out-of-range label)."""
     if LABELS:
         lab = tl.load(t_ptr + b64 * N + n, mask=nmask, other=0).to(tl.int64)
         in_range = (lab >= 0) & (lab < C)
-        if HAS_IGNORE:
-            ignored = lab == ignore_index
-        else:
-            ignored = lab != lab
+        # (a runtime flag broadcast as a tensor: scalar-bool & tensor-bool masks break the interpreter)
+        ignored = (lab == ignore_index) & ((tl.zeros_like(lab) + has_ignore) != 0)
         keep = nmask & in_range & (~ignored)
         bad = nmask & (~in_range) & (~ignored)
         y = (lab[None, :] == c[:, None].to(tl.int64)).to(tl.float32)
@@ -129,7 +127,7 @@ def _target(t_ptr, b64, c, n, cmask, nmask, C, N, ignore_index, LABELS: tl.const
 
 
 @triton.jit
-def _hard_bin(p, e_ptr, NUM_BINS: tl.constexpr, RIGHT: tl.constexpr):
+def _hard_bin(p, e_ptr, right, NUM_BINS: tl.constexpr):
     """Hard bin j in [0, M-1] (== bucketize(p, e[1:], right).clamp(max=M-1)): estimate, correct one step."""
     q = p * NUM_BINS
     q = tl.where(q > 0.0, q, 0.0)  # NaN -> 0
@@ -137,12 +135,10 @@ def _hard_bin(p, e_ptr, NUM_BINS: tl.constexpr, RIGHT: tl.constexpr):
     j0 = q.to(tl.int32)
     e_lo = tl.load(e_ptr + j0)
     e_hi = tl.load(e_ptr + j0 + 1)
-    if RIGHT:
-        down = p < e_lo
-        up = p >= e_hi
-    else:
-        down = p <= e_lo
-        up = p > e_hi
+    # right=False: j = #{k : e_k < p}, so step down when p <= e[j0], up when p > e[j0+1]; right=True: < and >=
+    is_right = (tl.zeros_like(j0) + right) != 0
+    down = (p < e_lo) | ((~is_right) & (p == e_lo))
+    up = (p > e_hi) | (is_right & (p == e_hi))
     j = j0 - (down & (j0 > 0)).to(tl.int32) + up.to(tl.int32)
     return tl.minimum(tl.maximum(j, 0), NUM_BINS - 1)
 
@@ -188,7 +184,7 @@ def _soft_bins(p, e_ptr, NUM_BINS: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "P", "tiles_per_prog", "ignore_index", "has_ignore", "right"])
 def _stats_fwd_kernel(
     x_ptr,  # [B, C, N] input (float32/float16/bfloat16)
     t_ptr,  # [B, N] integer labels or [B, C, N] dense target
@@ -200,6 +196,8 @@ def _stats_fwd_kernel(
     P,
     tiles_per_prog,
     ignore_index,
+    has_ignore,
+    right,
     NUM_BINS: tl.constexpr,
     M_PAD: tl.constexpr,
     C_BLOCK: tl.constexpr,
@@ -207,8 +205,6 @@ def _stats_fwd_kernel(
     SOFT: tl.constexpr,
     ACTIVATION: tl.constexpr,
     LABELS: tl.constexpr,
-    HAS_IGNORE: tl.constexpr,
-    RIGHT: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -235,7 +231,7 @@ def _stats_fwd_kernel(
             mx = tl.zeros([BLOCK_N], tl.float32)
             den = mx
         p = _probs(x, cmask, mx, den, ACTIVATION, SINGLE_CHUNK)
-        y, keep, bad = _target(t_ptr, b64, c, n, cmask, nmask, C, N, ignore_index, LABELS, HAS_IGNORE)
+        y, keep, bad = _target(t_ptr, b64, c, n, cmask, nmask, C, N, ignore_index, has_ignore, LABELS)
         nbad += bad.to(tl.int32)
         valid = cmask[:, None] & keep[None, :]
         if SOFT:
@@ -251,7 +247,7 @@ def _stats_fwd_kernel(
                 acc_p += tl.where(sel, pm[:, None], 0.0)
                 acc_y += tl.where(sel, ym[:, None], 0.0)
         else:
-            j = _hard_bin(p, e_ptr, NUM_BINS, RIGHT)
+            j = _hard_bin(p, e_ptr, right, NUM_BINS)
             j = tl.where(valid, j, -1)
             for m in tl.static_range(NUM_BINS):
                 hit = j == m
@@ -280,13 +276,13 @@ def _stats_fwd_kernel(
 
 @triton.jit
 def _grad_p(
-    x, c, cmask, n, nmask, mx, den, t_ptr, e_ptr, gc_ptr, gp_ptr, gy_ptr, b64, C, N, ignore_index,
+    x, c, cmask, n, nmask, mx, den, t_ptr, e_ptr, gc_ptr, gp_ptr, gy_ptr, b64, C, N, ignore_index, has_ignore, right,
     NUM_BINS: tl.constexpr, SOFT: tl.constexpr, ACTIVATION: tl.constexpr, LABELS: tl.constexpr,
-    HAS_IGNORE: tl.constexpr, RIGHT: tl.constexpr, SINGLE_CHUNK: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr,
 ):
     """(p, dL/dp) for one [C_BLOCK, BLOCK_N] tile; dL/dp = 0 on ignored voxels and padding."""
     p = _probs(x, cmask, mx, den, ACTIVATION, SINGLE_CHUNK)
-    y, keep, bad = _target(t_ptr, b64, c, n, cmask, nmask, C, N, ignore_index, LABELS, HAS_IGNORE)
+    y, keep, bad = _target(t_ptr, b64, c, n, cmask, nmask, C, N, ignore_index, has_ignore, LABELS)
     valid = cmask[:, None] & keep[None, :]
     g_row = (b64 * C + c[:, None].to(tl.int64)) * NUM_BINS  # [C_BLOCK, 1] row of the (B, C, M) grads
     if SOFT:
@@ -302,13 +298,13 @@ def _grad_p(
         g = (gc_hi - gc_lo) * slope + (gy_hi - gy_lo) * (y * slope)
         g += gp_lo * (w_lo - p * slope) + gp_hi * (w_hi + p * slope)
     else:
-        j = _hard_bin(p, e_ptr, NUM_BINS, RIGHT)
+        j = _hard_bin(p, e_ptr, right, NUM_BINS)
         g = tl.load(gp_ptr + g_row + j, mask=valid, other=0.0)
     g = tl.where(valid, g, 0.0)
     return p, g
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "P", "tiles_per_prog", "ignore_index", "has_ignore", "right"])
 def _stats_bwd_kernel(
     gc_ptr,  # [B, C, M] float32 grad of count
     gp_ptr,  # [B, C, M] float32 grad of sum_p
@@ -322,14 +318,14 @@ def _stats_bwd_kernel(
     P,
     tiles_per_prog,
     ignore_index,
+    has_ignore,
+    right,
     NUM_BINS: tl.constexpr,
     C_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SOFT: tl.constexpr,
     ACTIVATION: tl.constexpr,
     LABELS: tl.constexpr,
-    HAS_IGNORE: tl.constexpr,
-    RIGHT: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -350,7 +346,7 @@ def _stats_bwd_kernel(
             zero = tl.zeros([BLOCK_N], tl.float32)
             p, g = _grad_p(
                 x, c, cmask, n, nmask, zero, zero, t_ptr, e_ptr, gc_ptr, gp_ptr, gy_ptr, b64, C, N, ignore_index,
-                NUM_BINS, SOFT, ACTIVATION, LABELS, HAS_IGNORE, RIGHT, True,
+                has_ignore, right, NUM_BINS, SOFT, ACTIVATION, LABELS, True,
             )
             if ACTIVATION == 1:
                 dot = tl.sum(p * g, axis=0)
@@ -371,7 +367,7 @@ def _stats_bwd_kernel(
                     x = _load_x(x_img, c, n, cmask, nmask, N)
                     p, g = _grad_p(
                         x, c, cmask, n, nmask, mx, den, t_ptr, e_ptr, gc_ptr, gp_ptr, gy_ptr, b64, C, N,
-                        ignore_index, NUM_BINS, SOFT, ACTIVATION, LABELS, HAS_IGNORE, RIGHT, False,
+                        ignore_index, has_ignore, right, NUM_BINS, SOFT, ACTIVATION, LABELS, False,
                     )
                     dot += tl.sum(p * g, axis=0)
             else:
@@ -384,7 +380,7 @@ def _stats_bwd_kernel(
                 x = _load_x(x_img, c, n, cmask, nmask, N)
                 p, g = _grad_p(
                     x, c, cmask, n, nmask, mx, den, t_ptr, e_ptr, gc_ptr, gp_ptr, gy_ptr, b64, C, N,
-                    ignore_index, NUM_BINS, SOFT, ACTIVATION, LABELS, HAS_IGNORE, RIGHT, False,
+                    ignore_index, has_ignore, right, NUM_BINS, SOFT, ACTIVATION, LABELS, False,
                 )
                 if ACTIVATION == 1:
                     gx = p * (g - dot[None, :])
@@ -422,7 +418,9 @@ def launch_config(B: int, C: int, N: int, num_bins: int, device: torch.device, b
     c_block = min(triton.next_power_of_2(max(C, 1)), MAX_C_BLOCK)
     tile = _env_pow2("CALIBOPS_TRITON_TILE_BWD" if backward else "CALIBOPS_TRITON_TILE_FWD",
                      4096 if backward else 2048)
-    block_n = max(16, min(tile // c_block, 1024, triton.next_power_of_2(max(N, 1))))
+    block_n = max(16, min(tile // c_block, 1024))
+    if device.type != "cuda":  # interpreter: no point in simulating lanes past the end of a tiny volume
+        block_n = max(16, min(block_n, triton.next_power_of_2(max(N, 1))))
     num_warps = 8 if backward and c_block * block_n >= 4096 else 4
     num_cc = triton.cdiv(C, c_block)
     tiles = triton.cdiv(N, block_n)
@@ -479,7 +477,7 @@ def _check_args(input, target, edges, num_bins, soft, activation, labels, ignore
             raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
 
 
-def _flags(soft, activation, labels, ignore_index, right, cfg):
+def _flags(soft, activation, labels, cfg):
     return {
         "NUM_BINS": cfg["M"],
         "C_BLOCK": cfg["C_BLOCK"],
@@ -487,8 +485,6 @@ def _flags(soft, activation, labels, ignore_index, right, cfg):
         "SOFT": bool(soft),
         "ACTIVATION": int(activation),
         "LABELS": bool(labels),
-        "HAS_IGNORE": bool(labels) and ignore_index is not None,
-        "RIGHT": bool(right),
         "SINGLE_CHUNK": cfg["num_cc"] == 1,
         "num_warps": cfg["num_warps"],
     }
@@ -533,7 +529,8 @@ def _triton_binned_stats(
     grid = (B * P, cfg["num_cc"])
     wrap_triton(_stats_fwd_kernel)[grid](
         x, t, e, part, bad, C, N, P, cfg["tiles_per_prog"], 0 if ignore_index is None else int(ignore_index),
-        M_PAD=cfg["M_PAD"], **_flags(soft, activation, labels, ignore_index, right, cfg),
+        int(labels and ignore_index is not None), int(right),
+        M_PAD=cfg["M_PAD"], **_flags(soft, activation, labels, cfg),
     )
     part = part.view(3, B, P, C, M)
     count, sum_p, sum_y = (part[s].sum(dim=1) for s in range(3))  # fixed-order merge over P
@@ -572,8 +569,8 @@ def _triton_binned_stats_backward(
     P = cfg["P"]
     wrap_triton(_stats_bwd_kernel)[(B * P,)](
         gc, gp, gy, x, t, edges.contiguous(), grad, C, N, P, cfg["tiles_per_prog"],
-        0 if ignore_index is None else int(ignore_index),
-        **_flags(soft, activation, labels, ignore_index, right, cfg),
+        0 if ignore_index is None else int(ignore_index), int(labels and ignore_index is not None), int(right),
+        **_flags(soft, activation, labels, cfg),
     )
     return grad
 

@@ -1,0 +1,344 @@
+"""GPU benchmark: mL1-ACE forward, backward and forward+backward from logits + integer labels.
+
+Backends (each measured in the same run, on the same device): calibops ``triton``, calibops ``cuda`` (when the
+CUDA extension is built), calibops ``reference`` and the plain-PyTorch ``torch-vectorised`` baseline of
+benchmarks/_common.py. Times are ``triton.testing.do_bench`` medians (CUDA) or ``median_time`` (``--device cpu``,
+a dry run of the logic through the Triton interpreter). For every row: achieved GB/s on the bytes SPEC §3 says
+must move (``contract_bytes``), the % of the card's peak HBM bandwidth, and the speed-up over torch-vectorised.
+Every calibops backend's loss value is checked against torch-vectorised before it is timed.
+
+    python benchmarks/bench_gpu.py                    # the issue's shapes, hard + soft, writes
+                                                      # benchmarks/results/gpu_<card>.csv
+    python benchmarks/bench_gpu.py --device cpu --dry-run   # tiny shapes on CPU (interpreter): checks the script
+
+Options: --shapes "2x4x224x224x144,..." --binning hard,soft --modes fwd,bwd,fwd+bwd --backends ...
+--dtype float32|float16|bfloat16 --label-dtype int64|uint8|... --budget-s (stop timing slow backends when spent)
+--out PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+ISSUE_SHAPES = [(2, 4, 224, 224, 144), (2, 16, 176, 176, 64), (8, 4, 128, 128, 128)]
+DRY_SHAPES = [(2, 4, 6, 5, 4), (1, 17, 5, 4, 3), (2, 3, 4, 4, 4)]
+BACKENDS = ("triton", "cuda", "reference", "torch-vectorised")
+TARGET_PCT_PEAK = 60.0
+TARGET_SPEEDUP = 20.0
+
+# Peak HBM bandwidth (GB/s) by device-name fragment, used when the device properties do not give it.
+PEAK_GBPS = {
+    "H200": 4800.0,
+    "H100 NVL": 3900.0,
+    "H100 PCIe": 2000.0,
+    "H100": 3350.0,
+    "A100-SXM4-80GB": 2039.0,
+    "A100 80GB PCIe": 1935.0,
+    "A100": 1555.0,
+    "L40S": 864.0,
+    "L4": 300.0,
+}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes, few repetitions (checks the script)")
+    ap.add_argument("--shapes", default=None, help='comma-separated BxCxD... e.g. "2x4x224x224x144"')
+    ap.add_argument("--binning", default="hard,soft")
+    ap.add_argument("--modes", default="fwd,bwd,fwd+bwd")
+    ap.add_argument("--backends", default=",".join(BACKENDS))
+    ap.add_argument("--num-bins", type=int, default=20)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--label-dtype", default="int64", choices=["int64", "int32", "uint8"])
+    ap.add_argument("--budget-s", type=float, default=240.0,
+                    help="after this many seconds only triton/cuda rows are still timed (slow baselines skipped)")
+    ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/gpu_<card>.csv)")
+    return ap.parse_args(argv)
+
+
+def card_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu-interpreter"
+
+
+def card_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "unknown"
+
+
+def peak_gbps(device) -> tuple[float | None, str]:
+    """Peak memory bandwidth in GB/s and where it came from."""
+    import torch
+
+    if device.type != "cuda":
+        return None, "n/a (cpu)"
+    props = torch.cuda.get_device_properties(device)
+    clock_khz = getattr(props, "memory_clock_rate", None)
+    bus_bits = getattr(props, "memory_bus_width", None)
+    if clock_khz and bus_bits:
+        return 2.0 * clock_khz * 1e3 * bus_bits / 8 / 1e9, "device properties (2 x memory clock x bus width)"
+    name = props.name
+    for key, value in PEAK_GBPS.items():
+        if key in name:
+            return value, f"table entry {key!r}"
+    return None, "unknown card (no % of peak)"
+
+
+def make_timer(device, dry_run: bool):
+    import torch
+
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        def timer(fn):
+            return do_bench(fn, warmup=10 if dry_run else 25, rep=20 if dry_run else 100, return_mode="median") / 1e3
+
+        return timer
+    from _common import median_time
+
+    return lambda fn: median_time(fn, warmup=1, reps=3 if dry_run else 5, sync=None if device.type == "cpu"
+                                  else torch.cuda.synchronize)
+
+
+def loss_fn(backend: str, num_bins: int, soft: bool):
+    """The loss from (logits, labels) for a backend: mean mL1-ACE, softmax + one-hot labels, empty classes ignored."""
+    from _common import torch_vectorised_loss
+
+    import calibops.functional as F
+
+    if backend == "torch-vectorised":
+        return lambda x, y: torch_vectorised_loss(x, y, num_bins=num_bins, soft=soft)
+    binning = "soft" if soft else "hard"
+    return lambda x, y: F.marginal_l1_ace(
+        x, y, num_bins=num_bins, binning=binning, softmax=True, to_onehot_y=True, backend=backend
+    )
+
+
+def kernel_resources() -> list[str]:
+    """Registers / spills of the compiled Triton kernels (best effort, triton-version dependent)."""
+    lines = []
+    try:
+        import importlib
+
+        tb = importlib.import_module("calibops.triton.binned_stats")  # the module (the package exports the op)
+
+        for kname, kern in (("fwd", tb._stats_fwd_kernel), ("bwd", tb._stats_bwd_kernel)):
+            caches = getattr(kern, "device_caches", None) or {}
+            for entry in caches.values():
+                cache = entry[0] if isinstance(entry, tuple) else entry
+                for ck in cache.values():
+                    consts = getattr(getattr(ck, "src", None), "constants", {}) or {}
+                    keep = {k: v for k, v in consts.items() if isinstance(k, str) and k.isupper()}
+                    if not keep:
+                        keep = {str(k): v for k, v in list(consts.items())[-10:]}
+                    lines.append(
+                        f"  {kname}: n_regs={getattr(ck, 'n_regs', '?')} n_spills={getattr(ck, 'n_spills', '?')} "
+                        f"num_warps={getattr(getattr(ck, 'metadata', None), 'num_warps', '?')} {keep}"
+                    )
+    except Exception as exc:  # noqa: BLE001 - diagnostics only
+        lines.append(f"  (kernel resources unavailable: {type(exc).__name__}: {exc})")
+    return lines
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    import torch
+    from _common import contract_bytes, environment, print_table, write_csv
+
+    import calibops
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_gpu: no CUDA device (use --device cpu --dry-run to check the script)", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    else:
+        shapes = DRY_SHAPES if args.dry_run else ISSUE_SHAPES
+    binnings = [b.strip() for b in args.binning.split(",") if b.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
+    dtype = getattr(torch, args.dtype)
+    label_dtype = getattr(torch, args.label_dtype)
+    timer = make_timer(device, args.dry_run)
+
+    env = environment()
+    card = card_name(device)
+    peak, peak_src = peak_gbps(device)
+    print("calibops GPU benchmark: mL1-ACE from logits + labels (softmax, one-hot in-kernel), mean reduction")
+    for k, v in env.items():
+        print(f"  {k}: {v}")
+    print(f"  device: {card}; peak bandwidth: {f'{peak:.0f} GB/s' if peak else 'unknown'} [{peak_src}]")
+    avail = calibops.available_backends()
+    backends = []
+    # torch-vectorised first: its loss and times are what every other row is compared with
+    for b in sorted(wanted, key=lambda name: name != "torch-vectorised"):
+        if b == "torch-vectorised":
+            backends.append(b)
+            continue
+        why = calibops._backends._why_unavailable(b, device) if b in avail else f"unknown backend {b!r}"
+        if why is None:
+            backends.append(b)
+        else:
+            print(f"  backend {b}: not measured ({why})")
+    print(f"  backends: {', '.join(backends)}; modes: {', '.join(modes)}; binning: {', '.join(binnings)}; "
+          f"input {args.dtype}, labels {args.label_dtype}, M={args.num_bins}; validate=True (default API path)")
+    print()
+
+    rows = []
+    t_start = time.perf_counter()
+    for shape in shapes:
+        B, C = shape[:2]
+        g = torch.Generator(device="cpu").manual_seed(0)
+        try:
+            x = (torch.randn(shape, generator=g) * 2).to(device=device, dtype=dtype)
+            y = torch.randint(0, C, (B, *shape[2:]), generator=g).to(device=device, dtype=label_dtype)
+        except Exception as exc:  # noqa: BLE001
+            print(f"shape {shape}: could not allocate inputs ({type(exc).__name__}: {exc})")
+            continue
+        for binning in binnings:
+            soft = binning == "soft"
+            base_time = {}
+            base_loss = None
+            for backend in backends:
+                fn = loss_fn(backend, args.num_bins, soft)
+                slow = backend in ("reference", "torch-vectorised")
+                common = {
+                    "card": card, "shape": "x".join(map(str, shape)), "C": C, "voxels": math.prod(shape[2:]),
+                    "binning": binning, "backend": backend, "dtype": args.dtype, "labels": args.label_dtype,
+                    "num_bins": args.num_bins,
+                }
+                if slow and backend != "torch-vectorised" and time.perf_counter() - t_start > args.budget_s:
+                    for mode in modes:
+                        rows.append({**common, "mode": mode, "status": "skipped (time budget spent)"})
+                    continue
+                # correctness against torch-vectorised (same formula), before timing
+                check = ""
+                try:
+                    with torch.no_grad():
+                        value = float(fn(x, y))
+                    if backend == "torch-vectorised":
+                        base_loss = value
+                    elif base_loss is not None:
+                        rel = abs(value - base_loss) / max(abs(base_loss), 1e-12)
+                        check = f"{rel:.1e}"
+                except Exception as exc:  # noqa: BLE001
+                    msg = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                    print(f"{shape} {binning} {backend}: {msg}")
+                    for mode in modes:
+                        rows.append({**common, "mode": mode, "status": msg})
+                    continue
+                for mode in modes:
+                    row = {**common, "mode": mode, "loss_rel_diff_vs_torch": check}
+                    try:
+                        xg = x.detach().clone().requires_grad_(mode != "fwd")
+                        if mode == "fwd":
+                            def run(xg=xg, fn=fn, y=y):
+                                with torch.no_grad():
+                                    return fn(xg, y)
+                        elif mode == "bwd":
+                            loss = fn(xg, y)
+
+                            def run(loss=loss, xg=xg):
+                                xg.grad = None
+                                loss.backward(retain_graph=True)
+                        else:
+                            def run(xg=xg, fn=fn, y=y):
+                                xg.grad = None
+                                fn(xg, y).backward()
+                        seconds = timer(run)
+                        nbytes = contract_bytes(x, y, mode)
+                        gbps = nbytes / seconds / 1e9
+                        row.update({
+                            "ms": round(seconds * 1e3, 4),
+                            "GB/s": round(gbps, 1),
+                            "pct_peak": round(100 * gbps / peak, 1) if peak else "",
+                            "contract_MB": round(nbytes / 1e6, 1),
+                            "status": "ok",
+                        })
+                        if backend == "torch-vectorised":
+                            base_time[mode] = seconds
+                    except Exception as exc:  # noqa: BLE001
+                        row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                        print(f"{shape} {binning} {backend} {mode}: {row['status']}")
+                        if os.environ.get("BENCH_TRACEBACK"):
+                            traceback.print_exc()
+                    finally:
+                        xg = loss = run = None  # noqa: F841 - free the graph before the next measurement
+                    rows.append(row)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            for row in rows:
+                if row.get("shape") == "x".join(map(str, shape)) and row.get("binning") == binning:
+                    base = base_time.get(row.get("mode"))
+                    if base and row.get("status") == "ok":
+                        row["x_vs_torch"] = round(base / (row["ms"] / 1e3), 2)
+        x = y = None  # free before the next shape
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    for row in rows:
+        row.update({f"env_{k}": v for k, v in env.items()})
+    out = args.out
+    if out is None:
+        if args.dry_run:
+            out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"gpu_dryrun_{card_slug(card)}.csv")
+        else:
+            out = os.path.join(HERE, "results", f"gpu_{card_slug(card)}.csv")
+    write_csv(out, rows)
+
+    cols = ["shape", "binning", "mode", "backend", "ms", "GB/s", "pct_peak", "x_vs_torch", "loss_rel_diff_vs_torch",
+            "status"]
+    print_table(rows, cols)
+    print()
+    print("Triton kernels compiled in this run:")
+    for line in kernel_resources():
+        print(line)
+    print()
+    print(f"wrote {out} ({len(rows)} rows) in {time.perf_counter() - t_start:.0f} s")
+    return summary(rows, peak, shapes)
+
+
+def summary(rows, peak, shapes) -> int:
+    """Print the SPEC §4 GPU targets for the fused backends; return 1 if a measurement failed."""
+    print()
+    print(f"SUMMARY (SPEC §4 GPU targets: fwd+bwd >= {TARGET_PCT_PEAK:.0f}% of peak HBM and "
+          f">= {TARGET_SPEEDUP:.0f}x torch-vectorised)")
+    failed = [r for r in rows if str(r.get("status", "")).startswith("error")]
+    for r in rows:
+        if r.get("mode") != "fwd+bwd" or r.get("backend") not in ("triton", "cuda") or r.get("status") != "ok":
+            continue
+        pct = r.get("pct_peak")
+        spd = r.get("x_vs_torch")
+        ok_bw = isinstance(pct, float) and pct >= TARGET_PCT_PEAK
+        ok_sp = isinstance(spd, float) and spd >= TARGET_SPEEDUP
+        diff = r.get("loss_rel_diff_vs_torch", "")
+        print(f"  {r['backend']:<7} {r['shape']:<18} {r['binning']:<5} {r['ms']:>9.3f} ms  "
+              f"{pct if pct != '' else '?':>6}% peak [{'PASS' if ok_bw else 'MISS'}]  "
+              f"{spd if spd is not None else '?':>7}x torch [{'PASS' if ok_sp else 'MISS'}]  loss diff {diff}")
+    if failed:
+        print(f"  {len(failed)} measurement(s) failed: see status column")
+    bad_loss = [r for r in rows if r.get("loss_rel_diff_vs_torch") not in (None, "")
+                and float(r["loss_rel_diff_vs_torch"]) > 1e-4]
+    if bad_loss:
+        print(f"  WARNING: {len(bad_loss)} row(s) whose loss differs from torch-vectorised by > 1e-4 relative")
+    return 1 if failed or bad_loss else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
