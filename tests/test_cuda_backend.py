@@ -10,7 +10,9 @@ Tolerances (float64 oracle = the reference, which sums in float64 and rounds onc
   (plan in csrc/cuda/launchers.cuh), then in float64. A float32 run of n non-negative terms is within
   (n-1)·2^-24 ≤ 1.6e-5 of their sum, so ``STAT_RTOL = 2e-5`` relative to ``|stat| + count`` (a bound on the
   sum of the absolute terms: p, y, w ≤ 1). Soft memberships are computed in float32 ((c1 - p) / d, one
-  rounding, ≤ 2 ulp of 1 each), which adds at most ``8·eps32`` per voxel: atol ``8·eps32·N``.
+  rounding, ≤ 2 ulp of 1 each: at most ``8·eps32`` per voxel), and a probability that differs from torch's by
+  a few ulps (the kernels' exp is not torch's; both ~1 ulp) moves a membership by M times that, with
+  independent signs over voxels: atol ``8·eps32·(N + M·sqrt(N))``.
   Counts of hard bins are exact. Inputs are conditioned so that no float32 probability lies within 1e-5 of an
   inner bin edge: softmax/sigmoid differ from torch's by a few ulps (the device exp is not torch's), which must
   not move a voxel into another bin; a separate test puts probabilities exactly on the edges (activation 0,
@@ -148,7 +150,7 @@ def check_stats(got, ref, N, soft, what=""):
     assert cnt.shape == rc.shape and cnt.dtype == torch.float32
     if not soft:
         assert torch.equal(cnt, rc), f"{what}: hard counts differ (max {float((cnt - rc).abs().max())})"
-    atol = 8 * EPS32 * N if soft else 0.0
+    atol = 8 * EPS32 * (N + cnt.shape[-1] * N**0.5) if soft else 0.0
     for name, a, b in (("count", cnt, rc), ("sum_p", sp, rsp), ("sum_y", sy, rsy)):
         tol = STAT_RTOL * (b.abs() + rc.abs()) + atol + 1e-30
         err = (a.double() - b.double()).abs()

@@ -5,8 +5,9 @@
 //   g++ -x c++ -fsanitize=address -DCALIBOPS_EMU_MAIN host_emulation.cuh -o emu     (memory safety sweep)
 // It runs exactly the block programs of stats_kernels.cuh (the code the GPU runs), with every phase executed for
 // thread 0 .. T-1 in turn over a shared-memory buffer of the plan's size, every block of the grid in turn, and
-// then the same fixed-order reduction. Only warp scheduling and the CUDA intrinsics differ (expf / __fdiv_rn
-// are the host's IEEE functions here).
+// then the same fixed-order reduction. The probabilities are bit-identical to the GPU's (exp_f and div_rn use
+// the same exact-FMA / IEEE operations on both); only warp scheduling and nvcc's FMA contraction of the
+// histogram updates (w * p + sum) differ.
 #pragma once
 
 #include <cstdint>
