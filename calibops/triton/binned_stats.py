@@ -225,11 +225,13 @@ def _stats_fwd_kernel(
         n = (tile0 + it) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < N
         x = _load_x(x_img, c, n, cmask, nmask, N)
-        if ACTIVATION == 1 and not SINGLE_CHUNK:
-            mx, den = _softmax_norm(x_img, n, nmask, C, N, C_BLOCK, BLOCK_N)
-        else:
-            mx = tl.zeros([BLOCK_N], tl.float32)
-            den = mx
+        mx = tl.zeros([BLOCK_N], tl.float32)
+        den = mx
+        if ACTIVATION == 1:
+            if SINGLE_CHUNK:
+                pass  # the tile holds every class: _probs normalises it directly
+            else:
+                mx, den = _softmax_norm(x_img, n, nmask, C, N, C_BLOCK, BLOCK_N)
         p = _probs(x, cmask, mx, den, ACTIVATION, SINGLE_CHUNK)
         y, keep, bad = _target(t_ptr, b64, c, n, cmask, nmask, C, N, ignore_index, has_ignore, LABELS)
         nbad += bad.to(tl.int32)
