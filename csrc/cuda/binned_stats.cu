@@ -34,13 +34,18 @@ __global__ void __launch_bounds__(kThreads) stats_forward_kernel(StatsArgs a, Pl
   if (nbad != 0) atomicAdd(bad, static_cast<unsigned long long>(nbad));
 }
 
-// One thread per output entry r in [0, B * 3 * C * M): sums the P block partials in block order.
+// One warp per output entry r in [0, B * 3 * C * M): sums the image's P block partials (reduce_lane_sum: fixed
+// per-lane order, then a fixed shuffle-down tree), lane 0 writes.
 __global__ void stats_reduce_kernel(StatsArgs a, Plan pl, const double* __restrict__ partial, float* count,
                                     float* sum_p, float* sum_y) {
   const int64_t total = a.B * 3 * a.C * a.M;
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < total;
-       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    reduce_partials(a, pl, partial, count, sum_p, sum_y, r);
+  const int lane = static_cast<int>(threadIdx.x) & (kReduceLanes - 1);
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kReduceLanes;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kReduceLanes;
+  for (int64_t r = warp; r < total; r += warps) {  // uniform across the warp
+    double v = reduce_lane_sum(a, pl, partial, r, lane);
+    for (int off = kReduceLanes / 2; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+    if (lane == 0) reduce_store(a, count, sum_p, sum_y, r, v);
   }
 }
 
@@ -123,7 +128,7 @@ const char* launch_binned_stats(const StatsArgs& a, const Plan& pl, double* work
     if (err != cudaSuccess) return last_error(err);
   }
   const int64_t outputs = a.B * 3 * a.C * a.M;
-  const int64_t want = (outputs + 255) / 256;
+  const int64_t want = (outputs * kReduceLanes + 255) / 256;
   const unsigned blocks = static_cast<unsigned>(want < 65535 ? want : 65535);
   stats_reduce_kernel<<<blocks, 256, 0, stream>>>(a, pl, workspace, count, sum_p, sum_y);
   return last_error(cudaSuccess);

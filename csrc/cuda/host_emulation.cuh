@@ -41,7 +41,7 @@ inline const char* forward_k(const StatsArgs& a, int64_t smem_limit, float* coun
     std::memset(smem.data(), 0xff, smem.size() * 4);
     *bad += forward_block<INK>(ex, a, pl, smem.data(), partial.data(), blk);
   }
-  for (int64_t r = 0; r < a.B * 3 * a.C * a.M; ++r) reduce_partials(a, pl, partial.data(), count, sum_p, sum_y, r);
+  for (int64_t r = 0; r < a.B * 3 * a.C * a.M; ++r) reduce_partials_host(a, pl, partial.data(), count, sum_p, sum_y, r);
   return nullptr;
 }
 

@@ -336,17 +336,37 @@ CB_HD void phase_write_partial(const StatsArgs& a, const Plan& pl, const float* 
   }
 }
 
-// out_stat[b, c, j] = sum over blocks p (in order) of partial[b, p, stat, c, j], rounded once to float32.
-CB_HD void reduce_partials(const StatsArgs& a, const Plan& pl, const double* partial, float* count, float* sum_p,
-                           float* sum_y, int64_t r) {
-  const int64_t CM = a.C * a.M, P = pl.blocks_per_image;
-  const int64_t b = r / (3 * CM), q = r - b * 3 * CM;
-  const double* src = partial + b * P * 3 * CM + q;
+// The image's P block partials of output entry r (in [0, B * 3 * C * M)) are summed by a warp: lane l adds
+// blocks l, l + 32, ... in order (float64), then the lanes are combined by the fixed tree
+// v[l] += v[l + 16], v[l] += v[l + 8], ..., v[0] += v[1] (shuffle-down on the GPU), and lane 0 rounds once to
+// float32. Fixed order everywhere: deterministic; 32 independent load streams: no latency-bound serial chain.
+constexpr int kReduceLanes = 32;
+
+CB_HD double reduce_lane_sum(const StatsArgs& a, const Plan& pl, const double* partial, int64_t r, int lane) {
+  const int64_t CM3 = 3 * a.C * a.M, P = pl.blocks_per_image;
+  const int64_t b = r / CM3, q = r - b * CM3;
+  const double* src = partial + b * P * CM3 + q;
   double acc = 0.0;
-  for (int64_t p = 0; p < P; ++p) acc += src[p * 3 * CM];
+  for (int64_t p = lane; p < P; p += kReduceLanes) acc += src[p * CM3];
+  return acc;
+}
+
+CB_HD void reduce_store(const StatsArgs& a, float* count, float* sum_p, float* sum_y, int64_t r, double v) {
+  const int64_t CM = a.C * a.M;
+  const int64_t b = r / (3 * CM), q = r - b * 3 * CM;
   const int64_t stat = q / CM, rem = q - stat * CM;
   float* out = stat == 0 ? count : (stat == 1 ? sum_p : sum_y);
-  out[b * CM + rem] = static_cast<float>(acc);
+  out[b * CM + rem] = static_cast<float>(v);
+}
+
+// Host form of the warp reduction (the emulation): the same per-lane sums and the same tree.
+inline void reduce_partials_host(const StatsArgs& a, const Plan& pl, const double* partial, float* count,
+                                 float* sum_p, float* sum_y, int64_t r) {
+  double v[kReduceLanes];
+  for (int l = 0; l < kReduceLanes; ++l) v[l] = reduce_lane_sum(a, pl, partial, r, l);
+  for (int off = kReduceLanes / 2; off > 0; off >>= 1)
+    for (int l = 0; l < off; ++l) v[l] += v[l + off];
+  reduce_store(a, count, sum_p, sum_y, r, v[0]);
 }
 
 // ---- backward ----
