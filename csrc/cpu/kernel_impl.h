@@ -114,8 +114,8 @@ static Layout layout(const Problem& pb) {
   L.rowb = L.rowa + T;     // [T] softmax sum
   L.ftab = L.rowb + T;     // [3][C][M + 2] backward gradient tables
   L.lo_of = L.ftab + 3 * C * M2;           // [M + 2] int32 soft state -> low bin
-  L.dtab = ((L.lo_of + M2 + 15) / 16) * 16;  // [3][M + 2] float64 soft state -> (c_hi, 1/d, base)
-  L.total = L.dtab + 6 * M2 + 16;
+  L.dtab = ((L.lo_of + M2 + 15) / 16) * 16;  // [4][M + 2] float64 soft state -> (c_hi, 1/d, base, c_lo)
+  L.total = L.dtab + 8 * M2 + 16;
   return L;
 }
 
@@ -160,7 +160,7 @@ static void store_row(void* base, int kind, i64 off, i64 n, const float* __restr
   }
 }
 
-// lab[i] = label when in [0, C), else -1; returns how many were neither in range nor ignore_index.
+// lab[i] = label when in [0, C) and not ignore_index, else -1; returns how many were neither in range nor ignore_index.
 template <typename T>
 static i64 load_labels_t(const T* __restrict s, i64 n, i64 C, bool has_ignore, i64 ignore, i32* __restrict lab) {
   i64 bad = 0;
@@ -168,7 +168,7 @@ static i64 load_labels_t(const T* __restrict s, i64 n, i64 C, bool has_ignore, i
     const i64 v = static_cast<i64>(s[i]);
     const bool in = (v >= 0) & (v < C);
     const bool ign = has_ignore & (v == ignore);
-    lab[i] = in ? static_cast<i32>(v) : -1;
+    lab[i] = (in & !ign) ? static_cast<i32>(v) : -1;
     bad += static_cast<i64>(!in & !ign);
   }
   return bad;
@@ -277,14 +277,16 @@ static void compute_bins(const Problem& pb, const float* __restrict x, const i32
   }
 }
 
-// Soft state u -> (low bin, c_hi, 1/(c_hi - c_lo), base) so that w_lo = (c_hi - p) / d + base with
-// 1/d = 0 outside the interior: below the first centre all weight goes to bin 0, above the last to bin M-1,
-// masked voxels go to the discarded slots M and M+1.
-static void soft_tables(const Problem& pb, i32* lo_of, double* chi, double* invd, double* base) {
+// Soft state u -> (low bin, c_hi, 1/(c_hi - c_lo), base, c_lo) so that w_lo = (c_hi - p') / d + base, with
+// p' = p clamped to [c_lo, c_hi] and everything 0 outside the interior (there the weights are constants, also
+// for NaN / inf p): below the first centre all weight goes to bin 0, above the last to bin M-1, masked voxels
+// go to the discarded slots M and M+1.
+static void soft_tables(const Problem& pb, i32* lo_of, double* chi, double* invd, double* base, double* clo) {
   const i64 M = pb.M;
   const float* c = pb.edges;
   for (i64 u = 0; u <= M + 1; ++u) {
     chi[u] = 0.0;
+    clo[u] = 0.0;
     invd[u] = 0.0;
     base[u] = 0.0;
     if (u == 0 || u == M + 1 || M == 1) {
@@ -296,6 +298,7 @@ static void soft_tables(const Problem& pb, i32* lo_of, double* chi, double* invd
       const i64 t = u - 1;
       lo_of[u] = static_cast<i32>(t);
       chi[u] = static_cast<double>(c[t + 1]);
+      clo[u] = static_cast<double>(c[t]);
       invd[u] = 1.0 / (static_cast<double>(c[t + 1]) - static_cast<double>(c[t]));
     }
   }
@@ -325,9 +328,11 @@ static inline void hard_one(double* hc, i32 j, float p, float y) {
 
 // Soft membership in float64 (as exact as the reference): w_lo = (c_hi - p) / d + base, w_hi = 1 - w_lo.
 static inline void soft_one(double* hc, i32 u, float p, float y, const i32* lo_of, const double* chi,
-                            const double* invd, const double* base) {
+                            const double* invd, const double* base, const double* clo) {
   const double pv = static_cast<double>(p), yv = static_cast<double>(y);
-  const double wl = (chi[u] - pv) * invd[u] + base[u];
+  double pc = pv > clo[u] ? pv : clo[u];  // NaN -> c_lo
+  pc = pc < chi[u] ? pc : chi[u];
+  const double wl = (chi[u] - pc) * invd[u] + base[u];
   double* hb = hc + lo_of[u] * 4;
   acc4(hb, wl, pv, yv);
   acc4(hb + 4, 1.0 - wl, pv, yv);
@@ -338,12 +343,12 @@ static inline void soft_one(double* hc, i32 u, float p, float y, const i32* lo_o
 template <bool SOFT>
 static void scatter_row(const Problem& pb, const float* __restrict p, const float* __restrict y,
                         const i32* __restrict bins, double* __restrict h, i64 n, const i32* lo_of,
-                        const double* chi, const double* invd, const double* base) {
+                        const double* chi, const double* invd, const double* base, const double* clo) {
   const i64 stride = (pb.M + 2) * 4;
   i64 i = 0;
 #define CALIBOPS_ONE(hc, k)                                              \
   if (SOFT)                                                              \
-    soft_one(hc, bins[k], p[k], y[k], lo_of, chi, invd, base);           \
+    soft_one(hc, bins[k], p[k], y[k], lo_of, chi, invd, base, clo);      \
   else                                                                   \
     hard_one(hc, bins[k], p[k], y[k])
   if (pb.copies == 4) {
@@ -379,8 +384,8 @@ static i64 forward(const Problem& pb, i64 b, i64 begin, i64 end, double* out, fl
   i32* lab = reinterpret_cast<i32*>(scratch + L.lab);
   i32* lo_of = reinterpret_cast<i32*>(scratch + L.lo_of);
   double* dt = reinterpret_cast<double*>(scratch + L.dtab);
-  double *chi = dt, *invd = dt + M2, *base = dt + 2 * M2;
-  if (pb.soft) soft_tables(pb, lo_of, chi, invd, base);
+  double *chi = dt, *invd = dt + M2, *base = dt + 2 * M2, *clo = dt + 3 * M2;
+  if (pb.soft) soft_tables(pb, lo_of, chi, invd, base, clo);
   const i64 hsize = C * pb.copies * M2 * 4;
   for (i64 k = 0; k < hsize; ++k) hist[k] = 0.0;
 
@@ -399,9 +404,9 @@ static i64 forward(const Problem& pb, i64 b, i64 begin, i64 end, double* out, fl
     for (i64 c = 0; c < C; ++c) {
       double* h = hist + c * pb.copies * M2 * 4;
       if (pb.soft)
-        scatter_row<true>(pb, x + c * T, y + c * T, bins + c * T, h, n, lo_of, chi, invd, base);
+        scatter_row<true>(pb, x + c * T, y + c * T, bins + c * T, h, n, lo_of, chi, invd, base, clo);
       else
-        scatter_row<false>(pb, x + c * T, y + c * T, bins + c * T, h, n, lo_of, chi, invd, base);
+        scatter_row<false>(pb, x + c * T, y + c * T, bins + c * T, h, n, lo_of, chi, invd, base, clo);
     }
   }
   // Merge the interleaved copies in a fixed order.
@@ -460,7 +465,12 @@ static void grad_p_row(const Problem& pb, const float* __restrict p, const float
   if (!pb.soft) {
     for (i64 i = 0; i < n; ++i) g[i] = K0[u[i]];
   } else {
-    for (i64 i = 0; i < n; ++i) g[i] = K0[u[i]] + K1[u[i]] * p[i] + K2[u[i]] * y[i];
+    // K1 = K2 = 0 outside the interior states 1..M-1: skip the products there so NaN / inf p cannot leak in.
+    const u32 interior = static_cast<u32>(pb.M - 1);
+    for (i64 i = 0; i < n; ++i) {
+      const float lin = K1[u[i]] * p[i] + K2[u[i]] * y[i];
+      g[i] = K0[u[i]] + (static_cast<u32>(u[i] - 1) < interior ? lin : 0.0f);
+    }
   }
 }
 
@@ -476,9 +486,9 @@ static void backward(const Problem& pb, const float* grad_count, const float* gr
   i32* lab = reinterpret_cast<i32*>(scratch + L.lab);
   i32* lo_of = reinterpret_cast<i32*>(scratch + L.lo_of);
   double* dt = reinterpret_cast<double*>(scratch + L.dtab);
-  double *chi = dt, *invd = dt + M2, *base = dt + 2 * M2;
+  double *chi = dt, *invd = dt + M2, *base = dt + 2 * M2, *clo = dt + 3 * M2;
   float *k0 = scratch + L.ftab, *k1 = k0 + C * M2, *k2 = k1 + C * M2;
-  if (pb.soft) soft_tables(pb, lo_of, chi, invd, base);
+  if (pb.soft) soft_tables(pb, lo_of, chi, invd, base, clo);
   grad_tables(pb, b, grad_count, grad_sum_p, grad_sum_y, k0, k1, k2, lo_of, chi, invd, base);
 
   for (i64 i0 = begin; i0 < end; i0 += T) {
