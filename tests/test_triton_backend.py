@@ -205,6 +205,8 @@ def test_odd_shapes_and_many_classes(B, C, N, M, soft, act):
     ignore = C - 1 if C > 2 else None
     out, ref, gk, gr = _run_both(x, t, M, soft, act, True, ignore, False)
     _check_stats(out, ref, f"{B=} {C=} {N=} {M=}", soft, act)
+    if not soft and act == "none":
+        assert torch.equal(out[0], ref[0]), "hard counts of probabilities must be exact"
     _check_grad(gk, gr, torch.float32, f"{B=} {C=} {N=} {M=}")
 
 
@@ -224,6 +226,21 @@ def test_probabilities_exactly_on_edges_and_centres(num_bins, right):
         assert torch.equal(out[0], ref[0]) or soft, "hard counts must be exact"
         _check_stats(out, ref, f"edges {soft=}")
         _check_grad(gk, gr, torch.float32, f"edges {soft=}")
+
+
+@pytest.mark.parametrize("fill", [0, 1])
+def test_full_tiles_of_one_label_are_exact(fill):
+    # count and sum_y of label tiles are carried packed in one float per tile: full tiles of 1s are the extreme
+    N = 5000
+    x = torch.full((1, 2, N), 0.3, device=DEVICE)
+    x[0, 1] = 0.7
+    t = torch.full((1, N), fill, dtype=torch.int64, device=DEVICE)
+    count, sum_p, sum_y, _ = tb.binned_stats(x, t, _edges(5, False), 5, False, 0, True, None, False)
+    expect = torch.zeros(1, 2, 5, device=DEVICE)
+    expect[0, 0, 1] = N
+    expect[0, 1, 3] = N
+    assert torch.equal(count, expect)
+    assert float(sum_y[0, fill].sum()) == N and float(sum_y[0, 1 - fill].sum()) == 0
 
 
 def test_grad_of_single_statistic_and_zero_grads():

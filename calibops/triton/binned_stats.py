@@ -55,6 +55,8 @@ __all__ = ["MAX_C_BLOCK", "binned_stats", "binned_stats_backward", "launch_confi
 
 MAX_C_BLOCK = 32
 MAX_TILES_PER_PROG = 256
+MAX_BLOCK_N = 1024  # the forward's packed (count, sum_y) tile sums rely on BLOCK_N <= 1024 < _PACK
+_PACK = tl.constexpr(2048.0)
 _LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _DENSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.bool, torch.uint8)
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -251,11 +253,20 @@ def _stats_fwd_kernel(
         else:
             j = _hard_bin(p, e_ptr, right, NUM_BINS)
             j = tl.where(valid, j, -1)
+            if LABELS:
+                # y is 0/1: count and sum_y travel as one exact float, 1 + _PACK*y per voxel (a tile sums to at
+                # most BLOCK_N * (1 + _PACK) <= 2^21 + 2^10 < 2^24), split per tile: one masked sum fewer per bin.
+                packed = 1.0 + _PACK * y
             for m in tl.static_range(NUM_BINS):
                 hit = j == m
-                cm = tl.sum(hit.to(tl.float32), axis=1)
+                if LABELS:
+                    both = tl.sum(tl.where(hit, packed, 0.0), axis=1)
+                    ym = tl.floor(both * (1.0 / _PACK))
+                    cm = both - ym * _PACK
+                else:
+                    cm = tl.sum(hit.to(tl.float32), axis=1)
+                    ym = tl.sum(tl.where(hit, y, 0.0), axis=1)
                 pm = tl.sum(tl.where(hit, p, 0.0), axis=1)
-                ym = tl.sum(tl.where(hit, y, 0.0), axis=1)
                 sel = (mcol == m)[None, :]
                 acc_n += tl.where(sel, cm[:, None], 0.0)
                 acc_p += tl.where(sel, pm[:, None], 0.0)
@@ -420,7 +431,7 @@ def launch_config(B: int, C: int, N: int, num_bins: int, device: torch.device, b
     c_block = min(triton.next_power_of_2(max(C, 1)), MAX_C_BLOCK)
     tile = _env_pow2("CALIBOPS_TRITON_TILE_BWD" if backward else "CALIBOPS_TRITON_TILE_FWD",
                      4096 if backward else 2048)
-    block_n = max(16, min(tile // c_block, 1024))
+    block_n = max(16, min(tile // c_block, MAX_BLOCK_N))
     if device.type != "cuda":  # interpreter: no point in simulating lanes past the end of a tiny volume
         block_n = max(16, min(block_n, triton.next_power_of_2(max(N, 1))))
     num_warps = 8 if backward and c_block * block_n >= 4096 else 4
