@@ -67,6 +67,9 @@ def parse_args(argv=None):
     ap.add_argument("--budget-s", type=float, default=240.0,
                     help="after this many seconds only triton/cuda rows are still timed (slow baselines skipped)")
     ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/gpu_<card>.csv)")
+    ap.add_argument("--sweep-tiles", default=None,
+                    help='only time the Triton ops for block-size settings, e.g. "fwd:2048:4,fwd:4096:8,bwd:8192:8" '
+                         "(kernel:TILE_ELEMS:num_warps); writes gpu_<card>_tiles.csv")
     return ap.parse_args(argv)
 
 
@@ -217,6 +220,9 @@ def main(argv=None) -> int:
           f"input {args.dtype}, labels {args.label_dtype}, M={args.num_bins}; validate=True (default API path)")
     print()
 
+    if args.sweep_tiles:
+        return sweep_tiles(args, device, shapes, binnings, dtype, label_dtype, timer, card, peak, env)
+
     rows = []
     t_start = time.perf_counter()
     for shape in shapes:
@@ -329,6 +335,82 @@ def main(argv=None) -> int:
     print()
     print(f"wrote {out} ({len(rows)} rows) in {time.perf_counter() - t_start:.0f} s")
     return summary(rows, peak, shapes)
+
+
+def sweep_tiles(args, device, shapes, binnings, dtype, label_dtype, timer, card, peak, env) -> int:
+    """Time the Triton forward / backward ops alone for several (TILE_ELEMS, num_warps) settings."""
+    import importlib
+
+    import torch
+    from _common import contract_bytes, print_table, write_csv
+
+    from calibops.reference import bin_centres, bin_edges
+
+    tb = importlib.import_module("calibops.triton.binned_stats")
+    settings = []
+    for item in args.sweep_tiles.split(","):
+        kernel, tile, warps = item.strip().split(":")
+        if kernel not in ("fwd", "bwd"):
+            raise ValueError(f"--sweep-tiles: kernel must be fwd or bwd, got {kernel!r}")
+        settings.append((kernel, int(tile), int(warps)))
+    rows = []
+    M = args.num_bins
+    for shape in shapes:
+        B, C = shape[:2]
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = (torch.randn(shape, generator=g) * 2).to(device=device, dtype=dtype).reshape(B, C, -1)
+        y = torch.randint(0, C, (B, *shape[2:]), generator=g).to(device=device, dtype=label_dtype).reshape(B, -1)
+        for binning in binnings:
+            soft = binning == "soft"
+            e = (bin_centres if soft else bin_edges)(M, device)
+            ref = tb.binned_stats(x, y, e, M, soft, 1, True, None, False)
+            grads = [torch.randn(B, C, M, generator=g).to(device) for _ in range(3)]
+            ref_grad = tb.binned_stats_backward(*grads, x, y, e, M, soft, 1, True, None, False)
+            for kernel, tile, warps in settings:
+                names = (f"CALIBOPS_TRITON_TILE_{kernel.upper()}", f"CALIBOPS_TRITON_WARPS_{kernel.upper()}")
+                row = {"card": card, "shape": "x".join(map(str, shape)), "binning": binning, "kernel": kernel,
+                       "tile": tile, "num_warps": warps}
+                os.environ[names[0]], os.environ[names[1]] = str(tile), str(warps)
+                try:
+                    if kernel == "fwd":
+                        def run(x=x, y=y, e=e, soft=soft):
+                            return tb.binned_stats(x, y, e, M, soft, 1, True, None, False)
+                        out = run()
+                        diff = max(float(((a - b).abs() / (b.abs() + 1)).max()) for a, b in zip(out[:3], ref[:3]))
+                        nbytes = contract_bytes(x, y, "fwd")
+                    else:
+                        def run(x=x, y=y, e=e, soft=soft, grads=grads):
+                            return tb.binned_stats_backward(*grads, x, y, e, M, soft, 1, True, None, False)
+                        diff = float((run().float() - ref_grad.float()).abs().max())
+                        nbytes = contract_bytes(x, y, "bwd")
+                    seconds = timer(run)
+                    gbps = nbytes / seconds / 1e9
+                    row.update({"ms": round(seconds * 1e3, 4), "GB/s": round(gbps, 1),
+                                "pct_peak": round(100 * gbps / peak, 1) if peak else "",
+                                "max_diff_vs_default": f"{diff:.1e}", "status": "ok"})
+                except Exception as exc:  # noqa: BLE001
+                    row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                finally:
+                    for name in names:
+                        os.environ.pop(name, None)
+                rows.append(row)
+        x = y = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for row in rows:
+        row.update({f"env_{k}": v for k, v in env.items()})
+    out = args.out or os.path.join(
+        os.environ.get("TMPDIR", "/tmp") if args.dry_run else os.path.join(HERE, "results"),
+        f"gpu_{card_slug(card)}_tiles.csv",
+    )
+    write_csv(out, rows)
+    print_table(rows, ["shape", "binning", "kernel", "tile", "num_warps", "ms", "GB/s", "pct_peak",
+                       "max_diff_vs_default", "status"])
+    print()
+    for line in kernel_resources():
+        print(line)
+    print(f"wrote {out} ({len(rows)} rows)")
+    return 1 if any(str(r["status"]).startswith("error") for r in rows) else 0
 
 
 def summary(rows, peak, shapes) -> int:

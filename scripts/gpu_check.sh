@@ -12,7 +12,8 @@
 #      (skipped with a note when compute-sanitizer is absent)
 #   5. benchmarks/bench_gpu.py: fwd / bwd / fwd+bwd at the shapes, hard + soft, every backend
 #      -> benchmarks/results/gpu_<card>.csv and a table
-#   6. the rest of the test suite (-m "not slow"), if time is left
+#   6. a Triton block-size sweep (forward / backward ops alone) -> benchmarks/results/gpu_<card>_tiles.csv
+#   7. the rest of the test suite (-m "not slow"), if time is left
 # Knobs: GPU_CHECK_BUDGET_S (default 450: total seconds the steps may use), CALIBOPS_CUDA_ARCH (default: this
 # GPU's compute capability), GPU_CHECK_LOG_DIR (default $OUT/gpu_check_logs or /tmp/gpu_check_logs).
 set -u
@@ -129,14 +130,21 @@ print('triton memcheck case ran')
 fi
 
 # --- 5. benchmark -----------------------------------------------------------------------------------------
-BENCH_LIMIT=$(( $(left) - 15 ))
+BENCH_LIMIT=$(( $(left) - 60 ))
 (( BENCH_LIMIT > 300 )) && BENCH_LIMIT=300
 run_step "benchmark" "$BENCH_LIMIT" 10 $PY benchmarks/bench_gpu.py --budget-s $(( BENCH_LIMIT * 2 / 3 ))
 if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then
   cp benchmarks/results/gpu_*.csv "$OUT"/ 2>/dev/null || true
 fi
 
-# --- 6. the rest of the suite, if time is left -------------------------------------------------------------
+# --- 6. Triton block-size sweep (which TILE_ELEMS / num_warps to make the default), if time is left ----------
+run_step "tile sweep" 120 40 $PY benchmarks/bench_gpu.py --shapes 2x4x224x224x144,2x16x176x176x64 \
+  --sweep-tiles fwd:1024:4,fwd:2048:4,fwd:2048:8,fwd:4096:8,bwd:2048:4,bwd:4096:8,bwd:8192:8
+if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then
+  cp benchmarks/results/gpu_*.csv "$OUT"/ 2>/dev/null || true
+fi
+
+# --- 7. the rest of the suite, if time is left -------------------------------------------------------------
 run_step "tests rest" 240 5 $PY -m pytest tests -q -m "not slow" -p no:cacheprovider \
   --ignore=tests/test_triton_backend.py \
   --ignore=tests/test_cuda_backend.py --ignore=tests/test_compile.py

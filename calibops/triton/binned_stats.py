@@ -23,13 +23,19 @@ walks its tiles, recomputes p and the bins, gathers the (B, C, M) upstream gradi
 
 Block-size heuristic (documented, no autotuning so runs are reproducible and the interpreter stays fast):
     - ``C_BLOCK = next_pow2(C)`` up to ``MAX_C_BLOCK = 32``: up to 32 classes live in one register tile.
-    - ``BLOCK_N = TILE_ELEMS // C_BLOCK`` (clamped to [16, 1024] and to next_pow2(N)), ``TILE_ELEMS = 2048``
-      forward / ``4096`` backward, ``num_warps = 4`` (8 for backward tiles of 4096 elements): about 16
-      elements of each per-element temporary per thread.
+    - ``BLOCK_N = TILE_ELEMS // C_BLOCK`` (clamped to [16, 1024]; under the interpreter also to
+      next_pow2(N)), ``TILE_ELEMS = 2048`` forward / ``4096`` backward, ``num_warps = 4`` (8 for backward
+      tiles of 4096 elements): about 16 elements of each per-element temporary per thread.
     - Forward programs per image: enough for ~4 programs per SM over the whole grid, but at most
       ``MAX_TILES_PER_PROG = 256`` tiles each (bounds the sequential float32 accumulation length).
-    The environment variables ``CALIBOPS_TRITON_TILE_FWD`` / ``CALIBOPS_TRITON_TILE_BWD`` override
-    ``TILE_ELEMS`` (powers of two) for experiments.
+    - Register budget: the forward keeps 3 x C_BLOCK x next_pow2(M) accumulators (3 x 32 x 32 at the limit,
+      24 per thread with 4 warps) plus ~8 live per-element temporaries; the per-bin loop is unrolled
+      (``NUM_BINS`` is a compile-time constant, so each M compiles once). Measured registers/spills per
+      variant are printed by benchmarks/bench_gpu.py.
+    The environment variables ``CALIBOPS_TRITON_TILE_FWD`` / ``CALIBOPS_TRITON_TILE_BWD`` (powers of two
+    >= 16) and ``CALIBOPS_TRITON_WARPS_FWD`` / ``CALIBOPS_TRITON_WARPS_BWD`` override the heuristic for
+    experiments (``bench_gpu.py --sweep-tiles`` times a few settings). Results do not depend on them beyond
+    float32 summation order.
 
 Classes above the register limit (C > 32) are still exact: the classes are processed in chunks of 32.
 Forward: one program axis per chunk; with softmax each chunk-program also runs an online max/sum over all
@@ -410,13 +416,13 @@ def _stats_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _env_pow2(name: str, default: int) -> int:
+def _env_pow2(name: str, default: int, minimum: int = 16) -> int:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
     value = int(raw)
-    if value < 16 or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= 16, got {raw!r}")
+    if value < minimum or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= {minimum}, got {raw!r}")
     return value
 
 
@@ -435,6 +441,7 @@ def launch_config(B: int, C: int, N: int, num_bins: int, device: torch.device, b
     if device.type != "cuda":  # interpreter: no point in simulating lanes past the end of a tiny volume
         block_n = max(16, min(block_n, triton.next_power_of_2(max(N, 1))))
     num_warps = 8 if backward and c_block * block_n >= 4096 else 4
+    num_warps = _env_pow2("CALIBOPS_TRITON_WARPS_BWD" if backward else "CALIBOPS_TRITON_WARPS_FWD", num_warps, 1)
     num_cc = triton.cdiv(C, c_block)
     tiles = triton.cdiv(N, block_n)
     if backward:
