@@ -7,6 +7,8 @@
 #include "kernel_api.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define CALIBOPS_ISA_LEVEL 1
 #define CALIBOPS_ISA_NS isa_avx2
 #define CALIBOPS_ISA_NAME "avx2"
 #if defined(__clang__)

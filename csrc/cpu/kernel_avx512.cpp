@@ -7,6 +7,8 @@
 #include "kernel_api.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define CALIBOPS_ISA_LEVEL 2
 #define CALIBOPS_ISA_NS isa_avx512
 #define CALIBOPS_ISA_NAME "avx512"
 #if defined(__clang__)

@@ -4,6 +4,7 @@
 
 #include "kernel_api.h"
 
+#define CALIBOPS_ISA_LEVEL 0
 #define CALIBOPS_ISA_NS isa_base
 #define CALIBOPS_ISA_NAME "base"
 #include "kernel_impl.h"

@@ -8,7 +8,7 @@
 //   (class, voxel) -> forward: scatter into small per-worker float64 histograms; backward: gather the
 //   per-bin gradient, chain through the activation, store in the input dtype.
 // The inner loops over the T voxels of a row are branch-free so the compiler vectorises them.
-#ifndef CALIBOPS_ISA_NS
+#if !defined(CALIBOPS_ISA_NS) || !defined(CALIBOPS_ISA_LEVEL)
 #error "kernel_impl.h is included by kernel_<isa>.cpp only"
 #endif
 
@@ -99,7 +99,7 @@ static inline float exp_f(float x) {
 // Scratch layout (floats) for one worker: rows of T floats, T a multiple of 16 (64-byte aligned rows).
 
 struct Layout {
-  i64 x, y, bins, g, lab, rowa, rowb, ftab, lo_of, dtab, total;
+  i64 x, y, bins, g, lab, rowa, rowb, ea, eb, ftab, lo_of, dtab, total;
 };
 
 static Layout layout(const Problem& pb) {
@@ -112,7 +112,9 @@ static Layout layout(const Problem& pb) {
   L.lab = L.g + C * T;     // [T] int32 label or -1 (ignored / out of range)
   L.rowa = L.lab + T;      // [T] softmax max, then 1 / sum; backward: sum_c p g
   L.rowb = L.rowa + T;     // [T] softmax sum
-  L.ftab = L.rowb + T;     // [3][C][M + 2] backward gradient tables
+  L.ea = L.rowb + T;       // [T] binning / backward gathers
+  L.eb = L.ea + T;         // [T]
+  L.ftab = L.eb + T;       // [3][C][M + 2] backward gradient tables
   L.lo_of = L.ftab + 3 * C * M2;           // [M + 2] int32 soft state -> low bin
   L.dtab = ((L.lo_of + M2 + 15) / 16) * 16;  // [4][M + 2] float64 soft state -> (c_hi, 1/d, base, c_lo)
   L.total = L.dtab + 8 * M2 + 16;
@@ -223,57 +225,106 @@ static void activate(const Problem& pb, float* __restrict x, float* __restrict r
   }
 }
 
+// out[i] = table[idx[i]] for a table of `size` floats, 0 <= idx[i] < size; out may alias idx (in-place
+// gather of an index row). AVX2 / AVX-512 builds: tables of up to 32 entries (the usual case: M = 20 bins) are
+// held in registers and looked up with permutes; larger ones use gather instructions.
+static void gather_row(const float* table, i64 size, const i32* idx, float* out, i64 n) {
+  i64 i = 0;
+#if CALIBOPS_ISA_LEVEL >= 1
+  if (size <= 32) {
+    alignas(64) float t[32] = {0.0f};
+    for (i64 k = 0; k < size; ++k) t[k] = table[k];
+#if CALIBOPS_ISA_LEVEL >= 2
+    const __m512 lo = _mm512_load_ps(t), hi = _mm512_load_ps(t + 16);
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_ps(out + i, _mm512_permutex2var_ps(lo, _mm512_loadu_si512(idx + i), hi));
+#else
+    const __m256 t0 = _mm256_load_ps(t), t1 = _mm256_load_ps(t + 8), t2 = _mm256_load_ps(t + 16),
+                 t3 = _mm256_load_ps(t + 24);
+    for (; i + 8 <= n; i += 8) {
+      const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + i));
+      const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(k, 28));  // index bit 3 -> sign bit
+      const __m256 bit4 = _mm256_castsi256_ps(_mm256_slli_epi32(k, 27));  // index bit 4 -> sign bit
+      const __m256 a = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, k), _mm256_permutevar8x32_ps(t1, k), bit3);
+      const __m256 b = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t2, k), _mm256_permutevar8x32_ps(t3, k), bit3);
+      _mm256_storeu_ps(out + i, _mm256_blendv_ps(a, b, bit4));
+    }
+#endif
+  } else {
+#if CALIBOPS_ISA_LEVEL >= 2
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_ps(out + i, _mm512_i32gather_ps(_mm512_loadu_si512(idx + i), table, 4));
+#else
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(
+          out + i, _mm256_i32gather_ps(table, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + i)), 4));
+#endif
+  }
+#else
+  (void)size;
+#endif
+  for (; i < n; ++i) out[i] = table[idx[i]];
+}
+
 // Hard: bins[c][i] = bucketize(p, e[1:], right).clamp(max=M-1), or M (a discarded slot) for masked voxels.
 // Soft: bins[c][i] = u = t + 1 in 0..M, t = #{k : centre[k] < p} - 1, or M + 1 for masked voxels.
+// Both estimate from p * M (clamped first, so NaN / inf give a valid index) and correct by one step against
+// the given edges / centres (gathered into rows ea, eb), so every backend bins identically.
 static void compute_bins(const Problem& pb, const float* __restrict x, const i32* __restrict lab,
-                         i32* __restrict bins, i64 n) {
+                         i32* __restrict bins, float* ea, float* eb, i64 n) {
   const i64 T = pb.tile, C = pb.C;
   const i32 M = static_cast<i32>(pb.M);
   const float Mf = static_cast<float>(pb.M), top = static_cast<float>(pb.M - 1);
-  const float* __restrict e = pb.edges;
-  const bool masked = pb.labels;
+  const float* e = pb.edges;
+  i32* ia = reinterpret_cast<i32*>(ea);
+  i32* ib = reinterpret_cast<i32*>(eb);
+  const i32 drop = pb.soft ? M + 1 : M;
   for (i64 c = 0; c < C; ++c) {
     const float* __restrict p = x + c * T;
     i32* __restrict out = bins + c * T;
     if (!pb.soft) {
+      for (i64 i = 0; i < n; ++i) {
+        float q = p[i] * Mf;
+        q = q >= 0.0f ? q : 0.0f;  // also maps NaN to 0
+        q = q <= top ? q : top;
+        out[i] = static_cast<i32>(q);
+      }
+      gather_row(e, M + 1, out, ea, n);  // e[j0]
+      gather_row(e + 1, M, out, eb, n);  // e[j0 + 1]
       if (!pb.right) {
         for (i64 i = 0; i < n; ++i) {
-          float q = p[i] * Mf;
-          q = q >= 0.0f ? q : 0.0f;  // also maps NaN to 0
-          q = q <= top ? q : top;
-          const i32 j0 = static_cast<i32>(q);
-          i32 j = j0 - static_cast<i32>((j0 > 0) & (p[i] <= e[j0])) + static_cast<i32>(p[i] > e[j0 + 1]);
-          j = j < M - 1 ? j : M - 1;
-          out[i] = j;
+          const i32 j0 = out[i];
+          const i32 j = j0 - static_cast<i32>((j0 > 0) & (p[i] <= ea[i])) + static_cast<i32>(p[i] > eb[i]);
+          out[i] = j < M - 1 ? j : M - 1;
         }
       } else {
         for (i64 i = 0; i < n; ++i) {
-          float q = p[i] * Mf;
-          q = q >= 0.0f ? q : 0.0f;
-          q = q <= top ? q : top;
-          const i32 j0 = static_cast<i32>(q);
-          i32 j = j0 - static_cast<i32>((j0 > 0) & (p[i] < e[j0])) + static_cast<i32>(p[i] >= e[j0 + 1]);
-          j = j < M - 1 ? j : M - 1;
-          out[i] = j;
+          const i32 j0 = out[i];
+          const i32 j = j0 - static_cast<i32>((j0 > 0) & (p[i] < ea[i])) + static_cast<i32>(p[i] >= eb[i]);
+          out[i] = j < M - 1 ? j : M - 1;
         }
       }
-      if (masked)
-        for (i64 i = 0; i < n; ++i) out[i] = lab[i] >= 0 ? out[i] : M;
     } else {
       for (i64 i = 0; i < n; ++i) {
         float q = p[i] * Mf - 0.5f;
         q = q >= -1.0f ? q : -1.0f;  // also maps NaN to -1
         q = q <= top ? q : top;
         const i32 t0 = static_cast<i32>(q + 1.0f) - 1;  // floor, since q + 1 >= 0
-        const i32 a = t0 >= 0 ? t0 : 0;
-        const i32 bidx = t0 + 1 < M ? t0 + 1 : M - 1;
-        const i32 dec = static_cast<i32>((t0 >= 0) & !(e[a] < p[i]));
-        const i32 inc = static_cast<i32>((t0 + 1 < M) & (e[bidx] < p[i]));
+        out[i] = t0;
+        ia[i] = t0 >= 0 ? t0 : 0;
+        ib[i] = t0 + 1 < M ? t0 + 1 : M - 1;
+      }
+      gather_row(e, M, ia, ea, n);  // c[t0], in place
+      gather_row(e, M, ib, eb, n);  // c[t0 + 1], in place
+      for (i64 i = 0; i < n; ++i) {
+        const i32 t0 = out[i];
+        const i32 dec = static_cast<i32>((t0 >= 0) & !(ea[i] < p[i]));
+        const i32 inc = static_cast<i32>((t0 + 1 < M) & (eb[i] < p[i]));
         out[i] = t0 - dec + inc + 1;
       }
-      if (masked)
-        for (i64 i = 0; i < n; ++i) out[i] = lab[i] >= 0 ? out[i] : M + 1;
     }
+    if (pb.labels)
+      for (i64 i = 0; i < n; ++i) out[i] = lab[i] >= 0 ? out[i] : drop;
   }
 }
 
@@ -400,7 +451,7 @@ static i64 forward(const Problem& pb, i64 b, i64 begin, i64 end, double* out, fl
       for (i64 c = 0; c < C; ++c) load_float_row(pb.target, pb.target_kind, (b * C + c) * N + i0, n, y + c * T);
     }
     activate(pb, x, scratch + L.rowa, scratch + L.rowb, n);
-    compute_bins(pb, x, lab, bins, n);
+    compute_bins(pb, x, lab, bins, scratch + L.ea, scratch + L.eb, n);
     for (i64 c = 0; c < C; ++c) {
       double* h = hist + c * pb.copies * M2 * 4;
       if (pb.soft)
@@ -460,16 +511,18 @@ static void grad_tables(const Problem& pb, i64 b, const float* gc, const float* 
 
 // g = d loss / d p for one class row: K0[u] + K1[u] p + K2[u] y (gathers from the per-class tables).
 static void grad_p_row(const Problem& pb, const float* __restrict p, const float* __restrict y,
-                       const i32* __restrict u, const float* __restrict K0, const float* __restrict K1,
-                       const float* __restrict K2, float* __restrict g, i64 n) {
-  if (!pb.soft) {
-    for (i64 i = 0; i < n; ++i) g[i] = K0[u[i]];
-  } else {
+                       const i32* __restrict u, const float* K0, const float* K1, const float* K2,
+                       float* __restrict g, float* __restrict ea, float* __restrict eb, i64 n) {
+  const i64 M2 = pb.M + 2;
+  gather_row(K0, M2, u, g, n);
+  if (pb.soft) {
+    gather_row(K1, M2, u, ea, n);
+    gather_row(K2, M2, u, eb, n);
     // K1 = K2 = 0 outside the interior states 1..M-1: skip the products there so NaN / inf p cannot leak in.
     const u32 interior = static_cast<u32>(pb.M - 1);
     for (i64 i = 0; i < n; ++i) {
-      const float lin = K1[u[i]] * p[i] + K2[u[i]] * y[i];
-      g[i] = K0[u[i]] + (static_cast<u32>(u[i] - 1) < interior ? lin : 0.0f);
+      const float lin = ea[i] * p[i] + eb[i] * y[i];
+      g[i] += static_cast<u32>(u[i] - 1) < interior ? lin : 0.0f;
     }
   }
 }
@@ -501,10 +554,11 @@ static void backward(const Problem& pb, const float* grad_count, const float* gr
       for (i64 c = 0; c < C; ++c) load_float_row(pb.target, pb.target_kind, (b * C + c) * N + i0, n, y + c * T);
     }
     activate(pb, x, rowa, scratch + L.rowb, n);
-    compute_bins(pb, x, lab, bins, n);
+    compute_bins(pb, x, lab, bins, scratch + L.ea, scratch + L.eb, n);
     for (i64 c = 0; c < C; ++c) {
       const i64 t = c * M2;
-      grad_p_row(pb, x + c * T, y + c * T, bins + c * T, k0 + t, k1 + t, k2 + t, g + c * T, n);
+      grad_p_row(pb, x + c * T, y + c * T, bins + c * T, k0 + t, k1 + t, k2 + t, g + c * T, scratch + L.ea,
+                 scratch + L.eb, n);
     }
     // Chain through the activation (in place in g).
     if (pb.activation == 1) {
