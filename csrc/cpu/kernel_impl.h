@@ -116,8 +116,8 @@ static Layout layout(const Problem& pb) {
   L.eb = L.ea + T;         // [T]
   L.ftab = L.eb + T;       // [3][C][M + 2] backward gradient tables
   L.lo_of = L.ftab + 3 * C * M2;           // [M + 2] int32 soft state -> low bin
-  L.dtab = ((L.lo_of + M2 + 15) / 16) * 16;  // [4][M + 2] float64 soft state -> (c_hi, 1/d, base, c_lo)
-  L.total = L.dtab + 8 * M2 + 16;
+  L.dtab = ((L.lo_of + M2 + 15) / 16) * 16;  // [3][M + 2] float64 soft state -> (c_hi, 1/d, base)
+  L.total = L.dtab + 6 * M2 + 16;
   return L;
 }
 
@@ -328,16 +328,14 @@ static void compute_bins(const Problem& pb, const float* __restrict x, const i32
   }
 }
 
-// Soft state u -> (low bin, c_hi, 1/(c_hi - c_lo), base, c_lo) so that w_lo = (c_hi - p') / d + base, with
-// p' = p clamped to [c_lo, c_hi] and everything 0 outside the interior (there the weights are constants, also
-// for NaN / inf p): below the first centre all weight goes to bin 0, above the last to bin M-1, masked voxels
-// go to the discarded slots M and M+1.
-static void soft_tables(const Problem& pb, i32* lo_of, double* chi, double* invd, double* base, double* clo) {
+// Soft state u -> (low bin, c_hi, 1/(c_hi - c_lo), base) so that w_lo = (c_hi - p) / d in the interior states
+// 1..M-1 and w_lo = base (a constant, whatever p, NaN included) outside: below the first centre all weight goes
+// to bin 0, above the last to bin M-1, masked voxels go to the discarded slots M and M+1.
+static void soft_tables(const Problem& pb, i32* lo_of, double* chi, double* invd, double* base) {
   const i64 M = pb.M;
   const float* c = pb.edges;
   for (i64 u = 0; u <= M + 1; ++u) {
     chi[u] = 0.0;
-    clo[u] = 0.0;
     invd[u] = 0.0;
     base[u] = 0.0;
     if (u == 0 || u == M + 1 || M == 1) {
@@ -349,7 +347,6 @@ static void soft_tables(const Problem& pb, i32* lo_of, double* chi, double* invd
       const i64 t = u - 1;
       lo_of[u] = static_cast<i32>(t);
       chi[u] = static_cast<double>(c[t + 1]);
-      clo[u] = static_cast<double>(c[t]);
       invd[u] = 1.0 / (static_cast<double>(c[t + 1]) - static_cast<double>(c[t]));
     }
   }
@@ -377,31 +374,45 @@ static inline void hard_one(double* hc, i32 j, float p, float y) {
   acc4(hc + j * 4, 1.0, static_cast<double>(p), static_cast<double>(y));
 }
 
-// Soft membership in float64 (as exact as the reference): w_lo = (c_hi - p) / d + base, w_hi = 1 - w_lo.
-static inline void soft_one(double* hc, i32 u, float p, float y, const i32* lo_of, const double* chi,
-                            const double* invd, const double* base, const double* clo) {
-  const double pv = static_cast<double>(p), yv = static_cast<double>(y);
-  double pc = pv > clo[u] ? pv : clo[u];  // NaN -> c_lo
-  pc = pc < chi[u] ? pc : chi[u];
-  const double wl = (chi[u] - pc) * invd[u] + base[u];
-  double* hb = hc + lo_of[u] * 4;
-  acc4(hb, wl, pv, yv);
-  acc4(hb + 4, 1.0 - wl, pv, yv);
+static inline void soft_one(double* hc, i32 lo, float wl, float p, float y) {
+  const double w = static_cast<double>(wl), pv = static_cast<double>(p), yv = static_cast<double>(y);
+  acc4(hc + lo * 4, w, pv, yv);
+  acc4(hc + lo * 4 + 4, 1.0 - w, pv, yv);  // "the rest" of the voxel's unit weight
+}
+
+// Soft memberships of one class row from the states u (vectorised): w_lo = (c_hi - p) / (c_hi - c_lo) in the
+// interior states 1..M-1; below the first centre (u = 0), for M = 1 and for masked voxels (u = M + 1) w_lo = 1,
+// above the last centre (u = M) w_lo = 0. Out: wl (w_lo) and lo (the low bin; M for masked voxels), which may
+// alias the c_hi / 1/d lookups chi, invd.
+static void soft_weights_row(const Problem& pb, const float* __restrict p, const i32* __restrict u,
+                             const float* chi, const float* invd, float* wl, i32* lo, i64 n) {
+  const i32 M = static_cast<i32>(pb.M);
+  const u32 interior = static_cast<u32>(M - 1);
+  const i32 top = M - 2 > 0 ? M - 2 : 0;
+  for (i64 i = 0; i < n; ++i) {
+    const i32 s = u[i];
+    const float outside = ((s == 0) | (s == M + 1) | (M == 1)) ? 1.0f : 0.0f;
+    const float w = static_cast<u32>(s - 1) < interior ? (chi[i] - p[i]) * invd[i] : outside;
+    const i32 l = s - 1 > 0 ? s - 1 : 0;
+    const i32 lv = s == M + 1 ? M : (l < top ? l : top);
+    wl[i] = w;
+    lo[i] = lv;
+  }
 }
 
 // One class row of a tile into its histograms h [copies][M + 2][4] (count, sum_p, sum_y, unused); voxel i
 // goes to copy i % copies, so consecutive voxels in one bin do not wait on each other's stores.
+// Hard: idx = bin; soft: idx = low bin, wl = its weight.
 template <bool SOFT>
 static void scatter_row(const Problem& pb, const float* __restrict p, const float* __restrict y,
-                        const i32* __restrict bins, double* __restrict h, i64 n, const i32* lo_of,
-                        const double* chi, const double* invd, const double* base, const double* clo) {
+                        const i32* __restrict idx, const float* __restrict wl, double* __restrict h, i64 n) {
   const i64 stride = (pb.M + 2) * 4;
   i64 i = 0;
-#define CALIBOPS_ONE(hc, k)                                              \
-  if (SOFT)                                                              \
-    soft_one(hc, bins[k], p[k], y[k], lo_of, chi, invd, base, clo);      \
-  else                                                                   \
-    hard_one(hc, bins[k], p[k], y[k])
+#define CALIBOPS_ONE(hc, k)                   \
+  if (SOFT)                                   \
+    soft_one(hc, idx[k], wl[k], p[k], y[k]);  \
+  else                                        \
+    hard_one(hc, idx[k], p[k], y[k])
   if (pb.copies == 4) {
     double *h0 = h, *h1 = h + stride, *h2 = h + 2 * stride, *h3 = h + 3 * stride;
     for (; i + 4 <= n; i += 4) {
@@ -435,8 +446,16 @@ static i64 forward(const Problem& pb, i64 b, i64 begin, i64 end, double* out, fl
   i32* lab = reinterpret_cast<i32*>(scratch + L.lab);
   i32* lo_of = reinterpret_cast<i32*>(scratch + L.lo_of);
   double* dt = reinterpret_cast<double*>(scratch + L.dtab);
-  double *chi = dt, *invd = dt + M2, *base = dt + 2 * M2, *clo = dt + 3 * M2;
-  if (pb.soft) soft_tables(pb, lo_of, chi, invd, base, clo);
+  double *chi = dt, *invd = dt + M2, *base = dt + 2 * M2;
+  float* chi_f = scratch + L.ftab;  // float copies of c_hi and 1/d for the vectorised weights
+  float* invd_f = chi_f + M2;
+  if (pb.soft) {
+    soft_tables(pb, lo_of, chi, invd, base);
+    for (i64 k = 0; k < M2; ++k) {
+      chi_f[k] = static_cast<float>(chi[k]);
+      invd_f[k] = static_cast<float>(invd[k]);
+    }
+  }
   const i64 hsize = C * pb.copies * M2 * 4;
   for (i64 k = 0; k < hsize; ++k) hist[k] = 0.0;
 
@@ -454,10 +473,17 @@ static i64 forward(const Problem& pb, i64 b, i64 begin, i64 end, double* out, fl
     compute_bins(pb, x, lab, bins, scratch + L.ea, scratch + L.eb, n);
     for (i64 c = 0; c < C; ++c) {
       double* h = hist + c * pb.copies * M2 * 4;
-      if (pb.soft)
-        scatter_row<true>(pb, x + c * T, y + c * T, bins + c * T, h, n, lo_of, chi, invd, base, clo);
-      else
-        scatter_row<false>(pb, x + c * T, y + c * T, bins + c * T, h, n, lo_of, chi, invd, base, clo);
+      const float* p = x + c * T;
+      if (pb.soft) {
+        float* ea = scratch + L.ea;
+        float* eb = scratch + L.eb;
+        gather_row(chi_f, M2, bins + c * T, ea, n);
+        gather_row(invd_f, M2, bins + c * T, eb, n);
+        soft_weights_row(pb, p, bins + c * T, ea, eb, ea, reinterpret_cast<i32*>(eb), n);
+        scatter_row<true>(pb, p, y + c * T, reinterpret_cast<const i32*>(eb), ea, h, n);
+      } else {
+        scatter_row<false>(pb, p, y + c * T, bins + c * T, nullptr, h, n);
+      }
     }
   }
   // Merge the interleaved copies in a fixed order.
@@ -539,9 +565,9 @@ static void backward(const Problem& pb, const float* grad_count, const float* gr
   i32* lab = reinterpret_cast<i32*>(scratch + L.lab);
   i32* lo_of = reinterpret_cast<i32*>(scratch + L.lo_of);
   double* dt = reinterpret_cast<double*>(scratch + L.dtab);
-  double *chi = dt, *invd = dt + M2, *base = dt + 2 * M2, *clo = dt + 3 * M2;
+  double *chi = dt, *invd = dt + M2, *base = dt + 2 * M2;
   float *k0 = scratch + L.ftab, *k1 = k0 + C * M2, *k2 = k1 + C * M2;
-  if (pb.soft) soft_tables(pb, lo_of, chi, invd, base, clo);
+  if (pb.soft) soft_tables(pb, lo_of, chi, invd, base);
   grad_tables(pb, b, grad_count, grad_sum_p, grad_sum_y, k0, k1, k2, lo_of, chi, invd, base);
 
   for (i64 i0 = begin; i0 < end; i0 += T) {
