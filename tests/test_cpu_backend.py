@@ -116,8 +116,9 @@ def _stats_tolerance(x, t, act, labels, ignore_index, M, soft):
 
 
 def _check_stats(got, x, t, edges, M, soft, act, labels, ignore_index, right):
-    ref = binned_stats_prepared(x.double() if act != ACT_NONE else x.float().double(), t, edges, M, soft, act,
-                                labels, ignore_index, right)
+    ref = binned_stats_prepared(
+        x.double() if act != ACT_NONE else x.float().double(), t, edges, M, soft, act, labels, ignore_index, right
+    )
     bounds = _stats_tolerance(x, t, act, labels, ignore_index, M, soft)
     rtol = 2e-6 if act == ACT_NONE else 1e-5
     for name, g, r, b in zip(("count", "sum_p", "sum_y"), got[:3], ref[:3], bounds):
@@ -147,8 +148,13 @@ def test_forward_labels_matches_reference(soft, act, dtype):
     op, _ = _ops()
     edges = _edges(M, soft)
     for k, (ldt, ignore, right) in enumerate(
-        [(torch.int64, None, False), (torch.uint8, 255, True), (torch.int8, -1, False), (torch.int16, 3, True),
-         (torch.int32, None, True)]
+        [
+            (torch.int64, None, False),
+            (torch.uint8, 255, True),
+            (torch.int8, -1, False),
+            (torch.int16, 3, True),
+            (torch.int32, None, True),
+        ]
     ):
         x, t = _make(B, C, N, dtype, act, True, seed=k, target_dtype=ldt, ignore_index=ignore)
         got = op(x, t, edges, M, soft, act, True, ignore, right)
@@ -168,8 +174,18 @@ def test_forward_dense_matches_reference(soft, act, dtype):
 
 
 @pytest.mark.parametrize("soft", [False, True])
-@pytest.mark.parametrize("B,C,N,M", [(1, 1, 1, 20), (3, 1, 13, 7), (1, 17, 101, 20), (2, 2, 1, 1),
-                                     (1, 3, 4099, 3), (2, 5, 37, 1000), (1, 4, 40009, 20)])
+@pytest.mark.parametrize(
+    "B,C,N,M",
+    [
+        (1, 1, 1, 20),
+        (3, 1, 13, 7),
+        (1, 17, 101, 20),
+        (2, 2, 1, 1),
+        (1, 3, 4099, 3),
+        (2, 5, 37, 1000),
+        (1, 4, 40009, 20),
+    ],
+)
 def test_odd_shapes(soft, B, C, N, M):
     op, _ = _ops()
     edges = _edges(M, soft)
@@ -184,8 +200,14 @@ def test_values_on_exact_edges_and_centres():
     op, _ = _ops()
     for M, soft, right in itertools.product([1, 2, 7, 20, 64], [False, True], [False, True]):
         e = _edges(M, soft)
-        vals = torch.cat([e, torch.nextafter(e, torch.tensor(2.0)), torch.nextafter(e, torch.tensor(-1.0)),
-                          torch.tensor([0.0, 1.0, 0.5, 1e-30, 1 - EPS32 / 2])]).clamp(0, 1)
+        vals = torch.cat(
+            [
+                e,
+                torch.nextafter(e, torch.tensor(2.0)),
+                torch.nextafter(e, torch.tensor(-1.0)),
+                torch.tensor([0.0, 1.0, 0.5, 1e-30, 1 - EPS32 / 2]),
+            ]
+        ).clamp(0, 1)
         x = vals.view(1, 1, -1)
         t = torch.rand_like(x)
         got = op(x, t, e, M, soft, ACT_NONE, False, None, right)
@@ -330,8 +352,15 @@ def test_loss_and_grad_match_reference_with_grad_output(binning):
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(3, 5, 7, 11, 13, generator=g) * 2
     labels = torch.randint(0, 5, (3, 1, 7, 11, 13), generator=g)
-    kw = dict(binning=binning, to_onehot_y=True, softmax=True, reduction="none", weight=[1.0, 0.5, 2.0, 1.0, 0.0],
-              include_background=True, ignore_index=None)
+    kw = dict(
+        binning=binning,
+        to_onehot_y=True,
+        softmax=True,
+        reduction="none",
+        weight=[1.0, 0.5, 2.0, 1.0, 0.0],
+        include_background=True,
+        ignore_index=None,
+    )
     go = torch.randn(3, 5, generator=g)
     res = {}
     for backend in ("cpu", "reference"):
@@ -340,8 +369,17 @@ def test_loss_and_grad_match_reference_with_grad_output(binning):
         loss.backward(go)
         res[backend] = (loss.detach(), x.grad)
     torch.testing.assert_close(res["cpu"][0], res["reference"][0], rtol=1e-5, atol=1e-7)
-    _check_grad(res["cpu"][1].reshape(3, 5, -1), res["reference"][1].reshape(3, 5, -1), logits.reshape(3, 5, -1),
-                ACT_SOFTMAX, 20, binning == "soft", None, False, None)
+    _check_grad(
+        res["cpu"][1].reshape(3, 5, -1),
+        res["reference"][1].reshape(3, 5, -1),
+        logits.reshape(3, 5, -1),
+        ACT_SOFTMAX,
+        20,
+        binning == "soft",
+        None,
+        False,
+        None,
+    )
 
 
 def test_functional_noncontiguous_and_options():
@@ -366,8 +404,12 @@ def test_functional_noncontiguous_and_options():
             xi = inp.detach().clone().requires_grad_(True)
             loss = F.marginal_l1_ace(xi, tgt, backend=backend, **kw)
             (gx,) = torch.autograd.grad(loss, xi)
-            stats = F.binned_stats(inp, tgt, backend=backend, **{k: v for k, v in kw.items()
-                                                                 if k not in ("reduction", "ignore_empty_classes")})
+            stats = F.binned_stats(
+                inp,
+                tgt,
+                backend=backend,
+                **{k: v for k, v in kw.items() if k not in ("reduction", "ignore_empty_classes")},
+            )
             vals[backend] = (loss, gx, stats)
         torch.testing.assert_close(vals["cpu"][0], vals["reference"][0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(vals["cpu"][1], vals["reference"][1], rtol=GRAD_RTOL[inp.dtype], atol=1e-5)
@@ -399,8 +441,20 @@ def test_op_argument_errors():
     with pytest.raises(RuntimeError, match="activation"):
         op(x, t, bin_edges(4), 4, False, 3, True, None, False)
     with pytest.raises(RuntimeError, match="grad_sum_p"):
-        bop(torch.zeros(1, 2, 4), torch.zeros(1, 3, 4), torch.zeros(1, 2, 4), x, t, bin_edges(4), 4, False, 0, True,
-            None, False)
+        bop(
+            torch.zeros(1, 2, 4),
+            torch.zeros(1, 3, 4),
+            torch.zeros(1, 2, 4),
+            x,
+            t,
+            bin_edges(4),
+            4,
+            False,
+            0,
+            True,
+            None,
+            False,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -423,8 +477,10 @@ def test_bitwise_identical_for_1_and_2_threads():
         results = {}
         for n in (1, 2):
             torch.set_num_threads(n)
-            results[n] = [_run_all(x, t, soft, ACT_SOFTMAX, True) + _run_all(x2, t2, soft, ACT_NONE, False)
-                          for soft in (False, True)]
+            results[n] = [
+                _run_all(x, t, soft, ACT_SOFTMAX, True) + _run_all(x2, t2, soft, ACT_NONE, False)
+                for soft in (False, True)
+            ]
     finally:
         torch.set_num_threads(before)
     for a, b in zip(itertools.chain(*results[1]), itertools.chain(*results[2])):
@@ -455,8 +511,10 @@ def test_opcheck(soft):
     e = _edges(M, soft)
     x, t = _make(2, 3, 37, torch.float32, ACT_SOFTMAX, True, seed=1, ignore_index=4)
     xd, td = _make(1, 2, 29, torch.float16, ACT_NONE, False, seed=2, target_dtype=torch.bool)
-    for args in [(x.requires_grad_(True), t, e, M, soft, ACT_SOFTMAX, True, 4, False),
-                 (xd, td, e, M, soft, ACT_NONE, False, None, True)]:
+    for args in [
+        (x.requires_grad_(True), t, e, M, soft, ACT_SOFTMAX, True, 4, False),
+        (xd, td, e, M, soft, ACT_NONE, False, None, True),
+    ]:
         torch.library.opcheck(op, args)
         gs = tuple(torch.randn(args[0].shape[0], args[0].shape[1], M) for _ in range(3))
         torch.library.opcheck(bop, gs + tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))

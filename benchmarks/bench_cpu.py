@@ -1,0 +1,302 @@
+"""CPU benchmark: mL1-ACE forward, backward and forward+backward on the CPU.
+
+Implementations, all measured in the same run, with the same thread count: calibops ``cpu`` (the fused C++
+kernel), calibops ``reference`` (pure PyTorch) and the plain-PyTorch ``torch-vectorised`` baseline of
+benchmarks/_common.py (softmax, one_hot, bucketize, scatter_add, autograd). Inputs: logits + integer labels
+(softmax fused) and probabilities + one-hot float targets; hard and soft binning; 20 bins.
+
+Per row: medians (ms) of forward, backward and forward+backward (one forward then one backward per repetition,
+each timed), the speed-up of forward+backward over torch-vectorised, GB/s achieved on the bytes SPEC §3 says
+must move (``contract_bytes``), the ratio to the memory-traffic floor (those bytes at the copy bandwidth measured
+in this run with ``torch.Tensor.copy_``), and the peak extra memory of one forward+backward.
+
+Peak extra memory: the process runs with ``MALLOC_MMAP_THRESHOLD_=65536`` (the script re-executes itself to set
+it) so every tensor-sized allocation is a fresh mmap that is returned on free; before the measured call the
+kernel's peak-RSS mark is reset (``echo 5 > /proc/self/clear_refs``) and the result is ``VmHWM`` after the call
+minus ``VmRSS`` before it. It includes the gradient (the input's size, printed as ``grad MB``) and everything
+else the call touches: tensors, the kernels' scratch, allocator slack.
+
+    python benchmarks/bench_cpu.py                 # the issue's shapes; writes benchmarks/results/cpu_<cpu>.csv
+    python benchmarks/bench_cpu.py --quick         # one small shape, few repetitions (checks the script)
+
+Options: --shapes "2x4x64x64x64,..." --binning hard,soft --inputs logits,probs --impls cpu,reference,torch-vectorised
+--threads 2 --reps 7 --out PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import re
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+ISSUE_SHAPES = [(2, 4, 64, 64, 64), (2, 4, 96, 96, 96), (1, 16, 64, 64, 64)]
+QUICK_SHAPES = [(2, 4, 24, 24, 24)]
+IMPLS = ("cpu", "reference", "torch-vectorised")
+TARGET_SHAPE = (2, 4, 64, 64, 64)
+TARGET_SPEEDUP = 6.0  # done-when (issue 3); SPEC §4 aims at 10x
+SLOW_CALL_S = 1.0  # implementations slower than this per call get 3 repetitions
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one small shape, 3 repetitions (checks the script)")
+    ap.add_argument("--shapes", default=None, help='comma-separated BxCxD..., e.g. "2x4x64x64x64"')
+    ap.add_argument("--binning", default="hard,soft")
+    ap.add_argument("--inputs", default="logits,probs", help="logits (+ integer labels) and/or probs (+ one-hot)")
+    ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--num-bins", type=int, default=20)
+    ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/cpu_<cpu>.csv)")
+    return ap.parse_args(argv)
+
+
+def _ensure_malloc_env() -> None:
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_extra_mb(fn) -> float:
+    """Peak RSS growth (MB) while ``fn()`` runs; NaN where /proc does not support resetting the mark."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return float("nan")
+    before = _status_kb("VmRSS")
+    out = fn()
+    peak = _status_kb("VmHWM")
+    del out
+    if before is None or peak is None:
+        return float("nan")
+    return max(0, peak - before) / 1024.0
+
+
+def copy_bandwidth_gbs(torch) -> float:
+    """Copy bandwidth (GB/s, read + write bytes) of a 256 MB tensor copy with the current thread count."""
+    a = torch.ones(64 * 2**20)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        times.append(time.perf_counter() - t0)
+    return 2 * a.numel() * 4 / statistics.median(times) / 1e9
+
+
+def make_inputs(torch, shape, kind, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, C = shape[:2]
+    logits = torch.randn(*shape, generator=g) * 2
+    labels = torch.randint(0, C, (B, *shape[2:]), generator=g)
+    if kind == "logits":
+        return logits, labels
+    probs = torch.softmax(logits, 1)
+    onehot = torch.nn.functional.one_hot(labels, C).movedim(-1, 1).float().contiguous()
+    return probs, onehot
+
+
+def loss_fn(impl, kind, binning, num_bins):
+    from _common import torch_vectorised_loss
+
+    from calibops.functional import marginal_l1_ace
+
+    soft = binning == "soft"
+    if impl == "torch-vectorised":
+        if kind == "logits":
+            return lambda x, t: torch_vectorised_loss(x, t, num_bins=num_bins, soft=soft)
+        return lambda x, t: torch_vectorised_loss(None, probs_target=(x, t), num_bins=num_bins, soft=soft)
+    kw = dict(num_bins=num_bins, binning=binning, backend=impl, validate=False)
+    if kind == "logits":
+        kw.update(to_onehot_y=True, softmax=True)
+    return lambda x, t: marginal_l1_ace(x, t, **kw)
+
+
+def time_case(torch, fn, x, t, reps):
+    """Median forward, backward and forward+backward seconds, plus the loss value."""
+
+    def once():
+        xx = x.detach().requires_grad_(True)
+        t0 = time.perf_counter()
+        loss = fn(xx, t)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, float(loss.detach())
+
+    first = once()
+    if first[0] + first[1] > SLOW_CALL_S:
+        reps = min(reps, 3)
+    else:
+        once()
+    runs = [once() for _ in range(reps)]
+    fwd = statistics.median(r[0] for r in runs)
+    bwd = statistics.median(r[1] for r in runs)
+    both = statistics.median(r[0] + r[1] for r in runs)
+    return fwd, bwd, both, first[2]
+
+
+def cpu_isa(torch) -> str:
+    """The instruction-set build the cpu kernels pick here (mirrors csrc/cpu/binned_stats_cpu.cpp)."""
+    forced = os.environ.get("CALIBOPS_CPU_ISA", "")
+    if forced and forced != "auto":
+        return forced
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return "unknown"
+    if all(f" {f}" in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq")):
+        return "avx512"
+    if " avx2" in flags and " fma" in flags:
+        return "avx2"
+    return "base"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    _ensure_malloc_env()
+    import torch
+    from _common import contract_bytes, environment, print_table, write_csv
+
+    import calibops
+
+    torch.set_num_threads(args.threads)
+    shapes = QUICK_SHAPES if args.quick else ISSUE_SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    reps = 3 if args.quick else args.reps
+    impls = [i for i in args.impls.split(",") if i]
+    if "cpu" in impls and calibops.available_backends()["cpu"] is not None:
+        print(f"calibops cpu backend unavailable: {calibops.available_backends()['cpu']}", file=sys.stderr)
+        impls.remove("cpu")
+
+    env = environment()
+    env["cpu_isa"] = cpu_isa(torch)
+    bw = copy_bandwidth_gbs(torch)
+    env["copy_GBps"] = f"{bw:.1f}"
+    try:
+        env["load_avg"] = " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        pass
+    print("# " + "  ".join(f"{k}={v}" for k, v in env.items()))
+
+    rows = []
+    print_row({c: c for c in COLUMNS})
+    for shape in shapes:
+        for kind in [k for k in args.inputs.split(",") if k]:
+            x, t = make_inputs(torch, shape, kind)
+            for binning in [b for b in args.binning.split(",") if b]:
+                per_impl = {}
+                for impl in impls:
+                    fn = loss_fn(impl, kind, binning, args.num_bins)
+                    fwd, bwd, both, value = time_case(torch, fn, x, t, reps)
+
+                    def fwd_bwd(fn=fn, x=x, t=t):
+                        xx = x.detach().requires_grad_(True)
+                        fn(xx, t).backward()
+                        return xx.grad
+
+                    mem = peak_extra_mb(fwd_bwd)
+                    per_impl[impl] = dict(fwd=fwd, bwd=bwd, both=both, value=value, mem=mem)
+                base = per_impl.get("torch-vectorised")
+                for impl, r in per_impl.items():
+                    nbytes = {m: contract_bytes(x, t, m) for m in ("fwd", "bwd", "fwd+bwd")}
+                    floor = nbytes["fwd+bwd"] / (bw * 1e9)
+                    rows.append(
+                        {
+                            "shape": "x".join(map(str, shape)),
+                            "input": "logits+labels" if kind == "logits" else "probs+onehot",
+                            "binning": binning,
+                            "impl": impl,
+                            "fwd_ms": f"{r['fwd'] * 1e3:.2f}",
+                            "bwd_ms": f"{r['bwd'] * 1e3:.2f}",
+                            "fwd+bwd_ms": f"{r['both'] * 1e3:.2f}",
+                            "speedup": f"{base['both'] / r['both']:.1f}x" if base else "",
+                            "fwd_GBps": f"{nbytes['fwd'] / r['fwd'] / 1e9:.2f}",
+                            "fwd+bwd_GBps": f"{nbytes['fwd+bwd'] / r['both'] / 1e9:.2f}",
+                            "x_floor": f"{r['both'] / floor:.1f}",
+                            "peak_extra_MB": f"{r['mem']:.1f}",
+                            "grad_MB": f"{x.numel() * x.element_size() / 2**20:.1f}",
+                            "loss": f"{r['value']:.6g}",
+                            **env,
+                        }
+                    )
+                    print_row(rows[-1])
+                if base is not None:
+                    for impl, r in per_impl.items():
+                        if not math.isclose(r["value"], base["value"], rel_tol=1e-4, abs_tol=1e-6):
+                            print(f"!! {impl} loss {r['value']} differs from torch-vectorised {base['value']}")
+
+    print()
+    print_table(rows, COLUMNS)
+    verdict(rows)
+    out = args.out
+    if out is None:
+        cpu = re.sub(r"[^A-Za-z0-9]+", "_", env.get("cpu", "cpu")).strip("_").lower()
+        out = os.path.join(HERE, "results", f"cpu_{cpu}{'_quick' if args.quick else ''}.csv")
+    write_csv(out, rows)
+    print(f"wrote {out}")
+    return 0
+
+
+COLUMNS = (
+    "shape",
+    "input",
+    "binning",
+    "impl",
+    "fwd_ms",
+    "bwd_ms",
+    "fwd+bwd_ms",
+    "speedup",
+    "fwd_GBps",
+    "fwd+bwd_GBps",
+    "x_floor",
+    "peak_extra_MB",
+    "grad_MB",
+)
+_WIDTHS = {c: max(len(c), 14 if c in ("input", "shape") else 8) for c in COLUMNS}
+
+
+def print_row(row) -> None:
+    print("  ".join(str(row.get(c, "")).ljust(_WIDTHS[c]) for c in COLUMNS), flush=True)
+
+
+def verdict(rows) -> None:
+    """The issue's done-when line: fwd+bwd logits+labels at (2, 4, 64, 64, 64), cpu vs torch-vectorised."""
+    shape = "x".join(map(str, TARGET_SHAPE))
+    for r in rows:
+        if r["shape"] == shape and r["input"] == "logits+labels" and r["impl"] == "cpu" and r["speedup"]:
+            s = float(r["speedup"].rstrip("x"))
+            ok = "meets" if s >= TARGET_SPEEDUP else "MISSES"
+            print(
+                f"{r['binning']}: cpu fwd+bwd {r['fwd+bwd_ms']} ms, {r['speedup']} torch-vectorised "
+                f"({ok} the {TARGET_SPEEDUP:.0f}x target), {r['x_floor']}x the memory-traffic floor, "
+                f"peak extra {r['peak_extra_MB']} MB (gradient {r['grad_MB']} MB)"
+            )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
