@@ -331,21 +331,27 @@ static void compute_bins(const Problem& pb, const float* __restrict x, const i32
 // Soft state u -> (low bin, c_hi, 1/(c_hi - c_lo), base) so that w_lo = (c_hi - p) / d in the interior states
 // 1..M-1 and w_lo = base (a constant, whatever p, NaN included) outside: below the first centre all weight goes
 // to bin 0, above the last to bin M-1, masked voxels go to the discarded slots M and M+1.
+static inline i32 soft_low_bin(i32 u, i32 M) {
+  const i32 top = M - 2 > 0 ? M - 2 : 0;
+  const i32 l = u - 1 > 0 ? u - 1 : 0;
+  return u == M + 1 ? M : (l < top ? l : top);
+}
+
+static inline bool soft_interior(i32 u, i32 M) { return static_cast<u32>(u - 1) < static_cast<u32>(M - 1); }
+
+static inline float soft_outside_weight(i32 u, i32 M) { return ((u == 0) | (u == M + 1) | (M == 1)) ? 1.0f : 0.0f; }
+
 static void soft_tables(const Problem& pb, i32* lo_of, double* chi, double* invd, double* base) {
   const i64 M = pb.M;
   const float* c = pb.edges;
-  for (i64 u = 0; u <= M + 1; ++u) {
+  const i32 Mi = static_cast<i32>(M);
+  for (i32 u = 0; u <= Mi + 1; ++u) {
+    lo_of[u] = soft_low_bin(u, Mi);
+    base[u] = soft_outside_weight(u, Mi);
     chi[u] = 0.0;
     invd[u] = 0.0;
-    base[u] = 0.0;
-    if (u == 0 || u == M + 1 || M == 1) {
-      lo_of[u] = static_cast<i32>(u == M + 1 ? M : 0);
-      base[u] = 1.0;
-    } else if (u == M) {
-      lo_of[u] = static_cast<i32>(M - 2);
-    } else {
-      const i64 t = u - 1;
-      lo_of[u] = static_cast<i32>(t);
+    if (soft_interior(u, Mi)) {
+      const i32 t = u - 1;
       chi[u] = static_cast<double>(c[t + 1]);
       invd[u] = 1.0 / (static_cast<double>(c[t + 1]) - static_cast<double>(c[t]));
     }
@@ -387,16 +393,11 @@ static inline void soft_one(double* hc, i32 lo, float wl, float p, float y) {
 static void soft_weights_row(const Problem& pb, const float* __restrict p, const i32* __restrict u,
                              const float* chi, const float* invd, float* wl, i32* lo, i64 n) {
   const i32 M = static_cast<i32>(pb.M);
-  const u32 interior = static_cast<u32>(M - 1);
-  const i32 top = M - 2 > 0 ? M - 2 : 0;
   for (i64 i = 0; i < n; ++i) {
     const i32 s = u[i];
-    const float outside = ((s == 0) | (s == M + 1) | (M == 1)) ? 1.0f : 0.0f;
-    const float w = static_cast<u32>(s - 1) < interior ? (chi[i] - p[i]) * invd[i] : outside;
-    const i32 l = s - 1 > 0 ? s - 1 : 0;
-    const i32 lv = s == M + 1 ? M : (l < top ? l : top);
+    const float w = soft_interior(s, M) ? (chi[i] - p[i]) * invd[i] : soft_outside_weight(s, M);
     wl[i] = w;
-    lo[i] = lv;
+    lo[i] = soft_low_bin(s, M);
   }
 }
 
@@ -545,10 +546,10 @@ static void grad_p_row(const Problem& pb, const float* __restrict p, const float
     gather_row(K1, M2, u, ea, n);
     gather_row(K2, M2, u, eb, n);
     // K1 = K2 = 0 outside the interior states 1..M-1: skip the products there so NaN / inf p cannot leak in.
-    const u32 interior = static_cast<u32>(pb.M - 1);
+    const i32 M = static_cast<i32>(pb.M);
     for (i64 i = 0; i < n; ++i) {
       const float lin = ea[i] * p[i] + eb[i] * y[i];
-      g[i] += static_cast<u32>(u[i] - 1) < interior ? lin : 0.0f;
+      g[i] += soft_interior(u[i], M) ? lin : 0.0f;
     }
   }
 }
