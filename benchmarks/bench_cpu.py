@@ -10,11 +10,12 @@ each timed), the speed-up of forward+backward over torch-vectorised, GB/s achiev
 must move (``contract_bytes``), the ratio to the memory-traffic floor (those bytes at the copy bandwidth measured
 in this run with ``torch.Tensor.copy_``), and the peak extra memory of one forward+backward.
 
-Peak extra memory: the process runs with ``MALLOC_MMAP_THRESHOLD_=65536`` (the script re-executes itself to set
-it) so every tensor-sized allocation is a fresh mmap that is returned on free; before the measured call the
-kernel's peak-RSS mark is reset (``echo 5 > /proc/self/clear_refs``) and the result is ``VmHWM`` after the call
-minus ``VmRSS`` before it. It includes the gradient (the input's size, printed as ``grad MB``) and everything
-else the call touches: tensors, the kernels' scratch, allocator slack.
+Peak extra memory is measured after the timings, in a child process (``--memory-only``) that runs with
+``MALLOC_MMAP_THRESHOLD_=65536`` so every tensor-sized allocation is a fresh mmap, returned on free (the timed
+process keeps the default allocator behaviour): before each measured forward+backward the kernel's peak-RSS mark
+is reset (``echo 5 > /proc/self/clear_refs``) and the result is ``VmHWM`` after the call minus ``VmRSS`` before it.
+It includes the gradient (the input's size, printed as ``grad MB``) and everything else the call touches:
+tensors, the kernels' scratch, allocator slack.
 
     python benchmarks/bench_cpu.py                 # the issue's shapes; writes benchmarks/results/cpu_<cpu>.csv
     python benchmarks/bench_cpu.py --quick         # one small shape, few repetitions (checks the script)
@@ -57,13 +58,52 @@ def parse_args(argv=None):
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--num-bins", type=int, default=20)
     ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/cpu_<cpu>.csv)")
+    ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
-def _ensure_malloc_env() -> None:
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+def memory_table(argv) -> dict:
+    """{(shape, kind, binning, impl): peak extra MB} from a ``--memory-only`` child process (see module doc)."""
+    import json
+    import subprocess
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *argv, "--memory-only"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    table = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("{"):
+            r = json.loads(line)
+            table[(r["shape"], r["kind"], r["binning"], r["impl"])] = r["mb"]
+    if not table:
+        print(f"memory measurement failed: {out.stderr[-2000:]}", file=sys.stderr)
+    return table
+
+
+def measure_memory_only(torch, shapes, kinds, binnings, impls, num_bins) -> None:
+    import json
+
+    for shape in shapes:
+        for kind in kinds:
+            x, t = make_inputs(torch, shape, kind)
+            for binning in binnings:
+                for impl in impls:
+                    fn = loss_fn(impl, kind, binning, num_bins)
+
+                    def fwd_bwd(fn=fn, x=x, t=t):
+                        xx = x.detach().requires_grad_(True)
+                        fn(xx, t).backward()
+                        return xx.grad
+
+                    fwd_bwd()  # warm-up: lazy initialisation is not the op's memory
+                    mb = peak_extra_mb(fwd_bwd)
+                    key = dict(shape="x".join(map(str, shape)), kind=kind, binning=binning, impl=impl)
+                    print(json.dumps({**key, "mb": mb}), flush=True)
 
 
 def _status_kb(field: str) -> int | None:
@@ -176,8 +216,8 @@ def cpu_isa(torch) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    _ensure_malloc_env()
     import torch
     from _common import contract_bytes, environment, print_table, write_csv
 
@@ -192,6 +232,11 @@ def main(argv=None) -> int:
     if "cpu" in impls and calibops.available_backends()["cpu"] is not None:
         print(f"calibops cpu backend unavailable: {calibops.available_backends()['cpu']}", file=sys.stderr)
         impls.remove("cpu")
+    kinds = [k for k in args.inputs.split(",") if k]
+    binnings = [b for b in args.binning.split(",") if b]
+    if args.memory_only:
+        measure_memory_only(torch, shapes, kinds, binnings, impls, args.num_bins)
+        return 0
 
     env = environment()
     env["cpu_isa"] = cpu_isa(torch)
@@ -206,21 +251,14 @@ def main(argv=None) -> int:
     rows = []
     print_row({c: c for c in COLUMNS})
     for shape in shapes:
-        for kind in [k for k in args.inputs.split(",") if k]:
+        for kind in kinds:
             x, t = make_inputs(torch, shape, kind)
-            for binning in [b for b in args.binning.split(",") if b]:
+            for binning in binnings:
                 per_impl = {}
                 for impl in impls:
                     fn = loss_fn(impl, kind, binning, args.num_bins)
                     fwd, bwd, both, value = time_case(torch, fn, x, t, reps)
-
-                    def fwd_bwd(fn=fn, x=x, t=t):
-                        xx = x.detach().requires_grad_(True)
-                        fn(xx, t).backward()
-                        return xx.grad
-
-                    mem = peak_extra_mb(fwd_bwd)
-                    per_impl[impl] = dict(fwd=fwd, bwd=bwd, both=both, value=value, mem=mem)
+                    per_impl[impl] = dict(fwd=fwd, bwd=bwd, both=both, value=value)
                 base = per_impl.get("torch-vectorised")
                 for impl, r in per_impl.items():
                     nbytes = {m: contract_bytes(x, t, m) for m in ("fwd", "bwd", "fwd+bwd")}
@@ -238,7 +276,7 @@ def main(argv=None) -> int:
                             "fwd_GBps": f"{nbytes['fwd'] / r['fwd'] / 1e9:.2f}",
                             "fwd+bwd_GBps": f"{nbytes['fwd+bwd'] / r['both'] / 1e9:.2f}",
                             "x_floor": f"{r['both'] / floor:.1f}",
-                            "peak_extra_MB": f"{r['mem']:.1f}",
+                            "peak_extra_MB": "",
                             "grad_MB": f"{x.numel() * x.element_size() / 2**20:.1f}",
                             "loss": f"{r['value']:.6g}",
                             **env,
@@ -250,6 +288,10 @@ def main(argv=None) -> int:
                         if not math.isclose(r["value"], base["value"], rel_tol=1e-4, abs_tol=1e-6):
                             print(f"!! {impl} loss {r['value']} differs from torch-vectorised {base['value']}")
 
+    mem = memory_table(argv)
+    for r in rows:
+        mb = mem.get((r["shape"], "logits" if r["input"] == "logits+labels" else "probs", r["binning"], r["impl"]))
+        r["peak_extra_MB"] = f"{mb:.1f}" if mb is not None else "n/a"
     print()
     print_table(rows, COLUMNS)
     verdict(rows)
