@@ -11,6 +11,8 @@ Every calibops backend's loss value is checked against torch-vectorised before i
     python benchmarks/bench_gpu.py                    # the issue's shapes, hard + soft, writes
                                                       # benchmarks/results/gpu_<card>.csv
     python benchmarks/bench_gpu.py --device cpu --dry-run   # tiny shapes on CPU (interpreter): checks the script
+    python benchmarks/bench_gpu.py --registers        # no GPU: compile for sm_90, print registers / spills
+    python benchmarks/bench_gpu.py --sweep-tiles fwd:512:4,fwd:1024:4,bwd:1024:8   # block-size settings
 
 Options: --shapes "2x4x224x224x144,..." --binning hard,soft --modes fwd,bwd,fwd+bwd --backends ...
 --dtype float32|float16|bfloat16 --label-dtype int64|uint8|... --budget-s (stop timing slow backends when spent)
@@ -20,6 +22,7 @@ Options: --shapes "2x4x224x224x144,..." --binning hard,soft --modes fwd,bwd,fwd+
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import re
@@ -67,6 +70,9 @@ def parse_args(argv=None):
     ap.add_argument("--budget-s", type=float, default=240.0,
                     help="after this many seconds only triton/cuda rows are still timed (slow baselines skipped)")
     ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/gpu_<card>.csv)")
+    ap.add_argument("--registers", action="store_true",
+                    help="no GPU needed: compile the Triton kernels for --arch and print registers / stack per variant")
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability for --registers (default 90)")
     ap.add_argument("--sweep-tiles", default=None,
                     help='only time the Triton ops for block-size settings, e.g. "fwd:2048:4,fwd:4096:8,bwd:8192:8" '
                          "(kernel:TILE_ELEMS:num_warps); writes gpu_<card>_tiles.csv")
@@ -173,8 +179,84 @@ def kernel_resources() -> list[str]:
     return lines
 
 
+def register_report(arch: int) -> int:
+    """Compile the forward/backward kernels for sm_<arch> (no GPU needed) and print ptxas register use.
+
+    Uses Triton's ahead-of-time API (``triton.compile`` of an ``ASTSource``) and ``cuobjdump -res-usage`` on
+    the cubin. The configurations are those ``launch_config`` picks for the issue's shapes."""
+    import importlib
+    import shutil
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    tb = importlib.import_module("calibops.triton.binned_stats")
+    if tb.INTERPRETED:
+        print("--registers needs TRITON_INTERPRET unset")
+        return 2
+    nvbin = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    cuobjdump = os.path.join(nvbin, "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        cuobjdump = shutil.which("cuobjdump") or cuobjdump
+    failures = 0
+    print(f"Triton {triton.__version__}, target sm_{arch}: registers / stack bytes per kernel variant")
+    tb_sms = tb._num_sms
+    tb._num_sms = lambda device: 132
+    try:
+        for C in (1, 2, 4, 8, 16, 32, 40):
+            for soft, xdt, kernel in itertools.product((False, True), ("fp32", "bf16"), ("fwd", "bwd")):
+                failures += _compile_one(tb, triton, ASTSource, GPUTarget, cuobjdump, arch, C, soft, xdt, kernel)
+    finally:
+        tb._num_sms = tb_sms
+    return 1 if failures else 0
+
+
+def _compile_one(tb, triton, ASTSource, GPUTarget, cuobjdump, arch, C, soft, xdt, kernel) -> int:
+    import subprocess
+    import tempfile
+
+    import torch
+
+    cfg = tb.launch_config(2, C, 7_225_344, 20, torch.device("cuda"), backward=kernel == "bwd")
+    consts = {"NUM_BINS": 20, "C_BLOCK": cfg["C_BLOCK"], "BLOCK_N": cfg["BLOCK_N"], "SOFT": soft,
+              "ACTIVATION": 1, "LABELS": True, "SINGLE_CHUNK": cfg["num_cc"] == 1}
+    if kernel == "fwd":
+        fn = tb._stats_fwd_kernel
+        consts["M_PAD"] = cfg["M_PAD"]
+        ptrs = {"x_ptr": xdt, "t_ptr": "i64", "e_ptr": "fp32", "part_ptr": "fp32", "bad_ptr": "i32"}
+    else:
+        fn = tb._stats_bwd_kernel
+        ptrs = {"gc_ptr": "fp32", "gp_ptr": "fp32", "gy_ptr": "fp32", "x_ptr": xdt, "t_ptr": "i64",
+                "e_ptr": "fp32", "gx_ptr": xdt}
+    scalars = ("C", "N", "P", "tiles_per_prog", "ignore_index", "has_ignore", "right")
+    sig = {name: ("*" + ptrs[name] if name in ptrs else "i32" if name in scalars else "constexpr")
+           for name in fn.arg_names}
+    label = (f"{kernel} C={C:<3d} {'soft' if soft else 'hard'} {xdt:<4s} C_BLOCK={cfg['C_BLOCK']:<3d} "
+             f"BLOCK_N={cfg['BLOCK_N']:<5d} warps={cfg['num_warps']}")
+    try:
+        t0 = time.perf_counter()
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": cfg["num_warps"]})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True)
+        reg = re.search(r"REG:(\d+)", res.stdout)
+        stack = re.search(r"STACK:(\d+)", res.stdout)
+        print(f"  {label}: registers={reg.group(1) if reg else '?'} stack={stack.group(1) if stack else '?'} "
+              f"compile={time.perf_counter() - t0:.1f}s")
+        return 0
+    except Exception as exc:  # noqa: BLE001
+        print(f"  {label}: COMPILE FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        return 1
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.registers:
+        os.environ.pop("TRITON_INTERPRET", None)
+        return register_report(args.arch)
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
     import torch

@@ -139,7 +139,7 @@ fi
 
 # --- 6. Triton block-size sweep (which TILE_ELEMS / num_warps to make the default), if time is left ----------
 run_step "tile sweep" 120 40 $PY benchmarks/bench_gpu.py --shapes 2x4x224x224x144,2x16x176x176x64 \
-  --sweep-tiles fwd:1024:4,fwd:2048:4,fwd:2048:8,fwd:4096:8,bwd:2048:4,bwd:4096:8,bwd:8192:8
+  --sweep-tiles fwd:512:4,fwd:1024:4,fwd:2048:4,fwd:1024:8,bwd:512:4,bwd:1024:8,bwd:2048:8
 if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then
   cp benchmarks/results/gpu_*.csv "$OUT"/ 2>/dev/null || true
 fi

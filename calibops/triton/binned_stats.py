@@ -21,21 +21,20 @@ Backward design (one read of input and target, one write of the gradient): grid 
 walks its tiles, recomputes p and the bins, gathers the (B, C, M) upstream gradients at the element's bins
 (tiny, cache resident) and applies the contract's chain rule through the memberships and the activation.
 
-Block-size heuristic (documented, no autotuning so runs are reproducible and the interpreter stays fast):
+Block-size heuristic (documented, no autotuning so runs are reproducible and the interpreter stays fast). The
+numbers come from compiling the kernels for sm_90 with this Triton (ptxas register counts, no GPU needed):
     - ``C_BLOCK = next_pow2(C)`` up to ``MAX_C_BLOCK = 32``: up to 32 classes live in one register tile.
-    - ``BLOCK_N = TILE_ELEMS // C_BLOCK`` (clamped to [16, 1024]; under the interpreter also to
-      next_pow2(N)), ``TILE_ELEMS = 2048`` forward / ``4096`` backward, ``num_warps = 4`` (8 for backward
-      tiles of 4096 elements): about 16 elements of each per-element temporary per thread.
-    - Forward programs per image: enough for ~4 programs per SM over the whole grid, but at most
-      ``MAX_TILES_PER_PROG = 256`` tiles each (bounds the sequential float32 accumulation length).
-    - Register budget: the forward keeps 3 x C_BLOCK x next_pow2(M) accumulators (3 x 32 x 32 at the limit,
-      24 per thread with 4 warps) plus ~8 live per-element temporaries; the per-bin loop is unrolled
-      (``NUM_BINS`` is a compile-time constant, so each M compiles once). Measured registers/spills per
-      variant are printed by benchmarks/bench_gpu.py.
+    - Forward: tiles of ``C_BLOCK x BLOCK_N`` = 1024 elements (C_BLOCK <= 8) or 512 (16-32 classes), 4 warps:
+      8 or 4 elements per thread, 56-152 registers and no spills for C <= 32 (bigger tiles reached 255
+      registers and spilled). The per-bin loop is a runtime loop (an unrolled one spilled and compiled 30x
+      slower). Programs: ~``PROGRAMS_PER_SM = 32`` per SM over the grid, each >= 4 and <= 256 tiles (the upper
+      bound limits the sequential float32 accumulation length).
+    - Backward: 1024-element tiles, 8 warps (4 elements per thread, 45-80 registers), one tile per program.
+    - ``BLOCK_N`` is clamped to [16, 1024] (and, under the interpreter only, to next_pow2(N)).
     The environment variables ``CALIBOPS_TRITON_TILE_FWD`` / ``CALIBOPS_TRITON_TILE_BWD`` (powers of two
     >= 16) and ``CALIBOPS_TRITON_WARPS_FWD`` / ``CALIBOPS_TRITON_WARPS_BWD`` override the heuristic for
-    experiments (``bench_gpu.py --sweep-tiles`` times a few settings). Results do not depend on them beyond
-    float32 summation order.
+    experiments (``bench_gpu.py --sweep-tiles`` times a few settings; the bench prints registers/spills).
+    Results do not depend on them beyond float32 summation order.
 
 Classes above the register limit (C > 32) are still exact: the classes are processed in chunks of 32.
 Forward: one program axis per chunk; with softmax each chunk-program also runs an online max/sum over all
@@ -61,6 +60,8 @@ __all__ = ["MAX_C_BLOCK", "binned_stats", "binned_stats_backward", "launch_confi
 
 MAX_C_BLOCK = 32
 MAX_TILES_PER_PROG = 256
+MIN_TILES_PER_PROG = 4
+PROGRAMS_PER_SM = 32
 MAX_BLOCK_N = 1024  # the forward's packed (count, sum_y) tile sums rely on BLOCK_N <= 1024 < _PACK
 _PACK = tl.constexpr(2048.0)
 _LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -247,7 +248,7 @@ def _stats_fwd_kernel(
         if SOFT:
             lo, w_lo, w_hi, slope = _soft_bins(p, e_ptr, NUM_BINS)
             lo = tl.where(valid, lo, -2)  # -2: neither lo nor lo+1 can match a bin
-            for m in tl.static_range(NUM_BINS):
+            for m in range(NUM_BINS):
                 w = tl.where(lo == m, w_lo, 0.0) + tl.where(lo == m - 1, w_hi, 0.0)
                 cm = tl.sum(w, axis=1)
                 pm = tl.sum(w * p, axis=1)
@@ -263,7 +264,7 @@ def _stats_fwd_kernel(
                 # y is 0/1: count and sum_y travel as one exact float, 1 + _PACK*y per voxel (a tile sums to at
                 # most BLOCK_N * (1 + _PACK) <= 2^21 + 2^10 < 2^24), split per tile: one masked sum fewer per bin.
                 packed = 1.0 + _PACK * y
-            for m in tl.static_range(NUM_BINS):
+            for m in range(NUM_BINS):
                 hit = j == m
                 if LABELS:
                     both = tl.sum(tl.where(hit, packed, 0.0), axis=1)
@@ -435,21 +436,27 @@ def _num_sms(device: torch.device) -> int:
 def launch_config(B: int, C: int, N: int, num_bins: int, device: torch.device, backward: bool = False) -> dict:
     """Block sizes and grid for a ``[B, C, N]`` problem (see the module docstring for the heuristic)."""
     c_block = min(triton.next_power_of_2(max(C, 1)), MAX_C_BLOCK)
-    tile = _env_pow2("CALIBOPS_TRITON_TILE_BWD" if backward else "CALIBOPS_TRITON_TILE_FWD",
-                     4096 if backward else 2048)
+    if backward:
+        tile, num_warps = 1024, 8  # 4 elements per thread: 45-80 registers (sm_90, C <= 32, hard/soft)
+    elif c_block <= 8:
+        tile, num_warps = 1024, 4  # 8 elements per thread: ~80-95 registers
+    else:
+        tile, num_warps = 512, 4  # 4 elements per thread: ~70-110 registers for 16-32 classes
+    tile = _env_pow2("CALIBOPS_TRITON_TILE_BWD" if backward else "CALIBOPS_TRITON_TILE_FWD", tile)
+    num_warps = _env_pow2("CALIBOPS_TRITON_WARPS_BWD" if backward else "CALIBOPS_TRITON_WARPS_FWD", num_warps, 1)
     block_n = max(16, min(tile // c_block, MAX_BLOCK_N))
     if device.type != "cuda":  # interpreter: no point in simulating lanes past the end of a tiny volume
         block_n = max(16, min(block_n, triton.next_power_of_2(max(N, 1))))
-    num_warps = 8 if backward and c_block * block_n >= 4096 else 4
-    num_warps = _env_pow2("CALIBOPS_TRITON_WARPS_BWD" if backward else "CALIBOPS_TRITON_WARPS_FWD", num_warps, 1)
     num_cc = triton.cdiv(C, c_block)
     tiles = triton.cdiv(N, block_n)
     if backward:
         # one tile per program unless the grid would get huge (then a few consecutive tiles each)
         progs = max(1, min(tiles, (1 << 24) // max(B, 1)))
     else:
-        target = 4 * _num_sms(device)
-        progs = max(1, min(tiles, triton.cdiv(target, max(B * num_cc, 1))))
+        # many programs (several waves at 4-6 resident per SM keep the tail short), each >= MIN_TILES_PER_PROG
+        # tiles so the [B*P, C, M] partials stay small next to the input, and <= MAX_TILES_PER_PROG tiles
+        target = PROGRAMS_PER_SM * _num_sms(device)
+        progs = max(1, min(triton.cdiv(tiles, MIN_TILES_PER_PROG), triton.cdiv(target, max(B * num_cc, 1))))
         progs = max(progs, triton.cdiv(tiles, MAX_TILES_PER_PROG))
     tiles_per_prog = triton.cdiv(tiles, progs)
     progs = triton.cdiv(tiles, tiles_per_prog)
