@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -36,6 +37,12 @@ _TRITON_ERROR: list[str | None] = []  # filled on first use: [None] or [reason]
 def _triton_import_error() -> str | None:
     """Why the Triton backend cannot be imported (None if it can); decided once, then a plain lookup."""
     if not _TRITON_ERROR:
+        if torch.compiler.is_compiling():
+            # importing cannot be traced; a first call outside torch.compile decides it for good
+            mod = sys.modules.get("calibops.triton")
+            if mod is not None and callable(getattr(mod, "binned_stats", None)):
+                return None
+            return "calibops.triton is not imported yet: call the loss once outside torch.compile first"
         if importlib.util.find_spec("triton") is None:
             err = "triton is not installed (pip install triton)"
         else:
