@@ -91,7 +91,7 @@ static inline float exp_f(float x) {
   const float scale = u2f(static_cast<u32>(ni + 127) << 23);
   float e = y * scale;
   e = x < lo ? 0.0f : e;
-  e = x > hi ? __builtin_inff() : e;
+  e = x > hi ? u2f(0x7f800000u) : e;  // +inf
   return e;
 }
 
@@ -99,7 +99,7 @@ static inline float exp_f(float x) {
 // Scratch layout (floats) for one worker: rows of T floats, T a multiple of 16 (64-byte aligned rows).
 
 struct Layout {
-  i64 x, y, bins, g, lab, rowa, rowb, ea, eb, ftab, lo_of, dtab, total;
+  i64 x, y, bins, g, lab, rowa, rowb, ea, eb, pk, ftab, lo_of, dtab, total;
 };
 
 static Layout layout(const Problem& pb) {
@@ -114,7 +114,8 @@ static Layout layout(const Problem& pb) {
   L.rowb = L.rowa + T;     // [T] softmax sum
   L.ea = L.rowb + T;       // [T] binning / backward gathers
   L.eb = L.ea + T;         // [T]
-  L.ftab = L.eb + T;       // [3][C][M + 2] backward gradient tables
+  L.pk = L.eb + T;         // [T][4] float64 packed (1, p, y, 0) of one class row (T a multiple of 16)
+  L.ftab = L.pk + 8 * T;   // [3][C][M + 2] backward gradient tables
   L.lo_of = L.ftab + 3 * C * M2;           // [M + 2] int32 soft state -> low bin
   L.dtab = ((L.lo_of + M2 + 15) / 16) * 16;  // [3][M + 2] float64 soft state -> (c_hi, 1/d, base)
   L.total = L.dtab + 6 * M2 + 16;
@@ -361,30 +362,39 @@ static void soft_tables(const Problem& pb, i32* lo_of, double* chi, double* invd
 // ---------------------------------------------------------------------------------------------------------
 // Forward.
 
-// h[0..3] += w * (1, p, y, 0): one 256-bit add with AVX (two with SSE2).
+// pk[4 i .. 4 i + 3] = (1, p_i, y_i, 0) in float64 (vectorised), so that the scatter below is one 256-bit
+// load-add-store per voxel and bin.
+static void pack_row(const float* __restrict p, const float* __restrict y, double* __restrict pk, i64 n) {
+  for (i64 i = 0; i < n; ++i) {
+    pk[4 * i] = 1.0;
+    pk[4 * i + 1] = static_cast<double>(p[i]);
+    pk[4 * i + 2] = static_cast<double>(y[i]);
+    pk[4 * i + 3] = 0.0;
+  }
+}
+
+// h[0..3] += w * v[0..3] (count, sum_p, sum_y, unused).
 #if defined(__GNUC__) || defined(__clang__)
 typedef double v4d __attribute__((vector_size(32), aligned(8)));
-static inline void acc4(double* h, double w, double p, double y) {
-  const v4d v = {w, w * p, w * y, 0.0};
-  *reinterpret_cast<v4d*>(h) += v;
+static inline void hard_one(double* hc, i32 j, const double* v) {
+  *reinterpret_cast<v4d*>(hc + j * 4) += *reinterpret_cast<const v4d*>(v);
+}
+static inline void soft_one(double* hc, i32 lo, float wl, const double* v) {
+  const double w = static_cast<double>(wl);
+  const v4d pv = *reinterpret_cast<const v4d*>(v);
+  *reinterpret_cast<v4d*>(hc + lo * 4) += pv * w;
+  *reinterpret_cast<v4d*>(hc + lo * 4 + 4) += pv * (1.0 - w);  // "the rest" of the voxel's unit weight
 }
 #else
-static inline void acc4(double* h, double w, double p, double y) {
-  h[0] += w;
-  h[1] += w * p;
-  h[2] += w * y;
+static inline void hard_one(double* hc, i32 j, const double* v) {
+  for (int k = 0; k < 4; ++k) hc[j * 4 + k] += v[k];
+}
+static inline void soft_one(double* hc, i32 lo, float wl, const double* v) {
+  const double w = static_cast<double>(wl);
+  for (int k = 0; k < 4; ++k) hc[lo * 4 + k] += v[k] * w;
+  for (int k = 0; k < 4; ++k) hc[lo * 4 + 4 + k] += v[k] * (1.0 - w);
 }
 #endif
-
-static inline void hard_one(double* hc, i32 j, float p, float y) {
-  acc4(hc + j * 4, 1.0, static_cast<double>(p), static_cast<double>(y));
-}
-
-static inline void soft_one(double* hc, i32 lo, float wl, float p, float y) {
-  const double w = static_cast<double>(wl), pv = static_cast<double>(p), yv = static_cast<double>(y);
-  acc4(hc + lo * 4, w, pv, yv);
-  acc4(hc + lo * 4 + 4, 1.0 - w, pv, yv);  // "the rest" of the voxel's unit weight
-}
 
 // Soft memberships of one class row from the states u (vectorised): w_lo = (c_hi - p) / (c_hi - c_lo) in the
 // interior states 1..M-1; below the first centre (u = 0), for M = 1 and for masked voxels (u = M + 1) w_lo = 1,
@@ -405,15 +415,15 @@ static void soft_weights_row(const Problem& pb, const float* __restrict p, const
 // goes to copy i % copies, so consecutive voxels in one bin do not wait on each other's stores.
 // Hard: idx = bin; soft: idx = low bin, wl = its weight.
 template <bool SOFT>
-static void scatter_row(const Problem& pb, const float* __restrict p, const float* __restrict y,
-                        const i32* __restrict idx, const float* __restrict wl, double* __restrict h, i64 n) {
+static void scatter_row(const Problem& pb, const double* __restrict pk, const i32* __restrict idx,
+                        const float* __restrict wl, double* __restrict h, i64 n) {
   const i64 stride = (pb.M + 2) * 4;
   i64 i = 0;
-#define CALIBOPS_ONE(hc, k)                   \
-  if (SOFT)                                   \
-    soft_one(hc, idx[k], wl[k], p[k], y[k]);  \
-  else                                        \
-    hard_one(hc, idx[k], p[k], y[k])
+#define CALIBOPS_ONE(hc, k)                    \
+  if (SOFT)                                    \
+    soft_one(hc, idx[k], wl[k], pk + 4 * (k)); \
+  else                                         \
+    hard_one(hc, idx[k], pk + 4 * (k))
   if (pb.copies == 4) {
     double *h0 = h, *h1 = h + stride, *h2 = h + 2 * stride, *h3 = h + 3 * stride;
     for (; i + 4 <= n; i += 4) {
@@ -475,15 +485,17 @@ static i64 forward(const Problem& pb, i64 b, i64 begin, i64 end, double* out, fl
     for (i64 c = 0; c < C; ++c) {
       double* h = hist + c * pb.copies * M2 * 4;
       const float* p = x + c * T;
+      double* pk = reinterpret_cast<double*>(scratch + L.pk);
+      pack_row(p, y + c * T, pk, n);
       if (pb.soft) {
         float* ea = scratch + L.ea;
         float* eb = scratch + L.eb;
         gather_row(chi_f, M2, bins + c * T, ea, n);
         gather_row(invd_f, M2, bins + c * T, eb, n);
         soft_weights_row(pb, p, bins + c * T, ea, eb, ea, reinterpret_cast<i32*>(eb), n);
-        scatter_row<true>(pb, p, y + c * T, reinterpret_cast<const i32*>(eb), ea, h, n);
+        scatter_row<true>(pb, pk, reinterpret_cast<const i32*>(eb), ea, h, n);
       } else {
-        scatter_row<false>(pb, p, y + c * T, bins + c * T, nullptr, h, n);
+        scatter_row<false>(pb, pk, bins + c * T, nullptr, h, n);
       }
     }
   }
