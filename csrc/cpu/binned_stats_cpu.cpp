@@ -3,15 +3,16 @@
 // kernels (kernel_<isa>.cpp), splits the work and merges the results; the voxel loops are in kernel_impl.h.
 //
 // Parallelism and determinism: every image is cut into chunks whose boundaries depend only on (N, C, M),
-// never on the thread count. at::parallel_for runs the (image, chunk) tasks; each task writes its float64
+// never on the thread count. at::parallel_for threads claim the (image, chunk) tasks; each task writes its float64
 // partial histogram [C][M][3] to its own slot, and the slots are summed afterwards in chunk order. Results
 // are therefore bitwise identical for any number of threads. Extra memory: the partial slots
-// (B x chunks x C x M x 3 doubles, chunks <= 256) plus a few KiB of tile scratch per thread.
+// (B x chunks x C x M x 3 doubles, chunks <= 256) plus tens of KiB of tile scratch per thread.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -187,6 +188,19 @@ struct Workspace {
   }
 };
 
+// Runs task(t, workspace) for t in [0, ntask) on the at::parallel_for threads. Tasks are claimed from a shared
+// counter, not split statically: on a busy machine a thread that starts late finds the work already done
+// instead of holding back the whole call. Which thread runs a task never changes its result.
+template <typename F>
+void run_tasks(int64_t ntask, size_t scratch_floats, size_t hist_doubles, const F& task) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntask));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    Workspace ws(scratch_floats, hist_doubles);
+    for (int64_t t = next.fetch_add(1); t < ntask; t = next.fetch_add(1)) task(t, ws);
+  });
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> binned_stats_cpu(const Tensor& input, const Tensor& target,
                                                              const Tensor& edges, int64_t num_bins, bool soft,
                                                              int64_t activation, bool labels,
@@ -211,13 +225,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> binned_stats_cpu(const Tensor& input,
   std::vector<double> partial(static_cast<size_t>(ntask * slot));
   std::vector<int64_t> bad_part(static_cast<size_t>(ntask), 0);
   const size_t sf = K->scratch_floats(pb), hd = K->hist_doubles(pb);
-  at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
-    Workspace ws(sf, hd);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / P.chunks, k = t % P.chunks;
-      const int64_t begin = k * P.chunk_len, end = std::min(pb.N, begin + P.chunk_len);
-      bad_part[t] = K->forward(pb, b, begin, end, partial.data() + t * slot, ws.scratch, ws.hist);
-    }
+  run_tasks(ntask, sf, hd, [&](int64_t t, const Workspace& ws) {
+    const int64_t b = t / P.chunks, k = t % P.chunks;
+    const int64_t begin = k * P.chunk_len, end = std::min(pb.N, begin + P.chunk_len);
+    bad_part[t] = K->forward(pb, b, begin, end, partial.data() + t * slot, ws.scratch, ws.hist);
   });
 
   // Fixed-order merge of the chunk partials (float64), rounded once to float32.
@@ -262,13 +273,10 @@ Tensor binned_stats_backward_cpu(const Tensor& grad_count, const Tensor& grad_su
   const size_t sf = K->scratch_floats(pb);
   const float *gc = g[0].data_ptr<float>(), *gp = g[1].data_ptr<float>(), *gy = g[2].data_ptr<float>();
   void* out = grad.data_ptr();
-  at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
-    Workspace ws(sf, 0);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / P.chunks, k = t % P.chunks;
-      const int64_t begin = k * P.chunk_len, end = std::min(pb.N, begin + P.chunk_len);
-      K->backward(pb, gc, gp, gy, out, b, begin, end, ws.scratch);
-    }
+  run_tasks(ntask, sf, 0, [&](int64_t t, const Workspace& ws) {
+    const int64_t b = t / P.chunks, k = t % P.chunks;
+    const int64_t begin = k * P.chunk_len, end = std::min(pb.N, begin + P.chunk_len);
+    K->backward(pb, gc, gp, gy, out, b, begin, end, ws.scratch);
   });
   return grad;
 }
