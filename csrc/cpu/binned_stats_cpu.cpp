@@ -162,7 +162,7 @@ Prepared prepare(const Tensor& input, const Tensor& target, const Tensor& edges,
   // [C][T] tiles of ~2048 floats per row set: T a multiple of 16 in [16, 1024].
   pb.tile = std::clamp<int64_t>((2048 / std::max<int64_t>(C, 1)) / 16 * 16, 16, 1024);
   // Interleaved histogram copies while the per-class histograms stay small (L1/L2 resident).
-  pb.copies = C * (num_bins + 2) <= 4096 ? 4 : 1;
+  pb.copies = C * (num_bins + 2) <= 2048 ? 8 : 1;
   if (N > 0) {
     const int64_t M3 = C * num_bins * 3;
     const int64_t mem_cap = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(B * M3, 1));

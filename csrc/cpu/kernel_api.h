@@ -39,7 +39,7 @@ struct Problem {
   bool right;
   int64_t B, C, N;
   int64_t tile;          // voxels per tile (multiple of 16); the kernels process [C][tile] tiles
-  int64_t copies;        // interleaved histogram copies (1, 2 or 4) that break store-to-load chains
+  int64_t copies;        // interleaved histogram copies (1 or 8) that break store-to-load chains
 };
 
 // Entry points of one ISA build. Every buffer is owned by the caller.

@@ -362,15 +362,38 @@ static void soft_tables(const Problem& pb, i32* lo_of, double* chi, double* invd
 // ---------------------------------------------------------------------------------------------------------
 // Forward.
 
-// pk[4 i .. 4 i + 3] = (1, p_i, y_i, 0) in float64 (vectorised), so that the scatter below is one 256-bit
-// load-add-store per voxel and bin.
-static void pack_row(const float* __restrict p, const float* __restrict y, double* __restrict pk, i64 n) {
-  for (i64 i = 0; i < n; ++i) {
+// pk[4 i .. 4 i + 3] = (1, p_i, y_i, 0) in float64, so that the scatter below is one 256-bit load-add-store
+// per voxel and bin. The constant lanes are written once per call (pack_init), each row writes p and y.
+static void pack_init(double* __restrict pk, i64 T) {
+  for (i64 i = 0; i < T; ++i) {
     pk[4 * i] = 1.0;
-    pk[4 * i + 1] = static_cast<double>(p[i]);
-    pk[4 * i + 2] = static_cast<double>(y[i]);
     pk[4 * i + 3] = 0.0;
   }
+}
+
+static void pack_row(const float* __restrict p, const float* __restrict y, double* __restrict pk, i64 n) {
+#if CALIBOPS_ISA_LEVEL >= 2
+  // (p, y) pairs of 8 voxels -> lanes 1, 2 of 8 packed entries: one permute and one masked store per 2 voxels.
+  const __m512i idx = _mm512_set_epi64(0, 9, 1, 0, 0, 8, 0, 0);  // lanes 1, 2: p, y of voxel 0; 5, 6: voxel 1
+  i64 i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m512d pv = _mm512_cvtps_pd(_mm256_loadu_ps(p + i));
+    const __m512d yv = _mm512_cvtps_pd(_mm256_loadu_ps(y + i));
+    for (int k = 0; k < 4; ++k) {
+      const __m512i sh = _mm512_add_epi64(idx, _mm512_set1_epi64(2 * k));
+      _mm512_mask_storeu_pd(pk + 4 * (i + 2 * k), 0x66, _mm512_permutex2var_pd(pv, sh, yv));
+    }
+  }
+  for (; i < n; ++i) {
+    pk[4 * i + 1] = static_cast<double>(p[i]);
+    pk[4 * i + 2] = static_cast<double>(y[i]);
+  }
+#else
+  for (i64 i = 0; i < n; ++i) {
+    pk[4 * i + 1] = static_cast<double>(p[i]);
+    pk[4 * i + 2] = static_cast<double>(y[i]);
+  }
+#endif
 }
 
 // h[0..3] += w * v[0..3] (count, sum_p, sum_y, unused).
@@ -424,13 +447,18 @@ static void scatter_row(const Problem& pb, const double* __restrict pk, const i3
     soft_one(hc, idx[k], wl[k], pk + 4 * (k)); \
   else                                         \
     hard_one(hc, idx[k], pk + 4 * (k))
-  if (pb.copies == 4) {
+  if (pb.copies == 8) {
     double *h0 = h, *h1 = h + stride, *h2 = h + 2 * stride, *h3 = h + 3 * stride;
-    for (; i + 4 <= n; i += 4) {
+    double *h4 = h + 4 * stride, *h5 = h + 5 * stride, *h6 = h + 6 * stride, *h7 = h + 7 * stride;
+    for (; i + 8 <= n; i += 8) {
       CALIBOPS_ONE(h0, i);
       CALIBOPS_ONE(h1, i + 1);
       CALIBOPS_ONE(h2, i + 2);
       CALIBOPS_ONE(h3, i + 3);
+      CALIBOPS_ONE(h4, i + 4);
+      CALIBOPS_ONE(h5, i + 5);
+      CALIBOPS_ONE(h6, i + 6);
+      CALIBOPS_ONE(h7, i + 7);
     }
   }
   for (; i < n; ++i) {
@@ -469,6 +497,8 @@ static i64 forward(const Problem& pb, i64 b, i64 begin, i64 end, double* out, fl
   }
   const i64 hsize = C * pb.copies * M2 * 4;
   for (i64 k = 0; k < hsize; ++k) hist[k] = 0.0;
+  double* pk = reinterpret_cast<double*>(scratch + L.pk);
+  pack_init(pk, T);
 
   i64 bad = 0;
   for (i64 i0 = begin; i0 < end; i0 += T) {
@@ -485,7 +515,6 @@ static i64 forward(const Problem& pb, i64 b, i64 begin, i64 end, double* out, fl
     for (i64 c = 0; c < C; ++c) {
       double* h = hist + c * pb.copies * M2 * 4;
       const float* p = x + c * T;
-      double* pk = reinterpret_cast<double*>(scratch + L.pk);
       pack_row(p, y + c * T, pk, n);
       if (pb.soft) {
         float* ea = scratch + L.ea;
