@@ -96,8 +96,13 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def _ellipse_level(
-    yy: torch.Tensor, xx: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, ry: torch.Tensor,
-    rx: torch.Tensor, angle: torch.Tensor,
+    yy: torch.Tensor,
+    xx: torch.Tensor,
+    cy: torch.Tensor,
+    cx: torch.Tensor,
+    ry: torch.Tensor,
+    rx: torch.Tensor,
+    angle: torch.Tensor,
 ) -> torch.Tensor:
     """Per-image ellipse level set ``(n, 1, H, W)``: < 0 inside, 0 on the boundary, in units of the radius."""
     v = lambda t: t.view(-1, 1, 1, 1)  # noqa: E731
@@ -191,8 +196,12 @@ def make_dataset(num_images: int, seed: int, size: int = IMAGE_SIZE) -> DemoData
 
 def _block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.1, inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.1, inplace=True),
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.LeakyReLU(0.1, inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.LeakyReLU(0.1, inplace=True),
     )
 
 
@@ -334,7 +343,12 @@ def evaluate_model(model: nn.Module, data: DemoData, device: torch.device, batch
     from calibops.metrics import DatasetCalibration
 
     calib = DatasetCalibration(
-        NUM_CLASSES, num_bins=20, include_background=False, to_onehot_y=True, softmax=True, keep_records=True,
+        NUM_CLASSES,
+        num_bins=20,
+        include_background=False,
+        to_onehot_y=True,
+        softmax=True,
+        keep_records=True,
         dice=True,
     )
     for start in range(0, len(data), batch_size):
@@ -356,10 +370,22 @@ def _nanmean(t: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 CSV_COLUMNS = (
-    "loss", "dsc", "ace", "mce", "ece", "micro_ace", "micro_mce",
+    "loss",
+    "dsc",
+    "ace",
+    "mce",
+    "ece",
+    "micro_ace",
+    "micro_mce",
     *(f"dsc_{name}" for name in CLASS_NAMES[1:]),
     *(f"ace_{name}" for name in CLASS_NAMES[1:]),
-    "dsc_change_pct", "ace_change_pct", "train_seconds", "steps", "seed", "device", "threads",
+    "dsc_change_pct",
+    "ace_change_pct",
+    "train_seconds",
+    "steps",
+    "seed",
+    "device",
+    "threads",
 )
 
 
@@ -394,8 +420,18 @@ def _machine_line(device: torch.device) -> str:
 
 def _format_table(rows: list[dict]) -> str:
     head = ("loss", "DSC", "ACE", "MCE", "ECE", "micro ACE", "micro MCE", "dDSC %", "dACE %", "train s")
-    keys = ("loss", "dsc", "ace", "mce", "ece", "micro_ace", "micro_mce", "dsc_change_pct", "ace_change_pct",
-            "train_seconds")
+    keys = (
+        "loss",
+        "dsc",
+        "ace",
+        "mce",
+        "ece",
+        "micro_ace",
+        "micro_mce",
+        "dsc_change_pct",
+        "ace_change_pct",
+        "train_seconds",
+    )
     cells = [list(head)]
     for row in rows:
         out = [row["loss"]]
@@ -499,8 +535,10 @@ def run_demo(
         "averaged over the test images), 20 bins, background excluded; micro: on statistics summed over the "
         "test set. dDSC/dACE: relative change against dice_ce."
     )
-    print(f"total time {total:.1f}s ({_load_average()} at the end); wrote {os.path.join(out, 'results.csv')} and "
-          f"{', '.join(f'demo_{n}.png' for n in CONFIGS)} in {out}")
+    print(
+        f"total time {total:.1f}s ({_load_average()} at the end); wrote {os.path.join(out, 'results.csv')} and "
+        f"{', '.join(f'demo_{n}.png' for n in CONFIGS)} in {out}"
+    )
     return rows
 
 
@@ -521,19 +559,27 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--out", default="calibops-demo", help="output directory (default: %(default)s)")
-    parser.add_argument("--steps", type=_positive_int, default=300,
-                        help="training steps per configuration (default: %(default)s; fewer is faster)")
+    parser.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=300,
+        help="training steps per configuration (default: %(default)s; fewer is faster)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, weights and batches (default: 0)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: cpu)")
     parser.add_argument(
-        "--threads", type=_positive_int, default=1,
+        "--threads",
+        type=_positive_int,
+        default=1,
         help="CPU threads for torch (default: 1; the network is small, one thread is the most efficient per "
         "core and gives the same numbers on any machine; the result depends slightly on the thread count)",
     )
-    parser.add_argument("--train-images", type=_positive_int, default=192,
-                        help="synthetic training images (default: %(default)s)")
-    parser.add_argument("--test-images", type=_positive_int, default=64,
-                        help="held-out synthetic test images (default: %(default)s)")
+    parser.add_argument(
+        "--train-images", type=_positive_int, default=192, help="synthetic training images (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--test-images", type=_positive_int, default=64, help="held-out synthetic test images (default: %(default)s)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
     return parser
 
@@ -550,15 +596,21 @@ def demo_main(argv: list[str] | None = None) -> int:
         print("calibops demo: error: --seed must be >= 0", file=sys.stderr)
         return 2
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("calibops demo: error: --device cuda but torch has no CUDA device here; use --device cpu",
-              file=sys.stderr)
+        print(
+            "calibops demo: error: --device cuda but torch has no CUDA device here; use --device cpu", file=sys.stderr
+        )
         return 2
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
         run_demo(
-            args.out, steps=args.steps, seed=args.seed, device=args.device, num_train=args.train_images,
-            num_test=args.test_images, progress=not args.no_progress,
+            args.out,
+            steps=args.steps,
+            seed=args.seed,
+            device=args.device,
+            num_train=args.train_images,
+            num_test=args.test_images,
+            progress=not args.no_progress,
         )
     except ImportError as exc:  # matplotlib missing: say what to install instead of a traceback
         print(f"calibops demo: error: {exc}", file=sys.stderr)

@@ -100,8 +100,20 @@ def _read_results(path: Path) -> list[dict[str, str]]:
 
 def test_demo_end_to_end_writes_finite_results(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "demo"
-    argv = ["--out", str(out), "--steps", "3", "--seed", "2", "--train-images", "16", "--test-images", "8",
-            "--threads", "1"]
+    argv = [
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--seed",
+        "2",
+        "--train-images",
+        "16",
+        "--test-images",
+        "8",
+        "--threads",
+        "1",
+    ]
     threads = torch.get_num_threads()
     assert demo.demo_main(argv) == 0
     assert torch.get_num_threads() == threads  # the demo restores the caller's thread count
@@ -109,8 +121,11 @@ def test_demo_end_to_end_writes_finite_results(tmp_path: Path, capsys: pytest.Ca
     assert [r["loss"] for r in rows] == list(demo.CONFIGS)
     assert set(demo.CSV_COLUMNS) <= set(rows[0])
     for row in rows:
-        for col in (*METRIC_COLUMNS, *(f"dsc_{n}" for n in demo.CLASS_NAMES[1:]),
-                    *(f"ace_{n}" for n in demo.CLASS_NAMES[1:])):
+        for col in (
+            *METRIC_COLUMNS,
+            *(f"dsc_{n}" for n in demo.CLASS_NAMES[1:]),
+            *(f"ace_{n}" for n in demo.CLASS_NAMES[1:]),
+        ):
             value = float(row[col])
             assert math.isfinite(value), (row["loss"], col, row[col])
             assert 0.0 <= value <= 1.0, (row["loss"], col, value)
@@ -130,8 +145,19 @@ def test_demo_end_to_end_writes_finite_results(tmp_path: Path, capsys: pytest.Ca
 
 
 def test_demo_is_reproducible(tmp_path: Path) -> None:
-    argv = ["--steps", "2", "--seed", "7", "--train-images", "8", "--test-images", "4", "--no-progress",
-            "--threads", "1"]
+    argv = [
+        "--steps",
+        "2",
+        "--seed",
+        "7",
+        "--train-images",
+        "8",
+        "--test-images",
+        "4",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
     assert demo.demo_main(["--out", str(tmp_path / "a"), *argv]) == 0
     assert demo.demo_main(["--out", str(tmp_path / "b"), *argv]) == 0
     a, b = _read_results(tmp_path / "a" / "results.csv"), _read_results(tmp_path / "b" / "results.csv")
@@ -142,8 +168,7 @@ def test_demo_is_reproducible(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--steps", "0"], ["--steps", "x"], ["--seed", "-1"], ["--device", "tpu"], ["--test-images", "0"],
-     ["--bogus"]],
+    [["--steps", "0"], ["--steps", "x"], ["--seed", "-1"], ["--device", "tpu"], ["--test-images", "0"], ["--bogus"]],
 )
 def test_demo_rejects_bad_arguments(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert demo.demo_main(["--out", str(tmp_path), *argv]) == 2
@@ -168,7 +193,10 @@ def test_demo_cuda_without_cuda_fails_clearly(capsys: pytest.CaptureFixture, tmp
 
 def test_python_m_calibops_demo_dispatches() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "calibops", "demo", "--help"], capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "calibops", "demo", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
         cwd=Path(__file__).resolve().parents[1],
     )
     assert proc.returncode == 0, proc.stderr
