@@ -60,7 +60,8 @@ def _extensions_and_cmdclass():
     # No trapping math (results unchanged: nothing here traps on FP exceptions) lets GCC if-convert the
     # branch-free selects of the kernels' inner loops and vectorise them (softmax exp, binning).
     strict_fp = ["-ffp-contract=off", "-fno-trapping-math"] if sys.platform != "win32" else []
-    cxx_flags = ["-std=c++17", *cpu_flags, *strict_fp, *openmp]
+    # no -std flag: torch adds the C++ standard its own headers need (C++17 or C++20)
+    cxx_flags = [*cpu_flags, *strict_fp, *openmp]
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
     link_args = list(openmp)
 
@@ -81,7 +82,7 @@ def _extensions_and_cmdclass():
             define_macros=[*define_macros, ("CALIBOPS_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
+                "nvcc": ["-O3", "--use_fast_math", "-lineinfo"],
             },
             extra_link_args=link_args,
         )

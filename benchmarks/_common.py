@@ -50,7 +50,7 @@ def torch_vectorised_loss(
         sy = torch.zeros(B, C, M, device=p.device).scatter_add_(2, idx, y)
         valid = n > 0
     else:
-        centres = torch.linspace(0, 1 + EPS32, 2 * M + 1, dtype=torch.float32, device=p.device)[1::2]
+        centres = torch.linspace(0, 1 + EPS32, 2 * M + 1, dtype=torch.float32, device=p.device)[1::2].contiguous()
         t = torch.bucketize(p.detach(), centres) - 1
         lo = t.clamp(0, max(M - 2, 0))
         hi = (lo + 1).clamp(max=M - 1)
