@@ -170,10 +170,16 @@ def binned_stats_prepared(
 def _bin_gaps(stats: BinnedStats, soft: bool, empty_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(valid bins, |S_p/n - S_y/n| with 0 on invalid bins), each (B, C, M)."""
     n = stats.count
-    valid = (n >= empty_weight) & (n > 0) if soft else n > 0
-    den = torch.where(valid, n, torch.ones_like(n))
-    gap = (stats.sum_p / den - stats.sum_y / den).abs()
-    return valid, torch.where(valid, gap, torch.zeros_like(gap))
+    if soft:
+        valid = (n >= empty_weight) & (n > 0)
+        den = torch.where(valid, n, torch.ones_like(n))
+        gap = (stats.sum_p / den - stats.sum_y / den).abs() * valid
+    else:
+        # hard counts carry no gradient; an empty bin has S_p = S_y = 0, so its gap is 0 without a mask
+        valid = n > 0
+        den = n.detach().clamp(min=1)
+        gap = (stats.sum_p / den - stats.sum_y / den).abs()
+    return valid, gap
 
 
 def ace_from_stats(
@@ -190,13 +196,13 @@ def ace_from_stats(
     ``[Σ_i y[b,c,i] > 0]`` (= ``Σ_j S_y > 0``); ``weight`` (C,) multiplies per class.
     """
     valid, gap = _bin_gaps(stats, soft, empty_weight)
-    k = valid.sum(-1).clamp(min=1).to(gap.dtype)
-    ace = gap.sum(-1) / k
-    if ignore_empty_classes:
-        ace = ace * (stats.sum_y.detach().sum(-1) > 0).to(ace.dtype)
-    if weight is not None:
-        ace = ace * weight.to(device=ace.device, dtype=ace.dtype).view(1, -1)
-    return ace
+    with torch.no_grad():  # the per-(b, c) factor 1/K · mask · weight carries no gradient
+        scale = 1.0 / valid.sum(-1).clamp(min=1).to(gap.dtype)
+        if ignore_empty_classes:
+            scale = scale * (stats.sum_y.sum(-1) > 0).to(gap.dtype)
+        if weight is not None:
+            scale = scale * weight.to(device=gap.device, dtype=gap.dtype).view(1, -1)
+    return gap.sum(-1) * scale
 
 
 def reduce_loss(per_class: torch.Tensor, reduction: str) -> torch.Tensor:
