@@ -476,7 +476,538 @@ static void labels_to_rows(const Problem& pb, const i32* __restrict lab, float* 
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Fused hard path (hard binning, C <= 16 classes, M <= 30 bins: the usual segmentation case).
+//
+// One pass over groups of VL voxels, everything in registers: load the C class values -> activation ->
+// bin -> (backward) per-bin gradient lookup, chain through the activation, mask, store. The generic path above
+// makes ~15 passes over [C][T] tile rows instead. The arithmetic is the same sequence of IEEE operations
+// (no FMA, same association) written once over a small vector abstraction: VL = 16 (AVX-512), 8 (AVX2) or 1
+// (base: plain scalar code), so every build gives bitwise the same results, and the same as the generic path.
+
+#if CALIBOPS_ISA_LEVEL >= 2
+constexpr int VL = 16;
+typedef __m512 VF;
+typedef __m512i VI;
+typedef __mmask16 VM;
+static inline VF fload(const float* p) { return _mm512_loadu_ps(p); }
+static inline void fstore(float* p, VF a) { _mm512_storeu_ps(p, a); }
+static inline VI iload(const i32* p) { return _mm512_loadu_si512(p); }
+static inline void istore(i32* p, VI a) { _mm512_storeu_si512(p, a); }
+static inline VF fset(float a) { return _mm512_set1_ps(a); }
+static inline VI iset(i32 a) { return _mm512_set1_epi32(a); }
+static inline VF fadd(VF a, VF b) { return _mm512_add_ps(a, b); }
+static inline VF fsub(VF a, VF b) { return _mm512_sub_ps(a, b); }
+static inline VF fmul(VF a, VF b) { return _mm512_mul_ps(a, b); }
+static inline VF fdiv(VF a, VF b) { return _mm512_div_ps(a, b); }
+static inline VF fmax_(VF a, VF b) { return _mm512_max_ps(a, b); }  // a > b ? a : b
+static inline VF fmin_(VF a, VF b) { return _mm512_min_ps(a, b); }  // a < b ? a : b
+static inline VM fgt(VF a, VF b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+static inline VM fge(VF a, VF b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
+static inline VM flt(VF a, VF b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+static inline VM fle(VF a, VF b) { return _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ); }
+static inline VF fsel(VM m, VF a, VF b) { return _mm512_mask_blend_ps(m, b, a); }
+static inline VI isel(VM m, VI a, VI b) { return _mm512_mask_blend_epi32(m, b, a); }
+static inline VM igt(VI a, VI b) { return _mm512_cmpgt_epi32_mask(a, b); }
+static inline VM ilt(VI a, VI b) { return _mm512_cmplt_epi32_mask(a, b); }
+static inline VM mand(VM a, VM b) { return static_cast<VM>(a & b); }
+static inline VI iadd(VI a, VI b) { return _mm512_add_epi32(a, b); }
+static inline VI isub(VI a, VI b) { return _mm512_sub_epi32(a, b); }
+static inline VI imin(VI a, VI b) { return _mm512_min_epi32(a, b); }
+static inline VI ishl23(VI a) { return _mm512_slli_epi32(a, 23); }
+static inline VI cvtt(VF a) { return _mm512_cvttps_epi32(a); }
+static inline VF as_f(VI a) { return _mm512_castsi512_ps(a); }
+static inline VI as_i(VF a) { return _mm512_castps_si512(a); }
+static inline VF fneg(VF a) { return _mm512_xor_ps(a, fset(-0.0f)); }
+struct Tab {
+  __m512 lo, hi;
+};
+static inline Tab make_tab(const float* t32) { return {_mm512_load_ps(t32), _mm512_load_ps(t32 + 16)}; }
+static inline VF look(const Tab& t, VI k) { return _mm512_permutex2var_ps(t.lo, k, t.hi); }
+#elif CALIBOPS_ISA_LEVEL == 1
+constexpr int VL = 8;
+typedef __m256 VF;
+typedef __m256i VI;
+typedef __m256i VM;
+static inline VF fload(const float* p) { return _mm256_loadu_ps(p); }
+static inline void fstore(float* p, VF a) { _mm256_storeu_ps(p, a); }
+static inline VI iload(const i32* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+static inline void istore(i32* p, VI a) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), a); }
+static inline VF fset(float a) { return _mm256_set1_ps(a); }
+static inline VI iset(i32 a) { return _mm256_set1_epi32(a); }
+static inline VF fadd(VF a, VF b) { return _mm256_add_ps(a, b); }
+static inline VF fsub(VF a, VF b) { return _mm256_sub_ps(a, b); }
+static inline VF fmul(VF a, VF b) { return _mm256_mul_ps(a, b); }
+static inline VF fdiv(VF a, VF b) { return _mm256_div_ps(a, b); }
+static inline VF fmax_(VF a, VF b) { return _mm256_max_ps(a, b); }
+static inline VF fmin_(VF a, VF b) { return _mm256_min_ps(a, b); }
+static inline VM fgt(VF a, VF b) { return _mm256_castps_si256(_mm256_cmp_ps(a, b, _CMP_GT_OQ)); }
+static inline VM fge(VF a, VF b) { return _mm256_castps_si256(_mm256_cmp_ps(a, b, _CMP_GE_OQ)); }
+static inline VM flt(VF a, VF b) { return _mm256_castps_si256(_mm256_cmp_ps(a, b, _CMP_LT_OQ)); }
+static inline VM fle(VF a, VF b) { return _mm256_castps_si256(_mm256_cmp_ps(a, b, _CMP_LE_OQ)); }
+static inline VF fsel(VM m, VF a, VF b) { return _mm256_blendv_ps(b, a, _mm256_castsi256_ps(m)); }
+static inline VI isel(VM m, VI a, VI b) { return _mm256_blendv_epi8(b, a, m); }
+static inline VM igt(VI a, VI b) { return _mm256_cmpgt_epi32(a, b); }
+static inline VM ilt(VI a, VI b) { return _mm256_cmpgt_epi32(b, a); }
+static inline VM mand(VM a, VM b) { return _mm256_and_si256(a, b); }
+static inline VI iadd(VI a, VI b) { return _mm256_add_epi32(a, b); }
+static inline VI isub(VI a, VI b) { return _mm256_sub_epi32(a, b); }
+static inline VI imin(VI a, VI b) { return _mm256_min_epi32(a, b); }
+static inline VI ishl23(VI a) { return _mm256_slli_epi32(a, 23); }
+static inline VI cvtt(VF a) { return _mm256_cvttps_epi32(a); }
+static inline VF as_f(VI a) { return _mm256_castsi256_ps(a); }
+static inline VI as_i(VF a) { return _mm256_castps_si256(a); }
+static inline VF fneg(VF a) { return _mm256_xor_ps(a, fset(-0.0f)); }
+struct Tab {
+  __m256 t0, t1, t2, t3;
+};
+static inline Tab make_tab(const float* t32) {
+  return {_mm256_load_ps(t32), _mm256_load_ps(t32 + 8), _mm256_load_ps(t32 + 16), _mm256_load_ps(t32 + 24)};
+}
+static inline VF look(const Tab& t, VI k) {
+  const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(k, 28));
+  const __m256 bit4 = _mm256_castsi256_ps(_mm256_slli_epi32(k, 27));
+  const __m256 a = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.t0, k), _mm256_permutevar8x32_ps(t.t1, k), bit3);
+  const __m256 b = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.t2, k), _mm256_permutevar8x32_ps(t.t3, k), bit3);
+  return _mm256_blendv_ps(a, b, bit4);
+}
+#else
+constexpr int VL = 1;
+typedef float VF;
+typedef i32 VI;
+typedef bool VM;
+static inline VF fload(const float* p) { return *p; }
+static inline void fstore(float* p, VF a) { *p = a; }
+static inline VI iload(const i32* p) { return *p; }
+static inline void istore(i32* p, VI a) { *p = a; }
+static inline VF fset(float a) { return a; }
+static inline VI iset(i32 a) { return a; }
+static inline VF fadd(VF a, VF b) { return a + b; }
+static inline VF fsub(VF a, VF b) { return a - b; }
+static inline VF fmul(VF a, VF b) { return a * b; }
+static inline VF fdiv(VF a, VF b) { return a / b; }
+static inline VF fmax_(VF a, VF b) { return a > b ? a : b; }
+static inline VF fmin_(VF a, VF b) { return a < b ? a : b; }
+static inline VM fgt(VF a, VF b) { return a > b; }
+static inline VM fge(VF a, VF b) { return a >= b; }
+static inline VM flt(VF a, VF b) { return a < b; }
+static inline VM fle(VF a, VF b) { return a <= b; }
+static inline VF fsel(VM m, VF a, VF b) { return m ? a : b; }
+static inline VI isel(VM m, VI a, VI b) { return m ? a : b; }
+static inline VM igt(VI a, VI b) { return a > b; }
+static inline VM ilt(VI a, VI b) { return a < b; }
+static inline VM mand(VM a, VM b) { return a & b; }
+static inline VI iadd(VI a, VI b) { return static_cast<i32>(static_cast<u32>(a) + static_cast<u32>(b)); }
+static inline VI isub(VI a, VI b) { return static_cast<i32>(static_cast<u32>(a) - static_cast<u32>(b)); }
+static inline VI imin(VI a, VI b) { return a < b ? a : b; }
+static inline VI ishl23(VI a) { return static_cast<i32>(static_cast<u32>(a) << 23); }
+static inline VI cvtt(VF a) { return static_cast<i32>(a); }
+static inline VF as_f(VI a) { return u2f(static_cast<u32>(a)); }
+static inline VI as_i(VF a) { return static_cast<i32>(f2u(a)); }
+static inline VF fneg(VF a) { return -a; }
+struct Tab {
+  const float* t;
+};
+static inline Tab make_tab(const float* t32) { return {t32}; }
+static inline VF look(const Tab& t, VI k) { return t.t[k]; }
+#endif
+
+// exp_f above, lane-wise: the same operations in the same order.
+static inline VF vexp(VF x) {
+  const VF hi = fset(88.0f), lo = fset(-87.33654f), magic = fset(12582912.0f);
+  VF xc = fmin_(hi, x);  // x > hi ? hi : x (NaN passes)
+  xc = fmax_(lo, xc);    // xc < lo ? lo : xc
+  const VF t = fadd(fmul(xc, fset(1.44269504088896341f)), magic);
+  const VF n = fsub(t, magic);
+  const VI ni = isub(as_i(t), as_i(magic));
+  VF r = fsub(xc, fmul(n, fset(0.693359375f)));
+  r = fsub(r, fmul(n, fset(-2.12194440e-4f)));
+  VF y = fset(1.9875691500e-4f);
+  y = fadd(fmul(y, r), fset(1.3981999507e-3f));
+  y = fadd(fmul(y, r), fset(8.3334519073e-3f));
+  y = fadd(fmul(y, r), fset(4.1665795894e-2f));
+  y = fadd(fmul(y, r), fset(1.6666665459e-1f));
+  y = fadd(fmul(y, r), fset(5.0000001201e-1f));
+  y = fadd(fadd(fmul(y, fmul(r, r)), r), fset(1.0f));
+  const VF scale = as_f(ishl23(iadd(ni, iset(127))));
+  VF e = fmul(y, scale);
+  e = fsel(flt(x, lo), fset(0.0f), e);
+  e = fsel(fgt(x, hi), fset(u2f(0x7f800000u)), e);
+  return e;
+}
+
+constexpr int kMaxFusedC = 16;
+
+static bool fused_hard_ok(const Problem& pb) { return !pb.soft && pb.C >= 1 && pb.C <= kMaxFusedC && pb.M + 2 <= 32; }
+
+// Loop-invariant state of the fused hard path; the tables live in the caller's frame (base build: pointers).
+struct HardCtx {
+  int act;
+  bool right, labels;
+  i32 M;
+  float Mf, top;
+  Tab e0, e1;  // e[j0], e[j0 + 1]
+};
+
+struct HardTables {
+  alignas(64) float e0[32];
+  alignas(64) float e1[32];
+};
+
+static HardCtx hard_ctx(const Problem& pb, HardTables& t) {
+  const i64 M = pb.M;
+  for (int k = 0; k < 32; ++k) {
+    t.e0[k] = k <= M ? pb.edges[k] : 0.0f;
+    t.e1[k] = k < M ? pb.edges[k + 1] : 0.0f;
+  }
+  HardCtx k;
+  k.act = pb.activation;
+  k.right = pb.right;
+  k.labels = pb.labels;
+  k.M = static_cast<i32>(M);
+  k.Mf = static_cast<float>(M);
+  k.top = static_cast<float>(M - 1);
+  k.e0 = make_tab(t.e0);
+  k.e1 = make_tab(t.e1);
+  return k;
+}
+
+// One group of VL voxels: class c's values at x + c * xs; labels (already range-checked, -1 = masked) at lab.
+// Out: p[c] (probabilities) and bin[c] (hard bin, M for masked voxels), exactly as activate + compute_bins.
+template <int CC>
+static inline void hard_front(const HardCtx& k, i64 C_rt, const float* x, i64 xs, const i32* lab, VF* p, VI* bin) {
+  const i64 C = CC > 0 ? CC : C_rt;
+  for (i64 c = 0; c < C; ++c) p[c] = fload(x + c * xs);
+  if (k.act == 1) {
+    VF m = p[0];
+    for (i64 c = 1; c < C; ++c) m = fmax_(p[c], m);
+    VF s = fset(0.0f);
+    for (i64 c = 0; c < C; ++c) {
+      p[c] = vexp(fsub(p[c], m));
+      s = fadd(s, p[c]);
+    }
+    const VF r = fdiv(fset(1.0f), s);
+    for (i64 c = 0; c < C; ++c) p[c] = fmul(p[c], r);
+  } else if (k.act == 2) {
+    for (i64 c = 0; c < C; ++c) p[c] = fdiv(fset(1.0f), fadd(fset(1.0f), vexp(fneg(p[c]))));
+  }
+  const VF Mf = fset(k.Mf), top = fset(k.top), zero = fset(0.0f);
+  const VI izero = iset(0), one = iset(1), last = iset(k.M - 1);
+  VM masked{};
+  if (k.labels) masked = ilt(iload(lab), izero);
+  for (i64 c = 0; c < C; ++c) {
+    VF q = fmul(p[c], Mf);
+    q = fsel(fge(q, zero), q, zero);  // also maps NaN to 0
+    q = fsel(fle(q, top), q, top);
+    const VI j0 = cvtt(q);
+    const VF ea = look(k.e0, j0), eb = look(k.e1, j0);
+    VM dec, inc;
+    if (!k.right) {
+      dec = mand(igt(j0, izero), fle(p[c], ea));
+      inc = fgt(p[c], eb);
+    } else {
+      dec = mand(igt(j0, izero), flt(p[c], ea));
+      inc = fge(p[c], eb);
+    }
+    VI j = iadd(isub(j0, isel(dec, one, izero)), isel(inc, one, izero));
+    j = imin(j, last);
+    if (k.labels) j = isel(masked, iset(k.M), j);
+    bin[c] = j;
+  }
+}
+
+// Forward front end of one tile: p rows into x [C][T] and bins into bins [C][T]. src / ss: the class rows
+// (stride ss) of the input (float32) or of x itself (converted in place); lab: labels of the tile or nullptr.
+template <int CC>
+static void hard_front_tile(const HardCtx& k, const Problem& pb, const float* src, i64 ss, const i32* lab, float* x,
+                            i32* bins, i64 n) {
+  const i64 T = pb.tile, C = CC > 0 ? CC : pb.C;
+  VF p[kMaxFusedC];
+  VI bn[kMaxFusedC];
+  i64 i = 0;
+  for (; i + VL <= n; i += VL) {
+    hard_front<CC>(k, C, src + i, ss, lab != nullptr ? lab + i : nullptr, p, bn);
+    for (i64 c = 0; c < C; ++c) {
+      fstore(x + c * T + i, p[c]);
+      istore(bins + c * T + i, bn[c]);
+    }
+  }
+  if (i < n) {  // tail: through zero-padded buffers
+    alignas(64) float xb[kMaxFusedC * VL];
+    alignas(64) i32 lb[VL], ib[kMaxFusedC * VL];
+    const i64 r = n - i;
+    for (i64 c = 0; c < C; ++c)
+      for (i64 v = 0; v < VL; ++v) xb[c * VL + v] = v < r ? src[c * ss + i + v] : 0.0f;
+    for (i64 v = 0; v < VL; ++v) lb[v] = (lab != nullptr && v < r) ? lab[i + v] : -1;
+    hard_front<CC>(k, C, xb, VL, lb, p, bn);
+    for (i64 c = 0; c < C; ++c) {
+      fstore(xb + c * VL, p[c]);
+      istore(ib + c * VL, bn[c]);
+    }
+    for (i64 c = 0; c < C; ++c)
+      for (i64 v = 0; v < r; ++v) {
+        x[c * T + i + v] = xb[c * VL + v];
+        bins[c * T + i + v] = ib[c * VL + v];
+      }
+  }
+}
+
+// Backward of one group: d loss / d input of the VL voxels, written to out + c * os.
+template <int CC>
+static inline void hard_back_group(const HardCtx& k, i64 C_rt, const Tab* k0, const float* x, i64 xs,
+                                   const i32* lab, float* out, i64 os) {
+  const i64 C = CC > 0 ? CC : C_rt;
+  VF p[kMaxFusedC];
+  VI bn[kMaxFusedC];
+  hard_front<CC>(k, C, x, xs, lab, p, bn);
+  VF g[kMaxFusedC];
+  for (i64 c = 0; c < C; ++c) g[c] = look(k0[c], bn[c]);
+  if (k.act == 1) {
+    VF s = fset(0.0f);
+    for (i64 c = 0; c < C; ++c) s = fadd(s, fmul(p[c], g[c]));
+    for (i64 c = 0; c < C; ++c) g[c] = fmul(p[c], fsub(g[c], s));
+  } else if (k.act == 2) {
+    for (i64 c = 0; c < C; ++c) g[c] = fmul(g[c], fmul(p[c], fsub(fset(1.0f), p[c])));
+  }
+  if (k.labels) {
+    const VM masked = ilt(iload(lab), iset(0));
+    for (i64 c = 0; c < C; ++c) g[c] = fsel(masked, fset(0.0f), g[c]);
+  }
+  for (i64 c = 0; c < C; ++c) fstore(out + c * os, g[c]);
+}
+
+template <int CC>
+static void hard_back_tile(const HardCtx& k, const Problem& pb, const Tab* k0, const float* src, i64 ss,
+                           const i32* lab, float* out, i64 os, i64 n) {
+  const i64 C = CC > 0 ? CC : pb.C;
+  i64 i = 0;
+  for (; i + VL <= n; i += VL)
+    hard_back_group<CC>(k, C, k0, src + i, ss, lab != nullptr ? lab + i : nullptr, out + i, os);
+  if (i < n) {
+    alignas(64) float xb[kMaxFusedC * VL], gb[kMaxFusedC * VL];
+    alignas(64) i32 lb[VL];
+    const i64 r = n - i;
+    for (i64 c = 0; c < C; ++c)
+      for (i64 v = 0; v < VL; ++v) xb[c * VL + v] = v < r ? src[c * ss + i + v] : 0.0f;
+    for (i64 v = 0; v < VL; ++v) lb[v] = (lab != nullptr && v < r) ? lab[i + v] : -1;
+    hard_back_group<CC>(k, C, k0, xb, VL, lb, gb, VL);
+    for (i64 c = 0; c < C; ++c)
+      for (i64 v = 0; v < r; ++v) out[c * os + i + v] = gb[c * VL + v];
+  }
+}
+
+// pk[2 i], pk[2 i + 1] = (1, p_i) in float64: one 128-bit load-add-store per voxel adds its (count, sum_p).
+static void pack_pairs(const float* __restrict p, double* __restrict pk, i64 n) {
+  i64 i = 0;
+#if CALIBOPS_ISA_LEVEL >= 2
+  const __m512d ones = _mm512_set1_pd(1.0);
+  const __m512i ia = _mm512_set_epi64(11, 0, 10, 0, 9, 0, 8, 0), ib = _mm512_set_epi64(15, 0, 14, 0, 13, 0, 12, 0);
+  for (; i + 8 <= n; i += 8) {
+    const __m512d pv = _mm512_cvtps_pd(_mm256_loadu_ps(p + i));
+    _mm512_storeu_pd(pk + 2 * i, _mm512_permutex2var_pd(ones, ia, pv));
+    _mm512_storeu_pd(pk + 2 * i + 8, _mm512_permutex2var_pd(ones, ib, pv));
+  }
+#elif CALIBOPS_ISA_LEVEL == 1
+  const __m256d ones = _mm256_set1_pd(1.0);
+  for (; i + 4 <= n; i += 4) {
+    const __m256d pv = _mm256_cvtps_pd(_mm_loadu_ps(p + i));
+    const __m256d lo = _mm256_unpacklo_pd(ones, pv), hi = _mm256_unpackhi_pd(ones, pv);  // (1 p0 1 p2), (1 p1 1 p3)
+    _mm256_storeu_pd(pk + 2 * i, _mm256_permute2f128_pd(lo, hi, 0x20));
+    _mm256_storeu_pd(pk + 2 * i + 4, _mm256_permute2f128_pd(lo, hi, 0x31));
+  }
+#endif
+  for (; i < n; ++i) {
+    pk[2 * i] = 1.0;
+    pk[2 * i + 1] = static_cast<double>(p[i]);
+  }
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+typedef double v2d __attribute__((vector_size(16), aligned(8)));
+static inline void pair_one(double* h, i32 j, const double* v) {
+  *reinterpret_cast<v2d*>(h + 2 * j) += *reinterpret_cast<const v2d*>(v);
+}
+#else
+static inline void pair_one(double* h, i32 j, const double* v) {
+  h[2 * j] += v[0];
+  h[2 * j + 1] += v[1];
+}
+#endif
+
+// (count, sum_p) of one class row into h [copies][M + 2][2]; voxel i goes to copy i % copies.
+static void scatter_pairs(const Problem& pb, const double* __restrict pk, const i32* __restrict idx,
+                          double* __restrict h, i64 n) {
+  const i64 stride = (pb.M + 2) * 2;
+  i64 i = 0;
+  if (pb.copies == 8) {
+    for (; i + 8 <= n; i += 8) {
+      pair_one(h, idx[i], pk + 2 * i);
+      pair_one(h + stride, idx[i + 1], pk + 2 * i + 2);
+      pair_one(h + 2 * stride, idx[i + 2], pk + 2 * i + 4);
+      pair_one(h + 3 * stride, idx[i + 3], pk + 2 * i + 6);
+      pair_one(h + 4 * stride, idx[i + 4], pk + 2 * i + 8);
+      pair_one(h + 5 * stride, idx[i + 5], pk + 2 * i + 10);
+      pair_one(h + 6 * stride, idx[i + 6], pk + 2 * i + 12);
+      pair_one(h + 7 * stride, idx[i + 7], pk + 2 * i + 14);
+    }
+  }
+  for (; i < n; ++i) pair_one(h + (i & (pb.copies - 1)) * stride, idx[i], pk + 2 * i);
+}
+
+// Integer labels: sum_y[c][j] counts the voxels labelled c whose class-c bin is j, so one integer increment per
+// voxel (into hy [copies][C][M + 2]) replaces C float additions. Masked voxels (label -1) are binned to the
+// discarded slot M in every class; they land in hy[.][0][M].
+static void count_labels(const Problem& pb, const i32* __restrict lab, const i32* __restrict bins, i64* __restrict hy,
+                         i64 n) {
+  const i64 T = pb.tile, M2 = pb.M + 2, stride = pb.C * M2;
+  auto one = [&](i64* h, i64 i) {
+    const i32 l = lab[i] < 0 ? 0 : lab[i];
+    h[l * M2 + bins[l * T + i]] += 1;
+  };
+  i64 i = 0;
+  if (pb.copies == 8) {
+    for (; i + 8 <= n; i += 8)
+      for (i64 k = 0; k < 8; ++k) one(hy + k * stride, i + k);
+  }
+  for (; i < n; ++i) one(hy + (i & (pb.copies - 1)) * stride, i);
+}
+
+template <int CC>
+static i64 forward_hard_fused_t(const Problem& pb, i64 b, i64 begin, i64 end, double* out, float* scratch,
+                                double* hist) {
+  const i64 T = pb.tile, C = CC > 0 ? CC : pb.C, N = pb.N, M = pb.M, M2 = M + 2, K = pb.copies;
+  const Layout L = layout(pb);
+  float* x = scratch + L.x;
+  float* y = scratch + L.y;
+  i32* bins = reinterpret_cast<i32*>(scratch + L.bins);
+  i32* lab = reinterpret_cast<i32*>(scratch + L.lab);
+  double* pk = reinterpret_cast<double*>(scratch + L.pk);
+  HardTables tabs;
+  const HardCtx k = hard_ctx(pb, tabs);
+  // hist: labels: (count, sum_p) pairs [C][K][M2][2] then label counts [K][C][M2] (int64); dense: the generic
+  // [C][K][M2][4] quads. Both fit hist_doubles().
+  double* hp = hist;
+  i64* hy = reinterpret_cast<i64*>(hist + C * K * M2 * 2);
+  const i64 hsize = pb.labels ? C * K * M2 * 3 : C * K * M2 * 4;
+  for (i64 q = 0; q < hsize; ++q) hist[q] = 0.0;
+  if (!pb.labels) pack_init(pk, T);
+  const float* in32 = static_cast<const float*>(pb.input);
+
+  i64 bad = 0;
+  for (i64 i0 = begin; i0 < end; i0 += T) {
+    const i64 n = end - i0 < T ? end - i0 : T;
+    const float* src = x;
+    i64 ss = T;
+    if (pb.in_kind == kF32) {
+      src = in32 + b * C * N + i0;
+      ss = N;
+    } else {
+      for (i64 c = 0; c < C; ++c) load_float_row(pb.input, pb.in_kind, (b * C + c) * N + i0, n, x + c * T);
+    }
+    if (pb.labels) bad += load_labels(pb, b * N + i0, n, lab);
+    hard_front_tile<CC>(k, pb, src, ss, pb.labels ? lab : nullptr, x, bins, n);
+    if (pb.labels) {
+      for (i64 c = 0; c < C; ++c) {
+        pack_pairs(x + c * T, pk, n);
+        scatter_pairs(pb, pk, bins + c * T, hp + c * K * M2 * 2, n);
+      }
+      count_labels(pb, lab, bins, hy, n);
+    } else {
+      for (i64 c = 0; c < C; ++c) {
+        load_float_row(pb.target, pb.target_kind, (b * C + c) * N + i0, n, y + c * T);
+        pack_row(x + c * T, y + c * T, pk, n);
+        scatter_row<false>(pb, pk, bins + c * T, nullptr, hist + c * K * M2 * 4, n);
+      }
+    }
+  }
+  // Merge the interleaved copies in a fixed order.
+  for (i64 c = 0; c < C; ++c)
+    for (i64 j = 0; j < M; ++j) {
+      double* o = out + (c * M + j) * 3;
+      if (pb.labels) {
+        double n0 = 0.0, s0 = 0.0, y0 = 0.0;
+        for (i64 q = 0; q < K; ++q) {
+          n0 += hp[((c * K + q) * M2 + j) * 2];
+          s0 += hp[((c * K + q) * M2 + j) * 2 + 1];
+          y0 += static_cast<double>(hy[(q * C + c) * M2 + j]);
+        }
+        o[0] = n0;
+        o[1] = s0;
+        o[2] = y0;
+      } else {
+        for (i64 s = 0; s < 3; ++s) {
+          double acc = 0.0;
+          for (i64 q = 0; q < K; ++q) acc += hist[((c * K + q) * M2 + j) * 4 + s];
+          o[s] = acc;
+        }
+      }
+    }
+  return bad;
+}
+
+static i64 forward_hard_fused(const Problem& pb, i64 b, i64 begin, i64 end, double* out, float* scratch,
+                              double* hist) {
+  switch (pb.C) {
+    case 2:
+      return forward_hard_fused_t<2>(pb, b, begin, end, out, scratch, hist);
+    case 3:
+      return forward_hard_fused_t<3>(pb, b, begin, end, out, scratch, hist);
+    case 4:
+      return forward_hard_fused_t<4>(pb, b, begin, end, out, scratch, hist);
+    default:
+      return forward_hard_fused_t<0>(pb, b, begin, end, out, scratch, hist);
+  }
+}
+
+template <int CC>
+static void backward_hard_fused_t(const Problem& pb, const float* grad_sum_p, void* grad, i64 b, i64 begin, i64 end,
+                                  float* scratch) {
+  const i64 T = pb.tile, C = CC > 0 ? CC : pb.C, N = pb.N, M = pb.M;
+  const Layout L = layout(pb);
+  float* x = scratch + L.x;
+  float* g = scratch + L.g;
+  i32* lab = reinterpret_cast<i32*>(scratch + L.lab);
+  HardTables tabs;
+  const HardCtx k = hard_ctx(pb, tabs);
+  // Per class: K0[j] = G_p[b, c, j] for j < M, 0 for the discarded slot M (masked voxels).
+  alignas(64) float k0f[kMaxFusedC][32];
+  Tab k0[kMaxFusedC];
+  for (i64 c = 0; c < C; ++c) {
+    for (i64 j = 0; j < 32; ++j) k0f[c][j] = j < M ? grad_sum_p[(b * C + c) * M + j] : 0.0f;
+    k0[c] = make_tab(k0f[c]);
+  }
+  const float* in32 = static_cast<const float*>(pb.input);
+  float* out32 = static_cast<float*>(grad);
+  for (i64 i0 = begin; i0 < end; i0 += T) {
+    const i64 n = end - i0 < T ? end - i0 : T;
+    if (pb.labels) load_labels(pb, b * N + i0, n, lab);
+    const i32* lp = pb.labels ? lab : nullptr;
+    if (pb.in_kind == kF32) {
+      hard_back_tile<CC>(k, pb, k0, in32 + b * C * N + i0, N, lp, out32 + b * C * N + i0, N, n);
+    } else {
+      for (i64 c = 0; c < C; ++c) load_float_row(pb.input, pb.in_kind, (b * C + c) * N + i0, n, x + c * T);
+      hard_back_tile<CC>(k, pb, k0, x, T, lp, g, T, n);
+      for (i64 c = 0; c < C; ++c) store_row(grad, pb.in_kind, (b * C + c) * N + i0, n, g + c * T);
+    }
+  }
+}
+
+static void backward_hard_fused(const Problem& pb, const float* grad_sum_p, void* grad, i64 b, i64 begin, i64 end,
+                                float* scratch) {
+  switch (pb.C) {
+    case 2:
+      return backward_hard_fused_t<2>(pb, grad_sum_p, grad, b, begin, end, scratch);
+    case 3:
+      return backward_hard_fused_t<3>(pb, grad_sum_p, grad, b, begin, end, scratch);
+    case 4:
+      return backward_hard_fused_t<4>(pb, grad_sum_p, grad, b, begin, end, scratch);
+    default:
+      return backward_hard_fused_t<0>(pb, grad_sum_p, grad, b, begin, end, scratch);
+  }
+}
+
 static i64 forward(const Problem& pb, i64 b, i64 begin, i64 end, double* out, float* scratch, double* hist) {
+  if (fused_hard_ok(pb)) return forward_hard_fused(pb, b, begin, end, out, scratch, hist);
   const i64 T = pb.tile, C = pb.C, N = pb.N, M = pb.M, M2 = M + 2;
   const Layout L = layout(pb);
   float* x = scratch + L.x;
@@ -597,6 +1128,7 @@ static void grad_p_row(const Problem& pb, const float* __restrict p, const float
 
 static void backward(const Problem& pb, const float* grad_count, const float* grad_sum_p, const float* grad_sum_y,
                      void* grad, i64 b, i64 begin, i64 end, float* scratch) {
+  if (fused_hard_ok(pb)) return backward_hard_fused(pb, grad_sum_p, grad, b, begin, end, scratch);
   const i64 T = pb.tile, C = pb.C, N = pb.N, M2 = pb.M + 2;
   const Layout L = layout(pb);
   float* x = scratch + L.x;
