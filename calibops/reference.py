@@ -138,7 +138,7 @@ def binned_stats_prepared(
     pa = p.to(acc)
     zeros = torch.zeros(B, C, M, dtype=acc, device=input.device)
     if not soft:
-        idx = torch.bucketize(p.detach(), edges[1:].to(p.dtype), right=right).clamp_(max=M - 1)
+        idx = torch.bucketize(p.detach().contiguous(), edges[1:].to(p.dtype), right=right).clamp_(max=M - 1)
         w = torch.ones_like(pa) if mask is None else mask.expand(B, C, N)
         count = zeros.scatter_add(2, idx, w)
         sum_p = zeros.scatter_add(2, idx, pa * w)
@@ -146,7 +146,7 @@ def binned_stats_prepared(
     else:
         centres = edges.to(acc)
         # t = (number of centres strictly below p) - 1, in -1 .. M-1
-        t = torch.bucketize(p.detach(), edges.to(p.dtype), right=False) - 1
+        t = torch.bucketize(p.detach().contiguous(), edges.to(p.dtype), right=False) - 1
         if M == 1:
             lo = torch.zeros_like(t)
             w_lo = torch.ones_like(pa)
