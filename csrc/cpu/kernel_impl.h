@@ -98,6 +98,8 @@ static inline float exp_f(float x) {
 // ---------------------------------------------------------------------------------------------------------
 // Scratch layout (floats) for one worker: rows of T floats, T a multiple of 16 (64-byte aligned rows).
 
+constexpr i64 kSub = 128;  // voxels per sub-block of the fused hard forward (its pairs stay in L1)
+
 struct Layout {
   i64 x, y, bins, g, lab, rowa, rowb, ea, eb, pk, ftab, lo_of, dtab, total;
 };
@@ -115,7 +117,9 @@ static Layout layout(const Problem& pb) {
   L.ea = L.rowb + T;       // [T] binning / backward gathers
   L.eb = L.ea + T;         // [T]
   L.pk = L.eb + T;         // [T][4] float64 packed (1, p, y, 0) of one class row (T a multiple of 16)
-  L.ftab = L.pk + 8 * T;   // [3][C][M + 2] backward gradient tables
+  // [T][4] float64 quads (generic forward) or [C][kSub][2] float64 (1, p) pairs (fused hard forward, labels)
+  const i64 pk_floats = 8 * T > 4 * C * kSub ? 8 * T : 4 * C * kSub;
+  L.ftab = L.pk + pk_floats;   // [3][C][M + 2] backward gradient tables
   L.lo_of = L.ftab + 3 * C * M2;           // [M + 2] int32 soft state -> low bin
   L.dtab = ((L.lo_of + M2 + 15) / 16) * 16;  // [3][M + 2] float64 soft state -> (c_hi, 1/d, base)
   L.total = L.dtab + 6 * M2 + 16;
@@ -519,6 +523,17 @@ static inline VI cvtt(VF a) { return _mm512_cvttps_epi32(a); }
 static inline VF as_f(VI a) { return _mm512_castsi512_ps(a); }
 static inline VI as_i(VF a) { return _mm512_castps_si512(a); }
 static inline VF fneg(VF a) { return _mm512_xor_ps(a, fset(-0.0f)); }
+static inline VM ieq(VI a, VI b) { return _mm512_cmpeq_epi32_mask(a, b); }
+// dst[2 v], dst[2 v + 1] = (1, p[v]) in float64 for the VL lanes.
+static inline void store_pairs(double* dst, VF p) {
+  const __m512d ones = _mm512_set1_pd(1.0);
+  const __m512i ia = _mm512_set_epi64(11, 0, 10, 0, 9, 0, 8, 0), ib = _mm512_set_epi64(15, 0, 14, 0, 13, 0, 12, 0);
+  const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(p)), hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(p, 1));
+  _mm512_storeu_pd(dst, _mm512_permutex2var_pd(ones, ia, lo));
+  _mm512_storeu_pd(dst + 8, _mm512_permutex2var_pd(ones, ib, lo));
+  _mm512_storeu_pd(dst + 16, _mm512_permutex2var_pd(ones, ia, hi));
+  _mm512_storeu_pd(dst + 24, _mm512_permutex2var_pd(ones, ib, hi));
+}
 struct Tab {
   __m512 lo, hi;
 };
@@ -558,6 +573,17 @@ static inline VI cvtt(VF a) { return _mm256_cvttps_epi32(a); }
 static inline VF as_f(VI a) { return _mm256_castsi256_ps(a); }
 static inline VI as_i(VF a) { return _mm256_castps_si256(a); }
 static inline VF fneg(VF a) { return _mm256_xor_ps(a, fset(-0.0f)); }
+static inline VM ieq(VI a, VI b) { return _mm256_cmpeq_epi32(a, b); }
+static inline void store_pairs4(double* dst, __m128 p4) {
+  const __m256d ones = _mm256_set1_pd(1.0), pv = _mm256_cvtps_pd(p4);
+  const __m256d lo = _mm256_unpacklo_pd(ones, pv), hi = _mm256_unpackhi_pd(ones, pv);  // (1 p0 1 p2), (1 p1 1 p3)
+  _mm256_storeu_pd(dst, _mm256_permute2f128_pd(lo, hi, 0x20));
+  _mm256_storeu_pd(dst + 4, _mm256_permute2f128_pd(lo, hi, 0x31));
+}
+static inline void store_pairs(double* dst, VF p) {
+  store_pairs4(dst, _mm256_castps256_ps128(p));
+  store_pairs4(dst + 8, _mm256_extractf128_ps(p, 1));
+}
 struct Tab {
   __m256 t0, t1, t2, t3;
 };
@@ -605,6 +631,11 @@ static inline VI cvtt(VF a) { return static_cast<i32>(a); }
 static inline VF as_f(VI a) { return u2f(static_cast<u32>(a)); }
 static inline VI as_i(VF a) { return static_cast<i32>(f2u(a)); }
 static inline VF fneg(VF a) { return -a; }
+static inline VM ieq(VI a, VI b) { return a == b; }
+static inline void store_pairs(double* dst, VF p) {
+  dst[0] = 1.0;
+  dst[1] = static_cast<double>(p);
+}
 struct Tab {
   const float* t;
 };
@@ -612,11 +643,13 @@ static inline Tab make_tab(const float* t32) { return {t32}; }
 static inline VF look(const Tab& t, VI k) { return t.t[k]; }
 #endif
 
-// exp_f above, lane-wise: the same operations in the same order.
+// exp_f above, lane-wise: the same operations in the same order. NONPOS: the caller guarantees x <= 0 or NaN
+// (softmax: x - max), where the upper clamp and the overflow select are identities and are left out.
+template <bool NONPOS = false>
 static inline VF vexp(VF x) {
   const VF hi = fset(88.0f), lo = fset(-87.33654f), magic = fset(12582912.0f);
-  VF xc = fmin_(hi, x);  // x > hi ? hi : x (NaN passes)
-  xc = fmax_(lo, xc);    // xc < lo ? lo : xc
+  VF xc = NONPOS ? x : fmin_(hi, x);  // x > hi ? hi : x (NaN passes)
+  xc = fmax_(lo, xc);                 // xc < lo ? lo : xc
   const VF t = fadd(fmul(xc, fset(1.44269504088896341f)), magic);
   const VF n = fsub(t, magic);
   const VI ni = isub(as_i(t), as_i(magic));
@@ -632,7 +665,7 @@ static inline VF vexp(VF x) {
   const VF scale = as_f(ishl23(iadd(ni, iset(127))));
   VF e = fmul(y, scale);
   e = fsel(flt(x, lo), fset(0.0f), e);
-  e = fsel(fgt(x, hi), fset(u2f(0x7f800000u)), e);
+  if (!NONPOS) e = fsel(fgt(x, hi), fset(u2f(0x7f800000u)), e);
   return e;
 }
 
@@ -683,7 +716,7 @@ static inline void hard_front(const HardCtx& k, i64 C_rt, const float* x, i64 xs
     for (i64 c = 1; c < C; ++c) m = fmax_(p[c], m);
     VF s = fset(0.0f);
     for (i64 c = 0; c < C; ++c) {
-      p[c] = vexp(fsub(p[c], m));
+      p[c] = vexp<true>(fsub(p[c], m));
       s = fadd(s, p[c]);
     }
     const VF r = fdiv(fset(1.0f), s);
@@ -696,9 +729,10 @@ static inline void hard_front(const HardCtx& k, i64 C_rt, const float* x, i64 xs
   VM masked{};
   if (k.labels) masked = ilt(iload(lab), izero);
   for (i64 c = 0; c < C; ++c) {
-    VF q = fmul(p[c], Mf);
-    q = fsel(fge(q, zero), q, zero);  // also maps NaN to 0
-    q = fsel(fle(q, top), q, top);
+    // q >= 0 ? q : 0 then q <= top ? q : top, as max / min: they differ only for q = -0 (-> +0) and NaN
+    // (also -> 0), where the truncated integer is the same.
+    VF q = fmax_(fmul(p[c], Mf), zero);
+    q = fmin_(q, top);
     const VI j0 = cvtt(q);
     const VF ea = look(k.e0, j0), eb = look(k.e1, j0);
     VM dec, inc;
@@ -716,39 +750,62 @@ static inline void hard_front(const HardCtx& k, i64 C_rt, const float* x, i64 xs
   }
 }
 
-// Forward front end of one tile: p rows into x [C][T] and bins into bins [C][T]. src / ss: the class rows
-// (stride ss) of the input (float32) or of x itself (converted in place); lab: labels of the tile or nullptr.
-template <int CC>
+// Forward front end of n voxels. src / ss: the class rows (stride ss) of the input (float32) or of the converted
+// tile; lab: their labels or nullptr; bins (row stride T) gets the hard bins. PAIRS (labels): pk (class stride pks
+// doubles) gets the float64 (1, p) pairs and ybin (may alias lab) the label's slot lab * (M + 2) + bin[lab] (M for
+// masked voxels: class 0's discarded slot); otherwise x (row stride T) gets p.
+template <int CC, bool PAIRS>
 static void hard_front_tile(const HardCtx& k, const Problem& pb, const float* src, i64 ss, const i32* lab, float* x,
-                            i32* bins, i64 n) {
+                            i32* bins, double* pk, i64 pks, i32* ybin, i64 n) {
   const i64 T = pb.tile, C = CC > 0 ? CC : pb.C;
+  const i32 M2 = static_cast<i32>(pb.M + 2);
   VF p[kMaxFusedC];
   VI bn[kMaxFusedC];
+  auto emit = [&](const i32* lg, i64 i, double* pkd, i64 pkstride, i32* bd, i64 bstride, float* xd, i64 xstride,
+                  i32* yd) {
+    for (i64 c = 0; c < C; ++c) {
+      if (PAIRS)
+        store_pairs(pkd + c * pkstride, p[c]);
+      else
+        fstore(xd + c * xstride, p[c]);
+      istore(bd + c * bstride, bn[c]);
+    }
+    if (PAIRS) {
+      const VI lv = iload(lg);
+      VI yb = iset(k.M);
+      for (i64 c = 0; c < C; ++c) yb = isel(ieq(lv, iset(static_cast<i32>(c))), iadd(bn[c], iset(static_cast<i32>(c) * M2)), yb);
+      istore(yd, yb);
+    }
+    (void)i;
+  };
   i64 i = 0;
   for (; i + VL <= n; i += VL) {
-    hard_front<CC>(k, C, src + i, ss, lab != nullptr ? lab + i : nullptr, p, bn);
-    for (i64 c = 0; c < C; ++c) {
-      fstore(x + c * T + i, p[c]);
-      istore(bins + c * T + i, bn[c]);
-    }
+    const i32* lg = lab != nullptr ? lab + i : nullptr;
+    hard_front<CC>(k, C, src + i, ss, lg, p, bn);
+    emit(lg, i, PAIRS ? pk + 2 * i : nullptr, pks, bins + i, T, PAIRS ? nullptr : x + i, T, PAIRS ? ybin + i : nullptr);
   }
   if (i < n) {  // tail: through zero-padded buffers
     alignas(64) float xb[kMaxFusedC * VL];
-    alignas(64) i32 lb[VL], ib[kMaxFusedC * VL];
+    alignas(64) i32 lb[VL], ib[kMaxFusedC * VL], yb[VL];
+    alignas(64) double pb2[kMaxFusedC * 2 * VL];
     const i64 r = n - i;
     for (i64 c = 0; c < C; ++c)
       for (i64 v = 0; v < VL; ++v) xb[c * VL + v] = v < r ? src[c * ss + i + v] : 0.0f;
     for (i64 v = 0; v < VL; ++v) lb[v] = (lab != nullptr && v < r) ? lab[i + v] : -1;
     hard_front<CC>(k, C, xb, VL, lb, p, bn);
-    for (i64 c = 0; c < C; ++c) {
-      fstore(xb + c * VL, p[c]);
-      istore(ib + c * VL, bn[c]);
-    }
+    emit(lb, 0, pb2, 2 * VL, ib, VL, xb, VL, yb);
     for (i64 c = 0; c < C; ++c)
       for (i64 v = 0; v < r; ++v) {
-        x[c * T + i + v] = xb[c * VL + v];
+        if (PAIRS) {
+          pk[c * pks + 2 * (i + v)] = pb2[c * 2 * VL + 2 * v];
+          pk[c * pks + 2 * (i + v) + 1] = pb2[c * 2 * VL + 2 * v + 1];
+        } else {
+          x[c * T + i + v] = xb[c * VL + v];
+        }
         bins[c * T + i + v] = ib[c * VL + v];
       }
+    if (PAIRS)
+      for (i64 v = 0; v < r; ++v) ybin[i + v] = yb[v];
   }
 }
 
@@ -796,32 +853,6 @@ static void hard_back_tile(const HardCtx& k, const Problem& pb, const Tab* k0, c
   }
 }
 
-// pk[2 i], pk[2 i + 1] = (1, p_i) in float64: one 128-bit load-add-store per voxel adds its (count, sum_p).
-static void pack_pairs(const float* __restrict p, double* __restrict pk, i64 n) {
-  i64 i = 0;
-#if CALIBOPS_ISA_LEVEL >= 2
-  const __m512d ones = _mm512_set1_pd(1.0);
-  const __m512i ia = _mm512_set_epi64(11, 0, 10, 0, 9, 0, 8, 0), ib = _mm512_set_epi64(15, 0, 14, 0, 13, 0, 12, 0);
-  for (; i + 8 <= n; i += 8) {
-    const __m512d pv = _mm512_cvtps_pd(_mm256_loadu_ps(p + i));
-    _mm512_storeu_pd(pk + 2 * i, _mm512_permutex2var_pd(ones, ia, pv));
-    _mm512_storeu_pd(pk + 2 * i + 8, _mm512_permutex2var_pd(ones, ib, pv));
-  }
-#elif CALIBOPS_ISA_LEVEL == 1
-  const __m256d ones = _mm256_set1_pd(1.0);
-  for (; i + 4 <= n; i += 4) {
-    const __m256d pv = _mm256_cvtps_pd(_mm_loadu_ps(p + i));
-    const __m256d lo = _mm256_unpacklo_pd(ones, pv), hi = _mm256_unpackhi_pd(ones, pv);  // (1 p0 1 p2), (1 p1 1 p3)
-    _mm256_storeu_pd(pk + 2 * i, _mm256_permute2f128_pd(lo, hi, 0x20));
-    _mm256_storeu_pd(pk + 2 * i + 4, _mm256_permute2f128_pd(lo, hi, 0x31));
-  }
-#endif
-  for (; i < n; ++i) {
-    pk[2 * i] = 1.0;
-    pk[2 * i + 1] = static_cast<double>(p[i]);
-  }
-}
-
 #if defined(__GNUC__) || defined(__clang__)
 typedef double v2d __attribute__((vector_size(16), aligned(8)));
 static inline void pair_one(double* h, i32 j, const double* v) {
@@ -855,21 +886,23 @@ static void scatter_pairs(const Problem& pb, const double* __restrict pk, const 
 }
 
 // Integer labels: sum_y[c][j] counts the voxels labelled c whose class-c bin is j, so one integer increment per
-// voxel (into hy [copies][C][M + 2]) replaces C float additions. Masked voxels (label -1) are binned to the
-// discarded slot M in every class; they land in hy[.][0][M].
-static void count_labels(const Problem& pb, const i32* __restrict lab, const i32* __restrict bins, i64* __restrict hy,
-                         i64 n) {
-  const i64 T = pb.tile, M2 = pb.M + 2, stride = pb.C * M2;
-  auto one = [&](i64* h, i64 i) {
-    const i32 l = lab[i] < 0 ? 0 : lab[i];
-    h[l * M2 + bins[l * T + i]] += 1;
-  };
+// voxel (into hy [copies][C][M + 2], at the slot ybin from hard_front_tile) replaces C float additions.
+static void count_labels(const Problem& pb, const i32* __restrict yb, i64* __restrict hy, i64 n) {
+  const i64 stride = pb.C * (pb.M + 2);
   i64 i = 0;
   if (pb.copies == 8) {
-    for (; i + 8 <= n; i += 8)
-      for (i64 k = 0; k < 8; ++k) one(hy + k * stride, i + k);
+    for (; i + 8 <= n; i += 8) {
+      hy[yb[i]] += 1;
+      hy[stride + yb[i + 1]] += 1;
+      hy[2 * stride + yb[i + 2]] += 1;
+      hy[3 * stride + yb[i + 3]] += 1;
+      hy[4 * stride + yb[i + 4]] += 1;
+      hy[5 * stride + yb[i + 5]] += 1;
+      hy[6 * stride + yb[i + 6]] += 1;
+      hy[7 * stride + yb[i + 7]] += 1;
+    }
   }
-  for (; i < n; ++i) one(hy + (i & (pb.copies - 1)) * stride, i);
+  for (; i < n; ++i) hy[(i & (pb.copies - 1)) * stride + yb[i]] += 1;
 }
 
 template <int CC>
@@ -904,15 +937,17 @@ static i64 forward_hard_fused_t(const Problem& pb, i64 b, i64 begin, i64 end, do
     } else {
       for (i64 c = 0; c < C; ++c) load_float_row(pb.input, pb.in_kind, (b * C + c) * N + i0, n, x + c * T);
     }
-    if (pb.labels) bad += load_labels(pb, b * N + i0, n, lab);
-    hard_front_tile<CC>(k, pb, src, ss, pb.labels ? lab : nullptr, x, bins, n);
     if (pb.labels) {
-      for (i64 c = 0; c < C; ++c) {
-        pack_pairs(x + c * T, pk, n);
-        scatter_pairs(pb, pk, bins + c * T, hp + c * K * M2 * 2, n);
+      bad += load_labels(pb, b * N + i0, n, lab);
+      // Sub-blocks of kSub voxels: (1, p) pairs of every class and the bins, then the scatters, all in L1.
+      for (i64 s0 = 0; s0 < n; s0 += kSub) {
+        const i64 ns = n - s0 < kSub ? n - s0 : kSub;
+        hard_front_tile<CC, true>(k, pb, src + s0, ss, lab + s0, nullptr, bins + s0, pk, 2 * kSub, lab + s0, ns);
+        for (i64 c = 0; c < C; ++c) scatter_pairs(pb, pk + c * 2 * kSub, bins + c * T + s0, hp + c * K * M2 * 2, ns);
+        count_labels(pb, lab + s0, hy, ns);
       }
-      count_labels(pb, lab, bins, hy, n);
     } else {
+      hard_front_tile<CC, false>(k, pb, src, ss, nullptr, x, bins, nullptr, 0, nullptr, n);
       for (i64 c = 0; c < C; ++c) {
         load_float_row(pb.target, pb.target_kind, (b * C + c) * N + i0, n, y + c * T);
         pack_row(x + c * T, y + c * T, pk, n);
