@@ -643,10 +643,16 @@ static inline Tab make_tab(const float* t32) { return {t32}; }
 static inline VF look(const Tab& t, VI k) { return t.t[k]; }
 #endif
 
+#if defined(__GNUC__) || defined(__clang__)
+#define CALIBOPS_INLINE inline __attribute__((always_inline))
+#else
+#define CALIBOPS_INLINE inline
+#endif
+
 // exp_f above, lane-wise: the same operations in the same order. NONPOS: the caller guarantees x <= 0 or NaN
 // (softmax: x - max), where the upper clamp and the overflow select are identities and are left out.
 template <bool NONPOS = false>
-static inline VF vexp(VF x) {
+static CALIBOPS_INLINE VF vexp(VF x) {
   const VF hi = fset(88.0f), lo = fset(-87.33654f), magic = fset(12582912.0f);
   VF xc = NONPOS ? x : fmin_(hi, x);  // x > hi ? hi : x (NaN passes)
   xc = fmax_(lo, xc);                 // xc < lo ? lo : xc
@@ -705,49 +711,60 @@ static HardCtx hard_ctx(const Problem& pb, HardTables& t) {
   return k;
 }
 
-// One group of VL voxels: class c's values at x + c * xs; labels (already range-checked, -1 = masked) at lab.
-// Out: p[c] (probabilities) and bin[c] (hard bin, M for masked voxels), exactly as activate + compute_bins.
-template <int CC>
-static inline void hard_front(const HardCtx& k, i64 C_rt, const float* x, i64 xs, const i32* lab, VF* p, VI* bin) {
+// G groups of VL voxels (group g at offset g * VL): class c's values at x + c * xs; labels (already range-checked,
+// -1 = masked) at lab. Out: p[g][c] (probabilities) and bin[g][c] (hard bin, M for masked voxels), exactly as
+// activate + compute_bins. G > 1 interleaves independent groups so their long dependency chains (exp) overlap.
+template <int CC, int G>
+static CALIBOPS_INLINE void hard_front(const HardCtx& k, i64 C_rt, const float* x, i64 xs, const i32* lab,
+                              VF (*p)[kMaxFusedC], VI (*bin)[kMaxFusedC]) {
   const i64 C = CC > 0 ? CC : C_rt;
-  for (i64 c = 0; c < C; ++c) p[c] = fload(x + c * xs);
+  for (i64 c = 0; c < C; ++c)
+    for (int g = 0; g < G; ++g) p[g][c] = fload(x + c * xs + g * VL);
   if (k.act == 1) {
-    VF m = p[0];
-    for (i64 c = 1; c < C; ++c) m = fmax_(p[c], m);
-    VF s = fset(0.0f);
-    for (i64 c = 0; c < C; ++c) {
-      p[c] = vexp<true>(fsub(p[c], m));
-      s = fadd(s, p[c]);
-    }
-    const VF r = fdiv(fset(1.0f), s);
-    for (i64 c = 0; c < C; ++c) p[c] = fmul(p[c], r);
+    VF m[G], s[G], r[G];
+    for (int g = 0; g < G; ++g) m[g] = p[g][0];
+    for (i64 c = 1; c < C; ++c)
+      for (int g = 0; g < G; ++g) m[g] = fmax_(p[g][c], m[g]);
+    for (int g = 0; g < G; ++g) s[g] = fset(0.0f);
+    for (i64 c = 0; c < C; ++c)
+      for (int g = 0; g < G; ++g) {
+        p[g][c] = vexp<true>(fsub(p[g][c], m[g]));
+        s[g] = fadd(s[g], p[g][c]);
+      }
+    for (int g = 0; g < G; ++g) r[g] = fdiv(fset(1.0f), s[g]);
+    for (i64 c = 0; c < C; ++c)
+      for (int g = 0; g < G; ++g) p[g][c] = fmul(p[g][c], r[g]);
   } else if (k.act == 2) {
-    for (i64 c = 0; c < C; ++c) p[c] = fdiv(fset(1.0f), fadd(fset(1.0f), vexp(fneg(p[c]))));
+    for (i64 c = 0; c < C; ++c)
+      for (int g = 0; g < G; ++g) p[g][c] = fdiv(fset(1.0f), fadd(fset(1.0f), vexp(fneg(p[g][c]))));
   }
   const VF Mf = fset(k.Mf), top = fset(k.top), zero = fset(0.0f);
   const VI izero = iset(0), one = iset(1), last = iset(k.M - 1);
-  VM masked{};
-  if (k.labels) masked = ilt(iload(lab), izero);
-  for (i64 c = 0; c < C; ++c) {
-    // q >= 0 ? q : 0 then q <= top ? q : top, as max / min: they differ only for q = -0 (-> +0) and NaN
-    // (also -> 0), where the truncated integer is the same.
-    VF q = fmax_(fmul(p[c], Mf), zero);
-    q = fmin_(q, top);
-    const VI j0 = cvtt(q);
-    const VF ea = look(k.e0, j0), eb = look(k.e1, j0);
-    VM dec, inc;
-    if (!k.right) {
-      dec = mand(igt(j0, izero), fle(p[c], ea));
-      inc = fgt(p[c], eb);
-    } else {
-      dec = mand(igt(j0, izero), flt(p[c], ea));
-      inc = fge(p[c], eb);
+  VM masked[G];
+  if (k.labels)
+    for (int g = 0; g < G; ++g) masked[g] = ilt(iload(lab + g * VL), izero);
+  for (i64 c = 0; c < C; ++c)
+    for (int g = 0; g < G; ++g) {
+      const VF pc = p[g][c];
+      // q >= 0 ? q : 0 then q <= top ? q : top, as max / min: they differ only for q = -0 (-> +0) and NaN
+      // (also -> 0), where the truncated integer is the same.
+      VF q = fmax_(fmul(pc, Mf), zero);
+      q = fmin_(q, top);
+      const VI j0 = cvtt(q);
+      const VF ea = look(k.e0, j0), eb = look(k.e1, j0);
+      VM dec, inc;
+      if (!k.right) {
+        dec = mand(igt(j0, izero), fle(pc, ea));
+        inc = fgt(pc, eb);
+      } else {
+        dec = mand(igt(j0, izero), flt(pc, ea));
+        inc = fge(pc, eb);
+      }
+      VI j = iadd(isub(j0, isel(dec, one, izero)), isel(inc, one, izero));
+      j = imin(j, last);
+      if (k.labels) j = isel(masked[g], iset(k.M), j);
+      bin[g][c] = j;
     }
-    VI j = iadd(isub(j0, isel(dec, one, izero)), isel(inc, one, izero));
-    j = imin(j, last);
-    if (k.labels) j = isel(masked, iset(k.M), j);
-    bin[c] = j;
-  }
 }
 
 // Forward front end of n voxels. src / ss: the class rows (stride ss) of the input (float32) or of the converted
@@ -759,30 +776,39 @@ static void hard_front_tile(const HardCtx& k, const Problem& pb, const float* sr
                             i32* bins, double* pk, i64 pks, i32* ybin, i64 n) {
   const i64 T = pb.tile, C = CC > 0 ? CC : pb.C;
   const i32 M2 = static_cast<i32>(pb.M + 2);
-  VF p[kMaxFusedC];
-  VI bn[kMaxFusedC];
-  auto emit = [&](const i32* lg, i64 i, double* pkd, i64 pkstride, i32* bd, i64 bstride, float* xd, i64 xstride,
+  constexpr int G = 2;
+  VF p[G][kMaxFusedC];
+  VI bn[G][kMaxFusedC];
+  auto emit = [&](int g, const i32* lg, double* pkd, i64 pkstride, i32* bd, i64 bstride, float* xd, i64 xstride,
                   i32* yd) {
     for (i64 c = 0; c < C; ++c) {
       if (PAIRS)
-        store_pairs(pkd + c * pkstride, p[c]);
+        store_pairs(pkd + c * pkstride, p[g][c]);
       else
-        fstore(xd + c * xstride, p[c]);
-      istore(bd + c * bstride, bn[c]);
+        fstore(xd + c * xstride, p[g][c]);
+      istore(bd + c * bstride, bn[g][c]);
     }
     if (PAIRS) {
       const VI lv = iload(lg);
       VI yb = iset(k.M);
-      for (i64 c = 0; c < C; ++c) yb = isel(ieq(lv, iset(static_cast<i32>(c))), iadd(bn[c], iset(static_cast<i32>(c) * M2)), yb);
+      for (i64 c = 0; c < C; ++c)
+        yb = isel(ieq(lv, iset(static_cast<i32>(c))), iadd(bn[g][c], iset(static_cast<i32>(c) * M2)), yb);
       istore(yd, yb);
     }
-    (void)i;
+  };
+  auto emit_at = [&](int g, i64 i) {
+    const i32* lg = lab != nullptr ? lab + i : nullptr;
+    emit(g, lg, PAIRS ? pk + 2 * i : nullptr, pks, bins + i, T, PAIRS ? nullptr : x + i, T,
+         PAIRS ? ybin + i : nullptr);
   };
   i64 i = 0;
+  for (; i + G * VL <= n; i += G * VL) {
+    hard_front<CC, G>(k, C, src + i, ss, lab != nullptr ? lab + i : nullptr, p, bn);
+    for (int g = 0; g < G; ++g) emit_at(g, i + g * VL);
+  }
   for (; i + VL <= n; i += VL) {
-    const i32* lg = lab != nullptr ? lab + i : nullptr;
-    hard_front<CC>(k, C, src + i, ss, lg, p, bn);
-    emit(lg, i, PAIRS ? pk + 2 * i : nullptr, pks, bins + i, T, PAIRS ? nullptr : x + i, T, PAIRS ? ybin + i : nullptr);
+    hard_front<CC, 1>(k, C, src + i, ss, lab != nullptr ? lab + i : nullptr, p, bn);
+    emit_at(0, i);
   }
   if (i < n) {  // tail: through zero-padded buffers
     alignas(64) float xb[kMaxFusedC * VL];
@@ -792,8 +818,8 @@ static void hard_front_tile(const HardCtx& k, const Problem& pb, const float* sr
     for (i64 c = 0; c < C; ++c)
       for (i64 v = 0; v < VL; ++v) xb[c * VL + v] = v < r ? src[c * ss + i + v] : 0.0f;
     for (i64 v = 0; v < VL; ++v) lb[v] = (lab != nullptr && v < r) ? lab[i + v] : -1;
-    hard_front<CC>(k, C, xb, VL, lb, p, bn);
-    emit(lb, 0, pb2, 2 * VL, ib, VL, xb, VL, yb);
+    hard_front<CC, 1>(k, C, xb, VL, lb, p, bn);
+    emit(0, lb, pb2, 2 * VL, ib, VL, xb, VL, yb);
     for (i64 c = 0; c < C; ++c)
       for (i64 v = 0; v < r; ++v) {
         if (PAIRS) {
@@ -809,28 +835,33 @@ static void hard_front_tile(const HardCtx& k, const Problem& pb, const float* sr
   }
 }
 
-// Backward of one group: d loss / d input of the VL voxels, written to out + c * os.
-template <int CC>
-static inline void hard_back_group(const HardCtx& k, i64 C_rt, const Tab* k0, const float* x, i64 xs,
+// Backward of G groups: d loss / d input of the G * VL voxels, written to out + c * os.
+template <int CC, int G>
+static CALIBOPS_INLINE void hard_back_group(const HardCtx& k, i64 C_rt, const Tab* k0, const float* x, i64 xs,
                                    const i32* lab, float* out, i64 os) {
   const i64 C = CC > 0 ? CC : C_rt;
-  VF p[kMaxFusedC];
-  VI bn[kMaxFusedC];
-  hard_front<CC>(k, C, x, xs, lab, p, bn);
-  VF g[kMaxFusedC];
-  for (i64 c = 0; c < C; ++c) g[c] = look(k0[c], bn[c]);
-  if (k.act == 1) {
-    VF s = fset(0.0f);
-    for (i64 c = 0; c < C; ++c) s = fadd(s, fmul(p[c], g[c]));
-    for (i64 c = 0; c < C; ++c) g[c] = fmul(p[c], fsub(g[c], s));
-  } else if (k.act == 2) {
-    for (i64 c = 0; c < C; ++c) g[c] = fmul(g[c], fmul(p[c], fsub(fset(1.0f), p[c])));
+  VF p[G][kMaxFusedC];
+  VI bn[G][kMaxFusedC];
+  hard_front<CC, G>(k, C, x, xs, lab, p, bn);
+  VF (&gr)[G][kMaxFusedC] = p;  // the gradient replaces p once p is used
+  for (int g = 0; g < G; ++g) {
+    VF gg[kMaxFusedC];
+    for (i64 c = 0; c < C; ++c) gg[c] = look(k0[c], bn[g][c]);
+    if (k.act == 1) {
+      VF s = fset(0.0f);
+      for (i64 c = 0; c < C; ++c) s = fadd(s, fmul(p[g][c], gg[c]));
+      for (i64 c = 0; c < C; ++c) gg[c] = fmul(p[g][c], fsub(gg[c], s));
+    } else if (k.act == 2) {
+      for (i64 c = 0; c < C; ++c) gg[c] = fmul(gg[c], fmul(p[g][c], fsub(fset(1.0f), p[g][c])));
+    }
+    if (k.labels) {
+      const VM masked = ilt(iload(lab + g * VL), iset(0));
+      for (i64 c = 0; c < C; ++c) gg[c] = fsel(masked, fset(0.0f), gg[c]);
+    }
+    for (i64 c = 0; c < C; ++c) gr[g][c] = gg[c];
   }
-  if (k.labels) {
-    const VM masked = ilt(iload(lab), iset(0));
-    for (i64 c = 0; c < C; ++c) g[c] = fsel(masked, fset(0.0f), g[c]);
-  }
-  for (i64 c = 0; c < C; ++c) fstore(out + c * os, g[c]);
+  for (i64 c = 0; c < C; ++c)
+    for (int g = 0; g < G; ++g) fstore(out + c * os + g * VL, gr[g][c]);
 }
 
 template <int CC>
@@ -838,8 +869,10 @@ static void hard_back_tile(const HardCtx& k, const Problem& pb, const Tab* k0, c
                            const i32* lab, float* out, i64 os, i64 n) {
   const i64 C = CC > 0 ? CC : pb.C;
   i64 i = 0;
+  for (; i + 2 * VL <= n; i += 2 * VL)
+    hard_back_group<CC, 2>(k, C, k0, src + i, ss, lab != nullptr ? lab + i : nullptr, out + i, os);
   for (; i + VL <= n; i += VL)
-    hard_back_group<CC>(k, C, k0, src + i, ss, lab != nullptr ? lab + i : nullptr, out + i, os);
+    hard_back_group<CC, 1>(k, C, k0, src + i, ss, lab != nullptr ? lab + i : nullptr, out + i, os);
   if (i < n) {
     alignas(64) float xb[kMaxFusedC * VL], gb[kMaxFusedC * VL];
     alignas(64) i32 lb[VL];
@@ -847,7 +880,7 @@ static void hard_back_tile(const HardCtx& k, const Problem& pb, const Tab* k0, c
     for (i64 c = 0; c < C; ++c)
       for (i64 v = 0; v < VL; ++v) xb[c * VL + v] = v < r ? src[c * ss + i + v] : 0.0f;
     for (i64 v = 0; v < VL; ++v) lb[v] = (lab != nullptr && v < r) ? lab[i + v] : -1;
-    hard_back_group<CC>(k, C, k0, xb, VL, lb, gb, VL);
+    hard_back_group<CC, 1>(k, C, k0, xb, VL, lb, gb, VL);
     for (i64 c = 0; c < C; ++c)
       for (i64 v = 0; v < r; ++v) out[c * os + i + v] = gb[c * VL + v];
   }
