@@ -677,7 +677,9 @@ static CALIBOPS_INLINE VF vexp(VF x) {
 
 constexpr int kMaxFusedC = 16;
 
-static bool fused_hard_ok(const Problem& pb) { return !pb.soft && pb.C >= 1 && pb.C <= kMaxFusedC && pb.M + 2 <= 32; }
+static bool fused_hard_ok(const Problem& pb) {
+  return pb.fused && !pb.soft && pb.C >= 1 && pb.C <= kMaxFusedC && pb.M + 2 <= 32;
+}
 
 // Loop-invariant state of the fused hard path; the tables live in the caller's frame (base build: pointers).
 struct HardCtx {
