@@ -536,6 +536,16 @@ static inline void store_pairs(double* dst, VF p) {
   _mm512_storeu_pd(dst + 16, _mm512_permutex2var_pd(ones, ia, hi));
   _mm512_storeu_pd(dst + 24, _mm512_permutex2var_pd(ones, ib, hi));
 }
+// j0 - [j0 > 0 and p (<= or <) lo] + [p (> or >=) hi]: the one-step correction of the estimated hard bin.
+template <bool RIGHT>
+static inline VI bin_adjust(VI j0, VF p, VF lo, VF hi) {
+  const VM pos = _mm512_cmpgt_epi32_mask(j0, _mm512_setzero_si512());
+  const VM dec = _mm512_mask_cmp_ps_mask(pos, p, lo, RIGHT ? _CMP_LT_OQ : _CMP_LE_OQ);
+  const VM inc = _mm512_cmp_ps_mask(p, hi, RIGHT ? _CMP_GE_OQ : _CMP_GT_OQ);
+  const VI one = _mm512_set1_epi32(1);
+  const VI d = _mm512_mask_sub_epi32(j0, dec, j0, one);
+  return _mm512_mask_add_epi32(d, inc, d, one);
+}
 struct Tab {
   __m512 lo, hi;
 };
@@ -587,6 +597,12 @@ static inline void store_pairs4(double* dst, __m128 p4) {
 static inline void store_pairs(double* dst, VF p) {
   store_pairs4(dst, _mm256_castps256_ps128(p));
   store_pairs4(dst + 8, _mm256_extractf128_ps(p, 1));
+}
+template <bool RIGHT>
+static inline VI bin_adjust(VI j0, VF p, VF lo, VF hi) {  // comparison masks are -1 / 0 per lane
+  const VM dec = mand(igt(j0, _mm256_setzero_si256()), RIGHT ? flt(p, lo) : fle(p, lo));
+  const VM inc = RIGHT ? fge(p, hi) : fgt(p, hi);
+  return _mm256_sub_epi32(_mm256_add_epi32(j0, dec), inc);
 }
 struct Tab {
   __m256 t0, t1, t2, t3;
@@ -641,6 +657,12 @@ static inline VM ieq(VI a, VI b) { return a == b; }
 static inline void store_pairs(double* dst, VF p) {
   dst[0] = 1.0;
   dst[1] = static_cast<double>(p);
+}
+template <bool RIGHT>
+static inline VI bin_adjust(VI j0, VF p, VF lo, VF hi) {
+  const bool dec = (j0 > 0) & (RIGHT ? p < lo : p <= lo);
+  const bool inc = RIGHT ? p >= hi : p > hi;
+  return j0 - static_cast<i32>(dec) + static_cast<i32>(inc);
 }
 struct Tab {
   const float* t;
@@ -748,7 +770,7 @@ static CALIBOPS_INLINE void hard_front(const HardCtx& k, i64 C_rt, const float* 
       for (int g = 0; g < G; ++g) p[g][c] = fdiv(fset(1.0f), fadd(fset(1.0f), vexp(fneg(p[g][c]))));
   }
   const VF Mf = fset(k.Mf), top = fset(k.top), zero = fset(0.0f);
-  const VI izero = iset(0), one = iset(1), last = iset(k.M - 1);
+  const VI izero = iset(0), last = iset(k.M - 1);
   VM masked[G];
   if (k.labels)
     for (int g = 0; g < G; ++g) masked[g] = ilt(iload(lab + g * VL), izero);
@@ -761,15 +783,7 @@ static CALIBOPS_INLINE void hard_front(const HardCtx& k, i64 C_rt, const float* 
       q = fmin_(q, top);
       const VI j0 = cvtt(q);
       const VF ea = look(k.e0, j0), eb = look(k.e1, j0);
-      VM dec, inc;
-      if (!k.right) {
-        dec = mand(igt(j0, izero), fle(pc, ea));
-        inc = fgt(pc, eb);
-      } else {
-        dec = mand(igt(j0, izero), flt(pc, ea));
-        inc = fge(pc, eb);
-      }
-      VI j = iadd(isub(j0, isel(dec, one, izero)), isel(inc, one, izero));
+      VI j = k.right ? bin_adjust<true>(j0, pc, ea, eb) : bin_adjust<false>(j0, pc, ea, eb);
       j = imin(j, last);
       if (k.labels) j = isel(masked[g], iset(k.M), j);
       bin[g][c] = j;
