@@ -213,16 +213,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> binned_stats_cpu(const Tensor& input,
   const Problem& pb = P.pb;
   const int64_t B = pb.B, C = pb.C, M = pb.M;
   auto opts = input.options().dtype(at::kFloat);
-  Tensor count = at::zeros({B, C, M}, opts), sum_p = at::zeros({B, C, M}, opts), sum_y = at::zeros({B, C, M}, opts);
   Tensor bad = at::zeros({}, input.options().dtype(at::kLong));
-  if (B == 0 || P.chunks == 0) return {count, sum_p, sum_y, bad};
-  if (C == 0) {  // every label is out of range: only count them
-    if (labels) {
+  if (B == 0 || P.chunks == 0 || C == 0) {
+    Tensor count = at::zeros({B, C, M}, opts), sum_p = at::zeros({B, C, M}, opts), sum_y = at::zeros({B, C, M}, opts);
+    if (C == 0 && B > 0 && P.chunks > 0 && labels) {  // every label is out of range: only count them
       Tensor t = P.target.to(at::kLong);
       bad.fill_(ignore_index.has_value() ? t.ne(*ignore_index).sum().item<int64_t>() : t.numel());
     }
     return {count, sum_p, sum_y, bad};
   }
+  // Every entry is written by the merge below.
+  Tensor count = at::empty({B, C, M}, opts), sum_p = at::empty({B, C, M}, opts), sum_y = at::empty({B, C, M}, opts);
 
   const KernelTable* K = select_kernels();
   const int64_t ntask = B * P.chunks, slot = C * M * 3;
