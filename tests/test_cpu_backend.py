@@ -507,8 +507,8 @@ def test_bitwise_identical_across_isa_builds(monkeypatch):
 @pytest.mark.parametrize("act", [ACT_NONE, ACT_SOFTMAX, ACT_SIGMOID])
 @pytest.mark.parametrize("labels", [True, False])
 def test_fused_hard_path_bitwise_equals_generic(monkeypatch, act, labels):
-    """The fused hard path (C <= 16, M <= 30) gives bitwise the results of the generic multi-pass path
-    (CALIBOPS_CPU_FUSED=0): statistics, bad-label count and gradient, in every ISA build, for tails, odd class
+    """The fused hard path (C <= 16, M <= 30; SIMD builds, and the base build's scalar version with
+    CALIBOPS_CPU_FUSED=2) gives bitwise the results of the generic multi-pass path (CALIBOPS_CPU_FUSED=0): statistics, bad-label count and gradient, in every ISA build, for tails, odd class
     counts (templated 2/3/4 and generic), half inputs, right=True, ignore_index, out-of-range labels, NaN/inf and
     a gradient large enough for non-temporal stores."""
     op, bop = _ops()
@@ -535,7 +535,7 @@ def test_fused_hard_path_bitwise_equals_generic(monkeypatch, act, labels):
         gs = [torch.randn(B, C, M, generator=g) for _ in range(3)]
         outs = {}
         for isa in isas:
-            for fused in ("1", "0"):
+            for fused in ("1", "0", "2"):
                 monkeypatch.setenv("CALIBOPS_CPU_ISA", isa)
                 monkeypatch.setenv("CALIBOPS_CPU_FUSED", fused)
                 res = list(op(x, t, e, M, False, act, labels, ig, right))

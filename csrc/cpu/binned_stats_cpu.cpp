@@ -163,10 +163,11 @@ Prepared prepare(const Tensor& input, const Tensor& target, const Tensor& edges,
   pb.tile = std::clamp<int64_t>((2048 / std::max<int64_t>(C, 1)) / 16 * 16, 16, 1024);
   // Interleaved histogram copies while the per-class histograms stay small (L1/L2 resident).
   pb.copies = C * (num_bins + 2) <= 2048 ? 8 : 1;
-  // The fused hard path (kernel_impl.h) gives bitwise the same results as the generic one; CALIBOPS_CPU_FUSED=0
-  // turns it off so the tests can compare the two.
+  // The fused hard path (kernel_impl.h) gives bitwise the same results as the generic one. CALIBOPS_CPU_FUSED=0
+  // turns it off and =2 also uses it in the base build (scalar there, slower than the generic path's
+  // auto-vectorised loops), so the tests can compare them all.
   const char* fused_env = std::getenv("CALIBOPS_CPU_FUSED");
-  pb.fused = fused_env == nullptr || std::strcmp(fused_env, "0") != 0;
+  pb.fused = fused_env == nullptr ? 1 : std::strcmp(fused_env, "0") == 0 ? 0 : std::strcmp(fused_env, "2") == 0 ? 2 : 1;
   if (N > 0) {
     const int64_t M3 = C * num_bins * 3;
     const int64_t mem_cap = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(B * M3, 1));

@@ -40,7 +40,7 @@ struct Problem {
   int64_t B, C, N;
   int64_t tile;          // voxels per tile (multiple of 16); the kernels process [C][tile] tiles
   int64_t copies;        // interleaved histogram copies (1 or 8) that break store-to-load chains
-  bool fused;            // allow the fused hard path (CALIBOPS_CPU_FUSED=0 forces the generic one, for tests)
+  int fused;             // fused hard path: 1 where it is faster (SIMD builds), 0 never, 2 also in the base build
 };
 
 // Entry points of one ISA build. Every buffer is owned by the caller.

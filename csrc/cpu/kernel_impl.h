@@ -706,8 +706,9 @@ static CALIBOPS_INLINE VF vexp(VF x) {
 constexpr int kMaxFusedC = 16;
 constexpr i64 kStreamMinFloats = i64{1} << 20;  // 4 MiB of float32 gradient
 
+// Base build (VL = 1): only on request (fused == 2); its scalar code is slower than the generic path there.
 static bool fused_hard_ok(const Problem& pb) {
-  return pb.fused && !pb.soft && pb.C >= 1 && pb.C <= kMaxFusedC && pb.M + 2 <= 32;
+  return pb.fused >= (VL > 1 ? 1 : 2) && !pb.soft && pb.C >= 1 && pb.C <= kMaxFusedC && pb.M + 2 <= 32;
 }
 
 // Loop-invariant state of the fused hard path; the tables live in the caller's frame (base build: pointers).
