@@ -8,6 +8,12 @@
 //   (class, voxel) -> forward: scatter into small per-worker float64 histograms; backward: gather the
 //   per-bin gradient, chain through the activation, store in the input dtype.
 // The inner loops over the T voxels of a row are branch-free so the compiler vectorises them.
+//
+// Hard binning with C <= 16 and M <= 30 (AVX2 / AVX-512 builds) takes the fused path further down instead: one
+// register-resident pass per group of 8 / 16 voxels (load -> activation -> bin -> backward: gradient lookup,
+// chain, masked store, non-temporal for large gradients; forward: float64 (1, p) pairs scattered per class plus
+// one integer label count per voxel). It performs the same IEEE operations in the same order as the generic
+// path, so every build and both paths agree bitwise (tests/test_cpu_backend.py checks it).
 #if !defined(CALIBOPS_ISA_NS) || !defined(CALIBOPS_ISA_LEVEL)
 #error "kernel_impl.h is included by kernel_<isa>.cpp only"
 #endif
