@@ -6,7 +6,7 @@ reduction, empty_weight, right, ignore_index, backend, validate``.
 
 Validation (``validate=True``, the default) checks shapes, dtypes and option values (free: metadata only) and
 the *values*: probabilities in [0, 1] and finite when neither softmax nor sigmoid is asked (one extra read of
-the input, ~one reduction), dense targets in [0, 1] (one read of the target), and labels in [0, C) or
+the input: a single aminmax reduction), dense targets in [0, 1] (one read of the target), and labels in [0, C) or
 ``ignore_index`` (counted by the kernel itself, at the cost of one host synchronisation). ``validate=False``
 (or the environment variable ``CALIBOPS_VALIDATE=0``) keeps the metadata checks and skips the value checks: use
 it on the hot path of a training loop once the data pipeline is trusted. Nothing is validated while
@@ -175,16 +175,16 @@ def _prepare(input, target, *, to_onehot_y, softmax, sigmoid, ignore_index, back
     else:
         activation = ACT_NONE
         if check_values and x.numel() > 0:
-            xd = x.detach()
-            if not bool(torch.isfinite(xd).all()):
+            # one reduction: aminmax propagates NaN, and NaN fails both comparisons below
+            lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+            if not (lo >= 0 and hi <= 1):
+                if not (math.isfinite(lo) and math.isfinite(hi)):
+                    raise ValueError(
+                        "input holds non-finite values; pass probabilities in [0, 1], "
+                        "or logits with softmax=True/sigmoid=True"
+                    )
                 raise ValueError(
-                    "input holds non-finite values; pass probabilities in [0, 1], "
-                    "or logits with softmax=True/sigmoid=True"
-                )
-            lo, hi = torch.aminmax(xd)
-            if bool(lo < 0) or bool(hi > 1):
-                raise ValueError(
-                    f"input probabilities must lie in [0, 1], found range [{float(lo)}, {float(hi)}]; "
+                    f"input probabilities must lie in [0, 1], found range [{lo}, {hi}]; "
                     "for logits pass softmax=True or sigmoid=True"
                 )
     prep = _Prepared()
