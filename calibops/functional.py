@@ -89,8 +89,6 @@ class _Prepared:
 
 def _prepare(input, target, *, to_onehot_y, softmax, sigmoid, ignore_index, backend_name, check_values):
     """Validate and reshape to the kernel layout: input [B, C, N], target [B, N] labels or [B, C, N] dense."""
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if input.dim() < 2:
@@ -122,11 +120,7 @@ def _prepare(input, target, *, to_onehot_y, softmax, sigmoid, ignore_index, back
 
     if to_onehot_y:
         shape = tuple(target.shape)
-        if shape == (B, *spatial):
-            pass
-        elif shape == (B, 1, *spatial):
-            pass
-        else:
+        if shape not in ((B, *spatial), (B, 1, *spatial)):
             raise ValueError(
                 f"target must be a label map of shape (B, 1, *spatial) or (B, *spatial) = {(B, 1, *spatial)} or "
                 f"{(B, *spatial)} when to_onehot_y=True, got {shape}"

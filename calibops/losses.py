@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._backends import BACKENDS
 from .functional import _check_options, marginal_l1_ace
 
 __all__ = ["HardL1ACELoss", "MarginalL1ACELoss", "SoftL1ACELoss"]
@@ -38,8 +39,8 @@ class MarginalL1ACELoss(nn.Module):
     ) -> None:
         super().__init__()
         _check_options(num_bins, binning, softmax, sigmoid, ignore_index, right, to_onehot_y, empty_weight, reduction)
-        if backend not in ("auto", "reference", "cpu", "cuda", "triton"):
-            raise ValueError(f"backend must be one of ('auto', 'reference', 'cpu', 'cuda', 'triton'), got {backend!r}")
+        if backend not in ("auto", *BACKENDS):
+            raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
         self.num_bins = num_bins
         self.binning = binning
         self.include_background = include_background
