@@ -12,6 +12,12 @@ the input: a single aminmax reduction), dense targets in [0, 1] (one read of the
 it on the hot path of a training loop once the data pipeline is trusted. Nothing is validated while
 ``torch.compile`` traces (value checks would break the graph); kernels never read or write out of bounds
 whatever the input — an out-of-range label is left out of the statistics.
+
+Non-finite probabilities (NaN or ±inf after the activation: NaN logits, a +inf logit under softmax, or a voxel
+whose logits are all -inf) are left out of every statistic by every backend and counted; with validation on,
+any such entry raises a ``ValueError`` naming ``input``. Meta tensors are never value-checked (they hold no
+values), like tensors seen while compiling. Option types and ranges are checked by
+:func:`calibops._options.check_options`, the one place shared with the loss modules and ``DatasetCalibration``.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from typing import Any, NamedTuple
 
 import torch
 
 from . import _backends
+from ._options import Options, check_options, check_weight_values
 from .reference import (
     ACT_NONE,
     ACT_SIGMOID,
@@ -40,47 +48,30 @@ __all__ = ["BinnedStats", "CalibrationErrors", "binned_stats", "calibration_erro
 _KERNEL_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _KERNEL_DENSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.bool, torch.uint8)
 _LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-_BINNINGS = ("hard", "soft")
-_REDUCTIONS = ("mean", "sum", "none")
+_ACTIVATION_NAMES = {ACT_NONE: "no activation", ACT_SOFTMAX: "softmax", ACT_SIGMOID: "sigmoid"}
+
+#: The option checks (decision: one place, calibops/_options.py); kept under this name for callers.
+_check_options = check_options
 
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _validate_values(validate: bool) -> bool:
-    if not validate or _compiling():
+def _validate_values(validate: bool, device: torch.device) -> bool:
+    """Whether the value checks run: validation on, not compiling, not a meta tensor, not CALIBOPS_VALIDATE=0."""
+    if not validate or _compiling() or device.type == "meta":
         return False
     return os.environ.get("CALIBOPS_VALIDATE", "1").lower() not in ("0", "false", "no", "off")
 
 
-def _check_options(
-    num_bins, binning, softmax, sigmoid, ignore_index, right, to_onehot_y, empty_weight=0.01, reduction="mean"
-):
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int):
-        raise TypeError(f"num_bins must be an int >= 1, got {type(num_bins).__name__}")
-    if num_bins < 1:
-        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
-    if binning not in _BINNINGS:
-        raise ValueError(f"binning must be one of {_BINNINGS}, got {binning!r}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if softmax and sigmoid:
-        raise ValueError("softmax=True and sigmoid=True are mutually exclusive: pick one activation")
-    if ignore_index is not None:
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
-        if not to_onehot_y:
-            raise ValueError(
-                "ignore_index applies to integer label maps: pass to_onehot_y=True with labels, "
-                "or drop ignore_index for one-hot/soft targets"
-            )
-    if not isinstance(right, bool):
-        raise TypeError(f"right must be a bool, got {type(right).__name__}")
-    if isinstance(empty_weight, bool) or not isinstance(empty_weight, (int, float)) or not (
-        math.isfinite(empty_weight) and empty_weight >= 0
-    ):
-        raise ValueError(f"empty_weight must be a finite number >= 0, got {empty_weight!r}")
+def _label_range(dtype: torch.dtype) -> tuple[int, int]:
+    if dtype == torch.bool:
+        return 0, 1
+    if dtype.is_floating_point:
+        return -(2**63), 2**63 - 1  # float labels are converted to int64
+    info = torch.iinfo(dtype)
+    return int(info.min), int(info.max)
 
 
 class _Prepared:
@@ -126,6 +117,13 @@ def _prepare(input, target, *, to_onehot_y, softmax, sigmoid, ignore_index, back
                 f"{(B, *spatial)} when to_onehot_y=True, got {shape}"
             )
         t = target
+        if ignore_index is not None and (t.dtype == torch.bool or t.dtype in _LABEL_DTYPES or t.is_floating_point()):
+            lo, hi = _label_range(t.dtype)
+            if not lo <= ignore_index <= hi:
+                raise ValueError(
+                    f"ignore_index={ignore_index} can never match a {t.dtype} label (values {lo}..{hi}): pass the "
+                    "label value to leave out, within the labels' dtype"
+                )
         if t.dtype == torch.bool:
             t = t.to(torch.uint8)
         elif t.is_floating_point():
@@ -186,34 +184,108 @@ def _prepare(input, target, *, to_onehot_y, softmax, sigmoid, ignore_index, back
     return prep
 
 
-def _stats(
-    input, target, *, num_bins, binning, include_background, to_onehot_y, softmax, sigmoid, ignore_index, right,
-    backend, validate,
-) -> BinnedStats:
-    """Shared path of every public function: resolve backend, prepare, run the statistics op, drop background."""
+class _Run(NamedTuple):
+    """What :func:`_stats` hands back: the statistics, the kernel's ``bad`` counts and their host copy."""
+
+    stats: BinnedStats  # (B, C', M) each, background dropped unless include_background
+    bad: torch.Tensor  # int64 (2,) on the input's device: [labels outside [0, C), non-finite probability entries]
+    counts: list[int] | None  # host copy of ``bad`` when the values were checked (one synchronisation), else None
+    weight: torch.Tensor | None  # the checked weight, float32 (C',) on the input's device
+
+
+def _pair(bad: torch.Tensor) -> torch.Tensor:
+    # Decision 2: every backend returns bad as int64 (2,); a 0-d count (a backend built before that change)
+    # is read as [bad, 0] so nothing breaks while the kernels move over.
+    if bad.dim() == 0:
+        return torch.stack([bad, torch.zeros_like(bad)])
+    return bad
+
+
+def _nonfinite_message(n: int, activation: int) -> str:
+    what = {
+        ACT_SOFTMAX: "a NaN or +inf logit makes every probability of its voxel NaN, and so do all -inf logits",
+        ACT_SIGMOID: "NaN logits give NaN probabilities",
+        ACT_NONE: "the probabilities themselves are NaN or infinite",
+    }[activation]
+    return (
+        f"input holds {n} non-finite probability value(s) after {_ACTIVATION_NAMES[activation]} ({what}); "
+        "fix the predictions upstream, or pass validate=False to leave such entries out of every statistic "
+        "(counted, never NaN)"
+    )
+
+
+def _stats(input: Any, target: Any, o: Options, *, raise_nonfinite: bool = True, weight: Any = None) -> _Run:
+    """Shared path of every public function: resolve backend, prepare, run the statistics op, check its
+    ``bad`` counts (and ``weight``'s values) in one host synchronisation, drop the background."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    name = _backends.resolve_backend(backend, input.device)
-    check = _validate_values(validate)
+    name = _backends.resolve_backend(o.backend, input.device)
+    check = _validate_values(o.validate, input.device)
     prep = _prepare(
-        input, target, to_onehot_y=to_onehot_y, softmax=softmax, sigmoid=sigmoid, ignore_index=ignore_index,
-        backend_name=name, check_values=check,
+        input,
+        target,
+        to_onehot_y=o.to_onehot_y,
+        softmax=o.softmax,
+        sigmoid=o.sigmoid,
+        ignore_index=o.ignore_index,
+        backend_name=name,
+        check_values=check,
     )
-    soft = binning == "soft"
-    edges = _edge_tensor(num_bins, soft, input.device)
+    drop_background = not o.include_background and prep.C > 1
+    w, w_bad = _check_weight(weight, prep.C - 1 if drop_background else prep.C, input.device, check)
+    soft = o.binning == "soft"
+    edges = _edge_tensor(o.num_bins, soft, input.device)
     fn = _backends.stats_function(name)
     count, sum_p, sum_y, bad = fn(
-        prep.input, prep.target, edges, num_bins, soft, prep.activation, prep.labels, ignore_index, right
+        prep.input, prep.target, edges, o.num_bins, soft, prep.activation, prep.labels, o.ignore_index, o.right
     )
-    if check and prep.labels and int(bad) > 0:
-        allowed = f"[0, {prep.C})" + (f" or ignore_index={ignore_index}" if ignore_index is not None else "")
-        raise ValueError(f"target holds {int(bad)} label(s) outside {allowed} (input has C={prep.C} classes)")
-    if not include_background:
+    bad = _pair(bad)
+    counts = None
+    # probabilities given directly were range-checked (finite included) in _prepare, so without labels, an
+    # activation or a weight tensor there is nothing left to read back
+    if check and (prep.labels or prep.activation != ACT_NONE or w_bad is not None):
+        both = bad if w_bad is None else torch.cat([bad, w_bad.view(1)])
+        counts = both.tolist()  # the one host synchronisation of a validated call
+        if counts[0] > 0:
+            allowed = f"[0, {prep.C})" + (f" or ignore_index={o.ignore_index}" if o.ignore_index is not None else "")
+            raise ValueError(f"target holds {counts[0]} label(s) outside {allowed} (input has C={prep.C} classes)")
+        if raise_nonfinite and counts[1] > 0:
+            raise ValueError(_nonfinite_message(counts[1], prep.activation))
+        if w_bad is not None and counts[2] > 0:
+            raise ValueError(f"weight must be finite and >= 0, got {w.tolist()}")
+        counts = counts[:2]
+    if not o.include_background:
         if prep.C == 1:
             warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=3)
         else:
             count, sum_p, sum_y = count[:, 1:], sum_p[:, 1:], sum_y[:, 1:]
-    return BinnedStats(count, sum_p, sum_y)
+    return _Run(BinnedStats(count, sum_p, sum_y), bad, counts, w)
+
+
+def _check_weight(
+    weight: Any, num_classes: int, device: torch.device, check: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(weight as float32 (C',) on ``device``, device count of bad entries to read back or None).
+
+    Types and host values (lists, NumPy) are checked by :func:`calibops._options.check_weight_values`; a
+    tensor's values are counted here and read back with the statistics' ``bad`` counts (validation on only).
+    """
+    w = check_weight_values(weight)
+    if w is None:
+        return None, None
+    tensor_given = isinstance(weight, torch.Tensor)
+    w = w.to(device)
+    if w.dim() == 0:
+        w = w.expand(num_classes)
+    if w.dim() != 1 or w.shape[0] != num_classes:
+        raise ValueError(
+            f"weight must have one entry per class used ({num_classes} after include_background), "
+            f"got shape {tuple(w.shape)}"
+        )
+    w_bad = None
+    if tensor_given and check and w.device.type != "meta":
+        w_bad = (~torch.isfinite(w) | (w < 0)).sum()
+    return w, w_bad
 
 
 def binned_stats(
@@ -235,12 +307,19 @@ def binned_stats(
     ``sum_p`` (and, for soft binning, ``count``) is differentiable w.r.t. ``input``. See the module docstring for
     the options and validation.
     """
-    _check_options(num_bins, binning, softmax, sigmoid, ignore_index, right, to_onehot_y)
-    return _stats(
-        input, target, num_bins=num_bins, binning=binning, include_background=include_background,
-        to_onehot_y=to_onehot_y, softmax=softmax, sigmoid=sigmoid, ignore_index=ignore_index, right=right,
-        backend=backend, validate=validate,
+    o = check_options(
+        num_bins=num_bins,
+        binning=binning,
+        include_background=include_background,
+        to_onehot_y=to_onehot_y,
+        softmax=softmax,
+        sigmoid=sigmoid,
+        ignore_index=ignore_index,
+        right=right,
+        backend=backend,
+        validate=validate,
     )
+    return _stats(input, target, o).stats
 
 
 def marginal_l1_ace(
@@ -266,34 +345,33 @@ def marginal_l1_ace(
     ``input`` (B, C, *spatial): probabilities, or logits with ``softmax``/``sigmoid``. ``target``: integer labels
     (B, 1, *spatial) or (B, *spatial) with ``to_onehot_y``, else one-hot/bool/soft labels of ``input``'s shape.
     Returns a scalar (``reduction="mean"``/``"sum"``) or (B, C') for ``"none"``, in float32 (float64 for float64
-    input) whatever the input dtype.
+    input) whatever the input dtype. ``weight``: one finite value >= 0 per class used (or one for all).
+    With B = 0 the mean (like the sum) is 0.
     """
-    _check_options(num_bins, binning, softmax, sigmoid, ignore_index, right, to_onehot_y, empty_weight, reduction)
-    stats = _stats(
-        input, target, num_bins=num_bins, binning=binning, include_background=include_background,
-        to_onehot_y=to_onehot_y, softmax=softmax, sigmoid=sigmoid, ignore_index=ignore_index, right=right,
-        backend=backend, validate=validate,
+    o = check_options(
+        num_bins=num_bins,
+        binning=binning,
+        include_background=include_background,
+        to_onehot_y=to_onehot_y,
+        softmax=softmax,
+        sigmoid=sigmoid,
+        ignore_empty_classes=ignore_empty_classes,
+        reduction=reduction,
+        empty_weight=empty_weight,
+        right=right,
+        ignore_index=ignore_index,
+        backend=backend,
+        validate=validate,
     )
-    w = _check_weight(weight, stats.count.shape[1], input.device)
+    run = _stats(input, target, o, weight=weight)
     per_class = ace_from_stats(
-        stats, soft=binning == "soft", empty_weight=float(empty_weight),
-        ignore_empty_classes=ignore_empty_classes, weight=w,
+        run.stats,
+        soft=o.binning == "soft",
+        empty_weight=o.empty_weight,
+        ignore_empty_classes=o.ignore_empty_classes,
+        weight=run.weight,
     )
-    return reduce_loss(per_class, reduction)
-
-
-def _check_weight(weight, num_classes: int, device: torch.device) -> torch.Tensor | None:
-    if weight is None:
-        return None
-    w = torch.as_tensor(weight, dtype=torch.float32, device=device)
-    if w.dim() == 0:
-        w = w.expand(num_classes)
-    if w.dim() != 1 or w.shape[0] != num_classes:
-        raise ValueError(
-            f"weight must have one entry per class used ({num_classes} after include_background), "
-            f"got shape {tuple(w.shape)}"
-        )
-    return w
+    return reduce_loss(per_class, o.reduction)
 
 
 def calibration_errors(
@@ -314,11 +392,16 @@ def calibration_errors(
     NaN where an image has no (non-ignored) voxel, never a silent 0. ``include_background`` defaults to False
     like the papers' evaluation code.
     """
-    _check_options(num_bins, "hard", softmax, sigmoid, ignore_index, right, to_onehot_y)
+    o = check_options(
+        num_bins=num_bins,
+        include_background=include_background,
+        to_onehot_y=to_onehot_y,
+        softmax=softmax,
+        sigmoid=sigmoid,
+        ignore_index=ignore_index,
+        right=right,
+        backend=backend,
+        validate=validate,
+    )
     with torch.no_grad():
-        stats = _stats(
-            input, target, num_bins=num_bins, binning="hard", include_background=include_background,
-            to_onehot_y=to_onehot_y, softmax=softmax, sigmoid=sigmoid, ignore_index=ignore_index, right=right,
-            backend=backend, validate=validate,
-        )
-        return calibration_errors_from_stats(stats)
+        return calibration_errors_from_stats(_stats(input, target, o).stats)

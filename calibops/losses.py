@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._backends import BACKENDS
-from .functional import _check_options, marginal_l1_ace
+from ._options import check_options, check_weight_values
+from .functional import marginal_l1_ace
 
 __all__ = ["HardL1ACELoss", "MarginalL1ACELoss", "SoftL1ACELoss"]
 
@@ -38,26 +38,40 @@ class MarginalL1ACELoss(nn.Module):
         validate: bool = True,
     ) -> None:
         super().__init__()
-        _check_options(num_bins, binning, softmax, sigmoid, ignore_index, right, to_onehot_y, empty_weight, reduction)
-        if backend not in ("auto", *BACKENDS):
-            raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
-        self.num_bins = num_bins
-        self.binning = binning
-        self.include_background = include_background
-        self.to_onehot_y = to_onehot_y
-        self.softmax = softmax
-        self.sigmoid = sigmoid
-        self.ignore_empty_classes = ignore_empty_classes
-        self.reduction = reduction
-        self.empty_weight = empty_weight
-        self.right = right
-        self.ignore_index = ignore_index
-        self.backend = backend
-        self.validate = validate
-        if weight is not None:
-            w = torch.as_tensor(weight, dtype=torch.float32)
+        o = check_options(
+            num_bins=num_bins,
+            binning=binning,
+            include_background=include_background,
+            to_onehot_y=to_onehot_y,
+            softmax=softmax,
+            sigmoid=sigmoid,
+            ignore_empty_classes=ignore_empty_classes,
+            reduction=reduction,
+            empty_weight=empty_weight,
+            right=right,
+            ignore_index=ignore_index,
+            backend=backend,
+            validate=validate,
+        )
+        self.num_bins = o.num_bins
+        self.binning = o.binning
+        self.include_background = o.include_background
+        self.to_onehot_y = o.to_onehot_y
+        self.softmax = o.softmax
+        self.sigmoid = o.sigmoid
+        self.ignore_empty_classes = o.ignore_empty_classes
+        self.reduction = o.reduction
+        self.empty_weight = o.empty_weight
+        self.right = o.right
+        self.ignore_index = o.ignore_index
+        self.backend = o.backend
+        self.validate = o.validate
+        w = check_weight_values(weight)  # types, and the values of lists / NumPy arrays
+        if w is not None:
             if w.dim() > 1:
                 raise ValueError(f"weight must be a 1-D sequence of per-class weights, got shape {tuple(w.shape)}")
+            if w.device.type != "meta" and not bool((torch.isfinite(w) & (w >= 0)).all()):
+                raise ValueError(f"weight must be finite and >= 0, got {w.tolist()}")
             self.register_buffer("weight", w)
         else:
             self.weight = None

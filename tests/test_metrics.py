@@ -300,7 +300,8 @@ def test_state_size_is_independent_of_data():
     C, M = 4, 12
     m = DatasetCalibration(C, num_bins=M, to_onehot_y=True, softmax=True)
     Cp = C - 1
-    expected = 3 * Cp * M + 2 * 3 * Cp + Cp * M * M + 1
+    # count/sum_p/sum_y, macro sums and counts, histogram, images_with_class, num_images and num_nonfinite
+    expected = 3 * Cp * M + 2 * 3 * Cp + Cp * M * M + Cp + 2
     assert _state_numel(m) == expected
     g = torch.Generator().manual_seed(0)
     m.update(torch.randn(1, C, 4, 4, generator=g), torch.randint(0, C, (1, 4, 4), generator=g))
