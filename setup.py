@@ -12,6 +12,12 @@
                             for AVX2 and AVX-512 and the best one the CPU runs is picked at run time
                             (CALIBOPS_CPU_ISA=base|avx2|avx512 forces one), so no -march flag is needed
     CALIBOPS_CUDA_ARCH      TORCH_CUDA_ARCH_LIST for the CUDA ops (default: torch's own choice)
+    CUDA_HOME               the CUDA toolkit to build with. Unset and torch has CUDA: torch would take the
+                            folder above `which nvcc`, which is wrong where nvcc is a wrapper script or link
+                            outside the toolkit (then `cuda_runtime.h: No such file`, or no CUDA ops at all);
+                            setup.py therefore looks for a toolkit (bin/nvcc + include/cuda_runtime.h) at the
+                            resolved nvcc, /usr/local/cuda-<torch's CUDA>, /usr/local/cuda, /usr/local/cuda-*,
+                            /opt/cuda and sets CUDA_HOME to the first one found (printed)
 - The package never *needs* the extension: without it, `calibops` imports and `available_backends()`
   says why the compiled backends are missing.
 """
@@ -33,12 +39,55 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _is_cuda_toolkit(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(path, "include", "cuda_runtime.h")
+    )
+
+
+def find_cuda_home(torch_cuda: str | None) -> str | None:
+    """The CUDA toolkit folder to build with when CUDA_HOME / CUDA_PATH are unset, else None.
+
+    torch.utils.cpp_extension takes the folder above ``which nvcc``; where nvcc is a wrapper script (or a
+    link) outside the toolkit, that folder has no CUDA headers. This looks at the folder above nvcc, the
+    folder above the resolved nvcc, then the usual install places, preferring toolkits of torch's CUDA major
+    version (``torch_cuda``, e.g. "13.0")."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return None
+
+    def version(path: str) -> tuple[int, ...]:
+        tail = path.rsplit("cuda-", 1)[-1]
+        return tuple(int(v) for v in tail.split(".") if v.isdigit())
+
+    major = int(torch_cuda.split(".")[0]) if torch_cuda and torch_cuda.split(".")[0].isdigit() else None
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates += [os.path.dirname(os.path.dirname(p)) for p in (nvcc, os.path.realpath(nvcc))]
+    if torch_cuda:
+        candidates.append(f"/usr/local/cuda-{torch_cuda}")
+    candidates.append("/usr/local/cuda")
+    # newest first, torch's major version before the others
+    others = sorted(glob.glob("/usr/local/cuda-*"), key=version, reverse=True)
+    candidates += sorted(others, key=lambda p: version(p)[:1] != (major,)) + ["/opt/cuda"]
+    return next((p for p in candidates if _is_cuda_toolkit(p)), None)
+
+
 def _extensions_and_cmdclass():
     if _flag("CALIBOPS_NO_EXT"):
         return [], {}
     try:
         import torch
+
+        # before cpp_extension is imported: it reads CUDA_HOME once, at import
+        cuda_home = find_cuda_home(torch.version.cuda) if torch.version.cuda is not None else None
+        if cuda_home is not None:
+            os.environ["CUDA_HOME"] = cuda_home
+            print(f"calibops: CUDA_HOME={cuda_home} (found by setup.py; set CUDA_HOME to choose another)")
         from torch.utils import cpp_extension
+
+        if cuda_home is not None:
+            cpp_extension.CUDA_HOME = cuda_home  # in case another module imported it first
     except ImportError:
         msg = (
             "calibops: torch is not importable at build time, so the C++/CUDA backends are not built. "

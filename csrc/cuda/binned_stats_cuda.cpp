@@ -83,7 +83,6 @@ cc::StatsArgs make_args(const Tensor& input, const Tensor& target, const Tensor&
               ", got ", edges.numel());
   TORCH_CHECK(activation >= 0 && activation <= 2, "calibops (cuda): activation must be 0, 1 or 2, got ", activation);
   const int64_t B = input.size(0), C = input.size(1), N = input.size(2);
-  TORCH_CHECK(C >= 1, "calibops (cuda): input needs at least one class (dim 1)");
   if (labels) {
     TORCH_CHECK(target.dim() == 2 && target.size(0) == B && target.size(1) == N,
                 "calibops (cuda): label target must be [B, N] = [", B, ", ", N, "], got ", target.sizes());
@@ -125,12 +124,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> binned_stats_cuda(const Tensor& input
                                                              std::optional<int64_t> ignore_index, bool right) {
   const cc::StatsArgs a = make_args(input, target, edges, num_bins, soft, activation, labels, ignore_index, right);
   const c10::cuda::CUDAGuard guard(input.device());
-  const cc::Plan pl = make_plan_checked(a, false, input);
   const auto f32 = input.options().dtype(at::kFloat);
   Tensor count = at::empty({a.B, a.C, a.M}, f32);
   Tensor sum_p = at::empty({a.B, a.C, a.M}, f32);
   Tensor sum_y = at::empty({a.B, a.C, a.M}, f32);
   Tensor bad = at::empty({}, input.options().dtype(at::kLong));
+  if (a.C == 0) {  // no class: empty (B, 0, M) statistics and nothing bad, as every backend (kernel contract)
+    bad.zero_();
+    return {count, sum_p, sum_y, bad};
+  }
+  const cc::Plan pl = make_plan_checked(a, false, input);
   Tensor workspace =
       at::empty({static_cast<int64_t>(cc::stats_workspace_doubles(a, pl))}, input.options().dtype(at::kDouble));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.get_device()).stream();
@@ -157,8 +160,9 @@ Tensor binned_stats_backward_cuda(const Tensor& grad_count, const Tensor& grad_s
                 names[i], " must be [B, C, num_bins] = [", a.B, ", ", a.C, ", ", a.M, "], got ", g.sizes());
   }
   const c10::cuda::CUDAGuard guard(input.device());
-  const cc::Plan pl = make_plan_checked(a, true, input);
   Tensor grad_input = at::empty(input.sizes(), input.options());
+  if (a.C == 0) return grad_input;  // (B, 0, N): nothing to write
+  const cc::Plan pl = make_plan_checked(a, true, input);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.get_device()).stream();
   const char* err =
       cc::launch_binned_stats_backward(a, pl, grad_count.data_ptr<float>(), grad_sum_p.data_ptr<float>(),
