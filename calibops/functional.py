@@ -219,7 +219,7 @@ def _stats(input: Any, target: Any, o: Options, *, raise_nonfinite: bool = True,
     ``bad`` counts (and ``weight``'s values) in one host synchronisation, drop the background."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    name = _backends.resolve_backend(o.backend, input.device)
+    name = _backends.resolve_backend(o.backend, input.device, input.dtype)
     check = _validate_values(o.validate, input.device)
     prep = _prepare(
         input,

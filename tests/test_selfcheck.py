@@ -1,0 +1,489 @@
+"""``backend="auto"`` on a GPU: the record of verified architectures, the one-time self-check, the fallback.
+
+Without a GPU, auto's GPU branch is exercised through its seam ``_backends._auto_gpu(device, dtype, arch,
+candidates)`` with a CPU device, a made-up architecture ("sm_test") and the Triton kernels running through the
+interpreter (TRITON_INTERPRET=1 must be set before triton is imported: tests/conftest.py does it, and it is
+repeated here so this module also works alone). With a GPU the same tests run on the CUDA device with the
+compiled kernels. Broken candidates are the real kernels with a monkeypatched perturbation of one output.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import calibops.functional as F  # noqa: E402
+from calibops import _backends, _selfcheck  # noqa: E402
+from calibops.__main__ import main  # noqa: E402
+from calibops.reference import bin_centres, bin_edges, binned_stats_prepared  # noqa: E402
+
+DEVICE = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+ARCH = "sm_test"
+TRITON_WHY = _backends._why_unavailable("triton", DEVICE)
+needs_triton = pytest.mark.skipif(TRITON_WHY is not None, reason=f"triton backend unavailable: {TRITON_WHY}")
+CPU_WHY = _backends._why_unavailable("cpu", torch.device("cpu"))
+needs_cpu_ext = pytest.mark.skipif(CPU_WHY is not None, reason=f"cpu backend unavailable: {CPU_WHY}")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state(monkeypatch):
+    """Every test starts with no decision, no cached self-check and an empty record."""
+    monkeypatch.setattr(_backends, "_AUTO_GPU", {})
+    monkeypatch.setattr(_selfcheck, "_RESULTS", {})
+    monkeypatch.setattr(_selfcheck._verified, "VERIFIED", ())
+    monkeypatch.delenv("CALIBOPS_BACKEND", raising=False)
+
+
+def _counting(monkeypatch, perturb=None, only=None):
+    """Make ``_backends.stats_function`` hand out the real op, wrapped to count calls (and perturbed by
+    ``perturb(fn, *args)``, for every backend or ``only`` one)."""
+    real = _backends.stats_function
+    calls: dict[str, int] = {}
+
+    def stats_function(name):
+        fn = real(name)
+
+        def wrapped(*args):
+            calls[name] = calls.get(name, 0) + 1
+            if perturb is None or (only is not None and name != only):
+                return fn(*args)
+            return perturb(fn, *args)
+
+        return wrapped
+
+    monkeypatch.setattr(_backends, "stats_function", stats_function)
+    return calls
+
+
+def _perturb_sum_p(fn, *args):
+    count, sum_p, sum_y, bad = fn(*args)
+    return count, sum_p + 1e-3 * sum_p.detach(), sum_y, bad  # 1e-3 relative: 25x the 2e-5 budget; grad intact
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 1.01  # 1e-2 relative: far outside every dtype's gradient budget; statistics intact
+
+
+def _perturb_grad(fn, x, *rest):
+    return fn(_ScaleGrad.apply(x), *rest)
+
+
+def _auto(dtype=torch.float32, candidates=("triton",)):
+    return _backends._auto_gpu(DEVICE, dtype, arch=ARCH, candidates=candidates)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the cases and the budget
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_cases_cover_the_option_space():
+    cases = _selfcheck.CASES
+    assert {c.soft for c in cases} == {False, True}
+    assert {c.labels for c in cases} == {False, True}
+    assert {c.activation for c in cases} == {"none", "softmax", "sigmoid"}
+    assert {c.right for c in cases} == {False, True}
+    assert any(c.C > 32 for c in cases), "the chunked (> 32 classes) path"
+    assert any(c.B > 1 for c in cases) and any(c.ignore_index is not None and c.bad_labels for c in cases)
+    assert all(c.N <= 256 for c in cases), "STAT_RTOL's bound assumes at most 256 terms per (image, class)"
+
+
+@pytest.mark.parametrize("dtype", _selfcheck.DTYPES, ids=str)
+def test_case_probabilities_stay_away_from_kinks(dtype):
+    # the property the budget relies on: a few ulps of activation difference cannot flip a bin or a linear piece
+    for case in _selfcheck.CASES:
+        x, t = _selfcheck.make_inputs(case, dtype)
+        assert x.dtype == dtype and x.shape == (case.B, case.C, case.N)
+        p = _selfcheck._probs64(x, case.activation)
+        kinks = _selfcheck._kinks(case.num_bins, case.soft)
+        dist = (p.unsqueeze(-1) - kinks).abs().amin()
+        assert float(dist) >= _selfcheck.KINK_MARGIN, case.name
+        if case.labels:
+            out = (t >= case.C) | (t < 0)
+            assert int(out.sum()) == case.bad_labels + (
+                0 if case.ignore_index is None else int((t == case.ignore_index).sum())
+            )
+
+
+def _reference_run(case, dtype=torch.float32):
+    x, t = _selfcheck.make_inputs(case, dtype)
+    edges = (bin_centres if case.soft else bin_edges)(case.num_bins)
+    ups = _selfcheck._upstream(case, 0)
+    return _selfcheck._fwd_bwd(binned_stats_prepared, x.float(), t, edges, case, ups, torch.device("cpu"))
+
+
+def test_compare_catches_one_miscounted_voxel_and_bad_counts():
+    case = _selfcheck.CASES[0]  # hard, labels, with out-of-range labels
+    ref = _reference_run(case)
+    assert _selfcheck.compare(ref, ref, case, torch.float32) == (0.0, "", 0.0)
+    count = ref[0].clone()
+    count[0, 1, 3] += 1
+    ratio, quantity, err = _selfcheck.compare((count, *ref[1:]), ref, case, torch.float32)
+    assert quantity == "count" and ratio == pytest.approx(2.0) and err == 1.0
+    bad = torch.zeros_like(ref[3])
+    ratio, quantity, _ = _selfcheck.compare((*ref[:3], bad, ref[4]), ref, case, torch.float32)
+    assert math.isinf(ratio) and quantity.startswith("bad counts")
+
+
+def test_compare_gradient_budget_is_one_rounding_to_the_dtype():
+    # the reference itself with a bfloat16 leaf: its gradient is the float32 one rounded once -> within budget
+    case = _selfcheck.CASES[2]
+    for dtype in (torch.float16, torch.bfloat16):
+        res = _selfcheck.run_case(binned_stats_prepared, case, dtype, torch.device("cpu"))
+        assert res.ok and 0 < res.ratio <= 0.5 + 1e-6 and res.quantity == "grad", res
+    wrong = _reference_run(case)
+    ratio, quantity, _ = _selfcheck.compare((*wrong[:4], wrong[4] * 1.001), wrong, case, torch.float32)
+    assert quantity == "grad" and ratio > 50
+
+
+# ------------------------------------------------------------------------------------------------------------
+# auto's GPU branch through the seam
+# ------------------------------------------------------------------------------------------------------------
+
+
+@needs_triton
+def test_correct_candidate_is_accepted_once_then_a_dict_lookup(monkeypatch):
+    calls = _counting(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a passing check warns nothing
+        assert _auto() == "triton"
+    assert calls == {"triton": len(_selfcheck.CASES)}
+    res = _selfcheck.cached_result("triton", DEVICE, torch.float32)
+    assert res is not None and res.ok and res.arch == ARCH and len(res.cases) == len(_selfcheck.CASES)
+    assert all(c.ok and c.ratio <= 1 for c in res.cases)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the self-check ran again")
+
+    monkeypatch.setattr(_selfcheck, "check", boom)
+    monkeypatch.setattr(_selfcheck, "run_selfcheck", boom)
+    for _ in range(3):
+        assert _auto() == "triton"
+        assert _auto(torch.float64) == "triton"  # float64 is computed in float32 by the kernels: same key
+    assert calls == {"triton": len(_selfcheck.CASES)}
+
+
+@needs_triton
+@pytest.mark.parametrize("perturb,what", [(_perturb_sum_p, "sum_p"), (_perturb_grad, "grad")], ids=["sum_p", "grad"])
+def test_broken_candidate_is_rejected_with_one_warning(monkeypatch, perturb, what):
+    calls = _counting(monkeypatch, perturb)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        assert _auto() == "reference"
+        assert _auto() == "reference"
+    assert calls == {"triton": len(_selfcheck.CASES)}
+    assert len(rec) == 1, [str(w.message) for w in rec]
+    w = rec[0]
+    assert issubclass(w.category, _selfcheck.SelfCheckWarning)
+    msg = str(w.message)
+    for needle in (
+        "'triton'",
+        ARCH,
+        str(DEVICE),
+        "float32",
+        f": {what} off by",
+        "error budget",
+        "'reference'",
+        "python -m calibops",
+        "issue",
+        "backend='triton'",
+    ):
+        assert needle in msg, (needle, msg)
+    res = _selfcheck.cached_result("triton", DEVICE, torch.float32)
+    assert not res.ok and all(not c.ok and c.quantity == what and c.ratio > 1 for c in res.cases)
+
+
+@needs_triton
+def test_candidate_failing_in_bfloat16_only(monkeypatch):
+    # the cache key holds the dtype: a kernel right in float32 and wrong in bfloat16 is used only for float32
+    def perturb(fn, x, *rest):
+        return _perturb_sum_p(fn, x, *rest) if x.dtype == torch.bfloat16 else fn(x, *rest)
+
+    monkeypatch.setattr(_selfcheck, "CASES", _selfcheck.CASES[:1])
+    _counting(monkeypatch, perturb)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        assert _auto(torch.float32) == "triton"
+        assert _auto(torch.bfloat16) == "reference"
+    assert len(rec) == 1 and "bfloat16" in str(rec[0].message)
+
+
+@needs_triton
+@needs_cpu_ext
+def test_next_candidate_after_a_failing_one(monkeypatch):
+    # on a CPU device the cpu and triton kernels stand in for auto's cuda and triton candidates
+    monkeypatch.setattr(_selfcheck, "CASES", _selfcheck.CASES[:1])
+
+    _counting(monkeypatch, _perturb_sum_p, only="cpu")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        assert _backends._auto_gpu(torch.device("cpu"), torch.float32, arch=ARCH, candidates=("cpu", "triton")) == (
+            "triton"
+        )
+    assert len(rec) == 1
+    msg = str(rec[0].message)
+    assert "'cpu' disagreed" in msg and "uses 'triton'" in msg and "'triton' disagreed" not in msg
+
+
+def test_record_entry_skips_the_check(monkeypatch):
+    calls = _counting(monkeypatch)
+    entry = {
+        "backend": "triton",
+        "arch": ARCH,
+        "card": "Test Card",
+        "torch": "2.11.0",
+        "triton": "3.6.0",
+        "cuda": "13.0",
+        "date": "2026-01-01",
+    }
+    monkeypatch.setattr(_selfcheck._verified, "VERIFIED", (entry,))
+    if TRITON_WHY is None:
+        assert _auto() == "triton"
+    else:
+        assert _auto() == "reference"  # not available at all: the record cannot make it run
+    assert calls == {}
+    assert _selfcheck.cached_result("triton", DEVICE, torch.float32) is None
+    assert _selfcheck.is_verified("triton", ARCH) and not _selfcheck.is_verified("cuda", ARCH)
+    assert not _selfcheck.is_verified("triton", "sm_0")
+
+
+def test_unavailable_candidates_give_reference_without_a_check(monkeypatch):
+    calls = _counting(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # the cuda kernels never run on a CPU device: skipped, nothing checked, nothing warned
+        assert _backends._auto_gpu(torch.device("cpu"), torch.float32, arch=ARCH, candidates=("cuda",)) == ("reference")
+    assert calls == {}
+
+
+@needs_cpu_ext
+def test_check_runs_isolated_from_the_callers_grad_state(monkeypatch):
+    # the first use may come from calibration_errors (no_grad), inference_mode or autocast: the check's own
+    # forward+backward must still run (cpu kernels as the candidate: the isolation does not depend on it)
+    monkeypatch.setattr(_selfcheck, "CASES", _selfcheck.CASES[:2])
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _backends._auto_gpu(torch.device("cpu"), torch.float32, arch=ARCH, candidates=("cpu",)) == "cpu"
+    with torch.no_grad():
+        assert _backends._auto_gpu(torch.device("cpu"), torch.float16, arch=ARCH, candidates=("cpu",)) == "cpu"
+    assert torch.is_grad_enabled()
+
+
+def test_a_raising_candidate_fails_the_check_and_auto_never_raises(monkeypatch):
+    def perturb(fn, *args):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    _counting(monkeypatch, perturb)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        name = _backends._auto_gpu(torch.device("cpu"), torch.float32, arch=ARCH, candidates=("reference",))
+    assert name == "reference" and len(rec) == 1
+    assert "raised RuntimeError: CUDA error: no kernel image" in str(rec[0].message)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# explicit requests, the environment variable, torch.compile, the functional API
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_explicit_backend_and_environment_run_without_check(monkeypatch):
+    calls = _counting(monkeypatch)
+
+    def no_auto(*args, **kwargs):
+        raise AssertionError("auto's GPU decision was consulted")
+
+    monkeypatch.setattr(_backends, "_auto_gpu", no_auto)
+    if TRITON_WHY is None:
+        assert _backends.resolve_backend("triton", DEVICE, torch.bfloat16) == "triton"
+    monkeypatch.setenv("CALIBOPS_BACKEND", "reference")
+    assert _backends.resolve_backend("auto", torch.device("cuda", 0), torch.float32) == "reference"
+    assert calls == {}
+
+
+def test_auto_on_a_cuda_device_passes_device_and_dtype_to_the_decision(monkeypatch):
+    seen = []
+    monkeypatch.setattr(_backends, "_auto_gpu", lambda device, dtype: seen.append((device, dtype)) or "reference")
+    dev = torch.device("cuda", 1)
+    assert _backends.resolve_backend("auto", dev, torch.bfloat16) == "reference"
+    assert seen == [(dev, torch.bfloat16)]
+
+
+def test_functional_api_hands_the_input_dtype_to_the_decision(monkeypatch):
+    seen = []
+    real = _backends.resolve_backend
+
+    def spy(backend, device, dtype=None):
+        seen.append(dtype)
+        return real(backend, device, dtype)
+
+    monkeypatch.setattr(_backends, "resolve_backend", spy)
+    x = torch.randn(1, 3, 8, dtype=torch.bfloat16)
+    y = torch.randint(0, 3, (1, 8))
+    F.marginal_l1_ace(x, y, to_onehot_y=True, softmax=True, backend="reference")
+    assert seen == [torch.bfloat16]
+
+
+@needs_cpu_ext
+def test_compile_never_runs_the_check_and_uses_the_eager_decision(monkeypatch):
+    # the cpu kernels stand in for a GPU candidate (cheap): "cpu" = the eager decision, "reference" = safe choice
+    monkeypatch.setattr(_selfcheck, "CASES", _selfcheck.CASES[:1])
+    calls = _counting(monkeypatch)
+    dev = torch.device("cpu")
+
+    def step(x):
+        name = _backends._auto_gpu(dev, x.dtype, arch=ARCH, candidates=("cpu",))
+        return x + (1.0 if name == "cpu" else 2.0)
+
+    torch._dynamo.reset()
+    x = torch.zeros(3)
+    # nothing decided yet: the compiled graph takes the safe choice without checking (and decides nothing)
+    assert torch.equal(torch.compile(step, fullgraph=True, backend="eager")(x), x + 2.0)
+    assert calls == {} and _backends._AUTO_GPU == {}
+    # an eager call decides (runs the check once); a graph compiled afterwards uses that decision
+    assert _backends._auto_gpu(dev, torch.float32, arch=ARCH, candidates=("cpu",)) == "cpu"
+    assert calls == {"cpu": 1}
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(step, fullgraph=True, backend="eager")(x), x + 1.0)
+    assert calls == {"cpu": 1}
+    torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# python -m calibops selfcheck, and the record writer
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location("verified_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_record_writer_produces_an_importable_sorted_record(tmp_path):
+    path = tmp_path / "_verified.py"
+    e1 = {
+        "backend": "triton",
+        "arch": "sm_90",
+        "card": "NVIDIA H100 80GB HBM3",
+        "torch": "2.11.0+cu130",
+        "triton": "3.6.0",
+        "cuda": "13.0",
+        "date": "2026-01-02",
+    }
+    e2 = dict(e1, backend="cuda")
+    _selfcheck.write_record([e1], path)
+    assert _load(path).VERIFIED == (e1,)
+    assert _selfcheck.is_verified("triton", "sm_90", _load(path).VERIFIED)
+    e1b = dict(e1, date="2026-02-03", torch="2.12.0+cu130")
+    record = _selfcheck.write_record([e1b, e2], path)  # update one, add one; sorted by (backend, arch)
+    assert record == (e2, e1b) and _load(path).VERIFIED == (e2, e1b)
+    text = path.read_text()
+    assert text.startswith('"""') and "VERIFIED: tuple[dict[str, str], ...] = (" in text
+    assert _selfcheck.read_record(path) == (e2, e1b)
+    # the package's own (empty) record round-trips through the same reader
+    assert _selfcheck.read_record(_selfcheck.RECORD_PATH) == _load(_selfcheck.RECORD_PATH).VERIFIED
+    with pytest.raises(ValueError, match="lacks"):
+        _selfcheck.write_record([dict(e1, card="")], path)
+
+
+def test_record_file_is_ruff_formatted(tmp_path):
+    ruff = pytest.importorskip("ruff")  # noqa: F841 - the formatter must accept the writer's output as it is
+    path = tmp_path / "_verified.py"
+    _selfcheck.write_record(
+        [
+            {
+                "backend": "cuda",
+                "arch": "sm_90",
+                "card": "NVIDIA H100",
+                "torch": "2.11.0",
+                "triton": "3.6.0",
+                "cuda": "13.0",
+                "date": "2026-01-02",
+            }
+        ],
+        path,
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", "--line-length", "120", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_selfcheck_record_refuses_cpu_and_interpreter_runs(tmp_path, capsys):
+    path = tmp_path / "_verified.py"
+    assert main(["selfcheck", "--device", "cpu", "--record", "--record-file", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to --record" in err and not path.exists()
+
+
+def test_selfcheck_usage_errors(capsys):
+    assert main(["selfcheck", "--backends", "reference", "--device", "cpu"]) == 2
+    assert main(["selfcheck", "--dtypes", "float64", "--device", "cpu"]) == 2
+    assert main(["selfcheck", "--device", "nonsense"]) == 2
+    if not torch.cuda.is_available():
+        assert main(["selfcheck"]) == 1
+        assert "no CUDA device" in capsys.readouterr().err
+
+
+@needs_triton
+def test_selfcheck_command_runs_triton_and_reports_a_table(monkeypatch, capsys):
+    monkeypatch.setattr(_selfcheck, "CASES", _selfcheck.CASES[:1])
+    dev = str(DEVICE)
+    assert main(["selfcheck", "--device", dev, "--backends", "triton", "--dtypes", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert "self-check" in out and "max err/budget" in out and "self-check passed" in out
+    row = [ln for ln in out.splitlines() if ln.strip().startswith("triton")]
+    assert len(row) == 1 and "bfloat16" in row[0] and " pass " in row[0], out
+    _counting(monkeypatch, _perturb_sum_p)
+    assert main(["selfcheck", "--device", dev, "--backends", "triton", "--dtypes", "float32"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "sum_p off by" in out and "SELF-CHECK FAILED" in out
+
+
+def test_gpu_table_and_auto_line(monkeypatch, capsys):
+    # the printing of `python -m calibops` on a GPU, with made-up results (the check itself is tested above)
+    from calibops import __main__ as cli
+
+    good = _selfcheck.SelfCheckResult(
+        "triton",
+        "cuda:0",
+        "sm_90",
+        torch.float32,
+        True,
+        (_selfcheck.CaseResult("hard/labels/softmax", True, 0.02, "grad", 1e-7),),
+        0.012,
+        card="NVIDIA H100",
+    )
+    bad = _selfcheck.SelfCheckResult(
+        "triton",
+        "cuda:0",
+        "sm_90",
+        torch.bfloat16,
+        False,
+        (_selfcheck.CaseResult("soft/dense/sigmoid", False, 3.5, "sum_p", 2e-4),),
+        0.010,
+        card="NVIDIA H100",
+    )
+    cli.print_selfcheck_table([good, bad], {"cuda": "calibops._C was built without CUDA kernels"})
+    out = capsys.readouterr().out
+    assert "0.02" in out and "FAIL" in out and "3.5" in out and "cuda: not checked (calibops._C was built" in out
+    assert "soft/dense/sigmoid': sum_p off by 3.5x its error budget" in out
