@@ -59,7 +59,7 @@ def _stats_fake(input, target, edges, num_bins, soft, activation, labels, ignore
     B, C = input.shape[0], input.shape[1]
     shape = (B, C, num_bins)
     mk = lambda: input.new_empty(shape, dtype=torch.float32)  # noqa: E731
-    return mk(), mk(), mk(), input.new_empty((), dtype=torch.int64)
+    return mk(), mk(), mk(), input.new_empty((2,), dtype=torch.int64)  # bad: [out-of-range labels, non-finite p]
 
 
 def _stats_backward_fake(

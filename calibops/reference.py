@@ -110,39 +110,55 @@ def binned_stats_prepared(
     """Reference of the kernel op ``calibops::binned_stats`` (docs/kernel_contract.md).
 
     Returns ``(count, sum_p, sum_y, bad)``: three (B, C, M) tensors (float32, or float64 for float64 input)
-    and the int64 number of labels outside [0, C) that are not ``ignore_index`` (left out of the statistics).
-    Sums are accumulated in float64 and rounded once, so the reference is as exact as the float32 output
-    allows at any volume size.
+    and ``bad``, int64 of shape (2,): ``bad[0]`` = labels outside [0, C) that are not ``ignore_index``,
+    ``bad[1]`` = non-finite probability entries (NaN or +-inf after the activation) of the other voxels. Both
+    kinds are left out of every statistic, and non-finite entries get gradient exactly 0 (the contract's
+    non-finite rule). Sums are accumulated in float64 and rounded once, so the reference is as exact as the
+    float32 output allows at any volume size.
     """
     B, C, N = input.shape
     M = num_bins
     out_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    if C == 0:  # no class: empty statistics, nothing counted (the Python API rejects C < 1 before any op runs)
+        empty = input.new_zeros((B, 0, M), dtype=out_dtype)
+        return empty, empty.clone(), empty.clone(), torch.zeros(2, dtype=torch.int64, device=input.device)
     x = input.to(out_dtype)
-    p = _activate(x, activation)
     acc = torch.float64
+
+    # Non-finite rule: an entry whose probability is NaN or +-inf is left out and gets gradient 0. The logits of
+    # such entries are replaced by 0 before the differentiable activation, so no NaN reaches autograd (softmax:
+    # a NaN / +inf logit makes every p of its voxel NaN, so the whole voxel is replaced, never a partial one).
+    with torch.no_grad():
+        finite = torch.isfinite(_activate(x, activation))  # [B, C, N]
+        x_ok = finite.all(1, keepdim=True) if activation == ACT_SOFTMAX else finite
+    p = _activate(torch.where(x_ok, x, torch.zeros((), dtype=x.dtype, device=x.device)), activation)
+    p = torch.where(finite, p, torch.zeros((), dtype=p.dtype, device=p.device))
 
     if labels:
         lab = target.reshape(B, N).long()
         in_range = (lab >= 0) & (lab < C)
         ignored = lab == ignore_index if ignore_index is not None else torch.zeros_like(in_range)
-        bad = (~in_range & ~ignored).sum()
-        keep = (in_range & ~ignored).unsqueeze(1)  # [B, 1, N]
+        bad_labels = (~in_range & ~ignored).sum()
+        used = (in_range & ~ignored).unsqueeze(1)  # [B, 1, N]
         classes = torch.arange(C, device=input.device).view(1, C, 1)
         y = (lab.unsqueeze(1) == classes).to(acc)  # [B, C, N]
-        mask = keep.to(acc)
+        nonfinite = (~finite & used).sum()  # entries of ignored / out-of-range voxels are not counted
+        keep = used & finite
     else:
         y = target.reshape(B, C, N).to(acc)
-        bad = torch.zeros((), dtype=torch.int64, device=input.device)
-        mask = None
+        bad_labels = torch.zeros((), dtype=torch.int64, device=input.device)
+        nonfinite = (~finite).sum()
+        keep = finite
+    bad = torch.stack([bad_labels, nonfinite]).to(torch.int64)
+    mask = keep.to(acc).expand(B, C, N)
 
     pa = p.to(acc)
     zeros = torch.zeros(B, C, M, dtype=acc, device=input.device)
     if not soft:
         idx = torch.bucketize(p.detach().contiguous(), edges[1:].to(p.dtype), right=right).clamp_(max=M - 1)
-        w = torch.ones_like(pa) if mask is None else mask.expand(B, C, N)
-        count = zeros.scatter_add(2, idx, w)
-        sum_p = zeros.scatter_add(2, idx, pa * w)
-        sum_y = zeros.scatter_add(2, idx, y * w)
+        count = zeros.scatter_add(2, idx, mask)
+        sum_p = zeros.scatter_add(2, idx, pa * mask)
+        sum_y = zeros.scatter_add(2, idx, y * mask)
     else:
         centres = edges.to(acc)
         # t = (number of centres strictly below p) - 1, in -1 .. M-1
@@ -158,9 +174,8 @@ def binned_stats_prepared(
             w_in = (c_hi - pa) / (c_hi - c_lo)
             w_lo = torch.where(t < 0, torch.ones_like(pa), torch.where(t >= M - 1, torch.zeros_like(pa), w_in))
             w_hi = 1.0 - w_lo  # "the rest" of the voxel's unit weight
-        if mask is not None:
-            w_lo = w_lo * mask
-            w_hi = w_hi * mask
+        w_lo = w_lo * mask
+        w_hi = w_hi * mask
         count = zeros.scatter_add(2, lo, w_lo).scatter_add(2, hi, w_hi)
         sum_p = zeros.scatter_add(2, lo, w_lo * pa).scatter_add(2, hi, w_hi * pa)
         sum_y = zeros.scatter_add(2, lo, w_lo * y).scatter_add(2, hi, w_hi * y)

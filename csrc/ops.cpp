@@ -14,7 +14,8 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(calibops, m) {
   // input [B, C, N]; target [B, N] labels or [B, C, N] dense; edges [M+1] (hard) / [M] centres (soft)
-  // -> count [B, C, M] f32, sum_p [B, C, M] f32, sum_y [B, C, M] f32, bad () int64
+  // -> count [B, C, M] f32, sum_p [B, C, M] f32, sum_y [B, C, M] f32,
+  //    bad (2,) int64 = [labels outside [0, C) other than ignore_index, non-finite probability entries]
   m.def(
       "binned_stats(Tensor input, Tensor target, Tensor edges, int num_bins, bool soft, int activation, "
       "bool labels, int? ignore_index, bool right) -> (Tensor, Tensor, Tensor, Tensor)");

@@ -214,13 +214,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> binned_stats_cpu(const Tensor& input,
   const Problem& pb = P.pb;
   const int64_t B = pb.B, C = pb.C, M = pb.M;
   auto opts = input.options().dtype(at::kFloat);
-  Tensor bad = at::zeros({}, input.options().dtype(at::kLong));
-  if (B == 0 || P.chunks == 0 || C == 0) {
+  // bad = [labels outside [0, C) other than ignore_index, non-finite probability entries]
+  Tensor bad = at::zeros({2}, input.options().dtype(at::kLong));
+  if (B == 0 || P.chunks == 0 || C == 0) {  // C = 0: empty statistics and nothing counted (kernel contract)
     Tensor count = at::zeros({B, C, M}, opts), sum_p = at::zeros({B, C, M}, opts), sum_y = at::zeros({B, C, M}, opts);
-    if (C == 0 && B > 0 && P.chunks > 0 && labels) {  // every label is out of range: only count them
-      Tensor t = P.target.to(at::kLong);
-      bad.fill_(ignore_index.has_value() ? t.ne(*ignore_index).sum().item<int64_t>() : t.numel());
-    }
     return {count, sum_p, sum_y, bad};
   }
   // Every entry is written by the merge below.
@@ -229,17 +226,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> binned_stats_cpu(const Tensor& input,
   const KernelTable* K = select_kernels();
   const int64_t ntask = B * P.chunks, slot = C * M * 3;
   std::vector<double> partial(static_cast<size_t>(ntask * slot));
-  std::vector<int64_t> bad_part(static_cast<size_t>(ntask), 0);
+  std::vector<int64_t> bad_part(static_cast<size_t>(ntask), 0), nonfinite_part(static_cast<size_t>(ntask), 0);
   const size_t sf = K->scratch_floats(pb), hd = K->hist_doubles(pb);
   run_tasks(ntask, sf, hd, [&](int64_t t, const Workspace& ws) {
     const int64_t b = t / P.chunks, k = t % P.chunks;
     const int64_t begin = k * P.chunk_len, end = std::min(pb.N, begin + P.chunk_len);
-    bad_part[t] = K->forward(pb, b, begin, end, partial.data() + t * slot, ws.scratch, ws.hist);
+    bad_part[t] = K->forward(pb, b, begin, end, partial.data() + t * slot, ws.scratch, ws.hist, &nonfinite_part[t]);
   });
 
   // Fixed-order merge of the chunk partials (float64), rounded once to float32.
   float* outs[3] = {count.data_ptr<float>(), sum_p.data_ptr<float>(), sum_y.data_ptr<float>()};
-  int64_t nbad = 0;
+  int64_t nbad = 0, nnonfinite = 0;
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t e = 0; e < C * M; ++e) {
       for (int64_t s = 0; s < 3; ++s) {
@@ -248,9 +245,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> binned_stats_cpu(const Tensor& input,
         outs[s][b * C * M + e] = static_cast<float>(acc);
       }
     }
-    for (int64_t k = 0; k < P.chunks; ++k) nbad += bad_part[b * P.chunks + k];
+    for (int64_t k = 0; k < P.chunks; ++k) {
+      nbad += bad_part[b * P.chunks + k];
+      nnonfinite += nonfinite_part[b * P.chunks + k];
+    }
   }
-  bad.fill_(nbad);
+  int64_t* bad_out = bad.data_ptr<int64_t>();
+  bad_out[0] = nbad;
+  bad_out[1] = nnonfinite;
   return {count, sum_p, sum_y, bad};
 }
 

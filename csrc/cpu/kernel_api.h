@@ -51,9 +51,10 @@ struct KernelTable {
   // double histogram workspace the forward needs per worker (entries).
   size_t (*hist_doubles)(const Problem& pb);
   // Statistics of voxels [begin, end) of image b, written (not added) to out [C][M][3] (count, sum_p, sum_y)
-  // in float64. begin must be a multiple of pb.tile. Returns the number of out-of-range labels seen.
+  // in float64. begin must be a multiple of pb.tile. Returns the number of out-of-range labels seen and writes
+  // the number of non-finite probability entries (of the other voxels) to *nonfinite.
   int64_t (*forward)(const Problem& pb, int64_t b, int64_t begin, int64_t end, double* out, float* scratch,
-                     double* hist);
+                     double* hist, int64_t* nonfinite);
   // grad_input for voxels [begin, end) of image b, written to grad (kind in_kind, layout [B, C, N]).
   // grad_count / grad_sum_p / grad_sum_y: float32 [B, C, M].
   void (*backward)(const Problem& pb, const float* grad_count, const float* grad_sum_p, const float* grad_sum_y,

@@ -9,6 +9,12 @@
 //   per-bin gradient, chain through the activation, store in the input dtype.
 // The inner loops over the T voxels of a row are branch-free so the compiler vectorises them.
 //
+// Non-finite probabilities (docs/kernel_contract.md): an entry whose p is NaN or +-inf goes to a discarded
+// histogram slot of its own (hard bin M + 1; soft state M + 2, whose whole unit weight lands in slot M + 1), so the
+// count of slot M + 1, summed over classes, is the number of such entries at no extra cost in the scatter; its
+// gradient-table entries are 0 and the activation chain rule is masked to 0 there. Voxels masked by their label
+// (hard bin M, soft state M + 1) keep their slot whatever p is, so they are never counted as non-finite.
+//
 // Hard binning with C <= 16 and M <= 30 (AVX2 / AVX-512 builds) takes the fused path further down instead: one
 // register-resident pass per group of 8 / 16 voxels (load -> activation -> bin -> backward: gradient lookup,
 // chain, masked store, non-temporal for large gradients; forward: float64 (1, p) pairs scattered per class plus
@@ -38,6 +44,14 @@ static inline float u2f(u32 u) {
   memcpy(&f, &u, sizeof(f));
   return f;
 }
+
+// p is NaN or +-inf: an all-ones exponent. A bit test, not isnan / isinf, so it holds under any floating-point
+// flags (-ffinite-math-only may fold those away) and vectorises as two integer operations.
+static inline bool nonfinite(float p) { return (f2u(p) & 0x7f800000u) == 0x7f800000u; }
+
+// Entries of the per-state tables: hard bins 0..M-1, M (masked voxel), M + 1 (non-finite p); soft states 0..M,
+// M + 1 (masked), M + 2 (non-finite p).
+static inline i64 table_size(const Problem& pb) { return pb.M + 3; }
 
 // ---------------------------------------------------------------------------------------------------------
 // Scalar conversions (branch-free: they sit inside vectorised loops).
@@ -111,7 +125,7 @@ struct Layout {
 };
 
 static Layout layout(const Problem& pb) {
-  const i64 T = pb.tile, C = pb.C, M2 = pb.M + 2;
+  const i64 T = pb.tile, C = pb.C, S = table_size(pb);
   Layout L;
   L.x = 0;                 // [C][T] input, then p
   L.y = L.x + C * T;       // [C][T] dense target as float
@@ -125,10 +139,10 @@ static Layout layout(const Problem& pb) {
   L.pk = L.eb + T;         // [T][4] float64 packed (1, p, y, 0) of one class row (T a multiple of 16)
   // [T][4] float64 quads (generic forward) or [C][kSub][2] float64 (1, p) pairs (fused hard forward, labels)
   const i64 pk_floats = 8 * T > 4 * C * kSub ? 8 * T : 4 * C * kSub;
-  L.ftab = L.pk + pk_floats;   // [3][C][M + 2] backward gradient tables
-  L.lo_of = L.ftab + 3 * C * M2;           // [M + 2] int32 soft state -> low bin
-  L.dtab = ((L.lo_of + M2 + 15) / 16) * 16;  // [3][M + 2] float64 soft state -> (c_hi, 1/d, base)
-  L.total = L.dtab + 6 * M2 + 16;
+  L.ftab = L.pk + pk_floats;   // [3][C][S] backward gradient tables (S = table_size)
+  L.lo_of = L.ftab + 3 * C * S;           // [S] int32 soft state -> low bin
+  L.dtab = ((L.lo_of + S + 15) / 16) * 16;  // [3][S] float64 soft state -> (c_hi, 1/d, base)
+  L.total = L.dtab + 6 * S + 16;
   return L;
 }
 
@@ -277,8 +291,9 @@ static void gather_row(const float* table, i64 size, const i32* idx, float* out,
   for (; i < n; ++i) out[i] = table[idx[i]];
 }
 
-// Hard: bins[c][i] = bucketize(p, e[1:], right).clamp(max=M-1), or M (a discarded slot) for masked voxels.
-// Soft: bins[c][i] = u = t + 1 in 0..M, t = #{k : centre[k] < p} - 1, or M + 1 for masked voxels.
+// Hard: bins[c][i] = bucketize(p, e[1:], right).clamp(max=M-1), M + 1 for non-finite p, M for masked voxels (both
+// discarded slots). Soft: bins[c][i] = u = t + 1 in 0..M, t = #{k : centre[k] < p} - 1, M + 2 for non-finite p,
+// M + 1 for masked voxels.
 // Both estimate from p * M (clamped first, so NaN / inf give a valid index) and correct by one step against
 // the given edges / centres (gathered into rows ea, eb), so every backend bins identically.
 static void compute_bins(const Problem& pb, const float* __restrict x, const i32* __restrict lab,
@@ -306,13 +321,13 @@ static void compute_bins(const Problem& pb, const float* __restrict x, const i32
         for (i64 i = 0; i < n; ++i) {
           const i32 j0 = out[i];
           const i32 j = j0 - static_cast<i32>((j0 > 0) & (p[i] <= ea[i])) + static_cast<i32>(p[i] > eb[i]);
-          out[i] = j < M - 1 ? j : M - 1;
+          out[i] = nonfinite(p[i]) ? M + 1 : (j < M - 1 ? j : M - 1);
         }
       } else {
         for (i64 i = 0; i < n; ++i) {
           const i32 j0 = out[i];
           const i32 j = j0 - static_cast<i32>((j0 > 0) & (p[i] < ea[i])) + static_cast<i32>(p[i] >= eb[i]);
-          out[i] = j < M - 1 ? j : M - 1;
+          out[i] = nonfinite(p[i]) ? M + 1 : (j < M - 1 ? j : M - 1);
         }
       }
     } else {
@@ -331,7 +346,7 @@ static void compute_bins(const Problem& pb, const float* __restrict x, const i32
         const i32 t0 = out[i];
         const i32 dec = static_cast<i32>((t0 >= 0) & !(ea[i] < p[i]));
         const i32 inc = static_cast<i32>((t0 + 1 < M) & (eb[i] < p[i]));
-        out[i] = t0 - dec + inc + 1;
+        out[i] = nonfinite(p[i]) ? M + 2 : t0 - dec + inc + 1;
       }
     }
     if (pb.labels)
@@ -341,22 +356,25 @@ static void compute_bins(const Problem& pb, const float* __restrict x, const i32
 
 // Soft state u -> (low bin, c_hi, 1/(c_hi - c_lo), base) so that w_lo = (c_hi - p) / d in the interior states
 // 1..M-1 and w_lo = base (a constant, whatever p, NaN included) outside: below the first centre all weight goes
-// to bin 0, above the last to bin M-1, masked voxels go to the discarded slots M and M+1.
+// to bin 0, above the last to bin M-1; masked voxels (u = M + 1) put their weight in the discarded slot M,
+// non-finite p (u = M + 2) in the discarded slot M + 1 (whose count is then the number of non-finite entries).
 static inline i32 soft_low_bin(i32 u, i32 M) {
   const i32 top = M - 2 > 0 ? M - 2 : 0;
   const i32 l = u - 1 > 0 ? u - 1 : 0;
-  return u == M + 1 ? M : (l < top ? l : top);
+  return u > M ? M : (l < top ? l : top);
 }
 
 static inline bool soft_interior(i32 u, i32 M) { return static_cast<u32>(u - 1) < static_cast<u32>(M - 1); }
 
-static inline float soft_outside_weight(i32 u, i32 M) { return ((u == 0) | (u == M + 1) | (M == 1)) ? 1.0f : 0.0f; }
+static inline float soft_outside_weight(i32 u, i32 M) {
+  return ((u == 0) | (u == M + 1) | ((M == 1) & (u <= M))) ? 1.0f : 0.0f;
+}
 
 static void soft_tables(const Problem& pb, i32* lo_of, double* chi, double* invd, double* base) {
   const i64 M = pb.M;
   const float* c = pb.edges;
   const i32 Mi = static_cast<i32>(M);
-  for (i32 u = 0; u <= Mi + 1; ++u) {
+  for (i32 u = 0; u <= Mi + 2; ++u) {
     lo_of[u] = soft_low_bin(u, Mi);
     base[u] = soft_outside_weight(u, Mi);
     chi[u] = 0.0;
@@ -431,7 +449,7 @@ static inline void soft_one(double* hc, i32 lo, float wl, const double* v) {
 
 // Soft memberships of one class row from the states u (vectorised): w_lo = (c_hi - p) / (c_hi - c_lo) in the
 // interior states 1..M-1; below the first centre (u = 0), for M = 1 and for masked voxels (u = M + 1) w_lo = 1,
-// above the last centre (u = M) w_lo = 0. Out: wl (w_lo) and lo (the low bin; M for masked voxels), which may
+// above the last centre (u = M) and for non-finite p (u = M + 2) w_lo = 0. Out: wl (w_lo) and lo (the low bin; M for masked voxels), which may
 // alias the c_hi / 1/d lookups chi, invd.
 static void soft_weights_row(const Problem& pb, const float* __restrict p, const i32* __restrict u,
                              const float* chi, const float* invd, float* wl, i32* lo, i64 n) {
@@ -532,6 +550,10 @@ static inline VF as_f(VI a) { return _mm512_castsi512_ps(a); }
 static inline VI as_i(VF a) { return _mm512_castps_si512(a); }
 static inline VF fneg(VF a) { return _mm512_xor_ps(a, fset(-0.0f)); }
 static inline VM ieq(VI a, VI b) { return _mm512_cmpeq_epi32_mask(a, b); }
+static inline VM mor(VM a, VM b) { return static_cast<VM>(a | b); }
+// Lanes whose p is NaN or +-inf: one vfpclassps (classes QNaN 0x01, +inf 0x08, -inf 0x10, SNaN 0x80), exact
+// whatever the floating-point flags.
+static inline VM fnonfinite(VF a) { return _mm512_fpclass_ps_mask(a, 0x99); }
 // dst[2 v], dst[2 v + 1] = (1, p[v]) in float64 for the VL lanes.
 static inline void store_pairs(double* dst, VF p) {
   const __m512d ones = _mm512_set1_pd(1.0);
@@ -594,6 +616,12 @@ static inline VF as_f(VI a) { return _mm256_castsi256_ps(a); }
 static inline VI as_i(VF a) { return _mm256_castps_si256(a); }
 static inline VF fneg(VF a) { return _mm256_xor_ps(a, fset(-0.0f)); }
 static inline VM ieq(VI a, VI b) { return _mm256_cmpeq_epi32(a, b); }
+static inline VM mor(VM a, VM b) { return _mm256_or_si256(a, b); }
+// Lanes whose p is NaN or +-inf: the exponent bits are all ones (a bit test, exact whatever the flags).
+static inline VM fnonfinite(VF a) {
+  const VI ex = _mm256_set1_epi32(0x7f800000);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(a), ex), ex);
+}
 static inline void store_pairs4(double* dst, __m128 p4) {
   const __m256d ones = _mm256_set1_pd(1.0), pv = _mm256_cvtps_pd(p4);
   const __m256d lo = _mm256_unpacklo_pd(ones, pv), hi = _mm256_unpackhi_pd(ones, pv);  // (1 p0 1 p2), (1 p1 1 p3)
@@ -660,6 +688,8 @@ static inline VF as_f(VI a) { return u2f(static_cast<u32>(a)); }
 static inline VI as_i(VF a) { return static_cast<i32>(f2u(a)); }
 static inline VF fneg(VF a) { return -a; }
 static inline VM ieq(VI a, VI b) { return a == b; }
+static inline VM mor(VM a, VM b) { return a | b; }
+static inline VM fnonfinite(VF a) { return nonfinite(a); }
 static inline void store_pairs(double* dst, VF p) {
   dst[0] = 1.0;
   dst[1] = static_cast<double>(p);
@@ -750,8 +780,8 @@ static HardCtx hard_ctx(const Problem& pb, HardTables& t) {
 }
 
 // G groups of VL voxels (group g at offset g * VL): class c's values at x + c * xs; labels (already range-checked,
-// -1 = masked) at lab. Out: p[g][c] (probabilities) and bin[g][c] (hard bin, M for masked voxels), exactly as
-// activate + compute_bins. G > 1 interleaves independent groups so their long dependency chains (exp) overlap.
+// -1 = masked) at lab. Out: p[g][c] (probabilities) and bin[g][c] (hard bin, M + 1 for non-finite p, M for masked
+// voxels), exactly as activate + compute_bins. G > 1 interleaves independent groups so their long dependency chains (exp) overlap.
 template <int CC, int G>
 static CALIBOPS_INLINE void hard_front(const HardCtx& k, i64 C_rt, const float* x, i64 xs, const i32* lab,
                               VF (*p)[kMaxFusedC], VI (*bin)[kMaxFusedC]) {
@@ -777,7 +807,7 @@ static CALIBOPS_INLINE void hard_front(const HardCtx& k, i64 C_rt, const float* 
       for (int g = 0; g < G; ++g) p[g][c] = fdiv(fset(1.0f), fadd(fset(1.0f), vexp(fneg(p[g][c]))));
   }
   const VF Mf = fset(k.Mf), top = fset(k.top), zero = fset(0.0f);
-  const VI izero = iset(0), last = iset(k.M - 1);
+  const VI izero = iset(0), last = iset(k.M - 1), nfbin = iset(k.M + 1);
   VM masked[G];
   if (k.labels)
     for (int g = 0; g < G; ++g) masked[g] = ilt(iload(lab + g * VL), izero);
@@ -791,7 +821,7 @@ static CALIBOPS_INLINE void hard_front(const HardCtx& k, i64 C_rt, const float* 
       const VI j0 = cvtt(q);
       const VF ea = look(k.e0, j0), eb = look(k.e1, j0);
       VI j = k.right ? bin_adjust<true>(j0, pc, ea, eb) : bin_adjust<false>(j0, pc, ea, eb);
-      j = imin(j, last);
+      j = isel(fnonfinite(pc), nfbin, imin(j, last));
       if (k.labels) j = isel(masked[g], iset(k.M), j);
       bin[g][c] = j;
     }
@@ -876,17 +906,25 @@ static CALIBOPS_INLINE void hard_back_group(const HardCtx& k, i64 C_rt, const Ta
   VF (&gr)[G][kMaxFusedC] = p;  // the gradient replaces p once p is used
   for (int g = 0; g < G; ++g) {
     VF gg[kMaxFusedC];
+    // Non-finite p: the table gives 0 (bin M + 1), which activation 0 passes on as is; the chain rules below would
+    // turn it into NaN (0 * NaN), so their result is masked. Softmax: p is NaN for every class of the voxel or for
+    // none (a NaN / +inf logit makes the sum NaN), so class 0 decides for the voxel.
     for (i64 c = 0; c < C; ++c) gg[c] = look(k0[c], bn[g][c]);
     if (k.act == 1) {
       VF s = fset(0.0f);
       for (i64 c = 0; c < C; ++c) s = fadd(s, fmul(p[g][c], gg[c]));
       for (i64 c = 0; c < C; ++c) gg[c] = fmul(p[g][c], fsub(gg[c], s));
-    } else if (k.act == 2) {
-      for (i64 c = 0; c < C; ++c) gg[c] = fmul(gg[c], fmul(p[g][c], fsub(fset(1.0f), p[g][c])));
-    }
-    if (k.labels) {
-      const VM masked = ilt(iload(lab + g * VL), iset(0));
-      for (i64 c = 0; c < C; ++c) gg[c] = fsel(masked, fset(0.0f), gg[c]);
+      VM drop = fnonfinite(p[g][0]);
+      if (k.labels) drop = mor(drop, ilt(iload(lab + g * VL), iset(0)));
+      for (i64 c = 0; c < C; ++c) gg[c] = fsel(drop, fset(0.0f), gg[c]);
+    } else {
+      if (k.act == 2)
+        for (i64 c = 0; c < C; ++c)
+          gg[c] = fsel(fnonfinite(p[g][c]), fset(0.0f), fmul(gg[c], fmul(p[g][c], fsub(fset(1.0f), p[g][c]))));
+      if (k.labels) {
+        const VM masked = ilt(iload(lab + g * VL), iset(0));
+        for (i64 c = 0; c < C; ++c) gg[c] = fsel(masked, fset(0.0f), gg[c]);
+      }
     }
     for (i64 c = 0; c < C; ++c) gr[g][c] = gg[c];
   }
@@ -976,7 +1014,7 @@ static void count_labels(const Problem& pb, const i32* __restrict yb, i64* __res
 
 template <int CC>
 static i64 forward_hard_fused_t(const Problem& pb, i64 b, i64 begin, i64 end, double* out, float* scratch,
-                                double* hist) {
+                                double* hist, i64* nonfinite_out) {
   const i64 T = pb.tile, C = CC > 0 ? CC : pb.C, N = pb.N, M = pb.M, M2 = M + 2, K = pb.copies;
   const Layout L = layout(pb);
   float* x = scratch + L.x;
@@ -1024,7 +1062,12 @@ static i64 forward_hard_fused_t(const Problem& pb, i64 b, i64 begin, i64 end, do
       }
     }
   }
-  // Merge the interleaved copies in a fixed order.
+  // Merge the interleaved copies in a fixed order; the counts of slot M + 1 are the non-finite entries.
+  double nf = 0.0;
+  for (i64 c = 0; c < C; ++c)
+    for (i64 q = 0; q < K; ++q)
+      nf += pb.labels ? hp[((c * K + q) * M2 + M + 1) * 2] : hist[((c * K + q) * M2 + M + 1) * 4];
+  *nonfinite_out = static_cast<i64>(nf);
   for (i64 c = 0; c < C; ++c)
     for (i64 j = 0; j < M; ++j) {
       double* o = out + (c * M + j) * 3;
@@ -1050,16 +1093,16 @@ static i64 forward_hard_fused_t(const Problem& pb, i64 b, i64 begin, i64 end, do
 }
 
 static i64 forward_hard_fused(const Problem& pb, i64 b, i64 begin, i64 end, double* out, float* scratch,
-                              double* hist) {
+                              double* hist, i64* nonfinite_out) {
   switch (pb.C) {
     case 2:
-      return forward_hard_fused_t<2>(pb, b, begin, end, out, scratch, hist);
+      return forward_hard_fused_t<2>(pb, b, begin, end, out, scratch, hist, nonfinite_out);
     case 3:
-      return forward_hard_fused_t<3>(pb, b, begin, end, out, scratch, hist);
+      return forward_hard_fused_t<3>(pb, b, begin, end, out, scratch, hist, nonfinite_out);
     case 4:
-      return forward_hard_fused_t<4>(pb, b, begin, end, out, scratch, hist);
+      return forward_hard_fused_t<4>(pb, b, begin, end, out, scratch, hist, nonfinite_out);
     default:
-      return forward_hard_fused_t<0>(pb, b, begin, end, out, scratch, hist);
+      return forward_hard_fused_t<0>(pb, b, begin, end, out, scratch, hist, nonfinite_out);
   }
 }
 
@@ -1119,9 +1162,10 @@ static void backward_hard_fused(const Problem& pb, const float* grad_sum_p, void
   }
 }
 
-static i64 forward(const Problem& pb, i64 b, i64 begin, i64 end, double* out, float* scratch, double* hist) {
-  if (fused_hard_ok(pb)) return forward_hard_fused(pb, b, begin, end, out, scratch, hist);
-  const i64 T = pb.tile, C = pb.C, N = pb.N, M = pb.M, M2 = M + 2;
+static i64 forward(const Problem& pb, i64 b, i64 begin, i64 end, double* out, float* scratch, double* hist,
+                   i64* nonfinite_out) {
+  if (fused_hard_ok(pb)) return forward_hard_fused(pb, b, begin, end, out, scratch, hist, nonfinite_out);
+  const i64 T = pb.tile, C = pb.C, N = pb.N, M = pb.M, M2 = M + 2, S = table_size(pb);
   const Layout L = layout(pb);
   float* x = scratch + L.x;
   float* y = scratch + L.y;
@@ -1129,12 +1173,12 @@ static i64 forward(const Problem& pb, i64 b, i64 begin, i64 end, double* out, fl
   i32* lab = reinterpret_cast<i32*>(scratch + L.lab);
   i32* lo_of = reinterpret_cast<i32*>(scratch + L.lo_of);
   double* dt = reinterpret_cast<double*>(scratch + L.dtab);
-  double *chi = dt, *invd = dt + M2, *base = dt + 2 * M2;
+  double *chi = dt, *invd = dt + S, *base = dt + 2 * S;
   float* chi_f = scratch + L.ftab;  // float copies of c_hi and 1/d for the vectorised weights
-  float* invd_f = chi_f + M2;
+  float* invd_f = chi_f + S;
   if (pb.soft) {
     soft_tables(pb, lo_of, chi, invd, base);
-    for (i64 k = 0; k < M2; ++k) {
+    for (i64 k = 0; k < S; ++k) {
       chi_f[k] = static_cast<float>(chi[k]);
       invd_f[k] = static_cast<float>(invd[k]);
     }
@@ -1163,8 +1207,8 @@ static i64 forward(const Problem& pb, i64 b, i64 begin, i64 end, double* out, fl
       if (pb.soft) {
         float* ea = scratch + L.ea;
         float* eb = scratch + L.eb;
-        gather_row(chi_f, M2, bins + c * T, ea, n);
-        gather_row(invd_f, M2, bins + c * T, eb, n);
+        gather_row(chi_f, S, bins + c * T, ea, n);
+        gather_row(invd_f, S, bins + c * T, eb, n);
         soft_weights_row(pb, p, bins + c * T, ea, eb, ea, reinterpret_cast<i32*>(eb), n);
         scatter_row<true>(pb, pk, reinterpret_cast<const i32*>(eb), ea, h, n);
       } else {
@@ -1172,7 +1216,7 @@ static i64 forward(const Problem& pb, i64 b, i64 begin, i64 end, double* out, fl
       }
     }
   }
-  // Merge the interleaved copies in a fixed order.
+  // Merge the interleaved copies in a fixed order; the counts of slot M + 1 are the non-finite entries.
   for (i64 c = 0; c < C; ++c)
     for (i64 j = 0; j < M; ++j)
       for (i64 s = 0; s < 3; ++s) {
@@ -1180,6 +1224,10 @@ static i64 forward(const Problem& pb, i64 b, i64 begin, i64 end, double* out, fl
         for (i64 k = 0; k < pb.copies; ++k) acc += hist[((c * pb.copies + k) * M2 + j) * 4 + s];
         out[(c * M + j) * 3 + s] = acc;
       }
+  double nf = 0.0;
+  for (i64 c = 0; c < C; ++c)
+    for (i64 k = 0; k < pb.copies; ++k) nf += hist[((c * pb.copies + k) * M2 + M + 1) * 4];
+  *nonfinite_out = static_cast<i64>(nf);
   return bad;
 }
 
@@ -1197,19 +1245,20 @@ static inline double bin_grad(const float* g, i64 o, i64 j, i64 M) {
 static void grad_tables(const Problem& pb, i64 b, const float* gc, const float* gp, const float* gy, float* k0,
                         float* k1, float* k2, const i32* lo_of, const double* chi, const double* invd,
                         const double* base) {
-  const i64 C = pb.C, M = pb.M, M2 = M + 2;
+  const i64 C = pb.C, M = pb.M, S = table_size(pb);
   for (i64 c = 0; c < C; ++c) {
     const i64 o = (b * C + c) * M;
-    float* K0 = k0 + c * M2;
-    float* K1 = k1 + c * M2;
-    float* K2 = k2 + c * M2;
+    float* K0 = k0 + c * S;
+    float* K1 = k1 + c * S;
+    float* K2 = k2 + c * S;
     if (!pb.soft) {
       for (i64 j = 0; j < M; ++j) K0[j] = gp[o + j];
-      K0[M] = K0[M + 1] = 0.0f;  // masked voxels
-      for (i64 j = 0; j < M2; ++j) K1[j] = K2[j] = 0.0f;
+      for (i64 j = M; j < S; ++j) K0[j] = 0.0f;  // masked voxels (M), non-finite p (M + 1)
+      for (i64 j = 0; j < S; ++j) K1[j] = K2[j] = 0.0f;
       continue;
     }
-    for (i64 u = 0; u < M2; ++u) {
+    // states M + 1 (masked) and M + 2 (non-finite) have both bins in the discarded slots: all three entries 0
+    for (i64 u = 0; u < S; ++u) {
       const i64 lo = lo_of[u], hi = lo + 1;
       const double a = bin_grad(gp, o, lo, M), bb = bin_grad(gp, o, hi, M), id = invd[u];
       // g = bb + (a - bb) w_lo + id (dGc + p dGp + y dGy),  w_lo = base + id chi - id p
@@ -1225,11 +1274,11 @@ static void grad_tables(const Problem& pb, i64 b, const float* gc, const float* 
 static void grad_p_row(const Problem& pb, const float* __restrict p, const float* __restrict y,
                        const i32* __restrict u, const float* K0, const float* K1, const float* K2,
                        float* __restrict g, float* __restrict ea, float* __restrict eb, i64 n) {
-  const i64 M2 = pb.M + 2;
-  gather_row(K0, M2, u, g, n);
+  const i64 S = pb.soft ? table_size(pb) : pb.M + 2;  // hard bins stop at M + 1
+  gather_row(K0, S, u, g, n);
   if (pb.soft) {
-    gather_row(K1, M2, u, ea, n);
-    gather_row(K2, M2, u, eb, n);
+    gather_row(K1, S, u, ea, n);
+    gather_row(K2, S, u, eb, n);
     // K1 = K2 = 0 outside the interior states 1..M-1: skip the products there so NaN / inf p cannot leak in.
     const i32 M = static_cast<i32>(pb.M);
     for (i64 i = 0; i < n; ++i) {
@@ -1242,7 +1291,7 @@ static void grad_p_row(const Problem& pb, const float* __restrict p, const float
 static void backward(const Problem& pb, const float* grad_count, const float* grad_sum_p, const float* grad_sum_y,
                      void* grad, i64 b, i64 begin, i64 end, float* scratch) {
   if (fused_hard_ok(pb)) return backward_hard_fused(pb, grad_sum_p, grad, b, begin, end, scratch);
-  const i64 T = pb.tile, C = pb.C, N = pb.N, M2 = pb.M + 2;
+  const i64 T = pb.tile, C = pb.C, N = pb.N, S = table_size(pb);
   const Layout L = layout(pb);
   float* x = scratch + L.x;
   float* y = scratch + L.y;
@@ -1252,8 +1301,8 @@ static void backward(const Problem& pb, const float* grad_count, const float* gr
   i32* lab = reinterpret_cast<i32*>(scratch + L.lab);
   i32* lo_of = reinterpret_cast<i32*>(scratch + L.lo_of);
   double* dt = reinterpret_cast<double*>(scratch + L.dtab);
-  double *chi = dt, *invd = dt + M2, *base = dt + 2 * M2;
-  float *k0 = scratch + L.ftab, *k1 = k0 + C * M2, *k2 = k1 + C * M2;
+  double *chi = dt, *invd = dt + S, *base = dt + 2 * S;
+  float *k0 = scratch + L.ftab, *k1 = k0 + C * S, *k2 = k1 + C * S;
   if (pb.soft) soft_tables(pb, lo_of, chi, invd, base);
   grad_tables(pb, b, grad_count, grad_sum_p, grad_sum_y, k0, k1, k2, lo_of, chi, invd, base);
 
@@ -1269,7 +1318,7 @@ static void backward(const Problem& pb, const float* grad_count, const float* gr
     activate(pb, x, rowa, scratch + L.rowb, n);
     compute_bins(pb, x, lab, bins, scratch + L.ea, scratch + L.eb, n);
     for (i64 c = 0; c < C; ++c) {
-      const i64 t = c * M2;
+      const i64 t = c * S;
       grad_p_row(pb, x + c * T, y + c * T, bins + c * T, k0 + t, k1 + t, k2 + t, g + c * T, scratch + L.ea,
                  scratch + L.eb, n);
     }
@@ -1293,10 +1342,19 @@ static void backward(const Problem& pb, const float* grad_count, const float* gr
         for (i64 i = 0; i < n; ++i) gc[i] = gc[i] * (p[i] * (1.0f - p[i]));
       }
     }
+    // Masked voxels and non-finite p get 0. With activation 0 the gradient tables already gave exactly 0 for
+    // non-finite p; the chain rules above turn that into NaN (0 * NaN), hence the mask.
     if (pb.labels) {
       for (i64 c = 0; c < C; ++c) {
+        const float* __restrict p = x + c * T;
         float* __restrict gc = g + c * T;
-        for (i64 i = 0; i < n; ++i) gc[i] = lab[i] >= 0 ? gc[i] : 0.0f;
+        for (i64 i = 0; i < n; ++i) gc[i] = (lab[i] >= 0) & !nonfinite(p[i]) ? gc[i] : 0.0f;
+      }
+    } else if (pb.activation != 0) {
+      for (i64 c = 0; c < C; ++c) {
+        const float* __restrict p = x + c * T;
+        float* __restrict gc = g + c * T;
+        for (i64 i = 0; i < n; ++i) gc[i] = nonfinite(p[i]) ? 0.0f : gc[i];
       }
     }
     for (i64 c = 0; c < C; ++c) store_row(grad, pb.in_kind, (b * C + c) * N + i0, n, g + c * T);
