@@ -12,8 +12,14 @@ one case at a time (memory: one case plus O(C·M²)), and writes into ``--out``:
 - ``dataset_histogram.png`` / ``.pdf``: the dataset reliability histogram figure;
 - ``dataset_histogram.npz``: the histogram (C', M, M), pooled voxel counts (C', M) and class indices.
 
-Everything is checked before anything is written: a missing pair, a shape mismatch, values that are not
-probabilities, or labels out of range stop the run with a message and exit status 1 and no output files.
+Everything is checked before anything is written. Every failure is one line on stderr,
+``calibops evaluate: error: ...``, naming the file or option and the fix, and leaves no output file:
+
+- exit status 2 (usage): a bad option value, ``--pred``/``--label`` not a directory, ``--out`` naming an
+  existing file, a backend that cannot run here, ``--class-names`` not matching the classes;
+- exit status 1 (data): a missing pair, a file that cannot be read (empty, truncated, corrupt, unreadable),
+  a shape mismatch, values that are not probabilities, non-finite logits, labels out of range, outputs that
+  cannot be written.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -34,41 +40,80 @@ __all__ = ["build_parser", "evaluate", "evaluate_main"]
 
 
 class EvaluationError(Exception):
-    """A problem with the data or the options; reported without a traceback."""
+    """A problem with the data; reported as one line without a traceback, exit status 1."""
+
+
+class UsageError(EvaluationError):
+    """A problem with the command line; reported as one line without a traceback, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error raises :class:`UsageError` (one line, exit 2) instead of printing usage."""
+
+    def error(self, message: str) -> NoReturn:  # noqa: D102
+        raise UsageError(f"{message} (see calibops evaluate --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``calibops evaluate``."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="calibops evaluate",
         description="Calibration (ECE/ACE/MCE, macro and micro) and the dataset reliability histogram of "
         "probability maps against label maps, paired by file name.",
     )
-    p.add_argument("--pred", required=True, metavar="DIR",
-                   help="directory of probability maps: .npy/.npz (C, *spatial) or .nii/.nii.gz "
-                   "(*spatial, C)")
-    p.add_argument("--label", required=True, metavar="DIR",
-                   help="directory of integer label maps (*spatial) with the same file names")
-    p.add_argument("--out", default="calibops_eval", metavar="DIR",
-                   help="output directory (default: %(default)s)")
+    p.add_argument(
+        "--pred",
+        required=True,
+        metavar="DIR",
+        help="directory of probability maps: .npy/.npz (C, *spatial) or .nii/.nii.gz (*spatial, C)",
+    )
+    p.add_argument(
+        "--label",
+        required=True,
+        metavar="DIR",
+        help="directory of integer label maps (*spatial) with the same file names",
+    )
+    p.add_argument("--out", default="calibops_eval", metavar="DIR", help="output directory (default: %(default)s)")
     p.add_argument("--num-bins", type=int, default=20, help="confidence bins M (default: %(default)s)")
     p.add_argument("--include-background", action="store_true", help="also evaluate class 0")
     p.add_argument("--ignore-index", type=int, default=None, help="label value left out of every statistic")
-    p.add_argument("--num-classes", type=int, default=None,
-                   help="expected number of channels C (default: taken from the first prediction)")
-    p.add_argument("--class-names", default=None,
-                   help="comma-separated names of all C classes (background included), for CSV and figure")
-    p.add_argument("--channel-dim", type=int, default=None,
-                   help="channel axis of the prediction files (default: 0 for NumPy, -1 for NIfTI)")
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="expected number of channels C (default: taken from the first prediction)",
+    )
+    p.add_argument(
+        "--class-names",
+        default=None,
+        help="comma-separated names of all C classes (background included), for CSV and figure",
+    )
+    p.add_argument(
+        "--channel-dim",
+        type=int,
+        default=None,
+        help="channel axis of the prediction files (default: 0 for NumPy, -1 for NIfTI)",
+    )
     p.add_argument("--npz-key", default=None, help="array name inside prediction .npz files")
-    p.add_argument("--softmax", action="store_true",
-                   help="predictions are logits: apply softmax over channels")
-    p.add_argument("--multilabel", action="store_true",
-                   help="channels are independent probabilities (do not require them to sum to 1)")
-    p.add_argument("--sum-tolerance", type=float, default=1e-3,
-                   help="allowed |sum over channels - 1| of probabilities (default: %(default)s)")
+    p.add_argument("--softmax", action="store_true", help="predictions are logits: apply softmax over channels")
+    p.add_argument(
+        "--multilabel",
+        action="store_true",
+        help="channels are independent probabilities (do not require them to sum to 1)",
+    )
+    p.add_argument(
+        "--sum-tolerance",
+        type=float,
+        default=1e-3,
+        help="allowed |sum over channels - 1| of probabilities (default: %(default)s)",
+    )
     p.add_argument("--dice", action="store_true", help="add the Dice score of the argmax prediction per case")
-    p.add_argument("--backend", default="auto", help="statistics backend (default: %(default)s)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "reference", "cpu", "cuda", "triton"),
+        help="statistics backend (default: %(default)s)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -90,13 +135,15 @@ def _plain_progress(items: Sequence[Any]) -> Iterable[Any]:
         yield it
 
 
-def _check_probabilities(name: str, probs: np.ndarray, multilabel: bool, tol: float) -> np.ndarray:
+def _check_probabilities(name: str, path: Path, probs: np.ndarray, multilabel: bool, tol: float) -> np.ndarray:
     if not np.all(np.isfinite(probs)):
-        raise EvaluationError(f"case {name!r}: the prediction holds NaN or infinite values")
+        raise EvaluationError(
+            f"case {name!r} ({path}): the prediction holds NaN or infinite values; fix the predictions"
+        )
     lo, hi = float(probs.min()), float(probs.max())
     if lo < -1e-6 or hi > 1 + 1e-6:
         raise EvaluationError(
-            f"case {name!r}: prediction values span [{lo:.4g}, {hi:.4g}], not probabilities in [0, 1] "
+            f"case {name!r} ({path}): prediction values span [{lo:.4g}, {hi:.4g}], not probabilities in [0, 1] "
             "(pass --softmax for logits)"
         )
     probs = np.clip(probs, 0.0, 1.0)  # float rounding only (checked above)
@@ -104,13 +151,13 @@ def _check_probabilities(name: str, probs: np.ndarray, multilabel: bool, tol: fl
         dev = float(np.abs(probs.sum(axis=0, dtype=np.float64) - 1.0).max())
         if dev > tol:
             raise EvaluationError(
-                f"case {name!r}: class probabilities do not sum to 1 (max deviation {dev:.3g} > {tol}); "
+                f"case {name!r} ({path}): class probabilities do not sum to 1 (max deviation {dev:.3g} > {tol}); "
                 "pass --multilabel for independent (sigmoid) channels or --softmax for logits"
             )
     return probs
 
 
-def _check_labels(name: str, label: np.ndarray, num_classes: int, ignore_index: int | None) -> None:
+def _check_labels(name: str, path: Path, label: np.ndarray, num_classes: int, ignore_index: int | None) -> None:
     # checked here too (not only by binned_stats) so CALIBOPS_VALIDATE=0 cannot drop voxels silently
     bad = (label < 0) | (label >= num_classes)
     if ignore_index is not None:
@@ -119,8 +166,45 @@ def _check_labels(name: str, label: np.ndarray, num_classes: int, ignore_index: 
         values = np.unique(label[bad])[:5].tolist()
         allowed = f"[0, {num_classes})" + (f" or --ignore-index {ignore_index}" if ignore_index is not None else "")
         raise EvaluationError(
-            f"case {name!r}: {int(bad.sum())} label(s) outside {allowed}, e.g. {values}"
+            f"case {name!r} ({path}): {int(bad.sum())} label(s) outside {allowed}, e.g. {values}; fix the labels, "
+            "or pass --ignore-index for a label value to leave out"
         )
+
+
+def check_usage(args: argparse.Namespace) -> None:
+    """The checks of the command line that need no data file; raises :class:`UsageError` (exit status 2)."""
+    from ._options import MAX_BINS
+
+    if not 1 <= args.num_bins <= MAX_BINS:
+        raise UsageError(f"--num-bins must be between 1 and 2**24 = {MAX_BINS}, got {args.num_bins}")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise UsageError(f"--num-classes must be >= 1, got {args.num_classes}")
+    if not (math.isfinite(args.sum_tolerance) and args.sum_tolerance >= 0):
+        raise UsageError(f"--sum-tolerance must be a finite number >= 0, got {args.sum_tolerance}")
+    for opt, d, what in (("--pred", args.pred, "prediction"), ("--label", args.label, "label")):
+        if not os.path.exists(d):
+            raise UsageError(f"{opt} {d!r}: directory not found; pass the directory holding the {what} files")
+        if not os.path.isdir(d):
+            raise UsageError(f"{opt} {d!r} is a file, not a directory; pass the directory holding the files")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out!r} names an existing file; pass a new or existing directory")
+    if args.class_names is not None and any(not n.strip() for n in args.class_names.split(",")):
+        raise UsageError(f"--class-names {args.class_names!r} has an empty name; give one name per class")
+    if args.backend != "auto":
+        import torch
+
+        import calibops
+
+        try:
+            calibops.backend_for(torch.empty(0), args.backend)  # the CLI computes on CPU tensors
+        except RuntimeError as exc:
+            raise UsageError(f"--backend {args.backend}: {exc}; use --backend auto") from exc
+    try:
+        import matplotlib  # noqa: F401 - the figures need it; fail before reading any case
+    except ImportError as exc:
+        raise EvaluationError(
+            "the dataset histogram figure needs matplotlib: pip install 'calibops[plot]' (or matplotlib)"
+        ) from exc
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -130,13 +214,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from . import io
     from .metrics import DatasetCalibration
 
-    if args.num_bins < 1:
-        raise EvaluationError(f"--num-bins must be >= 1, got {args.num_bins}")
-    if args.num_classes is not None and args.num_classes < 1:
-        raise EvaluationError(f"--num-classes must be >= 1, got {args.num_classes}")
-    if not args.sum_tolerance >= 0:
-        raise EvaluationError(f"--sum-tolerance must be >= 0, got {args.sum_tolerance}")
-    cases = io.match_cases(args.pred, args.label)
+    check_usage(args)
+    try:
+        cases = io.match_cases(args.pred, args.label)
+    except (ValueError, FileNotFoundError) as exc:
+        raise EvaluationError(str(exc)) from exc
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
 
     metric: DatasetCalibration | None = None
@@ -145,38 +227,53 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         try:
             probs = io.load_probabilities(pred_path, channel_dim=args.channel_dim, npz_key=args.npz_key)
             label = io.load_label(label_path, spatial_ndim=probs.ndim - 1)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError) as exc:  # io's messages name the file and the fix
             raise EvaluationError(f"case {name!r}: {exc}") from exc
+        if probs.size == 0 or label.size == 0:
+            raise EvaluationError(
+                f"case {name!r}: {pred_path} (shape {probs.shape}) or {label_path} (shape {label.shape}) holds no "
+                "voxel; remove the case or re-write its files"
+            )
         if C is None:
             C = probs.shape[0]
         if probs.shape[0] != C:
             raise EvaluationError(
-                f"case {name!r}: prediction has {probs.shape[0]} channels, expected {C} "
-                f"(shape {probs.shape}; channel axis first after --channel-dim)"
+                f"case {name!r}: prediction {pred_path} has {probs.shape[0]} channels, expected {C} "
+                f"(shape {probs.shape} with the channel axis first); every case needs the same classes "
+                "(see --num-classes, --channel-dim)"
             )
         if label.shape != probs.shape[1:]:
             raise EvaluationError(
                 f"case {name!r}: label map shape {label.shape} does not match the prediction's spatial shape "
-                f"{probs.shape[1:]} (prediction {pred_path.name}, label {label_path.name})"
+                f"{probs.shape[1:]} (prediction {pred_path}, label {label_path}); pair each label with its own "
+                "prediction (check --channel-dim)"
             )
         if args.softmax:
             if not np.all(np.isfinite(probs)):
-                raise EvaluationError(f"case {name!r}: the logits hold NaN or infinite values")
+                raise EvaluationError(
+                    f"case {name!r} ({pred_path}): the logits hold NaN or infinite values; fix the predictions"
+                )
         else:
-            probs = _check_probabilities(name, probs, args.multilabel, args.sum_tolerance)
-        _check_labels(name, label, C, args.ignore_index)
+            probs = _check_probabilities(name, pred_path, probs, args.multilabel, args.sum_tolerance)
+        _check_labels(name, label_path, label, C, args.ignore_index)
         if metric is None:
             if names is not None and len(names) != C:
-                raise EvaluationError(f"--class-names gives {len(names)} names for {C} classes")
+                raise UsageError(f"--class-names gives {len(names)} names for {C} classes; give one name per class")
             metric = DatasetCalibration(
-                C, num_bins=args.num_bins, include_background=args.include_background, to_onehot_y=True,
-                softmax=args.softmax, ignore_index=args.ignore_index, backend=args.backend,
-                keep_records=True, dice=args.dice,
+                C,
+                num_bins=args.num_bins,
+                include_background=args.include_background,
+                to_onehot_y=True,
+                softmax=args.softmax,
+                ignore_index=args.ignore_index,
+                backend=args.backend,
+                keep_records=True,
+                dice=args.dice,
             )
         try:
             metric.update(torch.from_numpy(probs)[None], torch.from_numpy(label)[None], image_ids=[name])
         except (ValueError, TypeError) as exc:
-            raise EvaluationError(f"case {name!r}: {exc}") from exc
+            raise EvaluationError(f"case {name!r} ({pred_path}, {label_path}): {exc}") from exc
     assert metric is not None  # match_cases never returns an empty list
     if names is None:
         names = [f"class {c}" for c in range(metric.num_classes)]
@@ -202,32 +299,63 @@ def _write_outputs(res: dict[str, Any], out: Path, dice: bool) -> list[Path]:
     r = res["result"]
     names = res["class_names"]
     used = [names[c] for c in metric.classes]
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".calibops-tmp-", dir=out))
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".calibops-tmp-", dir=out))
+    except OSError as exc:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise EvaluationError(
+            f"cannot write the outputs into --out {str(out)!r}: {exc}; choose a writable directory"
+        ) from exc
     try:
         fields = ["case", "class", "class_name", "ece", "ace", "mce", "voxels"] + (["dice"] if dice else [])
         with open(tmp / "per_image.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(fields)
             for rec in metric.records():
-                row = [rec["image"], rec["class"], names[rec["class"]], _fmt(rec["ece"]), _fmt(rec["ace"]),
-                       _fmt(rec["mce"]), rec["voxels"]]
+                row = [
+                    rec["image"],
+                    rec["class"],
+                    names[rec["class"]],
+                    _fmt(rec["ece"]),
+                    _fmt(rec["ace"]),
+                    _fmt(rec["mce"]),
+                    rec["voxels"],
+                ]
                 if dice:
                     row.append(_fmt(rec["dice"]))
                 w.writerow(row)
         with open(tmp / "summary.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["class", "class_name", "cases", "macro_ece", "macro_ace", "macro_mce", "micro_ece",
-                        "micro_ace", "micro_mce"])
-            n = r.images_per_class
+            w.writerow(
+                [
+                    "class",
+                    "class_name",
+                    "cases",
+                    "cases_with_class",
+                    "macro_ece",
+                    "macro_ace",
+                    "macro_mce",
+                    "micro_ece",
+                    "micro_ace",
+                    "micro_mce",
+                ]
+            )
+            n, present = r.images_per_class, r.images_with_class
             cols = [r.macro.ece, r.macro.ace, r.macro.mce, r.micro.ece, r.micro.ace, r.micro.mce]
             for k, c in enumerate(metric.classes):
-                w.writerow([c, names[c], int(n[k]), *(_fmt(float(v[k])) for v in cols)])
+                w.writerow([c, names[c], int(n[k]), int(present[k]), *(_fmt(float(v[k])) for v in cols)])
             means = [float(v[~v.isnan()].mean()) if bool((~v.isnan()).any()) else math.nan for v in cols]
-            w.writerow(["mean", "mean over classes", res["num_cases"], *(_fmt(m) for m in means)])
-        np.savez(tmp / "dataset_histogram.npz", histogram=res["histogram"].cpu().numpy(),
-                 counts=res["counts"].cpu().numpy(), classes=np.asarray(metric.classes),
-                 class_names=np.asarray(used))
+            w.writerow(["mean", "mean over classes", res["num_cases"], "", *(_fmt(m) for m in means)])
+        np.savez(
+            tmp / "dataset_histogram.npz",
+            histogram=res["histogram"].cpu().numpy(),
+            counts=res["counts"].cpu().numpy(),
+            classes=np.asarray(metric.classes),
+            class_names=np.asarray(used),
+        )
         fig = dataset_reliability_histogram(res["histogram"], counts=res["counts"], class_names=used)
         fig.savefig(tmp / "dataset_histogram.png", dpi=200)
         fig.savefig(tmp / "dataset_histogram.pdf")
@@ -236,34 +364,61 @@ def _write_outputs(res: dict[str, Any], out: Path, dice: bool) -> list[Path]:
             os.replace(f, out / f.name)
             written.append(out / f.name)
         return written
+    except OSError as exc:
+        raise EvaluationError(
+            f"cannot write the outputs into --out {str(out)!r}: {exc}; choose a writable directory"
+        ) from exc
     finally:
         for f in tmp.iterdir():
             f.unlink()
         tmp.rmdir()
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # nothing was written: leave no empty directory behind
 
 
 def _print_summary(res: dict[str, Any]) -> None:
     metric, r, names = res["metric"], res["result"], res["class_names"]
     print(f"{res['num_cases']} cases, {metric.num_bins} bins")
-    print(f"{'class':<16} {'macro ECE':>10} {'macro ACE':>10} {'macro MCE':>10} "
-          f"{'micro ECE':>10} {'micro ACE':>10} {'micro MCE':>10}")
+    print(
+        f"{'class':<16} {'macro ECE':>10} {'macro ACE':>10} {'macro MCE':>10} "
+        f"{'micro ECE':>10} {'micro ACE':>10} {'micro MCE':>10}"
+    )
     for k, c in enumerate(metric.classes):
         vals = [r.macro.ece, r.macro.ace, r.macro.mce, r.micro.ece, r.micro.ace, r.micro.mce]
         print(f"{names[c][:16]:<16} " + " ".join(f"{float(v[k]):>10.4f}" for v in vals))
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def evaluate_main(argv: list[str] | None = None) -> int:
-    """Entry point of ``calibops evaluate``; returns the exit status (0 ok, 1 data error, 2 usage)."""
+    """Entry point of ``calibops evaluate``; returns the exit status (0 ok, 1 data error, 2 usage).
+
+    Every failure prints one line ``calibops evaluate: error: ...`` on stderr and writes no output file.
+    An unexpected exception (a bug) is reported the same way; ``CALIBOPS_DEBUG=1`` re-raises it instead.
+    """
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse exits on --help (0) and on usage errors (2)
-        return int(exc.code) if isinstance(exc.code, int) else 2
-    try:
         res = evaluate(args)
         written = _write_outputs(res, Path(args.out), args.dice)
-    except (EvaluationError, ValueError, TypeError, FileNotFoundError, ImportError, RuntimeError) as exc:
-        print(f"calibops evaluate: error: {exc}", file=sys.stderr)
+    except SystemExit as exc:  # argparse exits only for --help (0)
+        return int(exc.code) if isinstance(exc.code, int) else 2
+    except UsageError as exc:
+        print(f"calibops evaluate: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except (EvaluationError, ValueError, TypeError, OSError, ImportError, RuntimeError) as exc:
+        print(f"calibops evaluate: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - a bug: still one line, never a raw traceback
+        if os.environ.get("CALIBOPS_DEBUG", "0") not in ("", "0"):
+            raise
+        print(
+            f"calibops evaluate: error: unexpected {type(exc).__name__}: {_one_line(exc)} (a bug: please report it; "
+            "CALIBOPS_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
         return 1
     _print_summary(res)
     print("wrote " + ", ".join(str(p) for p in written))

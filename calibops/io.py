@@ -8,11 +8,16 @@ Layouts (what ``calibops evaluate`` expects, overridable with ``channel_dim``):
 - Label maps: integer ``(*spatial)``; a trailing (NIfTI) or leading (NumPy) singleton channel is dropped.
 
 nibabel is an optional dependency (extra ``io``): it is imported only when a NIfTI file is read.
+
+A file that cannot be read (missing, unreadable, empty, truncated, corrupt, not the format its suffix says)
+raises :class:`FileReadError` (a ``ValueError``) naming the file, the cause and the fix, never the reader's
+own exception.
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,6 +25,7 @@ import numpy as np
 
 __all__ = [
     "SUFFIXES",
+    "FileReadError",
     "case_name",
     "is_nifti",
     "list_cases",
@@ -34,6 +40,22 @@ SUFFIXES = (".nii.gz", ".nii", ".npy", ".npz")
 
 #: Keys tried, in order, in an ``.npz`` holding several arrays when no key is given.
 NPZ_KEYS = ("probabilities", "softmax", "probs", "label", "seg", "arr_0")
+
+_NPY_MAGIC = b"\x93NUMPY"
+_FIX = {
+    ".npy": "re-write it with numpy.save",
+    ".npz": "re-write it with numpy.savez / numpy.savez_compressed",
+    ".nii": "re-export it as NIfTI (e.g. with nibabel.save)",
+    ".nii.gz": "re-export it as gzip-compressed NIfTI (e.g. with nibabel.save)",
+}
+
+
+class FileReadError(ValueError):
+    """A prediction or label file that cannot be read; the message names the file, the cause and the fix."""
+
+
+class _NpzKeyError(ValueError):
+    """An ``.npz`` that reads fine but lacks the array asked for (or holds several)."""
 
 
 def _import_nibabel():
@@ -84,10 +106,12 @@ def list_cases(directory: str | os.PathLike) -> dict[str, Path]:
             continue
         name = case_name(p)
         if name in cases:
-            raise ValueError(f"two files for case {name!r} in {os.fspath(d)!r}: {cases[name].name}, {p.name}")
+            raise ValueError(
+                f"two files for case {name!r} in {os.fspath(d)!r}: {cases[name].name}, {p.name}; keep one of them"
+            )
         cases[name] = p
     if not cases:
-        raise ValueError(f"no {'/'.join(SUFFIXES)} files in {os.fspath(d)!r}")
+        raise ValueError(f"no {'/'.join(SUFFIXES)} files in {os.fspath(d)!r}: point to the directory that holds them")
     return cases
 
 
@@ -118,30 +142,59 @@ def _short(names: Iterable[str], k: int = 5) -> str:
 
 
 def load_array(path: str | os.PathLike, npz_key: str | None = None) -> np.ndarray:
-    """Read one array from ``.nii``/``.nii.gz`` (nibabel, data as stored), ``.npy`` or ``.npz``."""
+    """Read one array from ``.nii``/``.nii.gz`` (nibabel, data as stored), ``.npy`` or ``.npz``.
+
+    Raises :class:`FileReadError` for a file that cannot be read as its suffix says, ``ValueError`` for an
+    ``.npz`` without the requested array, ``ImportError`` when nibabel is missing for a NIfTI file.
+    """
     s = _suffix(path)
     p = os.fspath(path)
     if s is None:
         raise ValueError(f"unsupported file {p!r}: expected one of {', '.join(SUFFIXES)}")
     if s in (".nii", ".nii.gz"):
         nib = _import_nibabel()
-        img = nib.load(p)
-        # asanyarray(dataobj) keeps the stored dtype (integer labels stay integer) unless scaled
-        return np.asanyarray(img.dataobj)
-    if s == ".npy":
-        return np.load(p, allow_pickle=False)
-    with np.load(p, allow_pickle=False) as z:
-        keys = list(z.keys())
-        if npz_key is not None:
-            if npz_key not in keys:
-                raise ValueError(f"{p!r} has no array {npz_key!r} (it has {keys})")
-            return z[npz_key]
-        if len(keys) == 1:
-            return z[keys[0]]
-        for k in NPZ_KEYS:
-            if k in keys:
-                return z[k]
-        raise ValueError(f"{p!r} holds several arrays {keys}; say which one with npz_key / --npz-key")
+    try:
+        if os.path.getsize(p) == 0:
+            raise FileReadError(f"cannot read {p!r}: the file is empty; {_FIX[s]}")
+        if s in (".nii", ".nii.gz"):
+            img = nib.load(p)
+            # asanyarray(dataobj) keeps the stored dtype (integer labels stay integer) unless scaled
+            return np.asanyarray(img.dataobj)
+        if s == ".npy":
+            with open(p, "rb") as f:
+                if f.read(len(_NPY_MAGIC)) != _NPY_MAGIC:
+                    raise FileReadError(f"cannot read {p!r}: not a NumPy .npy file (no .npy header); {_FIX[s]}")
+            return np.load(p, allow_pickle=False)
+        if not zipfile.is_zipfile(p):
+            raise FileReadError(f"cannot read {p!r}: not a NumPy .npz (zip) archive, or a truncated one; {_FIX[s]}")
+        with np.load(p, allow_pickle=False) as z:
+            keys = list(z.keys())
+            if npz_key is not None:
+                if npz_key not in keys:
+                    raise _NpzKeyError(f"{p!r} has no array {npz_key!r} (it has {keys}); pick one with --npz-key")
+                return z[npz_key]
+            if len(keys) == 1:
+                return z[keys[0]]
+            for k in NPZ_KEYS:
+                if k in keys:
+                    return z[k]
+            raise _NpzKeyError(f"{p!r} holds several arrays {keys}; say which one with npz_key / --npz-key")
+    except (FileReadError, _NpzKeyError, ImportError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - every reader failure becomes one message naming the file
+        raise FileReadError(f"cannot read {p!r}: {_cause(exc)}; {_FIX[s]}") from exc
+
+
+def _cause(exc: BaseException) -> str:
+    if isinstance(exc, PermissionError):
+        return "permission denied (make the file readable)"
+    if isinstance(exc, FileNotFoundError):
+        return "the file does not exist"
+    if isinstance(exc, IsADirectoryError):
+        return "it is a directory"
+    if isinstance(exc, (EOFError, zipfile.BadZipFile)):
+        return f"the file is truncated or corrupt ({type(exc).__name__}: {exc})"
+    return f"the file is corrupt, truncated or not in the format its name says ({type(exc).__name__}: {exc})"
 
 
 def _channel_dim(path: str | os.PathLike, channel_dim: int | None) -> int:
@@ -159,18 +212,24 @@ def load_probabilities(
     """
     a = load_array(path, npz_key)
     if a.ndim < 2:
-        raise ValueError(f"probability map {os.fspath(path)!r} has shape {a.shape}: need (C, *spatial)")
+        raise ValueError(
+            f"probability map {os.fspath(path)!r} has shape {a.shape}: need a channel axis and spatial axes, "
+            "(C, *spatial) for NumPy or (*spatial, C) for NIfTI"
+        )
     cd = _channel_dim(path, channel_dim)
     if not -a.ndim <= cd < a.ndim:
-        raise ValueError(f"channel_dim {cd} is out of range for {os.fspath(path)!r} with shape {a.shape}")
+        raise ValueError(
+            f"channel_dim {cd} is out of range for {os.fspath(path)!r} with shape {a.shape}: pass --channel-dim "
+            f"between {-a.ndim} and {a.ndim - 1}"
+        )
     if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
-        raise TypeError(f"probability map {os.fspath(path)!r} has dtype {a.dtype}: expected a float array")
+        raise TypeError(
+            f"probability map {os.fspath(path)!r} has dtype {a.dtype}: save the probabilities as a float array"
+        )
     return np.ascontiguousarray(np.moveaxis(a, cd, 0), dtype=np.float32)
 
 
-def load_label(
-    path: str | os.PathLike, spatial_ndim: int | None = None, npz_key: str | None = None
-) -> np.ndarray:
+def load_label(path: str | os.PathLike, spatial_ndim: int | None = None, npz_key: str | None = None) -> np.ndarray:
     """An integer label map as int64 ``(*spatial)``.
 
     A singleton channel (trailing for NIfTI, leading for NumPy) is dropped when ``spatial_ndim`` says the
@@ -188,9 +247,7 @@ def load_label(
         a = a.astype(np.int64)
     elif np.issubdtype(a.dtype, np.floating):
         if not np.all(np.isfinite(a)) or not np.all(a == np.round(a)):
-            raise ValueError(
-                f"label map {os.fspath(path)!r} holds non-integer values: expected class indices"
-            )
+            raise ValueError(f"label map {os.fspath(path)!r} holds non-integer values: save integer class indices")
     elif not np.issubdtype(a.dtype, np.integer):
-        raise TypeError(f"label map {os.fspath(path)!r} has dtype {a.dtype}: expected integer class indices")
+        raise TypeError(f"label map {os.fspath(path)!r} has dtype {a.dtype}: save integer class indices")
     return np.ascontiguousarray(a, dtype=np.int64)
