@@ -12,7 +12,8 @@ Rules (README "Backends"):
   what disagreed. The decision is cached per (device, dtype): after the first call it is a dict lookup, no
   device synchronisation. While ``torch.compile`` traces (or a CUDA graph is captured) nothing is checked: a
   decision made by an earlier eager call is used, and without one the graph uses the reference (the safe
-  choice; call the loss once eagerly on that device and dtype first to get the kernel in compiled graphs).
+  choice; call the loss once eagerly on that device and dtype first to get the kernel in compiled graphs;
+  dynamo guards on the decision, so a graph compiled before it is recompiled once it is made).
   The environment variable ``CALIBOPS_BACKEND`` overrides auto (and is then treated like an explicit
   request: no self-check). Auto never raises for a missing backend; an explicit request that cannot run
   raises ``RuntimeError`` with the reason, and an explicit request always runs what was asked.

@@ -368,6 +368,16 @@ def run_case(fn, case: Case, dtype: torch.dtype, device: torch.device, seed: int
     return CaseResult(case.name, ratio <= 1.0, ratio, quantity, err)
 
 
+_OPENMP: list[bool] = []
+
+
+def _openmp() -> bool:
+    """True when ATen's CPU parallel backend is OpenMP (its thread count is then thread-local)."""
+    if not _OPENMP:
+        _OPENMP.append("parallel backend: OpenMP" in torch.__config__.parallel_info())
+    return _OPENMP[0]
+
+
 def _in_clean_thread(work, device: torch.device):
     """Run ``work()`` in a fresh thread: no grad-mode, inference-mode, autocast, hook or mode state of the caller."""
     box: dict = {}
@@ -376,7 +386,17 @@ def _in_clean_thread(work, device: torch.device):
         try:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-            box["value"] = work()
+            threads = torch.get_num_threads()
+            if _openmp():
+                # Tiny tensors: one thread is fastest, and on a loaded machine (data-loader workers) two threads
+                # per op made the check 10-50x slower. OpenMP's thread count is per thread, so threads that have
+                # run parallel work keep theirs; the default a thread starts with is restored right after.
+                torch.set_num_threads(1)
+            try:
+                box["value"] = work()
+            finally:
+                if _openmp():
+                    torch.set_num_threads(threads)
         except BaseException as exc:  # noqa: BLE001 - handed back to the caller
             box["error"] = exc
 

@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import warnings
 
 import torch
@@ -280,9 +281,17 @@ def test_check_runs_isolated_from_the_callers_grad_state(monkeypatch):
     monkeypatch.setattr(_selfcheck, "CASES", _selfcheck.CASES[:2])
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert _backends._auto_gpu(torch.device("cpu"), torch.float32, arch=ARCH, candidates=("cpu",)) == "cpu"
+    threads = torch.get_num_threads()
     with torch.no_grad():
         assert _backends._auto_gpu(torch.device("cpu"), torch.float16, arch=ARCH, candidates=("cpu",)) == "cpu"
     assert torch.is_grad_enabled()
+    # the check runs its tiny ops on one thread; neither this thread nor a new one is left with that
+    assert torch.get_num_threads() == threads
+    seen = []
+    th = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    th.start()
+    th.join()
+    assert seen == [threads]
 
 
 def test_a_raising_candidate_fails_the_check_and_auto_never_raises(monkeypatch):
@@ -352,12 +361,15 @@ def test_compile_never_runs_the_check_and_uses_the_eager_decision(monkeypatch):
 
     torch._dynamo.reset()
     x = torch.zeros(3)
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
     # nothing decided yet: the compiled graph takes the safe choice without checking (and decides nothing)
-    assert torch.equal(torch.compile(step, fullgraph=True, backend="eager")(x), x + 2.0)
+    assert torch.equal(compiled(x), x + 2.0)
     assert calls == {} and _backends._AUTO_GPU == {}
     # an eager call decides (runs the check once); a graph compiled afterwards uses that decision
     assert _backends._auto_gpu(dev, torch.float32, arch=ARCH, candidates=("cpu",)) == "cpu"
     assert calls == {"cpu": 1}
+    # dynamo guards on the decision: the graph compiled before it is recompiled with it, without a new check
+    assert torch.equal(compiled(x), x + 1.0)
     torch._dynamo.reset()
     assert torch.equal(torch.compile(step, fullgraph=True, backend="eager")(x), x + 1.0)
     assert calls == {"cpu": 1}
