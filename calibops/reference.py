@@ -221,8 +221,13 @@ def ace_from_stats(
 
 
 def reduce_loss(per_class: torch.Tensor, reduction: str) -> torch.Tensor:
-    """``"mean"`` over all B×C' entries (masked ones count as 0), ``"sum"``, or ``"none"`` (B, C')."""
+    """``"mean"`` over all B×C' entries (masked ones count as 0), ``"sum"``, or ``"none"`` (B, C').
+
+    With no entry (B = 0) the mean is 0 like the sum (never NaN), so an empty batch adds nothing to a loss.
+    """
     if reduction == "mean":
+        if per_class.numel() == 0:
+            return per_class.sum()
         return per_class.mean()
     if reduction == "sum":
         return per_class.sum()
