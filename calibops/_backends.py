@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -124,30 +125,28 @@ def _capturing(device: torch.device) -> bool:
 
 def _decide_gpu(
     device: torch.device, dtype: torch.dtype, arch: str | None = None, candidates: tuple[str, ...] = GPU_CANDIDATES
-) -> str:
+) -> tuple[str, list]:
     """Auto's choice for a GPU tensor (no cache): the first available candidate whose (backend, ``arch``) is in
-    the record or whose self-check passes on ``device`` for ``dtype``; else reference. ``arch`` defaults to the
-    device's; tests pass a made-up one with a CPU device to run this through the Triton interpreter."""
+    the record or whose self-check passes on ``device`` for ``dtype``, else reference; and the failed checks.
+    ``arch`` defaults to the device's; tests pass a made-up one with a CPU device (Triton interpreter)."""
     from . import _selfcheck
 
     failed = []
-    chosen = "reference"
     for name in candidates:
         if _why_unavailable(name, device) is not None:
             continue
         if arch is None:
             arch = _selfcheck.device_arch(device)
         if _selfcheck.is_verified(name, arch):
-            chosen = name
-            break
+            return name, failed
         result = _selfcheck.check(name, device, dtype, arch=arch)
         if result.ok:
-            chosen = name
-            break
+            return name, failed
         failed.append(result)
-    if failed:
-        warnings.warn(_selfcheck.failure_message(failed, chosen), _selfcheck.SelfCheckWarning, stacklevel=3)
-    return chosen
+    return "reference", failed
+
+
+_DECIDING = threading.Lock()  # one first-use decision at a time (threads driving several GPUs at once)
 
 
 def _auto_gpu(
@@ -159,15 +158,24 @@ def _auto_gpu(
     """Auto's choice for a GPU tensor, decided once per (device, dtype) and then a dict lookup.
 
     While torch.compile traces or a CUDA graph is captured nothing is run: an earlier eager decision is used,
-    and without one the reference (not cached, so the next eager call decides)."""
+    and without one the reference (not cached, so the next eager call decides). A failed self-check gives one
+    ``SelfCheckWarning``, after the decision is stored (so ``-W error`` raises once, then auto falls back)."""
     key = (device.type, device.index, _kernel_dtype(dtype))
     name = _AUTO_GPU.get(key)
     if name is not None:
         return name
     if torch.compiler.is_compiling() or _capturing(device):
         return "reference"
-    name = _decide_gpu(device, key[2], arch, candidates)
-    _AUTO_GPU[key] = name
+    with _DECIDING:
+        name = _AUTO_GPU.get(key)
+        if name is not None:
+            return name
+        name, failed = _decide_gpu(device, key[2], arch, candidates)
+        _AUTO_GPU[key] = name
+    if failed:
+        from . import _selfcheck
+
+        warnings.warn(_selfcheck.failure_message(failed, name), _selfcheck.SelfCheckWarning, stacklevel=3)
     return name
 
 

@@ -547,11 +547,13 @@ def read_record(path: Path | str) -> tuple[dict[str, str], ...]:
 def write_record(entries: list[dict[str, str]], path: Path | str = RECORD_PATH) -> tuple[dict[str, str], ...]:
     """Add or update ``entries`` (by (backend, arch)) in the record file at ``path``; return the new record.
 
-    The file is rewritten whole: the module docstring of :mod:`calibops._verified` and ``VERIFIED`` sorted by
-    (backend, arch), one key per line, so the diff of a new entry is a few added lines.
+    A file that does not exist yet starts from the package's record (so it is a drop-in replacement of
+    calibops/_verified.py). The file is rewritten whole: the module docstring of :mod:`calibops._verified` and
+    ``VERIFIED`` sorted by (backend, arch), one key per line, so the diff of a new entry is a few added lines.
     """
     path = Path(path)
-    merged = {(e["backend"], e["arch"]): dict(e) for e in read_record(path)}
+    base = read_record(path) if path.exists() else _verified.VERIFIED
+    merged = {(e["backend"], e["arch"]): dict(e) for e in base}
     for e in entries:
         missing = [k for k in _RECORD_KEYS if not isinstance(e.get(k), str) or not e.get(k)]
         if missing:

@@ -294,6 +294,18 @@ def test_check_runs_isolated_from_the_callers_grad_state(monkeypatch):
     assert seen == [threads]
 
 
+def test_warning_as_error_raises_once_then_auto_falls_back(monkeypatch):
+    _counting(monkeypatch, _perturb_sum_p)
+    monkeypatch.setattr(_selfcheck, "CASES", _selfcheck.CASES[3:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", _selfcheck.SelfCheckWarning)
+        with pytest.raises(_selfcheck.SelfCheckWarning, match="disagreed"):
+            _backends._auto_gpu(torch.device("cpu"), torch.float32, arch=ARCH, candidates=("reference",))
+        assert _backends._auto_gpu(torch.device("cpu"), torch.float32, arch=ARCH, candidates=("reference",)) == (
+            "reference"
+        )
+
+
 def test_a_raising_candidate_fails_the_check_and_auto_never_raises(monkeypatch):
     def perturb(fn, *args):
         raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
@@ -388,7 +400,7 @@ def _load(path):
     return mod
 
 
-def test_record_writer_produces_an_importable_sorted_record(tmp_path):
+def test_record_writer_produces_an_importable_sorted_record(tmp_path, monkeypatch):
     path = tmp_path / "_verified.py"
     e1 = {
         "backend": "triton",
@@ -413,6 +425,9 @@ def test_record_writer_produces_an_importable_sorted_record(tmp_path):
     assert _selfcheck.read_record(_selfcheck.RECORD_PATH) == _load(_selfcheck.RECORD_PATH).VERIFIED
     with pytest.raises(ValueError, match="lacks"):
         _selfcheck.write_record([dict(e1, card="")], path)
+    # a new file starts from the package's record: a drop-in replacement of calibops/_verified.py
+    monkeypatch.setattr(_selfcheck._verified, "VERIFIED", (e2,))
+    assert _selfcheck.write_record([e1], tmp_path / "new.py") == (e2, e1)
 
 
 def test_record_file_is_ruff_formatted(tmp_path):
