@@ -4,9 +4,12 @@ Backends (each measured in the same run, on the same device): calibops ``triton`
 CUDA extension is built), calibops ``reference`` and the plain-PyTorch ``torch-vectorised`` baseline of
 benchmarks/_common.py. Times are ``triton.testing.do_bench`` medians (CUDA; calls slower than 50 ms, i.e. the
 slow baselines, use the median of 3 synchronised calls to keep the run short) or ``median_time`` (``--device cpu``,
-a dry run of the logic through the Triton interpreter). For every row: achieved GB/s on the bytes SPEC §3 says
-must move (``contract_bytes``), the % of the card's peak HBM bandwidth, and the speed-up over torch-vectorised.
-Every calibops backend's loss value is checked against torch-vectorised before it is timed.
+a dry run of the logic through the Triton interpreter). For every row: achieved GB/s on the bytes the kernel
+contract says must move (``contract_bytes``: docs/kernel_contract.md, one read of input and target forward, one
+more read and the gradient's write backward), the % of the card's peak HBM bandwidth, and the speed-up over
+torch-vectorised. Every calibops backend's loss value is checked against torch-vectorised before it is timed.
+Each row is appended to the CSV (and printed) the moment it is measured, so a run stopped by a time limit
+keeps everything measured before (scripts/gpu_check.sh relies on it).
 
     python benchmarks/bench_gpu.py                    # the issue's shapes, hard + soft, writes
                                                       # benchmarks/results/gpu_<card>.csv
@@ -22,6 +25,7 @@ Options: --shapes "2x4x224x224x144,..." --binning hard,soft --modes fwd,bwd,fwd+
 from __future__ import annotations
 
 import argparse
+import csv
 import itertools
 import math
 import os
@@ -41,6 +45,61 @@ BACKENDS = ("triton", "cuda", "reference", "torch-vectorised")
 TARGET_PCT_PEAK = 60.0
 SLOW_CALL_S = 0.05  # calls slower than this are timed as the median of 3 synchronised calls
 TARGET_SPEEDUP = 20.0
+# CSV columns of the timing rows, in order (the env_* columns follow)
+ROW_COLUMNS = [
+    "card",
+    "shape",
+    "C",
+    "voxels",
+    "binning",
+    "backend",
+    "mode",
+    "dtype",
+    "labels",
+    "num_bins",
+    "ms",
+    "GB/s",
+    "pct_peak",
+    "contract_MB",
+    "x_vs_torch",
+    "loss_rel_diff_vs_torch",
+    "status",
+]
+TILE_COLUMNS = [
+    "card",
+    "shape",
+    "binning",
+    "kernel",
+    "tile",
+    "num_warps",
+    "ms",
+    "GB/s",
+    "pct_peak",
+    "max_diff_vs_default",
+    "status",
+]
+
+
+class RowSink:
+    """A CSV file that gets each row the moment it is written (flushed), so a benchmark stopped by a time
+    limit keeps every row measured before. The header is written at once."""
+
+    def __init__(self, path: str, columns: list[str]) -> None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.path = path
+        self._file = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
+        self._writer = csv.DictWriter(self._file, fieldnames=columns, extrasaction="raise")
+        self._writer.writeheader()
+        self._file.flush()
+
+    def write(self, row: dict) -> None:
+        self._writer.writerow(row)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
 
 # Peak HBM bandwidth (GB/s) by device-name fragment, used when the device properties do not give it.
 PEAK_GBPS = {
@@ -67,15 +126,25 @@ def parse_args(argv=None):
     ap.add_argument("--num-bins", type=int, default=20)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--label-dtype", default="int64", choices=["int64", "int32", "uint8"])
-    ap.add_argument("--budget-s", type=float, default=240.0,
-                    help="after this many seconds only triton/cuda rows are still timed (slow baselines skipped)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=240.0,
+        help="after this many seconds only triton/cuda rows are still timed (slow baselines skipped)",
+    )
     ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/gpu_<card>.csv)")
-    ap.add_argument("--registers", action="store_true",
-                    help="no GPU needed: compile the Triton kernels for --arch and print registers / stack per variant")
+    ap.add_argument(
+        "--registers",
+        action="store_true",
+        help="no GPU needed: compile the Triton kernels for --arch and print registers / stack per variant",
+    )
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability for --registers (default 90)")
-    ap.add_argument("--sweep-tiles", default=None,
-                    help='only time the Triton ops for block-size settings, e.g. "fwd:2048:4,fwd:4096:8,bwd:8192:8" '
-                         "(kernel:TILE_ELEMS:num_warps); writes gpu_<card>_tiles.csv")
+    ap.add_argument(
+        "--sweep-tiles",
+        default=None,
+        help='only time the Triton ops for block-size settings, e.g. "fwd:2048:4,fwd:4096:8,bwd:8192:8" '
+        "(kernel:TILE_ELEMS:num_warps); writes gpu_<card>_tiles.csv",
+    )
     return ap.parse_args(argv)
 
 
@@ -135,8 +204,9 @@ def make_timer(device, dry_run: bool):
         return timer
     from _common import median_time
 
-    return lambda fn: median_time(fn, warmup=1, reps=3 if dry_run else 5, sync=None if device.type == "cpu"
-                                  else torch.cuda.synchronize)
+    return lambda fn: median_time(
+        fn, warmup=1, reps=3 if dry_run else 5, sync=None if device.type == "cpu" else torch.cuda.synchronize
+    )
 
 
 def loss_fn(backend: str, num_bins: int, soft: bool):
@@ -182,14 +252,18 @@ def kernel_resources() -> list[str]:
 def register_report(arch: int) -> int:
     """Compile the forward/backward kernels for sm_<arch> (no GPU needed) and print ptxas register use.
 
-    Uses Triton's ahead-of-time API (``triton.compile`` of an ``ASTSource``) and ``cuobjdump -res-usage`` on
-    the cubin. The configurations are those ``launch_config`` picks for the issue's shapes."""
+    Each variant is compiled with the specialisation Triton's JIT gives a real launch: the JIT's own binder
+    (``create_function_from_signature``) and argument packing (``JITFunction._pack_args``) turn the launch
+    arguments the op passes for the issue's shapes (contiguous tensors, N = 224*224*144, the grid of
+    ``launch_config``) into the signature, the constexprs and the run-time divisibility hints (pointers
+    16-byte aligned, integers divisible by 16, integers equal to 1). Without those hints ptxas sees other code
+    and under-reports registers (93 instead of 119 for the soft bf16 forward at C = 2). Registers and stack
+    bytes come from ``cuobjdump -res-usage`` on the cubin."""
     import importlib
     import shutil
 
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     tb = importlib.import_module("calibops.triton.binned_stats")
     if tb.INTERPRETED:
@@ -200,52 +274,94 @@ def register_report(arch: int) -> int:
     if not os.path.exists(cuobjdump):
         cuobjdump = shutil.which("cuobjdump") or cuobjdump
     failures = 0
-    print(f"Triton {triton.__version__}, target sm_{arch}: registers / stack bytes per kernel variant")
+    print(
+        f"Triton {triton.__version__}, target sm_{arch}: registers / stack bytes per kernel variant "
+        "(the JIT's specialisation of the op's launch arguments)"
+    )
+    target = GPUTarget("cuda", arch, 32)
     tb_sms = tb._num_sms
     tb._num_sms = lambda device: 132
     try:
         for C in (1, 2, 4, 8, 16, 32, 40):
             for soft, xdt, kernel in itertools.product((False, True), ("fp32", "bf16"), ("fwd", "bwd")):
-                failures += _compile_one(tb, triton, ASTSource, GPUTarget, cuobjdump, arch, C, soft, xdt, kernel)
+                failures += _compile_one(tb, triton, target, cuobjdump, C, soft, xdt, kernel)
     finally:
         tb._num_sms = tb_sms
     return 1 if failures else 0
 
 
-def _compile_one(tb, triton, ASTSource, GPUTarget, cuobjdump, arch, C, soft, xdt, kernel) -> int:
+def jit_launch_args(tb, C: int, soft: bool, xdt: str, kernel: str, N: int = 224 * 224 * 144, B: int = 2):
+    """(kernel function, keyword launch arguments, num_warps, config) as the op launches the kernel for a
+    [B, C, N] softmax + int64-labels problem: small CPU tensors stand in for the device buffers (only their
+    dtype and 16-byte alignment matter to the specialisation, as for torch's CUDA allocations)."""
+    import torch
+
+    cfg = tb.launch_config(B, C, N, 20, torch.device("cuda"), backward=kernel == "bwd")
+    dtypes = {"x_ptr": torch.float32 if xdt == "fp32" else torch.bfloat16, "t_ptr": torch.int64, "bad_ptr": torch.int32}
+    dtypes["gx_ptr"] = dtypes["x_ptr"]
+    ints = {
+        "C": C,
+        "N": N,
+        "P": cfg["P"],
+        "tiles_per_prog": cfg["tiles_per_prog"],
+        "ignore_index": 0,
+        "has_ignore": 0,
+        "right": 0,
+    }
+    consts = {
+        "NUM_BINS": 20,
+        "M_PAD": cfg["M_PAD"],
+        "C_BLOCK": cfg["C_BLOCK"],
+        "BLOCK_N": cfg["BLOCK_N"],
+        "SOFT": soft,
+        "ACTIVATION": 1,
+        "LABELS": True,
+        "SINGLE_CHUNK": cfg["num_cc"] == 1,
+    }
+    fn = tb._stats_fwd_kernel if kernel == "fwd" else tb._stats_bwd_kernel
+    kwargs = {}
+    for name in fn.arg_names:
+        if name.endswith("_ptr"):
+            kwargs[name] = torch.empty(64, dtype=dtypes.get(name, torch.float32))
+        elif name in ints:
+            kwargs[name] = ints[name]
+        elif name in consts:
+            kwargs[name] = consts[name]
+        else:
+            raise KeyError(f"bench_gpu --registers does not know the kernel argument {name!r}; add it here")
+    return fn, kwargs, cfg["num_warps"], cfg
+
+
+def _compile_one(tb, triton, target, cuobjdump, C, soft, xdt, kernel) -> int:
     import subprocess
     import tempfile
 
-    import torch
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
 
-    cfg = tb.launch_config(2, C, 7_225_344, 20, torch.device("cuda"), backward=kernel == "bwd")
-    consts = {"NUM_BINS": 20, "C_BLOCK": cfg["C_BLOCK"], "BLOCK_N": cfg["BLOCK_N"], "SOFT": soft,
-              "ACTIVATION": 1, "LABELS": True, "SINGLE_CHUNK": cfg["num_cc"] == 1}
-    if kernel == "fwd":
-        fn = tb._stats_fwd_kernel
-        consts["M_PAD"] = cfg["M_PAD"]
-        ptrs = {"x_ptr": xdt, "t_ptr": "i64", "e_ptr": "fp32", "part_ptr": "fp32", "bad_ptr": "i32"}
-    else:
-        fn = tb._stats_bwd_kernel
-        ptrs = {"gc_ptr": "fp32", "gp_ptr": "fp32", "gy_ptr": "fp32", "x_ptr": xdt, "t_ptr": "i64",
-                "e_ptr": "fp32", "gx_ptr": xdt}
-    scalars = ("C", "N", "P", "tiles_per_prog", "ignore_index", "has_ignore", "right")
-    sig = {name: ("*" + ptrs[name] if name in ptrs else "i32" if name in scalars else "constexpr")
-           for name in fn.arg_names}
-    label = (f"{kernel} C={C:<3d} {'soft' if soft else 'hard'} {xdt:<4s} C_BLOCK={cfg['C_BLOCK']:<3d} "
-             f"BLOCK_N={cfg['BLOCK_N']:<5d} warps={cfg['num_warps']}")
+    label = f"{kernel} C={C:<3d} {'soft' if soft else 'hard'} {xdt:<4s}"
     try:
+        fn, kwargs, num_warps, cfg = jit_launch_args(tb, C, soft, xdt, kernel)
+        label += f" C_BLOCK={cfg['C_BLOCK']:<3d} BLOCK_N={cfg['BLOCK_N']:<5d} warps={num_warps}"
         t0 = time.perf_counter()
-        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": cfg["num_warps"]})
+        backend = make_backend(target)
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        bound_args, specialization, options = binder(**kwargs, num_warps=num_warps)
+        options, signature, constexprs, attrs = fn._pack_args(
+            backend, {"num_warps": num_warps}, bound_args, specialization, options
+        )
+        k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(k.asm["cubin"])
             f.flush()
             res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True)
         reg = re.search(r"REG:(\d+)", res.stdout)
         stack = re.search(r"STACK:(\d+)", res.stdout)
-        print(f"  {label}: registers={reg.group(1) if reg else '?'} stack={stack.group(1) if stack else '?'} "
-              f"compile={time.perf_counter() - t0:.1f}s")
+        hinted = ",".join(fn.arg_names[path[0]] for path, value in sorted(attrs.items()) if value)
+        print(
+            f"  {label}: registers={reg.group(1) if reg else '?'} stack={stack.group(1) if stack else '?'} "
+            f"compile={time.perf_counter() - t0:.1f}s hints[{hinted}]"
+        )
         return 0
     except Exception as exc:  # noqa: BLE001
         print(f"  {label}: COMPILE FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
@@ -260,7 +376,7 @@ def main(argv=None) -> int:
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
     import torch
-    from _common import contract_bytes, environment, print_table, write_csv
+    from _common import contract_bytes, environment, print_table
 
     import calibops
 
@@ -298,14 +414,41 @@ def main(argv=None) -> int:
             backends.append(b)
         else:
             print(f"  backend {b}: not measured ({why})")
-    print(f"  backends: {', '.join(backends)}; modes: {', '.join(modes)}; binning: {', '.join(binnings)}; "
-          f"input {args.dtype}, labels {args.label_dtype}, M={args.num_bins}; validate=True (default API path)")
+    print(
+        f"  backends: {', '.join(backends)}; modes: {', '.join(modes)}; binning: {', '.join(binnings)}; "
+        f"input {args.dtype}, labels {args.label_dtype}, M={args.num_bins}; validate=True (default API path)"
+    )
     print()
 
     if args.sweep_tiles:
         return sweep_tiles(args, device, shapes, binnings, dtype, label_dtype, timer, card, peak, env)
 
+    out = args.out
+    if out is None:
+        if args.dry_run:
+            out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"gpu_dryrun_{card_slug(card)}.csv")
+        else:
+            out = os.path.join(HERE, "results", f"gpu_{card_slug(card)}.csv")
+    # every row goes to the CSV the moment it is measured: a run stopped by a time limit keeps its rows
+    sink = RowSink(out, ROW_COLUMNS + [f"env_{k}" for k in env])
+    print(f"  rows are appended to {out} as they are measured")
+    print()
     rows = []
+
+    def emit(row, base_time):
+        row.update({f"env_{k}": v for k, v in env.items()})
+        base = base_time.get(row.get("mode"))
+        if base and row.get("status") == "ok" and row["backend"] != "torch-vectorised":
+            row["x_vs_torch"] = round(base / (row["ms"] / 1e3), 2)
+        rows.append(row)
+        sink.write(row)
+        print(
+            f"  {row['shape']:<18} {row['binning']:<4} {row['mode']:<7} {row['backend']:<16} "
+            + (f"{row['ms']:>10.3f} ms {row['GB/s']:>8} GB/s" if row.get("status") == "ok" else row["status"])
+            + (f"  {row['x_vs_torch']}x torch" if row.get("x_vs_torch") else ""),
+            flush=True,
+        )
+
     t_start = time.perf_counter()
     for shape in shapes:
         B, C = shape[:2]
@@ -324,13 +467,19 @@ def main(argv=None) -> int:
                 fn = loss_fn(backend, args.num_bins, soft)
                 slow = backend in ("reference", "torch-vectorised")
                 common = {
-                    "card": card, "shape": "x".join(map(str, shape)), "C": C, "voxels": math.prod(shape[2:]),
-                    "binning": binning, "backend": backend, "dtype": args.dtype, "labels": args.label_dtype,
+                    "card": card,
+                    "shape": "x".join(map(str, shape)),
+                    "C": C,
+                    "voxels": math.prod(shape[2:]),
+                    "binning": binning,
+                    "backend": backend,
+                    "dtype": args.dtype,
+                    "labels": args.label_dtype,
                     "num_bins": args.num_bins,
                 }
                 if slow and backend != "torch-vectorised" and time.perf_counter() - t_start > args.budget_s:
                     for mode in modes:
-                        rows.append({**common, "mode": mode, "status": "skipped (time budget spent)"})
+                        emit({**common, "mode": mode, "status": "skipped (time budget spent)"}, base_time)
                     continue
                 # correctness against torch-vectorised (same formula), before timing
                 check = ""
@@ -344,15 +493,15 @@ def main(argv=None) -> int:
                         check = f"{rel:.1e}"
                 except Exception as exc:  # noqa: BLE001
                     msg = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-                    print(f"{shape} {binning} {backend}: {msg}")
                     for mode in modes:
-                        rows.append({**common, "mode": mode, "status": msg})
+                        emit({**common, "mode": mode, "status": msg}, base_time)
                     continue
                 for mode in modes:
                     row = {**common, "mode": mode, "loss_rel_diff_vs_torch": check}
                     try:
                         xg = x.detach().clone().requires_grad_(mode != "fwd")
                         if mode == "fwd":
+
                             def run(xg=xg, fn=fn, y=y):
                                 with torch.no_grad():
                                     return fn(xg, y)
@@ -363,52 +512,52 @@ def main(argv=None) -> int:
                                 xg.grad = None
                                 loss.backward(retain_graph=True)
                         else:
+
                             def run(xg=xg, fn=fn, y=y):
                                 xg.grad = None
                                 fn(xg, y).backward()
+
                         seconds = timer(run)
                         nbytes = contract_bytes(x, y, mode)
                         gbps = nbytes / seconds / 1e9
-                        row.update({
-                            "ms": round(seconds * 1e3, 4),
-                            "GB/s": round(gbps, 1),
-                            "pct_peak": round(100 * gbps / peak, 1) if peak else "",
-                            "contract_MB": round(nbytes / 1e6, 1),
-                            "status": "ok",
-                        })
+                        row.update(
+                            {
+                                "ms": round(seconds * 1e3, 4),
+                                "GB/s": round(gbps, 1),
+                                "pct_peak": round(100 * gbps / peak, 1) if peak else "",
+                                "contract_MB": round(nbytes / 1e6, 1),
+                                "status": "ok",
+                            }
+                        )
                         if backend == "torch-vectorised":
                             base_time[mode] = seconds
                     except Exception as exc:  # noqa: BLE001
                         row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-                        print(f"{shape} {binning} {backend} {mode}: {row['status']}")
                         if os.environ.get("BENCH_TRACEBACK"):
                             traceback.print_exc()
                     finally:
                         xg = loss = run = None  # noqa: F841 - free the graph before the next measurement
-                    rows.append(row)
+                    emit(row, base_time)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            for row in rows:
-                if row.get("shape") == "x".join(map(str, shape)) and row.get("binning") == binning:
-                    base = base_time.get(row.get("mode"))
-                    if base and row.get("status") == "ok":
-                        row["x_vs_torch"] = round(base / (row["ms"] / 1e3), 2)
         x = y = None  # free before the next shape
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    sink.close()
 
-    for row in rows:
-        row.update({f"env_{k}": v for k, v in env.items()})
-    out = args.out
-    if out is None:
-        if args.dry_run:
-            out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"gpu_dryrun_{card_slug(card)}.csv")
-        else:
-            out = os.path.join(HERE, "results", f"gpu_{card_slug(card)}.csv")
-    write_csv(out, rows)
-
-    cols = ["shape", "binning", "mode", "backend", "ms", "GB/s", "pct_peak", "x_vs_torch", "loss_rel_diff_vs_torch",
-            "status"]
+    print()
+    cols = [
+        "shape",
+        "binning",
+        "mode",
+        "backend",
+        "ms",
+        "GB/s",
+        "pct_peak",
+        "x_vs_torch",
+        "loss_rel_diff_vs_torch",
+        "status",
+    ]
     print_table(rows, cols)
     print()
     print("Triton kernels compiled in this run:")
@@ -424,7 +573,7 @@ def sweep_tiles(args, device, shapes, binnings, dtype, label_dtype, timer, card,
     import importlib
 
     import torch
-    from _common import contract_bytes, print_table, write_csv
+    from _common import contract_bytes, print_table
 
     from calibops.reference import bin_centres, bin_edges
 
@@ -435,6 +584,11 @@ def sweep_tiles(args, device, shapes, binnings, dtype, label_dtype, timer, card,
         if kernel not in ("fwd", "bwd"):
             raise ValueError(f"--sweep-tiles: kernel must be fwd or bwd, got {kernel!r}")
         settings.append((kernel, int(tile), int(warps)))
+    csv_path = args.out or os.path.join(
+        os.environ.get("TMPDIR", "/tmp") if args.dry_run else os.path.join(HERE, "results"),
+        f"gpu_{card_slug(card)}_tiles.csv",
+    )
+    sink = RowSink(csv_path, TILE_COLUMNS + [f"env_{k}" for k in env])
     rows = []
     M = args.num_bins
     for shape in shapes:
@@ -450,56 +604,74 @@ def sweep_tiles(args, device, shapes, binnings, dtype, label_dtype, timer, card,
             ref_grad = tb.binned_stats_backward(*grads, x, y, e, M, soft, 1, True, None, False)
             for kernel, tile, warps in settings:
                 names = (f"CALIBOPS_TRITON_TILE_{kernel.upper()}", f"CALIBOPS_TRITON_WARPS_{kernel.upper()}")
-                row = {"card": card, "shape": "x".join(map(str, shape)), "binning": binning, "kernel": kernel,
-                       "tile": tile, "num_warps": warps}
+                row = {
+                    "card": card,
+                    "shape": "x".join(map(str, shape)),
+                    "binning": binning,
+                    "kernel": kernel,
+                    "tile": tile,
+                    "num_warps": warps,
+                }
                 os.environ[names[0]], os.environ[names[1]] = str(tile), str(warps)
                 try:
                     if kernel == "fwd":
+
                         def run(x=x, y=y, e=e, soft=soft):
                             return tb.binned_stats(x, y, e, M, soft, 1, True, None, False)
+
                         out = run()
                         diff = max(float(((a - b).abs() / (b.abs() + 1)).max()) for a, b in zip(out[:3], ref[:3]))
                         nbytes = contract_bytes(x, y, "fwd")
                     else:
+
                         def run(x=x, y=y, e=e, soft=soft, grads=grads):
                             return tb.binned_stats_backward(*grads, x, y, e, M, soft, 1, True, None, False)
+
                         diff = float((run().float() - ref_grad.float()).abs().max())
                         nbytes = contract_bytes(x, y, "bwd")
                     seconds = timer(run)
                     gbps = nbytes / seconds / 1e9
-                    row.update({"ms": round(seconds * 1e3, 4), "GB/s": round(gbps, 1),
-                                "pct_peak": round(100 * gbps / peak, 1) if peak else "",
-                                "max_diff_vs_default": f"{diff:.1e}", "status": "ok"})
+                    row.update(
+                        {
+                            "ms": round(seconds * 1e3, 4),
+                            "GB/s": round(gbps, 1),
+                            "pct_peak": round(100 * gbps / peak, 1) if peak else "",
+                            "max_diff_vs_default": f"{diff:.1e}",
+                            "status": "ok",
+                        }
+                    )
                 except Exception as exc:  # noqa: BLE001
                     row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
                 finally:
                     for name in names:
                         os.environ.pop(name, None)
+                row.update({f"env_{k}": v for k, v in env.items()})
                 rows.append(row)
+                sink.write(row)
+                print(
+                    f"  {row['shape']:<18} {binning:<4} {kernel} tile={tile:<5} warps={warps:<2} "
+                    f"{row.get('ms', '')} ms {row['status']}",
+                    flush=True,
+                )
         x = y = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    for row in rows:
-        row.update({f"env_{k}": v for k, v in env.items()})
-    out = args.out or os.path.join(
-        os.environ.get("TMPDIR", "/tmp") if args.dry_run else os.path.join(HERE, "results"),
-        f"gpu_{card_slug(card)}_tiles.csv",
-    )
-    write_csv(out, rows)
-    print_table(rows, ["shape", "binning", "kernel", "tile", "num_warps", "ms", "GB/s", "pct_peak",
-                       "max_diff_vs_default", "status"])
+    sink.close()
+    print_table(rows, TILE_COLUMNS[1:])
     print()
     for line in kernel_resources():
         print(line)
-    print(f"wrote {out} ({len(rows)} rows)")
+    print(f"wrote {csv_path} ({len(rows)} rows)")
     return 1 if any(str(r["status"]).startswith("error") for r in rows) else 0
 
 
 def summary(rows, peak, shapes) -> int:
-    """Print the SPEC §4 GPU targets for the fused backends; return 1 if a measurement failed."""
+    """Print the GPU targets (README, Performance) for the fused backends; return 1 if a measurement failed."""
     print()
-    print(f"SUMMARY (SPEC §4 GPU targets: fwd+bwd >= {TARGET_PCT_PEAK:.0f}% of peak HBM and "
-          f">= {TARGET_SPEEDUP:.0f}x torch-vectorised)")
+    print(
+        f"SUMMARY (GPU targets: fwd+bwd >= {TARGET_PCT_PEAK:.0f}% of peak HBM bandwidth and "
+        f">= {TARGET_SPEEDUP:.0f}x torch-vectorised)"
+    )
     failed = [r for r in rows if str(r.get("status", "")).startswith("error")]
     for r in rows:
         if r.get("mode") != "fwd+bwd" or r.get("backend") not in ("triton", "cuda") or r.get("status") != "ok":
@@ -509,13 +681,18 @@ def summary(rows, peak, shapes) -> int:
         ok_bw = isinstance(pct, float) and pct >= TARGET_PCT_PEAK
         ok_sp = isinstance(spd, float) and spd >= TARGET_SPEEDUP
         diff = r.get("loss_rel_diff_vs_torch", "")
-        print(f"  {r['backend']:<7} {r['shape']:<18} {r['binning']:<5} {r['ms']:>9.3f} ms  "
-              f"{pct if pct != '' else '?':>6}% peak [{'PASS' if ok_bw else 'MISS'}]  "
-              f"{spd if spd is not None else '?':>7}x torch [{'PASS' if ok_sp else 'MISS'}]  loss diff {diff}")
+        print(
+            f"  {r['backend']:<7} {r['shape']:<18} {r['binning']:<5} {r['ms']:>9.3f} ms  "
+            f"{pct if pct != '' else '?':>6}% peak [{'PASS' if ok_bw else 'MISS'}]  "
+            f"{spd if spd is not None else '?':>7}x torch [{'PASS' if ok_sp else 'MISS'}]  loss diff {diff}"
+        )
     if failed:
         print(f"  {len(failed)} measurement(s) failed: see status column")
-    bad_loss = [r for r in rows if r.get("loss_rel_diff_vs_torch") not in (None, "")
-                and float(r["loss_rel_diff_vs_torch"]) > 1e-4]
+    bad_loss = [
+        r
+        for r in rows
+        if r.get("loss_rel_diff_vs_torch") not in (None, "") and float(r["loss_rel_diff_vs_torch"]) > 1e-4
+    ]
     if bad_loss:
         print(f"  WARNING: {len(bad_loss)} row(s) whose loss differs from torch-vectorised by > 1e-4 relative")
     return 1 if failed or bad_loss else 0

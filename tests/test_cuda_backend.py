@@ -146,7 +146,7 @@ def check_stats(got, ref, N, soft, what=""):
     """Kernel statistics vs the float64-accumulating reference (tolerances: module docstring)."""
     cnt, sp, sy, bad = (v.detach().cpu() for v in got)
     rc, rsp, rsy, rbad = (v.detach().cpu() for v in ref)
-    assert int(bad) == int(rbad), f"{what}: bad labels {int(bad)} != {int(rbad)}"
+    assert torch.equal(bad.reshape(-1), rbad.reshape(-1)), f"{what}: bad counts {bad.tolist()} != {rbad.tolist()}"
     assert cnt.shape == rc.shape and cnt.dtype == torch.float32
     if not soft:
         assert torch.equal(cnt, rc), f"{what}: hard counts differ (max {float((cnt - rc).abs().max())})"
@@ -247,7 +247,9 @@ def _run_case(
 
             edges = edges_for(num_bins, soft, x.device)
             tri = tb.binned_stats(x, t, edges, num_bins, soft, ACT[act], labels, ignore_index, right)
-            check_stats(got, tri, N, soft, what + " (vs triton)")
+            # against the reference, like the cuda kernel: the budget bounds each kernel's distance from the
+            # float64 reference, not the distance between two kernels (which can be twice that)
+            check_stats(tri, ref, N, soft, what + " (triton)")
     return x, t
 
 
@@ -321,6 +323,23 @@ def test_probabilities_exactly_on_edges(right):
 
 
 @gpu
+@pytest.mark.parametrize("labels", [True, False])
+def test_no_class_gives_empty_statistics(labels):
+    # C = 0 at the op level: empty (B, 0, M) statistics, nothing bad, an empty gradient (docs/kernel_contract.md)
+    x = torch.empty(2, 0, 50, device="cuda")
+    t = torch.zeros(2, 50, dtype=torch.int64, device="cuda") if labels else torch.empty(2, 0, 50, device="cuda")
+    for soft in (False, True):
+        cnt, sp, sy, bad = cuda_stats(x, t, 20, soft, "softmax", labels)
+        for v in (cnt, sp, sy):
+            assert v.shape == (2, 0, 20) and v.dtype == torch.float32 and v.device.type == "cuda"
+        assert bad.dtype == torch.int64 and not bool(bad.any())
+        ref = reference_stats(x, t, 20, soft, "softmax", labels)
+        assert bad.shape == ref[3].shape
+        g = cuda_grad(x, t, random_grads(2, 0, 20, device="cuda"), 20, soft, "softmax", labels)
+        assert g.shape == x.shape and g.dtype == x.dtype
+
+
+@gpu
 def test_deterministic_run_to_run():
     x, t = make_case(2, 4, 400_000, act="softmax", labels=True, seed=11, device="cuda")
     for soft in (False, True):
@@ -347,9 +366,13 @@ def test_64bit_offsets():
         cuda_stats(x[:, :, s].contiguous(), t[:, s].contiguous(), 20, False, "softmax", True)
         for s in (slice(0, h), slice(h, N))
     ]
-    # counts above 2^24 are not exact in float32: the whole is rounded once, the halves twice
+    # Statistics above 2^24 are not exact in float32. Each of full, parts[0], parts[1] is within STAT_RTOL of
+    # its exact value (module docstring; their float32 runs split the voxels differently, so the errors do
+    # not cancel), and adding the halves in float32 rounds once more: full and the sum of the halves agree
+    # within 2 * STAT_RTOL + 2^-24, relative.
     for k in (0, 1, 2):
-        torch.testing.assert_close(full[k], parts[0][k] + parts[1][k], rtol=STAT_RTOL, atol=0)
+        torch.testing.assert_close(full[k], parts[0][k] + parts[1][k], rtol=2 * STAT_RTOL + EPS32 / 2, atol=0)
+    assert torch.equal(full[3].reshape(-1), parts[0][3].reshape(-1) + parts[1][3].reshape(-1))
     grads = random_grads(1, 2, 20, device="cuda")
     g = cuda_grad(x, t, grads, 20, False, "softmax", True)
     tail = slice(N - 5000, N)
