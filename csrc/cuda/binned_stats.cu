@@ -22,16 +22,17 @@ struct DeviceExec {
   }
 };
 
-// grid.x = B * P blocks; block blk writes partial[blk] = [3][C][M] float64.
+// grid.x = B * P blocks; block blk writes partial[blk] = [3][C][M] float64; bad: the two int64 counters.
 template <int INK>
 __global__ void __launch_bounds__(kThreads) stats_forward_kernel(StatsArgs a, Plan pl, double* __restrict__ partial,
                                                                  unsigned long long* __restrict__ bad) {
   extern __shared__ float4 smem_f4[];
   float* sm = reinterpret_cast<float*>(smem_f4);
   DeviceExec ex;
-  const int64_t nbad = forward_block<INK>(ex, a, pl, sm, partial, static_cast<int64_t>(blockIdx.x));
-  // Integer atomics: the total is exact and independent of the order.
-  if (nbad != 0) atomicAdd(bad, static_cast<unsigned long long>(nbad));
+  const BadCounts nbad = forward_block<INK>(ex, a, pl, sm, partial, static_cast<int64_t>(blockIdx.x));
+  // Integer atomics: the totals are exact and independent of the order. bad[0]: labels, bad[1]: non-finite p.
+  if (nbad.labels != 0) atomicAdd(bad, static_cast<unsigned long long>(nbad.labels));
+  if (nbad.nonfinite != 0) atomicAdd(bad + 1, static_cast<unsigned long long>(nbad.nonfinite));
 }
 
 // One warp per output entry r in [0, B * 3 * C * M): sums the image's P block partials (reduce_lane_sum: fixed
@@ -107,7 +108,7 @@ int64_t device_smem_limit(int device) {
 const char* launch_binned_stats(const StatsArgs& a, const Plan& pl, double* workspace, float* count, float* sum_p,
                                 float* sum_y, int64_t* bad, cudaStream_t stream) {
   if (const char* msg = check_plan(pl)) return msg;
-  cudaError_t err = cudaMemsetAsync(bad, 0, sizeof(int64_t), stream);
+  cudaError_t err = cudaMemsetAsync(bad, 0, 2 * sizeof(int64_t), stream);
   if (err != cudaSuccess) return last_error(err);
   if (a.B == 0) return nullptr;
   auto* bad_u = reinterpret_cast<unsigned long long*>(bad);

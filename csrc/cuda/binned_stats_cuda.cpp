@@ -128,7 +128,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> binned_stats_cuda(const Tensor& input
   Tensor count = at::empty({a.B, a.C, a.M}, f32);
   Tensor sum_p = at::empty({a.B, a.C, a.M}, f32);
   Tensor sum_y = at::empty({a.B, a.C, a.M}, f32);
-  Tensor bad = at::empty({}, input.options().dtype(at::kLong));
+  Tensor bad = at::empty({2}, input.options().dtype(at::kLong));  // [bad labels, non-finite p], zeroed by the launch
   if (a.C == 0) {  // no class: empty (B, 0, M) statistics and nothing bad, as every backend (kernel contract)
     bad.zero_();
     return {count, sum_p, sum_y, bad};

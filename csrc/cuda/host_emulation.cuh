@@ -32,14 +32,16 @@ inline const char* forward_k(const StatsArgs& a, int64_t smem_limit, float* coun
                              int64_t* bad) {
   const Plan pl = make_plan(a, false, smem_limit);
   if (pl.error) return pl.error;
-  *bad = 0;
+  bad[0] = bad[1] = 0;  // labels outside [0, C), non-finite probability entries
   const int64_t blocks = a.B * pl.blocks_per_image;
   std::vector<double> partial(stats_workspace_doubles(a, pl));
   std::vector<float> smem(pl.smem_bytes / 4);
   HostExec ex{pl.threads};
   for (int64_t blk = 0; blk < blocks; ++blk) {
     std::memset(smem.data(), 0xff, smem.size() * 4);
-    *bad += forward_block<INK>(ex, a, pl, smem.data(), partial.data(), blk);
+    const BadCounts n = forward_block<INK>(ex, a, pl, smem.data(), partial.data(), blk);
+    bad[0] += n.labels;
+    bad[1] += n.nonfinite;
   }
   for (int64_t r = 0; r < a.B * 3 * a.C * a.M; ++r) reduce_partials_host(a, pl, partial.data(), count, sum_p, sum_y, r);
   return nullptr;
@@ -115,7 +117,7 @@ inline const char* run_backward(const StatsArgs& a, int64_t smem_limit, const fl
 
 #if defined(CALIBOPS_EMU_LIB)
 extern "C" {
-// Forward statistics (kernel contract), emulated. Returns nullptr or the plan's error message.
+// Forward statistics (kernel contract), emulated; bad: int64 [2]. Returns nullptr or the plan's error message.
 const char* calibops_emu_forward(const void* input, int input_kind, const void* target, int target_kind,
                                  const float* edges, int64_t B, int64_t C, int64_t N, int64_t M, int soft,
                                  int activation, int labels, int has_ignore, int64_t ignore_index, int right,
@@ -158,7 +160,7 @@ const char* calibops_emu_plan(int64_t B, int64_t C, int64_t N, int64_t M, int so
 #include <random>
 
 // Memory-safety sweep under AddressSanitizer: every buffer is a vector of exactly the contract's size, labels
-// include out-of-range and ignored values, odd sizes cross tile and block boundaries.
+// include out-of-range and ignored values, inputs NaN and +-inf, odd sizes cross tile and block boundaries.
 int main() {
   using namespace calibops_cuda;
   std::mt19937 rng(1234);
@@ -179,7 +181,10 @@ int main() {
             std::vector<float> in32(n_in);
             std::vector<unsigned short> in16(n_in);
             for (int64_t i = 0; i < n_in; ++i) {
-              const float x = act == 0 ? (unif(rng) + 4.0f) / 8.0f : unif(rng);
+              float x = act == 0 ? (unif(rng) + 4.0f) / 8.0f : unif(rng);
+              if (i % 97 == 5) x = NAN;  // non-finite entries: left out, counted, never an index
+              if (i % 101 == 7) x = INFINITY;
+              if (i % 103 == 11) x = -INFINITY;
               in32[i] = x;
               in16[i] = ink == kF16 ? __half_as_ushort(__float2half_rn(x)) : __bfloat16_as_ushort(__float2bfloat16_rn(x));
             }
@@ -206,10 +211,10 @@ int main() {
               edges[k] = soft ? top * (2 * k + 1) / (2 * M) : top * k / M;
             const int64_t BCM = B * C * M;
             std::vector<float> cnt(BCM), sp(BCM), sy(BCM), gc(BCM, 0.1f), gp(BCM, -0.2f), gy(BCM, 0.3f);
-            int64_t bad = 0;
+            int64_t bad[2] = {0, 0};
             const StatsArgs a = emu::make_args(input, ink, target.data(), tk, edges.data(), B, C, N, M, soft, act,
                                                labels, labels && (N % 2 == 0), 0, (N % 3 == 0));
-            const char* err = emu::run_forward(a, 227 * 1024, cnt.data(), sp.data(), sy.data(), &bad);
+            const char* err = emu::run_forward(a, 227 * 1024, cnt.data(), sp.data(), sy.data(), bad);
             if (err) { std::printf("forward error: %s\n", err); return 1; }
             std::vector<float> g32(n_in);
             std::vector<unsigned short> g16(n_in);

@@ -138,7 +138,8 @@ inline size_t stats_workspace_doubles(const StatsArgs& a, const Plan& pl) {
   return static_cast<size_t>(a.B * pl.blocks_per_image * 3 * a.C * a.M);
 }
 
-// Forward: count/sum_p/sum_y float32 [B, C, M] (fully written), bad: int64 scalar (zeroed and written here).
+// Forward: count/sum_p/sum_y float32 [B, C, M] (fully written), bad: int64 [2] = (labels outside [0, C) other than
+// ignore_index, non-finite probability entries), zeroed and written here.
 // workspace: stats_workspace_doubles() float64 entries. Returns nullptr on success, else an error message.
 const char* launch_binned_stats(const StatsArgs& a, const Plan& pl, double* workspace, float* count, float* sum_p,
                                 float* sum_y, int64_t* bad, cudaStream_t stream);

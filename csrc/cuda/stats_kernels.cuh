@@ -31,6 +31,19 @@ namespace calibops_cuda {
 
 // ---- scalar helpers (IEEE round-to-nearest where it matters, also under --use_fast_math) ----
 
+// p is NaN or +-inf (the contract's non-finite rule): an all-ones exponent. A bit test on purpose: under
+// --use_fast_math (setup.py's nvcc flags) or a host -ffinite-math-only the compiler may assume no NaN / inf and
+// fold isnan / isinf / `p != p` to false; integer operations on the bits cannot be folded that way.
+CB_HD bool is_nonfinite(float p) {
+#if defined(__CUDA_ARCH__)
+  const unsigned u = __float_as_uint(p);
+#else
+  unsigned u;
+  std::memcpy(&u, &p, 4);
+#endif
+  return (u & 0x7f800000u) == 0x7f800000u;
+}
+
 CB_HD float div_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fdiv_rn(a, b);
@@ -271,7 +284,10 @@ CB_HD void phase_activate(const StatsArgs& a, const Plan& pl, float* sm, int val
 }
 
 // Thread t owns histogram slots s = t, t + T, ...: slot s = class s / G, voxels v = s % G (step G) of the tile.
-CB_HD void phase_accumulate(const StatsArgs& a, const Plan& pl, float* sm, int valid, int t) {
+// Each (class, voxel) entry is visited by exactly one thread; entries with a non-finite p are left out and
+// counted. Returns this thread's count of them.
+CB_HD int phase_accumulate(const StatsArgs& a, const Plan& pl, float* sm, int valid, int t) {
+  int nonfinite = 0;
   const int M = static_cast<int>(a.M), V = pl.tile, G = pl.group, S = pl.slot_stride;
   const float* e = sm + pl.off_edges;
   const int* st = reinterpret_cast<const int*>(sm + pl.off_t);
@@ -293,6 +309,10 @@ CB_HD void phase_accumulate(const StatsArgs& a, const Plan& pl, float* sm, int v
         y = sy[c * V + v];
       }
       const float p = px[v];
+      if (is_nonfinite(p)) {
+        ++nonfinite;
+        continue;
+      }
       if (!a.soft) {
         const int j = hard_bin(p, e, M, a.right) * S;
         hn[j] += 1.0f;
@@ -319,6 +339,7 @@ CB_HD void phase_accumulate(const StatsArgs& a, const Plan& pl, float* sm, int v
       }
     }
   }
+  return nonfinite;
 }
 
 // Sums the G slot columns of each (stat, class, bin) in slot order into this block's partial [3][C][M].
@@ -409,23 +430,28 @@ CB_HD void phase_backward(const StatsArgs& a, const Plan& pl, float* sm, const f
     }
     float* col = sm + pl.off_x + v;
     activate_column(col, C, V, a.activation);
+    // Non-finite p: gradient 0, and no part in the softmax dot product (there p is NaN for every class of the
+    // voxel or for none, so the voxel's whole gradient is 0).
     float dot = 0.0f;
     for (int c = 0; c < C; ++c) {
       const float p = col[c * V];
       const float y = a.labels ? (lab == c ? 1.0f : 0.0f) : sy[c * V + v];
-      const float g = grad_wrt_p(p, y, e, M, a.soft, a.right, gc_img + c * M, gp_img + c * M, gy_img + c * M);
+      const bool skip = is_nonfinite(p);
+      const float g =
+          skip ? 0.0f : grad_wrt_p(p, y, e, M, a.soft, a.right, gc_img + c * M, gp_img + c * M, gy_img + c * M);
       if (a.activation == 1) {
         sm[pl.off_g + c * V + v] = g;
-        dot += p * g;
+        if (!skip) dot += p * g;
       } else {
-        const float out = a.activation == 2 ? g * p * (1.0f - p) : g;
+        const float out = skip ? 0.0f : (a.activation == 2 ? g * p * (1.0f - p) : g);
         store_out<INK>(grad, img + static_cast<int64_t>(c) * N + v, out);
       }
     }
     if (a.activation == 1) {
       for (int c = 0; c < C; ++c) {
         const float p = col[c * V];
-        store_out<INK>(grad, img + static_cast<int64_t>(c) * N + v, p * (sm[pl.off_g + c * V + v] - dot));
+        const float out = is_nonfinite(p) ? 0.0f : p * (sm[pl.off_g + c * V + v] - dot);
+        store_out<INK>(grad, img + static_cast<int64_t>(c) * N + v, out);
       }
     }
   }
@@ -433,21 +459,28 @@ CB_HD void phase_backward(const StatsArgs& a, const Plan& pl, float* sm, const f
 
 // ---- block programs (Exec: phase(f) runs f(t) for every thread t of the block, then synchronises) ----
 
-// Forward block `blk` (image blk / P, tiles (blk % P) * K ...): writes its partial [3][C][M], returns #bad labels
+// What a forward block counts and leaves out (the two entries of the op's `bad`).
+struct BadCounts {
+  int64_t labels;     // label voxels outside [0, C) other than ignore_index
+  int64_t nonfinite;  // non-finite probability entries of the other voxels
+};
+
+// Forward block `blk` (image blk / P, tiles (blk % P) * K ...): writes its partial [3][C][M], returns the counts
 // seen by the calling thread (device) / by the whole block (host).
 template <int INK, class Exec>
-CB_HD int64_t forward_block(Exec& ex, const StatsArgs& a, const Plan& pl, float* sm, double* partial, int64_t blk) {
+CB_HD BadCounts forward_block(Exec& ex, const StatsArgs& a, const Plan& pl, float* sm, double* partial,
+                              int64_t blk) {
   const int64_t P = pl.blocks_per_image;
   const int64_t b = blk / P, pb = blk - b * P;
-  int64_t bad = 0;
+  BadCounts bad{0, 0};
   ex.phase([&](int t) { phase_init(a, pl, sm, b, nullptr, nullptr, nullptr, t); });
   for (int k = 0; k < pl.tiles_per_block; ++k) {
     const int64_t n0 = (pb * pl.tiles_per_block + k) * pl.tile;
     if (n0 >= a.N) break;  // uniform across the block
     const int valid = static_cast<int>(a.N - n0 < pl.tile ? a.N - n0 : pl.tile);
-    ex.phase([&](int t) { bad += phase_load<INK>(a, pl, sm, b, n0, valid, t); });
+    ex.phase([&](int t) { bad.labels += phase_load<INK>(a, pl, sm, b, n0, valid, t); });
     ex.phase([&](int t) { phase_activate(a, pl, sm, valid, t); });
-    ex.phase([&](int t) { phase_accumulate(a, pl, sm, valid, t); });
+    ex.phase([&](int t) { bad.nonfinite += phase_accumulate(a, pl, sm, valid, t); });
   }
   double* out = partial + blk * 3 * a.C * a.M;
   ex.phase([&](int t) { phase_write_partial(a, pl, sm, out, t); });
