@@ -41,17 +41,22 @@ def _oracle_probs(x: torch.Tensor, softmax: bool, sigmoid: bool) -> torch.Tensor
 
 
 def oracle(
-    batches, num_classes, num_bins, include_background=False, to_onehot_y=False, softmax=False, sigmoid=False,
-    ignore_index=None, right=False,
+    batches,
+    num_classes,
+    num_bins,
+    include_background=False,
+    to_onehot_y=False,
+    softmax=False,
+    sigmoid=False,
+    ignore_index=None,
+    right=False,
 ):
     """Independent implementation: returns dict(macro=(3, C'), micro=(3, C'), hist=(C', M, M), n=(C',))."""
     M = num_bins
     edges = torch.linspace(0.0, 1.0 + EPS32, M + 1, dtype=torch.float32)
     inner64 = edges[1:].double().numpy()
-    classes = list(range(num_classes)) if (include_background or num_classes == 1) else list(
-        range(1, num_classes)
-    )
-    per_image, tot_n, tot_p, tot_y = [], 0.0, 0.0, 0.0
+    classes = list(range(num_classes)) if (include_background or num_classes == 1) else list(range(1, num_classes))
+    per_image, tot_n, tot_p, tot_y, present = [], 0.0, 0.0, 0.0, 0
     hist = np.zeros((len(classes), M, M), dtype=np.int64)
     for inp, tgt in batches:
         B, C = inp.shape[:2]
@@ -80,12 +85,19 @@ def oracle(
                         a = np.searchsorted(inner64, acc, side="right" if right else "left")
                         hist[k, min(a, M - 1), jj] += 1
             per_image.append(_errors(n, sp, sy))
+            present = present + (sy.sum(1) > 0)
             tot_n, tot_p, tot_y = tot_n + n, tot_p + sp, tot_y + sy
     per_image = np.stack(per_image)  # [images, 3, C']
     defined = ~np.isnan(per_image)
     with np.errstate(invalid="ignore"):
         macro = np.where(defined.any(0), np.nansum(per_image, 0) / np.maximum(defined.sum(0), 1), np.nan)
-    return {"macro": macro, "micro": _errors(tot_n, tot_p, tot_y), "hist": hist, "n": defined[:, 0].sum(0)}
+    return {
+        "macro": macro,
+        "micro": _errors(tot_n, tot_p, tot_y),
+        "hist": hist,
+        "n": defined[:, 0].sum(0),
+        "present": present,
+    }
 
 
 def _errors(n, sp, sy):
@@ -113,6 +125,8 @@ def _assert_matches(metric: DatasetCalibration, expected: dict) -> None:
     assert h.shape == expected["hist"].shape
     np.testing.assert_array_equal(h.cpu().numpy(), expected["hist"])
     np.testing.assert_array_equal(res.images_per_class.cpu().numpy(), expected["n"])
+    np.testing.assert_array_equal(res.images_with_class.cpu().numpy(), expected["present"])
+    assert res.nonfinite == 0
     for field in (*res.macro, *res.micro):
         assert field.dtype == torch.float32 and field.shape == (metric.num_used_classes,)
 
@@ -185,7 +199,7 @@ def _random_batches(seed, C, cfg, dtype=torch.float32):
                     y[:] = ii  # a fully ignored image: its errors are NaN and skipped by macro
         elif cfg.get("soft_labels"):
             # mean of two raters: values in {0, .5, 1} keep S_y exact in float32
-            y = (torch.randint(0, 2, (B, C, *sp), generator=g) + torch.randint(0, 2, (B, C, *sp), generator=g))
+            y = torch.randint(0, 2, (B, C, *sp), generator=g) + torch.randint(0, 2, (B, C, *sp), generator=g)
             y = y.float() / 2
         else:
             y = torch.nn.functional.one_hot(torch.randint(0, C, (B, *sp), generator=g), C).movedim(-1, 1).float()
@@ -197,7 +211,8 @@ CONFIGS = {
     "labels-softmax": ({"to_onehot_y": True, "softmax": True}, 4, 20),
     "labels-bg-ignore-right": (
         {"to_onehot_y": True, "softmax": True, "include_background": True, "ignore_index": 255, "right": True},
-        3, 7,
+        3,
+        7,
     ),
     "onehot-probs": ({}, 3, 10),
     "sigmoid-soft-labels-bg": ({"sigmoid": True, "soft_labels": True, "include_background": True}, 3, 5),
@@ -425,3 +440,204 @@ def test_write_records_csv(tmp_path):
     assert [(r["image"], r["class"]) for r in rows] == [("p", "1"), ("p", "2"), ("q", "1"), ("q", "2")]
     recs = m.records(gather=True)  # not distributed: the local records, unchanged
     assert [float(r["ece"]) for r in rows] == pytest.approx([r["ece"] for r in recs], abs=0)
+
+
+# ---------------------------------------------------- issue 13: non-finite inputs, counts, micro, state checks
+def _good_batch(seed, B=2, C=3, size=(5, 4)):
+    g = torch.Generator().manual_seed(seed)
+    return 3 * torch.randn(B, C, *size, generator=g), torch.randint(0, C, (B, *size), generator=g)
+
+
+def _state(m):
+    return {k: v.clone() for k, v in m.state_tensors().items()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_logits_raise_with_the_image_and_lose_nothing(backend, value):
+    cfg = {"to_onehot_y": True, "softmax": True, "backend": backend, "keep_records": True}
+    m = DatasetCalibration(3, **cfg)
+    clean = DatasetCalibration(3, **cfg)
+    for seed in (0, 1):
+        x, y = _good_batch(seed)
+        m.update(x, y)
+        clean.update(x, y)
+    before = _state(m)
+    x, y = _good_batch(2, B=3)
+    x[1, 0, 2, 3] = value  # the 6th image seen (running index 5), batch position 1
+    with pytest.raises(ValueError, match=r"after softmax.*image 5 \(batch position 1\): 3\b.*4 images before"):
+        m.update(x, y)
+    with pytest.raises(ValueError, match=r"image 'case-b' \(batch position 1\)"):
+        m.update(x, y, image_ids=["case-a", "case-b", "case-c"])
+    after = _state(m)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing of the bad batch was added
+    assert len(m.records()) == 4 * 2
+    # the run goes on: the result is the one without the bad batch, and never NaN
+    x, y = _good_batch(3)
+    m.update(x, y)
+    clean.update(x, y)
+    r, rc = m.compute(), clean.compute()
+    for u, v in zip((*r.macro, *r.micro), (*rc.macro, *rc.micro), strict=True):
+        assert torch.equal(u, v) and bool(torch.isfinite(u).all())
+    assert r.num_images == 6 and torch.equal(r.images_per_class, rc.images_per_class)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_skip_counts_and_equals_leaving_the_voxels_out(backend):
+    x, y = _good_batch(4, B=3)
+    x[0, 1, 0, 0] = float("nan")
+    x[2, :, 1, 2] = float("-inf")  # all -inf: NaN softmax
+    x[2, 0, 3, 3] = float("-inf")  # one -inf: a valid voxel (p = 0 for class 0)
+    m = DatasetCalibration(3, to_onehot_y=True, softmax=True, backend=backend, nonfinite="skip")
+    with pytest.warns(RuntimeWarning, match=r"left out 6 non-finite.*image 0 \(batch position 0\): 3.*image 2"):
+        m.update(x, y)
+    # the same statistics as ignoring those two voxels (their labels set to ignore_index)
+    y_ign = y.clone()
+    y_ign[0, 0, 0] = 9
+    y_ign[2, 1, 2] = 9
+    x_fin = torch.where(torch.isnan(x) | (x == float("-inf")).all(1, keepdim=True), 0.0, x)
+    ref = DatasetCalibration(3, to_onehot_y=True, softmax=True, ignore_index=9, backend=backend)
+    ref.update(x_fin, y_ign)
+    r, rr = m.compute(), ref.compute()
+    for u, v in zip((*r.macro, *r.micro), (*rr.macro, *rr.micro), strict=True):
+        torch.testing.assert_close(u, v, atol=1e-6, rtol=0)
+        assert bool(torch.isfinite(u).all())
+    assert r.nonfinite == 6 and rr.nonfinite == 0
+    assert r.num_images == 3 and r.images_per_class.tolist() == [3, 3]
+    assert torch.equal(m.histogram(), ref.histogram())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_validate_false_counts_nonfinite_without_a_check(backend):
+    x, y = _good_batch(5)
+    x[1, 2, 0, 0] = float("nan")
+    m = DatasetCalibration(3, to_onehot_y=True, softmax=True, backend=backend, validate=False)
+    m.update(x, y)
+    r = m.compute()
+    assert r.nonfinite == 3 and bool(torch.isfinite(torch.stack([*r.macro, *r.micro])).all())
+
+
+def test_nonfinite_option():
+    with pytest.raises(ValueError, match="nonfinite"):
+        DatasetCalibration(3, nonfinite="ignore")
+    with pytest.raises(TypeError, match="nonfinite"):
+        DatasetCalibration(3, nonfinite=True)
+
+
+def test_images_per_class_and_images_with_class():
+    # the issue's case: classes 1 and 2 each present in one image of three. Every image has voxels, so every
+    # class's macro values average over all 3 images (images_per_class); the class is in 1 (images_with_class)
+    y = torch.zeros(3, 4, 4, dtype=torch.long)
+    y[0, :2] = 1
+    y[1, 1:3, 1:3] = 2
+    m = DatasetCalibration(3, to_onehot_y=True, softmax=True)
+    m.update(torch.randn(3, 3, 4, 4), y)
+    r = m.compute()
+    assert r.images_per_class.tolist() == [3, 3]
+    assert r.images_with_class.tolist() == [1, 1]
+    # an image whose voxels are all ignored counts for neither
+    y2 = torch.full((1, 4, 4), 7)
+    m2 = DatasetCalibration(3, to_onehot_y=True, softmax=True, ignore_index=7)
+    m2.update(torch.randn(1, 3, 4, 4), y2)
+    m2.update(torch.randn(3, 3, 4, 4), y)
+    r2 = m2.compute()
+    assert r2.num_images == 4 and r2.images_per_class.tolist() == [3, 3] and r2.images_with_class.tolist() == [1, 1]
+
+
+def test_micro_pools_sums_unlike_the_2025_paper_code():
+    """Two images, one bin: pooled gap 0.5694 (calibops micro) vs 0.5400 (per-image bin means averaged)."""
+    # class-1 probability 0.925 everywhere (hard bin 18 of 20); image A: 20 voxels, 13 labelled 1;
+    # image B: 25 voxels, 3 labelled 1
+    sizes, positives = (20, 25), (13, 3)
+    m = DatasetCalibration(2, num_bins=20, to_onehot_y=True)
+    for n, k in zip(sizes, positives, strict=True):
+        p = torch.full((1, n), 0.925)
+        m.update(torch.stack([1 - p, p], 1), (torch.arange(n) < k).long()[None])
+    r = m.compute()
+    # independent computation, float64, from the counts alone
+    conf = float(torch.tensor(0.925, dtype=torch.float32))  # the float32 probability the kernels see
+    pooled = abs(conf - sum(positives) / sum(sizes))  # Σ S_p / Σ n - Σ S_y / Σ n
+    paper = abs(conf - sum(k / n for n, k in zip(sizes, positives, strict=True)) / 2)  # unweighted over images
+    assert round(pooled, 4) == 0.5694 and round(paper, 4) == 0.5400
+    for v in r.micro:  # one non-empty bin: ECE = ACE = MCE = its gap
+        assert v.item() == pytest.approx(pooled, abs=1e-6)
+    assert m.pooled_counts()[0, 18].item() == 45 and m.pooled_counts().sum().item() == 45
+
+
+def _sd(seed=0, keep_records=False):
+    m = DatasetCalibration(3, num_bins=6, to_onehot_y=True, softmax=True, keep_records=keep_records)
+    for s in (seed, seed + 1):
+        m.update(*_good_batch(s))
+    return m.state_dict()
+
+
+def _corrupt(key, how):
+    def f(sd):
+        v = sd[key]
+        if how == "nan":
+            v.view(-1)[0] = float("nan")
+        elif how == "inf":
+            v.view(-1)[0] = float("inf")
+        elif how == "negative":
+            v.view(-1)[0] = -1
+        elif how == "fraction":
+            sd[key] = v.double() + 0.5
+        elif how == "shape":
+            sd[key] = v.reshape(-1)[:-1] if v.numel() > 1 else v.reshape(1, 1)
+        elif how == "string":
+            sd[key] = "oops"
+        elif how == "missing":
+            del sd[key]
+
+    return f
+
+
+def _bump(key, index, value):
+    def f(sd):
+        sd[key][index] = value
+
+    return f
+
+
+BAD_STATES = {
+    "sum_p-nan": ("sum_p", _corrupt("sum_p", "nan")),
+    "sum_y-inf": ("sum_y", _corrupt("sum_y", "inf")),
+    "count-negative": ("count", _corrupt("count", "negative")),
+    "macro_sum-nan": ("macro_sum", _corrupt("macro_sum", "nan")),
+    "hist-negative": ("hist", _corrupt("hist", "negative")),
+    "num_images-fraction": ("num_images", _corrupt("num_images", "fraction")),
+    "macro_n-shape": ("macro_n", _corrupt("macro_n", "shape")),
+    "count-string": ("count", _corrupt("count", "string")),
+    "images_with_class-missing": ("images_with_class", _corrupt("images_with_class", "missing")),
+    "sum_p-above-count": ("sum_p", lambda sd: sd["sum_p"].copy_(sd["count"] + 1)),
+    "sum_y-above-count": ("sum_y", lambda sd: sd["sum_y"].copy_(sd["count"] * 2 + 1)),
+    "macro_n-above-images": ("macro_n", _bump("macro_n", (0, 0), 99)),
+    "images_with_class-above": ("images_with_class", _bump("images_with_class", 0, 99)),
+    "macro_sum-above-n": ("macro_sum", _bump("macro_sum", (1, 0), 50.0)),
+    "hist-without-count": ("hist", lambda sd: [sd[k].zero_() for k in ("count", "sum_p", "sum_y")]),
+    "hist-above-images": ("hist", _bump("hist", (0, 0, 0), 99)),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_STATES))
+def test_load_state_dict_rejects_impossible_states(name):
+    key, damage = BAD_STATES[name]
+    sd = _sd()
+    damage(sd)
+    m = DatasetCalibration(3, num_bins=6, to_onehot_y=True, softmax=True)
+    m.update(*_good_batch(9))
+    before = _state(m)
+    with pytest.raises(ValueError, match=key):
+        m.load_state_dict(sd)
+    after = _state(m)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # untouched by a failed load
+
+
+def test_load_state_dict_checks_records():
+    sd = _sd(keep_records=True)
+    sd["records"] = sd["records"][:-1]
+    m = DatasetCalibration(3, num_bins=6, to_onehot_y=True, softmax=True, keep_records=True)
+    with pytest.raises(ValueError, match="records"):
+        m.load_state_dict(sd)
+    m.load_state_dict(_sd(keep_records=True))  # the genuine one loads
+    assert m.compute().num_images == 4
