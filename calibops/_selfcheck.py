@@ -256,7 +256,7 @@ def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Te
     def draw() -> torch.Tensor:
         z = torch.randn(B, C, N, generator=g, dtype=torch.float32, device="cpu") * 3
         if case.activation == "none":
-            z = torch.softmax(z, 1) if C > 1 else torch.rand(B, C, N, generator=g, device="cpu")
+            z = torch.softmax(z, 1) if C > 1 else torch.rand(B, C, N, generator=g, dtype=torch.float32, device="cpu")
         return z.to(dtype)
 
     kinks = _kinks(case.num_bins, case.soft)
@@ -270,14 +270,14 @@ def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Te
     else:  # pragma: no cover - a design error of CASES, caught by the tests
         raise RuntimeError(f"self-check case {case.name}: could not draw probabilities away from the kinks")
     if case.labels:
-        t = torch.randint(0, C, (B, N), generator=g, device="cpu")
+        t = torch.randint(0, C, (B, N), generator=g, dtype=torch.int64, device="cpu")
         if case.ignore_index is not None:
-            t[torch.rand(B, N, generator=g, device="cpu") < 0.15] = case.ignore_index
+            t[torch.rand(B, N, generator=g, dtype=torch.float32, device="cpu") < 0.15] = case.ignore_index
         if case.bad_labels:
             idx = torch.randperm(B * N, generator=g, device="cpu")[: case.bad_labels]
-            t.view(-1)[idx] = C + torch.arange(case.bad_labels)  # out of range, not ignore_index
+            t.view(-1)[idx] = C + torch.arange(case.bad_labels, device="cpu")  # out of range, not ignore_index
     else:
-        t = torch.rand(B, C, N, generator=g, device="cpu")
+        t = torch.rand(B, C, N, generator=g, dtype=torch.float32, device="cpu")
         if case.activation == "none":  # one-hot targets for the probabilities case
             t = torch.nn.functional.one_hot(t.argmax(1), C).permute(0, 2, 1).float()
     return x.contiguous(), t.contiguous()
@@ -286,7 +286,7 @@ def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Te
 def _upstream(case: Case, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed + 1)
     shape = (case.B, case.C, case.num_bins)
-    return tuple(torch.randn(*shape, generator=g, device="cpu") * s for s in (0.5, 1.0, 0.7))
+    return tuple(torch.randn(*shape, generator=g, dtype=torch.float32, device="cpu") * s for s in (0.5, 1.0, 0.7))
 
 
 # ------------------------------------------------------------------------------------------------------------

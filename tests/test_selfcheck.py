@@ -294,6 +294,19 @@ def test_check_runs_isolated_from_the_callers_grad_state(monkeypatch):
     assert seen == [threads]
 
 
+@needs_cpu_ext
+def test_check_ignores_the_callers_default_dtype(monkeypatch):
+    # cases are built with explicit dtypes and devices: a float64 default must not make a dense target float64
+    monkeypatch.setattr(_selfcheck, "CASES", _selfcheck.CASES[2:])
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        res = _selfcheck.run_selfcheck("cpu", "cpu", torch.float32, arch=ARCH)
+    finally:
+        torch.set_default_dtype(prev)
+    assert res.ok, res.describe()
+
+
 def test_warning_as_error_raises_once_then_auto_falls_back(monkeypatch):
     _counting(monkeypatch, _perturb_sum_p)
     monkeypatch.setattr(_selfcheck, "CASES", _selfcheck.CASES[3:])
