@@ -76,6 +76,7 @@ GRAD_RTOL = {torch.float32: 1e-5, torch.float16: 2.0**-10, torch.bfloat16: 2.0**
 HARD_COUNT_BUDGET = 0.5
 KINK_MARGIN = 1e-4
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_QUANTITIES = ("count", "sum_p", "sum_y", "grad")
 _ACT = {"none": ACT_NONE, "softmax": ACT_SOFTMAX, "sigmoid": ACT_SIGMOID}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 REPORT_HINT = (
@@ -181,6 +182,9 @@ class SelfCheckResult:
         for c in bad:
             if c.error is not None:
                 parts.append(f"case {c.name!r} raised {c.error}")
+            elif math.isinf(c.ratio):  # NaN/inf values, a wrong shape or dtype, wrong bad counts
+                what = c.quantity if c.quantity not in _QUANTITIES else f"{c.quantity} is NaN or infinite"
+                parts.append(f"case {c.name!r}: {what}")
             else:
                 parts.append(
                     f"case {c.name!r}: {c.quantity} off by {c.ratio:.3g}x its error budget "

@@ -141,6 +141,20 @@ def test_compare_catches_one_miscounted_voxel_and_bad_counts():
     bad = torch.zeros_like(ref[3])
     ratio, quantity, _ = _selfcheck.compare((*ref[:3], bad, ref[4]), ref, case, torch.float32)
     assert math.isinf(ratio) and quantity.startswith("bad counts")
+    sum_y = ref[2].clone()
+    sum_y[1, 2, 5] = float("nan")
+    ratio, quantity, _ = _selfcheck.compare((*ref[:2], sum_y, *ref[3:]), ref, case, torch.float32)
+    assert math.isinf(ratio) and quantity == "sum_y"
+    res = _selfcheck.SelfCheckResult(
+        "cuda",
+        "cuda:0",
+        "sm_90",
+        torch.float32,
+        False,
+        (_selfcheck.CaseResult(case.name, False, ratio, quantity, 0.0),),
+        0.0,
+    )
+    assert res.describe() == f"case {case.name!r}: sum_y is NaN or infinite"
 
 
 def test_compare_gradient_budget_is_one_rounding_to_the_dtype():
