@@ -8,18 +8,40 @@ them, with the shared autograd formula of :mod:`calibops._ops` attached to the f
 - ``calibops::triton_binned_stats_backward(grad_count, grad_sum_p, grad_sum_y, input, target, edges, ...)
   -> grad_input``
 
-Forward design (one read of input and target):
-    grid = (B * P, NUM_CC). Program ``(b, pn, cc)`` walks ``tiles_per_prog`` consecutive ``[C_BLOCK, BLOCK_N]``
-    tiles of image ``b`` (classes ``cc*C_BLOCK ...``), computes p (softmax over C / sigmoid fused), the bin
-    index (hard) or the two bins and weights (soft) per element, and accumulates a ``[C_BLOCK, M_PAD]``
-    register histogram per statistic by a static loop over the bins (compare against the bin index, masked
-    row sums: no ``tl.histogram``, no atomics). Each program writes its partial histograms to a
-    ``[3, B*P, C, M]`` buffer; ``torch.sum`` over P merges them in a fixed order, so results are bitwise
-    deterministic run to run on one device.
+Forward design (one read of input and target), two kernels chosen by ``num_bins``:
 
-Backward design (one read of input and target, one write of the gradient): grid = (B * P,); each program
-walks its tiles, recomputes p and the bins, gathers the (B, C, M) upstream gradients at the element's bins
-(tiny, cache resident) and applies the contract's chain rule through the memberships and the activation.
+- ``num_bins <= MAX_REGISTER_BINS`` (64, the usual case): grid = (B * P, NUM_CC). Program ``(b, pn, cc)``
+  walks ``tiles_per_prog`` consecutive ``[C_BLOCK, BLOCK_N]`` tiles of image ``b`` (classes ``cc*C_BLOCK ...``),
+  computes p (softmax over C / sigmoid fused), the bin index (hard) or the two bins and weights (soft) per
+  element, and accumulates a ``[C_BLOCK, M_PAD]`` register histogram per statistic by a loop over the bins
+  (compare against the bin index, masked row sums: no ``tl.histogram``, no atomics). Each program writes its
+  partial histograms to a float32 ``[3, B*P, C, M]`` buffer; ``torch.sum`` over P merges them in a fixed
+  order, so results are bitwise deterministic run to run on one device. Its cost per element grows with M
+  (one masked pass per bin), which is why it is limited to small M.
+- ``num_bins > MAX_REGISTER_BINS`` (scatter kernel, cost independent of M): the same grid and per-element
+  work on small ``[C_BLOCK, BLOCK_N]`` tiles (``BLOCK_N`` 8-64, ``C_BLOCK * BLOCK_N**2 <= SCATTER_PAIRS``).
+  Within each class row of a tile, the elements that share a bin are grouped by an all-pairs comparison
+  (``[C_BLOCK, BLOCK_N, BLOCK_N]``, O(BLOCK_N) work per element whatever M is); the first element of each
+  group (its leader) carries the group's float32 sums and adds them with a plain load/add/store into the
+  program's own float64 partial row in global memory (``[3, B*P, C, M]``, zero-initialised). Leaders of one
+  row have distinct bins and programs own disjoint rows, so no two lanes ever update the same address at
+  once (no atomics); ``tl.debug_barrier()`` orders one tile's updates before the next tile's loads. Soft
+  binning groups by the lower bin and updates in two rounds (lower bins, then upper bins), so each round
+  writes distinct addresses too. Partial rows are summed over P by ``torch.sum`` in float64 and rounded once
+  to float32: bitwise deterministic run to run. Cost: O(BLOCK_N) per element plus the ``3*B*P*C*M`` partial
+  rows, with ``P <= max(1, N // M)`` so the partials stay within about the input's size (an image with
+  ``N < M`` voxels gets one program per class chunk, and the cost is that of writing the (B, C, M) output).
+
+Backward design (one read of input and target, one write of the gradient; cost independent of M): grid =
+(B * P,); each program walks its tiles, recomputes p and the bins, gathers the (B, C, M) upstream gradients at
+the element's bins (cache resident for small M) and applies the contract's chain rule through the memberships
+and the activation.
+
+Non-finite probabilities (docs/kernel_contract.md): an entry whose p (after the activation) is NaN or +-inf
+is left out of every statistic (its p is replaced by 0 before binning, so no ``0 * inf`` reaches a sum),
+gets gradient exactly 0 (its p is also 0 in the softmax/sigmoid chain rule) and is counted in ``bad[1]``;
+entries of ignored voxels and of voxels with out-of-range labels are skipped first and not counted there.
+``bad`` is an int64 tensor of shape (2,): ``[out-of-range labels, non-finite entries]``.
 
 Block-size heuristic (documented, no autotuning so runs are reproducible and the interpreter stays fast). The
 numbers come from compiling the kernels for sm_90 with this Triton (ptxas register counts, no GPU needed):
@@ -29,11 +51,14 @@ numbers come from compiling the kernels for sm_90 with this Triton (ptxas regist
       registers and spilled). The per-bin loop is a runtime loop (an unrolled one spilled and compiled 30x
       slower). Programs: ~``PROGRAMS_PER_SM = 32`` per SM over the grid, each >= 4 and <= 256 tiles (the upper
       bound limits the sequential float32 accumulation length).
+    - Scatter forward (M > 64): ``BLOCK_N = prev_pow2(sqrt(SCATTER_PAIRS / C_BLOCK))`` clamped to [8, 64],
+      4 warps; partial rows accumulate in float64, so tiles per program need no upper bound.
     - Backward: 1024-element tiles, 8 warps (4 elements per thread, 45-80 registers), one tile per program.
     - ``BLOCK_N`` is clamped to [16, 1024] (and, under the interpreter only, to next_pow2(N)).
     The environment variables ``CALIBOPS_TRITON_TILE_FWD`` / ``CALIBOPS_TRITON_TILE_BWD`` (powers of two
     >= 16) and ``CALIBOPS_TRITON_WARPS_FWD`` / ``CALIBOPS_TRITON_WARPS_BWD`` override the heuristic for
-    experiments (``bench_gpu.py --sweep-tiles`` times a few settings; the bench prints registers/spills).
+    experiments (``bench_gpu.py --sweep-tiles`` times a few settings; the bench prints registers/spills), and
+    ``CALIBOPS_TRITON_MAX_REGISTER_BINS`` (0-1024) moves the switch to the scatter kernel (0: always scatter).
     Results do not depend on them beyond float32 summation order.
 
 Classes above the register limit (C > 32) are still exact: the classes are processed in chunks of 32.
@@ -44,8 +69,15 @@ program loops over chunks (softmax: normaliser pass, dot-product pass, write pas
 Offsets are 64-bit everywhere (image and class strides are promoted to int64 before multiplying), so inputs
 with more than 2^31 elements are addressed correctly. Bin indices are clamped before any gather, so NaN/inf
 inputs cannot read out of bounds.
+
+Launching: compiled kernels go through :func:`torch.library.wrap_triton` (so torch.compile sees them inside the
+``triton_op``); under ``TRITON_INTERPRET=1`` the kernels are launched directly, because ``wrap_triton`` rejects
+interpreted kernels on torch <= 2.12. The interpreter also gets its integer arguments as 0-d scalar tensors
+(``_interpreter_scalars``): Triton <= 3.6's interpreter turns an int argument into a one-element array and calls
+``int()`` on it for ``range(C)``, which numpy >= 2.4 refuses.
 """
 
+import math
 import os
 from typing import Optional
 
@@ -56,13 +88,15 @@ from torch.library import triton_op, wrap_triton
 
 from .. import _ops
 
-__all__ = ["MAX_C_BLOCK", "binned_stats", "binned_stats_backward", "launch_config"]
+__all__ = ["MAX_C_BLOCK", "MAX_REGISTER_BINS", "binned_stats", "binned_stats_backward", "launch_config"]
 
 MAX_C_BLOCK = 32
 MAX_TILES_PER_PROG = 256
 MIN_TILES_PER_PROG = 4
 PROGRAMS_PER_SM = 32
 MAX_BLOCK_N = 1024  # the forward's packed (count, sum_y) tile sums rely on BLOCK_N <= 1024 < _PACK
+MAX_REGISTER_BINS = 64  # num_bins above this use the scatter kernel (cost independent of num_bins)
+SCATTER_PAIRS = 4096  # scatter kernel: C_BLOCK * BLOCK_N**2 all-pairs comparisons per tile
 _PACK = tl.constexpr(2048.0)
 _LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _DENSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.bool, torch.uint8)
@@ -72,6 +106,12 @@ _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ----------------------------------------------------------------------------------------------------------
 # Device helpers
 # ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _is_finite(p):
+    """True where p is neither NaN nor +-inf (the contract's non-finite rule)."""
+    return tl.abs(p) < float("inf")
 
 
 @triton.jit
@@ -92,7 +132,10 @@ def _softmax_norm(x_img, n, nmask, C, N, C_BLOCK: tl.constexpr, BLOCK_N: tl.cons
         x = _load_x(x_img, c, n, cmask, nmask, N)
         x = tl.where(cmask[:, None], x, float("-inf"))
         new_mx = tl.maximum(mx, tl.max(x, axis=0))
-        den = den * tl.exp(mx - new_mx) + tl.sum(tl.exp(x - new_mx[None, :]), axis=0)
+        # shift by 0 while every logit so far is -inf (a chunk of -inf logits must not make the sum NaN);
+        # a +inf or NaN logit still makes it NaN, so every p of that voxel is NaN (the non-finite rule)
+        shift = tl.where(new_mx == float("-inf"), 0.0, new_mx)
+        den = den * tl.exp(mx - shift) + tl.sum(tl.exp(x - shift[None, :]), axis=0)
         mx = new_mx
     return mx, den
 
@@ -188,9 +231,57 @@ def _soft_bins(p, e_ptr, NUM_BINS: tl.constexpr):
     return lo, w_lo, w_hi, slope
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Forward
-# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _tile_probs(
+    x_img,
+    t_ptr,
+    b64,
+    c,
+    cmask,
+    n,
+    nmask,
+    C,
+    N,
+    ignore_index,
+    has_ignore,
+    C_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    LABELS: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr,
+):
+    """One [C_BLOCK, BLOCK_N] tile: (p, y, valid, bad, nonfinite).
+
+    ``valid``: the entry enters the statistics (class and voxel in range, voxel used, p finite); ``p`` is 0
+    where it does not. ``bad`` [BLOCK_N]: out-of-range labels; ``nonfinite`` [BLOCK_N]: entries of used voxels
+    whose p is NaN or +-inf."""
+    x = _load_x(x_img, c, n, cmask, nmask, N)
+    mx = tl.zeros([BLOCK_N], tl.float32)
+    den = mx
+    if ACTIVATION == 1:
+        if SINGLE_CHUNK:
+            pass  # the tile holds every class: _probs normalises it directly
+        else:
+            mx, den = _softmax_norm(x_img, n, nmask, C, N, C_BLOCK, BLOCK_N)
+    p = _probs(x, cmask, mx, den, ACTIVATION, SINGLE_CHUNK)
+    y, keep, bad = _target(t_ptr, b64, c, n, cmask, nmask, C, N, ignore_index, has_ignore, LABELS)
+    used = cmask[:, None] & keep[None, :]
+    finite = _is_finite(p)
+    valid = used & finite
+    nonfinite = tl.sum((used & (~finite)).to(tl.int32), axis=0)
+    p = tl.where(valid, p, 0.0)
+    return p, y, valid, bad, nonfinite
+
+
+@triton.jit
+def _store_counts(cnt_ptr, pid, cc, nbad, nnonfinite):
+    """Per-program counts into the int64 [2, B*P*NUM_CC] buffer: out-of-range labels (class chunk 0 only, every
+    chunk sees the same voxels) and non-finite entries (each chunk its own classes)."""
+    n_cc = tl.num_programs(1)
+    slot = pid.to(tl.int64) * n_cc + cc
+    total = tl.num_programs(0).to(tl.int64) * n_cc
+    tl.store(cnt_ptr + slot, tl.sum(nbad.to(tl.int64), axis=0) * (cc == 0).to(tl.int64))
+    tl.store(cnt_ptr + total + slot, tl.sum(nnonfinite.to(tl.int64), axis=0))
 
 
 @triton.jit(do_not_specialize=["C", "P", "tiles_per_prog", "ignore_index", "has_ignore", "right"])
@@ -199,7 +290,7 @@ def _stats_fwd_kernel(
     t_ptr,  # [B, N] integer labels or [B, C, N] dense target
     e_ptr,  # [M + 1] edges (hard) or [M] centres (soft), float32
     part_ptr,  # [3, B * P, C, M] float32 per-program partial count / sum_p / sum_y
-    bad_ptr,  # [B * P] int32 per-program out-of-range label counts
+    cnt_ptr,  # [2, B * P * NUM_CC] int64 per-program out-of-range label / non-finite entry counts
     C,
     N,
     P,
@@ -216,6 +307,7 @@ def _stats_fwd_kernel(
     LABELS: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,
 ):
+    """Register-histogram forward (num_bins <= MAX_REGISTER_BINS): one masked pass over the tile per bin."""
     pid = tl.program_id(0)
     cc = tl.program_id(1)
     b = pid // P
@@ -229,22 +321,31 @@ def _stats_fwd_kernel(
     acc_p = tl.zeros([C_BLOCK, M_PAD], tl.float32)
     acc_y = tl.zeros([C_BLOCK, M_PAD], tl.float32)
     nbad = tl.zeros([BLOCK_N], tl.int32)
+    nnf = tl.zeros([BLOCK_N], tl.int32)
     tile0 = pn.to(tl.int64) * tiles_per_prog
     for it in range(0, tiles_per_prog):
         n = (tile0 + it) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < N
-        x = _load_x(x_img, c, n, cmask, nmask, N)
-        mx = tl.zeros([BLOCK_N], tl.float32)
-        den = mx
-        if ACTIVATION == 1:
-            if SINGLE_CHUNK:
-                pass  # the tile holds every class: _probs normalises it directly
-            else:
-                mx, den = _softmax_norm(x_img, n, nmask, C, N, C_BLOCK, BLOCK_N)
-        p = _probs(x, cmask, mx, den, ACTIVATION, SINGLE_CHUNK)
-        y, keep, bad = _target(t_ptr, b64, c, n, cmask, nmask, C, N, ignore_index, has_ignore, LABELS)
+        p, y, valid, bad, nonfinite = _tile_probs(
+            x_img,
+            t_ptr,
+            b64,
+            c,
+            cmask,
+            n,
+            nmask,
+            C,
+            N,
+            ignore_index,
+            has_ignore,
+            C_BLOCK,
+            BLOCK_N,
+            ACTIVATION,
+            LABELS,
+            SINGLE_CHUNK,
+        )
         nbad += bad.to(tl.int32)
-        valid = cmask[:, None] & keep[None, :]
+        nnf += nonfinite
         if SOFT:
             lo, w_lo, w_hi, slope = _soft_bins(p, e_ptr, NUM_BINS)
             lo = tl.where(valid, lo, -2)  # -2: neither lo nor lo+1 can match a bin
@@ -285,8 +386,130 @@ def _stats_fwd_kernel(
     tl.store(part_ptr + offs, acc_n, mask=omask)
     tl.store(part_ptr + stat_stride + offs, acc_p, mask=omask)
     tl.store(part_ptr + 2 * stat_stride + offs, acc_y, mask=omask)
-    if cc == 0:
-        tl.store(bad_ptr + pid, tl.sum(nbad, axis=0))
+    _store_counts(cnt_ptr, pid, cc, nbad, nnf)
+
+
+@triton.jit
+def _add_to_partials(ptr, stat_stride, mask, s_n, s_p, s_y):
+    """partial[stat] += s (float64) at ``ptr`` (+ stat * stat_stride) where ``mask``: plain load/add/store, the
+    caller guarantees that no two masked lanes share an address."""
+    old = tl.load(ptr, mask=mask, other=0.0, cache_modifier=".cg")
+    tl.store(ptr, old + s_n.to(tl.float64), mask=mask)
+    old = tl.load(ptr + stat_stride, mask=mask, other=0.0, cache_modifier=".cg")
+    tl.store(ptr + stat_stride, old + s_p.to(tl.float64), mask=mask)
+    old = tl.load(ptr + 2 * stat_stride, mask=mask, other=0.0, cache_modifier=".cg")
+    tl.store(ptr + 2 * stat_stride, old + s_y.to(tl.float64), mask=mask)
+
+
+@triton.jit
+def _group_sum(same, v):
+    """For each lane i of each row: sum of v over the lanes j of that row with same[:, i, j]."""
+    return tl.sum(tl.where(same, tl.expand_dims(v, 1), 0.0), axis=2)
+
+
+@triton.jit(do_not_specialize=["C", "P", "tiles_per_prog", "ignore_index", "has_ignore", "right"])
+def _stats_fwd_scatter_kernel(
+    x_ptr,  # [B, C, N] input (float32/float16/bfloat16)
+    t_ptr,  # [B, N] integer labels or [B, C, N] dense target
+    e_ptr,  # [M + 1] edges (hard) or [M] centres (soft), float32
+    part_ptr,  # [3, B * P, C, M] float64 per-program partial count / sum_p / sum_y, zero-initialised
+    cnt_ptr,  # [2, B * P * NUM_CC] int64 per-program out-of-range label / non-finite entry counts
+    C,
+    N,
+    P,
+    tiles_per_prog,
+    ignore_index,
+    has_ignore,
+    right,
+    NUM_BINS: tl.constexpr,
+    C_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SOFT: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    LABELS: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr,
+):
+    """Scatter forward (num_bins > MAX_REGISTER_BINS): per tile, group equal bins of a class row by all-pairs
+    comparison; each group's leader adds the group sums into this program's partial row (see module doc)."""
+    pid = tl.program_id(0)
+    cc = tl.program_id(1)
+    b = pid // P
+    pn = pid % P
+    b64 = b.to(tl.int64)
+    x_img = x_ptr + b64 * C * N
+    c = cc * C_BLOCK + tl.arange(0, C_BLOCK)
+    cmask = c < C
+    lane = tl.arange(0, BLOCK_N)
+    stat_stride = tl.num_programs(0).to(tl.int64) * C * NUM_BINS
+    row = part_ptr + (pid.to(tl.int64) * C + c.to(tl.int64)) * NUM_BINS  # [C_BLOCK] this program's rows
+    nbad = tl.zeros([BLOCK_N], tl.int32)
+    nnf = tl.zeros([BLOCK_N], tl.int32)
+    tile0 = pn.to(tl.int64) * tiles_per_prog
+    for it in range(0, tiles_per_prog):
+        n = (tile0 + it) * BLOCK_N + lane
+        nmask = n < N
+        p, y, valid, bad, nonfinite = _tile_probs(
+            x_img,
+            t_ptr,
+            b64,
+            c,
+            cmask,
+            n,
+            nmask,
+            C,
+            N,
+            ignore_index,
+            has_ignore,
+            C_BLOCK,
+            BLOCK_N,
+            ACTIVATION,
+            LABELS,
+            SINGLE_CHUNK,
+        )
+        nbad += bad.to(tl.int32)
+        nnf += nonfinite
+        if SOFT:
+            lo, w_lo, w_hi, slope = _soft_bins(p, e_ptr, NUM_BINS)
+            key = tl.where(valid, lo, -1)
+            w_lo = tl.where(valid, w_lo, 0.0)
+            w_hi = tl.where(valid, w_hi, 0.0)
+        else:
+            key = tl.where(valid, _hard_bin(p, e_ptr, right, NUM_BINS), -1)
+        # same[c, i, j]: lanes i and j of row c fall in the same bin; the group's leader is its first lane
+        same = key[:, :, None] == key[:, None, :]
+        first = tl.min(tl.where(same, lane[None, None, :], BLOCK_N), axis=2)
+        lead = (first == lane[None, :]) & (key >= 0)
+        at = row[:, None] + key  # [C_BLOCK, BLOCK_N] partial address of each lane's bin (used at leaders only)
+        if SOFT:
+            _add_to_partials(
+                at,
+                stat_stride,
+                lead,
+                _group_sum(same, w_lo),
+                _group_sum(same, w_lo * p),
+                _group_sum(same, w_lo * y),
+            )
+            tl.debug_barrier()  # group k's upper bin k+1 is group k+1's lower bin: a second round
+            _add_to_partials(
+                at + 1,
+                stat_stride,
+                lead & (key + 1 < NUM_BINS),
+                _group_sum(same, w_hi),
+                _group_sum(same, w_hi * p),
+                _group_sum(same, w_hi * y),
+            )
+        else:
+            if LABELS:
+                # y is 0/1: count and sum_y as one exact float (a group sums to <= 64 * (1 + _PACK) < 2^24)
+                both = _group_sum(same, y * _PACK + 1.0)
+                s_y = tl.floor(both * (1.0 / _PACK))
+                s_n = both - s_y * _PACK
+            else:
+                s_n = _group_sum(same, tl.full(p.shape, 1.0, tl.float32))
+                s_y = _group_sum(same, y)
+            _add_to_partials(at, stat_stride, lead, s_n, _group_sum(same, p), s_y)
+        tl.debug_barrier()  # this tile's updates land before the next tile's loads (other lanes may read them)
+    _store_counts(cnt_ptr, pid, cc, nbad, nnf)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -296,14 +519,37 @@ def _stats_fwd_kernel(
 
 @triton.jit
 def _grad_p(
-    x, c, cmask, n, nmask, mx, den, t_ptr, e_ptr, gc_ptr, gp_ptr, gy_ptr, b64, C, N, ignore_index, has_ignore, right,
-    NUM_BINS: tl.constexpr, SOFT: tl.constexpr, ACTIVATION: tl.constexpr, LABELS: tl.constexpr,
+    x,
+    c,
+    cmask,
+    n,
+    nmask,
+    mx,
+    den,
+    t_ptr,
+    e_ptr,
+    gc_ptr,
+    gp_ptr,
+    gy_ptr,
+    b64,
+    C,
+    N,
+    ignore_index,
+    has_ignore,
+    right,
+    NUM_BINS: tl.constexpr,
+    SOFT: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    LABELS: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,
 ):
-    """(p, dL/dp) for one [C_BLOCK, BLOCK_N] tile; dL/dp = 0 on ignored voxels and padding."""
+    """(p, dL/dp) for one [C_BLOCK, BLOCK_N] tile; dL/dp = 0 on ignored voxels, padding and non-finite p (whose
+    p is returned as 0)."""
     p = _probs(x, cmask, mx, den, ACTIVATION, SINGLE_CHUNK)
     y, keep, bad = _target(t_ptr, b64, c, n, cmask, nmask, C, N, ignore_index, has_ignore, LABELS)
-    valid = cmask[:, None] & keep[None, :]
+    finite = _is_finite(p)
+    valid = cmask[:, None] & keep[None, :] & finite
+    p = tl.where(finite, p, 0.0)  # non-finite entries: gradient 0, and no NaN in the activation's chain rule
     g_row = (b64 * C + c[:, None].to(tl.int64)) * NUM_BINS  # [C_BLOCK, 1] row of the (B, C, M) grads
     if SOFT:
         lo, w_lo, w_hi, slope = _soft_bins(p, e_ptr, NUM_BINS)
@@ -365,8 +611,29 @@ def _stats_bwd_kernel(
             x = _load_x(x_img, c, n, cmask, nmask, N)
             zero = tl.zeros([BLOCK_N], tl.float32)
             p, g = _grad_p(
-                x, c, cmask, n, nmask, zero, zero, t_ptr, e_ptr, gc_ptr, gp_ptr, gy_ptr, b64, C, N, ignore_index,
-                has_ignore, right, NUM_BINS, SOFT, ACTIVATION, LABELS, True,
+                x,
+                c,
+                cmask,
+                n,
+                nmask,
+                zero,
+                zero,
+                t_ptr,
+                e_ptr,
+                gc_ptr,
+                gp_ptr,
+                gy_ptr,
+                b64,
+                C,
+                N,
+                ignore_index,
+                has_ignore,
+                right,
+                NUM_BINS,
+                SOFT,
+                ACTIVATION,
+                LABELS,
+                True,
             )
             if ACTIVATION == 1:
                 dot = tl.sum(p * g, axis=0)
@@ -386,8 +653,29 @@ def _stats_bwd_kernel(
                     cmask = c < C
                     x = _load_x(x_img, c, n, cmask, nmask, N)
                     p, g = _grad_p(
-                        x, c, cmask, n, nmask, mx, den, t_ptr, e_ptr, gc_ptr, gp_ptr, gy_ptr, b64, C, N,
-                        ignore_index, has_ignore, right, NUM_BINS, SOFT, ACTIVATION, LABELS, False,
+                        x,
+                        c,
+                        cmask,
+                        n,
+                        nmask,
+                        mx,
+                        den,
+                        t_ptr,
+                        e_ptr,
+                        gc_ptr,
+                        gp_ptr,
+                        gy_ptr,
+                        b64,
+                        C,
+                        N,
+                        ignore_index,
+                        has_ignore,
+                        right,
+                        NUM_BINS,
+                        SOFT,
+                        ACTIVATION,
+                        LABELS,
+                        False,
                     )
                     dot += tl.sum(p * g, axis=0)
             else:
@@ -399,8 +687,29 @@ def _stats_bwd_kernel(
                 cmask = c < C
                 x = _load_x(x_img, c, n, cmask, nmask, N)
                 p, g = _grad_p(
-                    x, c, cmask, n, nmask, mx, den, t_ptr, e_ptr, gc_ptr, gp_ptr, gy_ptr, b64, C, N,
-                    ignore_index, has_ignore, right, NUM_BINS, SOFT, ACTIVATION, LABELS, False,
+                    x,
+                    c,
+                    cmask,
+                    n,
+                    nmask,
+                    mx,
+                    den,
+                    t_ptr,
+                    e_ptr,
+                    gc_ptr,
+                    gp_ptr,
+                    gy_ptr,
+                    b64,
+                    C,
+                    N,
+                    ignore_index,
+                    has_ignore,
+                    right,
+                    NUM_BINS,
+                    SOFT,
+                    ACTIVATION,
+                    LABELS,
+                    False,
                 )
                 if ACTIVATION == 1:
                     gx = p * (g - dot[None, :])
@@ -427,26 +736,50 @@ def _env_pow2(name: str, default: int, minimum: int = 16) -> int:
     return value
 
 
+def _max_register_bins() -> int:
+    raw = os.environ.get("CALIBOPS_TRITON_MAX_REGISTER_BINS", "").strip()
+    if not raw:
+        return MAX_REGISTER_BINS
+    value = int(raw)
+    if not 0 <= value <= 1024:
+        raise ValueError(f"CALIBOPS_TRITON_MAX_REGISTER_BINS must be an integer in [0, 1024], got {raw!r}")
+    return value
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1  # interpreter: few programs keep the Python-level overhead low
 
 
+def _scatter_block_n(c_block: int) -> int:
+    """Scatter kernel tile width: the largest power of two with c_block * width**2 <= SCATTER_PAIRS, in [8, 64]."""
+    width = 1 << (math.isqrt(max(SCATTER_PAIRS // c_block, 1)).bit_length() - 1)
+    return max(8, min(width, 64))
+
+
 def launch_config(B: int, C: int, N: int, num_bins: int, device: torch.device, backward: bool = False) -> dict:
-    """Block sizes and grid for a ``[B, C, N]`` problem (see the module docstring for the heuristic)."""
+    """Block sizes and grid for a ``[B, C, N]`` problem (see the module docstring for the heuristic).
+
+    ``SCATTER`` (forward only) selects the scatter kernel (``num_bins > MAX_REGISTER_BINS``); ``M_PAD`` is the
+    register histogram width of the other forward kernel."""
     c_block = min(triton.next_power_of_2(max(C, 1)), MAX_C_BLOCK)
+    scatter = not backward and num_bins > _max_register_bins()
     if backward:
         tile, num_warps = 1024, 8  # 4 elements per thread: 45-80 registers (sm_90, C <= 32, hard/soft)
     elif c_block <= 8:
         tile, num_warps = 1024, 4  # 8 elements per thread: ~80-95 registers
     else:
         tile, num_warps = 512, 4  # 4 elements per thread: ~70-110 registers for 16-32 classes
-    tile = _env_pow2("CALIBOPS_TRITON_TILE_BWD" if backward else "CALIBOPS_TRITON_TILE_FWD", tile)
-    num_warps = _env_pow2("CALIBOPS_TRITON_WARPS_BWD" if backward else "CALIBOPS_TRITON_WARPS_FWD", num_warps, 1)
-    block_n = max(16, min(tile // c_block, MAX_BLOCK_N))
+    if scatter:
+        block_n = _scatter_block_n(c_block)
+        num_warps = _env_pow2("CALIBOPS_TRITON_WARPS_FWD", 4, 1)
+    else:
+        tile = _env_pow2("CALIBOPS_TRITON_TILE_BWD" if backward else "CALIBOPS_TRITON_TILE_FWD", tile)
+        num_warps = _env_pow2("CALIBOPS_TRITON_WARPS_BWD" if backward else "CALIBOPS_TRITON_WARPS_FWD", num_warps, 1)
+        block_n = max(16, min(tile // c_block, MAX_BLOCK_N))
     if device.type != "cuda":  # interpreter: no point in simulating lanes past the end of a tiny volume
-        block_n = max(16, min(block_n, triton.next_power_of_2(max(N, 1))))
+        block_n = max(8 if scatter else 16, min(block_n, triton.next_power_of_2(max(N, 1))))
     num_cc = triton.cdiv(C, c_block)
     tiles = triton.cdiv(N, block_n)
     if backward:
@@ -454,10 +787,15 @@ def launch_config(B: int, C: int, N: int, num_bins: int, device: torch.device, b
         progs = max(1, min(tiles, (1 << 24) // max(B, 1)))
     else:
         # many programs (several waves at 4-6 resident per SM keep the tail short), each >= MIN_TILES_PER_PROG
-        # tiles so the [B*P, C, M] partials stay small next to the input, and <= MAX_TILES_PER_PROG tiles
+        # tiles so the [B*P, C, M] partials stay small next to the input, and (register kernel) <=
+        # MAX_TILES_PER_PROG tiles; the scatter kernel accumulates in float64 and needs no such bound, but keeps
+        # P * M <= N so its partial rows stay within about the input's size
         target = PROGRAMS_PER_SM * _num_sms(device)
         progs = max(1, min(triton.cdiv(tiles, MIN_TILES_PER_PROG), triton.cdiv(target, max(B * num_cc, 1))))
-        progs = max(progs, triton.cdiv(tiles, MAX_TILES_PER_PROG))
+        if scatter:
+            progs = max(1, min(progs, N // num_bins))
+        else:
+            progs = max(progs, triton.cdiv(tiles, MAX_TILES_PER_PROG))
     tiles_per_prog = triton.cdiv(tiles, progs)
     progs = triton.cdiv(tiles, tiles_per_prog)
     return {
@@ -468,6 +806,7 @@ def launch_config(B: int, C: int, N: int, num_bins: int, device: torch.device, b
         "tiles_per_prog": tiles_per_prog,
         "num_cc": num_cc,
         "M_PAD": triton.next_power_of_2(num_bins),
+        "SCATTER": scatter,
     }
 
 
@@ -522,6 +861,32 @@ def _target_arg(target: torch.Tensor) -> torch.Tensor:
     return target.view(torch.uint8) if target.dtype == torch.bool else target
 
 
+def _launch(kernel):
+    """``kernel[grid](...)`` launcher: through ``wrap_triton`` when compiled (torch.compile traces into the
+    ``triton_op``); directly under the interpreter, where ``wrap_triton`` rejects the kernel on torch <= 2.12
+    and there is nothing for torch.compile to see through (the op is an opaque custom op there)."""
+    return kernel if INTERPRETED else wrap_triton(kernel)
+
+
+def _interpreter_scalars(*values: int) -> tuple:
+    """The kernels' integer arguments: unchanged when compiled; under the interpreter, 0-d scalar tensors.
+
+    Triton <= 3.6's interpreter wraps an int argument in a one-element array and ``range(C)`` calls ``int()``
+    on it, which numpy >= 2.4 rejects ("only 0-dimensional arrays can be converted to Python scalars"); a 0-d
+    value works with every numpy. Same dtype rule as the interpreter's own conversion (int32 when it fits)."""
+    if not INTERPRETED:
+        return values
+    import numpy as np
+    from triton.runtime.interpreter import TensorHandle
+
+    out = []
+    for v in values:
+        v = int(v)
+        dt, np_dt = (tl.int32, np.int32) if -(2**31) <= v < 2**31 else (tl.int64, np.int64)
+        out.append(tl.core.tensor(TensorHandle(np.array(v, dtype=np_dt), dt), dt))
+    return tuple(out)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Ops
 # ----------------------------------------------------------------------------------------------------------
@@ -538,30 +903,44 @@ def _triton_binned_stats(
     ignore_index: Optional[int],  # noqa: UP045 - schema inference needs a real annotation
     right: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward statistics ``(count, sum_p, sum_y, bad)``, see docs/kernel_contract.md."""
+    """Forward statistics ``(count, sum_p, sum_y, bad)``, see docs/kernel_contract.md.
+
+    ``bad`` is int64 of shape (2,): out-of-range labels, non-finite probability entries."""
     _check_args(input, target, edges, num_bins, soft, activation, labels, ignore_index)
     B, C, N = input.shape
     M = num_bins
-    if B * C * N == 0:
+    if B * C * N == 0:  # includes C = 0: empty statistics, nothing counted
         z = input.new_zeros((B, C, M), dtype=torch.float32)
-        return z, z.clone(), z.clone(), input.new_zeros((), dtype=torch.int64)
+        return z, z.clone(), z.clone(), input.new_zeros((2,), dtype=torch.int64)
     x = input.contiguous()
     t = _target_arg(target)
     e = edges.contiguous()
     cfg = launch_config(B, C, N, M, x.device)
     cfg["M"] = M
     P = cfg["P"]
-    part = torch.empty((3, B * P, C, M), dtype=torch.float32, device=x.device)
-    bad = torch.empty((B * P,), dtype=torch.int32, device=x.device)
     grid = (B * P, cfg["num_cc"])
-    wrap_triton(_stats_fwd_kernel)[grid](
-        x, t, e, part, bad, C, N, P, cfg["tiles_per_prog"], 0 if ignore_index is None else int(ignore_index),
-        int(labels and ignore_index is not None), int(right),
-        M_PAD=cfg["M_PAD"], **_flags(soft, activation, labels, cfg),
+    counts = torch.empty((2, B * P * cfg["num_cc"]), dtype=torch.int64, device=x.device)
+    args = _interpreter_scalars(
+        C,
+        N,
+        P,
+        cfg["tiles_per_prog"],
+        0 if ignore_index is None else int(ignore_index),
+        int(labels and ignore_index is not None),
+        int(right),
     )
+    if cfg["SCATTER"]:
+        part = torch.zeros((3, B * P, C, M), dtype=torch.float64, device=x.device)
+        _launch(_stats_fwd_scatter_kernel)[grid](x, t, e, part, counts, *args, **_flags(soft, activation, labels, cfg))
+    else:
+        part = torch.empty((3, B * P, C, M), dtype=torch.float32, device=x.device)
+        _launch(_stats_fwd_kernel)[grid](
+            x, t, e, part, counts, *args, M_PAD=cfg["M_PAD"], **_flags(soft, activation, labels, cfg)
+        )
     part = part.view(3, B, P, C, M)
-    count, sum_p, sum_y = (part[s].sum(dim=1) for s in range(3))  # fixed-order merge over P
-    return count, sum_p, sum_y, bad.sum().to(torch.int64)
+    # fixed-order merge over P (float64 partials of the scatter kernel are rounded once, here)
+    count, sum_p, sum_y = (part[s].sum(dim=1).to(torch.float32) for s in range(3))
+    return count, sum_p, sum_y, counts.sum(dim=1)
 
 
 def _triton_binned_stats_backward(
@@ -594,9 +973,23 @@ def _triton_binned_stats_backward(
     cfg = launch_config(B, C, N, M, x.device, backward=True)
     cfg["M"] = M
     P = cfg["P"]
-    wrap_triton(_stats_bwd_kernel)[(B * P,)](
-        gc, gp, gy, x, t, edges.contiguous(), grad, C, N, P, cfg["tiles_per_prog"],
-        0 if ignore_index is None else int(ignore_index), int(labels and ignore_index is not None), int(right),
+    _launch(_stats_bwd_kernel)[(B * P,)](
+        gc,
+        gp,
+        gy,
+        x,
+        t,
+        edges.contiguous(),
+        grad,
+        *_interpreter_scalars(
+            C,
+            N,
+            P,
+            cfg["tiles_per_prog"],
+            0 if ignore_index is None else int(ignore_index),
+            int(labels and ignore_index is not None),
+            int(right),
+        ),
         **_flags(soft, activation, labels, cfg),
     )
     return grad
