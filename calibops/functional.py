@@ -193,14 +193,6 @@ class _Run(NamedTuple):
     weight: torch.Tensor | None  # the checked weight, float32 (C',) on the input's device
 
 
-def _pair(bad: torch.Tensor) -> torch.Tensor:
-    # Decision 2: every backend returns bad as int64 (2,); a 0-d count (a backend built before that change)
-    # is read as [bad, 0] so nothing breaks while the kernels move over.
-    if bad.dim() == 0:
-        return torch.stack([bad, torch.zeros_like(bad)])
-    return bad
-
-
 def _nonfinite_message(n: int, activation: int) -> str:
     what = {
         ACT_SOFTMAX: "a NaN or +inf logit makes every probability of its voxel NaN, and so do all -inf logits",
@@ -239,7 +231,6 @@ def _stats(input: Any, target: Any, o: Options, *, raise_nonfinite: bool = True,
     count, sum_p, sum_y, bad = fn(
         prep.input, prep.target, edges, o.num_bins, soft, prep.activation, prep.labels, o.ignore_index, o.right
     )
-    bad = _pair(bad)
     counts = None
     # probabilities given directly were range-checked (finite included) in _prepare, so without labels, an
     # activation or a weight tensor there is nothing left to read back

@@ -63,7 +63,7 @@ def _log_counts(ax: Any) -> None:
 
 
 def _edges(num_bins: int) -> np.ndarray:
-    # The SPEC edges end at 1 + eps32; draw them ending at 1 so the axes read 0..1.
+    # The bin edges (README "Semantics") end at 1 + eps32; draw them ending at 1 so the axes read 0..1.
     e = np.linspace(0.0, 1.0, num_bins + 1)
     return e
 
@@ -273,13 +273,27 @@ def reliability_diagram(
     lo = np.fmin(conf, acc)
     gap = np.abs(conf - acc)
     ax.bar(
-        centres[valid], gap[valid], bottom=lo[valid], width=width * 0.9, color="tab:red", alpha=0.35,
-        edgecolor="tab:red", linewidth=0.6, label="gap",
+        centres[valid],
+        gap[valid],
+        bottom=lo[valid],
+        width=width * 0.9,
+        color="tab:red",
+        alpha=0.35,
+        edgecolor="tab:red",
+        linewidth=0.6,
+        label="gap",
     )
-    ax.scatter(centres[valid], acc[valid], marker="_", s=120, color="black", linewidths=1.5,
-               label="observed frequency", zorder=3)
-    ax.scatter(centres[valid], conf[valid], marker=".", s=12, color="tab:blue", label="mean confidence",
-               zorder=3)
+    ax.scatter(
+        centres[valid],
+        acc[valid],
+        marker="_",
+        s=120,
+        color="black",
+        linewidths=1.5,
+        label="observed frequency",
+        zorder=3,
+    )
+    ax.scatter(centres[valid], conf[valid], marker=".", s=12, color="tab:blue", label="mean confidence", zorder=3)
     ax.plot([0, 1], [0, 1], linestyle="--", color="0.4", linewidth=0.8)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -288,8 +302,14 @@ def reliability_diagram(
     ax.tick_params(labelsize=7)
     ax.set_title(title if title is not None else f"image {image}, class {class_index}", fontsize=9)
     ax.text(
-        0.03, 0.97, f"ECE {ece:.4f}\nACE {ace:.4f}\nMCE {mce:.4f}", transform=ax.transAxes, va="top",
-        ha="left", fontsize=7, family="monospace",
+        0.03,
+        0.97,
+        f"ECE {ece:.4f}\nACE {ace:.4f}\nMCE {mce:.4f}",
+        transform=ax.transAxes,
+        va="top",
+        ha="left",
+        fontsize=7,
+        family="monospace",
         bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85, "edgecolor": "0.7"},
     )
     ax.legend(loc="lower right", fontsize=6, frameon=False)

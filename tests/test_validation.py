@@ -1,4 +1,5 @@
-"""Every bad input raises a clear ValueError/TypeError naming the argument (SPEC §3), on every backend."""
+"""Every bad input raises a clear ValueError/TypeError naming the argument (README "Validation"), on every
+backend."""
 
 from __future__ import annotations
 
