@@ -63,8 +63,18 @@ def _stats_fake(input, target, edges, num_bins, soft, activation, labels, ignore
 
 
 def _stats_backward_fake(
-    grad_count, grad_sum_p, grad_sum_y, input, target, edges, num_bins, soft, activation, labels,
-    ignore_index, right,
+    grad_count,
+    grad_sum_p,
+    grad_sum_y,
+    input,
+    target,
+    edges,
+    num_bins,
+    soft,
+    activation,
+    labels,
+    ignore_index,
+    right,
 ):
     return torch.empty_like(input)
 
@@ -101,8 +111,18 @@ def register_stats_autograd(forward_op: str, backward: Callable) -> None:
                 return zeros
 
             grad_input = backward(
-                dense(grad_count), dense(grad_sum_p), dense(grad_sum_y), input, target, edges, num_bins,
-                soft, activation, labels, ignore_index, right,
+                dense(grad_count),
+                dense(grad_sum_p),
+                dense(grad_sum_y),
+                input,
+                target,
+                edges,
+                num_bins,
+                soft,
+                activation,
+                labels,
+                ignore_index,
+                right,
             )
         return grad_input, None, None, None, None, None, None, None, None
 

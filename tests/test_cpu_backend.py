@@ -517,9 +517,10 @@ def test_bitwise_identical_across_isa_builds(monkeypatch):
 @pytest.mark.parametrize("labels", [True, False])
 def test_fused_hard_path_bitwise_equals_generic(monkeypatch, act, labels):
     """The fused hard path (C <= 16, M <= 30; SIMD builds, and the base build's scalar version with
-    CALIBOPS_CPU_FUSED=2) gives bitwise the results of the generic multi-pass path (CALIBOPS_CPU_FUSED=0): statistics, bad-label count and gradient, in every ISA build, for tails, odd class
-    counts (templated 2/3/4 and generic), half inputs, right=True, ignore_index, out-of-range labels, NaN/inf and
-    a gradient large enough for non-temporal stores."""
+    CALIBOPS_CPU_FUSED=2) gives bitwise the results of the generic multi-pass path (CALIBOPS_CPU_FUSED=0):
+    statistics, both bad counts and gradient, in every ISA build, for tails, odd class counts (templated 2/3/4 and
+    generic), half inputs, right=True, ignore_index, out-of-range labels, NaN/inf and a gradient large enough for
+    non-temporal stores."""
     op, bop = _ops()
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     isas = ["base"] + [i for i, f in (("avx2", " avx2"), ("avx512", " avx512bw")) if f in flags]
@@ -533,8 +534,17 @@ def test_fused_hard_path_bitwise_equals_generic(monkeypatch, act, labels):
         (1, 4, 2**18, torch.float32, 20, False, None, False),  # >= 4 MiB gradient: non-temporal stores
     ]
     for B, C, N, dtype, M, right, ignore, bad in cases:
-        x, t = _make(B, C, N, dtype, act, labels, seed=C * 7 + N, ignore_index=ignore if labels else None,
-                     bad_labels=bad and labels)
+        x, t = _make(
+            B,
+            C,
+            N,
+            dtype,
+            act,
+            labels,
+            seed=C * 7 + N,
+            ignore_index=ignore if labels else None,
+            bad_labels=bad and labels,
+        )
         if dtype == torch.float32:
             x = x.clone()
             x[0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
