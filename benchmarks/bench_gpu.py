@@ -292,13 +292,34 @@ def register_report(arch: int) -> int:
 
 def jit_launch_args(tb, C: int, soft: bool, xdt: str, kernel: str, N: int = 224 * 224 * 144, B: int = 2):
     """(kernel function, keyword launch arguments, num_warps, config) as the op launches the kernel for a
-    [B, C, N] softmax + int64-labels problem: small CPU tensors stand in for the device buffers (only their
-    dtype and 16-byte alignment matter to the specialisation, as for torch's CUDA allocations)."""
+    [B, C, N] softmax + int64-labels problem with 20 bins: the op's own ``launch_config`` (forward kernel chosen
+    as the op does) and constexpr flags (``_flags``); small CPU tensors stand in for the device buffers (only
+    their dtype and 16-byte alignment matter to the specialisation, as for torch's CUDA allocations)."""
     import torch
 
-    cfg = tb.launch_config(B, C, N, 20, torch.device("cuda"), backward=kernel == "bwd")
-    dtypes = {"x_ptr": torch.float32 if xdt == "fp32" else torch.bfloat16, "t_ptr": torch.int64, "bad_ptr": torch.int32}
-    dtypes["gx_ptr"] = dtypes["x_ptr"]
+    M = 20
+    cfg = tb.launch_config(B, C, N, M, torch.device("cuda"), backward=kernel == "bwd")
+    cfg["M"] = M
+    if kernel == "bwd":
+        fn = tb._stats_bwd_kernel
+    elif cfg.get("SCATTER"):
+        fn = tb._stats_fwd_scatter_kernel
+    else:
+        fn = tb._stats_fwd_kernel
+    xt = torch.float32 if xdt == "fp32" else torch.bfloat16
+    part = torch.float64 if "scatter" in fn.__name__ else torch.float32
+    dtypes = {
+        "x_ptr": xt,
+        "gx_ptr": xt,
+        "t_ptr": torch.int64,
+        "e_ptr": torch.float32,
+        "part_ptr": part,
+        "cnt_ptr": torch.int64,
+        "bad_ptr": torch.int32,
+        "gc_ptr": torch.float32,
+        "gp_ptr": torch.float32,
+        "gy_ptr": torch.float32,
+    }
     ints = {
         "C": C,
         "N": N,
@@ -308,28 +329,21 @@ def jit_launch_args(tb, C: int, soft: bool, xdt: str, kernel: str, N: int = 224 
         "has_ignore": 0,
         "right": 0,
     }
-    consts = {
-        "NUM_BINS": 20,
-        "M_PAD": cfg["M_PAD"],
-        "C_BLOCK": cfg["C_BLOCK"],
-        "BLOCK_N": cfg["BLOCK_N"],
-        "SOFT": soft,
-        "ACTIVATION": 1,
-        "LABELS": True,
-        "SINGLE_CHUNK": cfg["num_cc"] == 1,
-    }
-    fn = tb._stats_fwd_kernel if kernel == "fwd" else tb._stats_bwd_kernel
+    consts = dict(tb._flags(soft, 1, True, cfg))
+    num_warps = consts.pop("num_warps")
     kwargs = {}
     for name in fn.arg_names:
-        if name.endswith("_ptr"):
-            kwargs[name] = torch.empty(64, dtype=dtypes.get(name, torch.float32))
+        if name in dtypes:
+            kwargs[name] = torch.empty(64, dtype=dtypes[name])
         elif name in ints:
             kwargs[name] = ints[name]
         elif name in consts:
             kwargs[name] = consts[name]
+        elif name in cfg:  # e.g. M_PAD
+            kwargs[name] = cfg[name]
         else:
-            raise KeyError(f"bench_gpu --registers does not know the kernel argument {name!r}; add it here")
-    return fn, kwargs, cfg["num_warps"], cfg
+            raise KeyError(f"bench_gpu --registers does not know the argument {name!r} of {fn.__name__}; add it")
+    return fn, kwargs, num_warps, cfg
 
 
 def _compile_one(tb, triton, target, cuobjdump, C, soft, xdt, kernel) -> int:
@@ -342,6 +356,7 @@ def _compile_one(tb, triton, target, cuobjdump, C, soft, xdt, kernel) -> int:
     label = f"{kernel} C={C:<3d} {'soft' if soft else 'hard'} {xdt:<4s}"
     try:
         fn, kwargs, num_warps, cfg = jit_launch_args(tb, C, soft, xdt, kernel)
+        label += f" {fn.__name__.strip('_')}" if "scatter" in fn.__name__ else ""
         label += f" C_BLOCK={cfg['C_BLOCK']:<3d} BLOCK_N={cfg['BLOCK_N']:<5d} warps={num_warps}"
         t0 = time.perf_counter()
         backend = make_backend(target)
