@@ -119,20 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _progress(items: Sequence[Any], enabled: bool) -> Iterable[Any]:
-    if not enabled:
-        return items
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is part of the optional extra "io"; fall back to a plain counter
-        return _plain_progress(items)
-    return tqdm(items, desc="evaluate", unit="case", file=sys.stderr)
+    # the package's one progress display: tqdm when installed, else a dependency-free fallback on stderr
+    from calibops._progress import track
 
-
-def _plain_progress(items: Sequence[Any]) -> Iterable[Any]:
-    n = len(items)
-    for i, it in enumerate(items):
-        print(f"evaluate: case {i + 1}/{n}", file=sys.stderr)
-        yield it
+    return track(items, desc="evaluate", unit="case", enabled=enabled)
 
 
 def _check_probabilities(name: str, path: Path, probs: np.ndarray, multilabel: bool, tol: float) -> np.ndarray:
