@@ -12,12 +12,12 @@
 #    2 build        CALIBOPS_REQUIRE_EXT=1 pip install --no-deps --no-build-isolation -e . (falls back to
 #                   setup.py build_ext --inplace); FAILS unless the CUDA kernels are registered
 #    3 tests_quick  GPU tests, quick pass (-m "not slow"): tests/test_triton_backend.py, tests/test_cuda_backend.py
-#    4 selfcheck    python -m calibops selfcheck --record (only after the quick tests passed; without --record
-#                   otherwise): adds the (backend, arch) pairs that pass to calibops/_verified.py
-#                   (the quick and slow test steps run the tests in several pytest processes at once:
-#                   scripts/pytest_parallel.py; most of their time is Triton compiling kernel variants)
-#    5 bench        benchmarks/bench_gpu.py, fwd+bwd, triton / cuda / torch-vectorised at 2x4x224x224x144 and
+#                   in several pytest processes at once (scripts/pytest_parallel.py: most of the time is Triton
+#                   compiling kernel variants, one core per process); tests_slow below likewise
+#    4 bench        benchmarks/bench_gpu.py, fwd+bwd, triton / cuda / torch-vectorised at 2x4x224x224x144 and
 #                   2x16x176x176x64, hard + soft; every row is appended to the CSV as it is measured
+#    5 selfcheck    python -m calibops selfcheck --record (only after the quick tests passed; without --record
+#                   otherwise): adds the (backend, arch) pairs that pass to calibops/_verified.py
 #    6 memcheck_cuda    compute-sanitizer memcheck of scripts/sanitize_case.py (PYTORCH_NO_CUDA_MEMORY_CACHING=1:
 #    7 memcheck_triton  every tensor its own allocation, so small overruns are not hidden inside pooled blocks)
 #    8 tests_slow   the GPU tests marked slow (more Triton variants)
@@ -25,11 +25,10 @@
 #   10 tiles        a Triton block-size sweep (forward / backward ops alone)
 #
 # Time budget: GPU_CHECK_BUDGET_S (default 480). Every step has a cap and keeps back the time the essential
-# steps after it need (the build keeps 190 s for the quick tests and the benchmark; the quick tests and the
-# self-check keep 130 s for the benchmark; the later steps 10 s for the archive), all scaled by budget/480; a
-# step runs with timeout min(cap, time left - reserve) and is skipped when that is under 10 s. Caps (s): env 30,
-# build 240, tests_quick 150, selfcheck 40, bench 150, memcheck 90 + 60, tests_slow 150, tests_rest 200,
-# tiles 60.
+# steps after it need (the build keeps 190 s for the quick tests and the benchmark; the quick tests keep 130 s
+# for the benchmark; the later steps 10 s for the archive), all scaled by budget/480; a step runs with timeout
+# min(cap, time left - reserve) and is skipped when that is under 10 s. Caps (s): env 30, build 240,
+# tests_quick 150, bench 150, selfcheck 90, memcheck 90 + 60, tests_slow 150, tests_rest 200, tiles 60.
 #
 # Outputs, in $OUT (default ${TMPDIR:-/tmp}/calibops_gpu_check; at most 8 files, names of letters, digits,
 # '.', '_', '-'; refreshed after every step):
@@ -235,22 +234,7 @@ else
 fi
 run_step tests_quick 150 130 "$QUICK" && QUICK_OK=1
 
-# --- 4. self-check, and the record of verified architectures -------------------------------------------------
-cp calibops/_verified.py "$LOG_DIR/_verified.before.py" 2>/dev/null || : > "$LOG_DIR/_verified.before.py"
-if (( DRY )); then  # the Triton kernels through the interpreter; nothing is recorded
-  SELFCHECK="\$PY -m calibops selfcheck --device cpu --backends triton --dtypes float32"
-elif (( QUICK_OK )); then
-  SELFCHECK="\$PY -m calibops selfcheck --record"
-else
-  SELFCHECK="\$PY -m calibops selfcheck"  # the quick tests failed: check, record nothing
-fi
-run_step selfcheck 40 130 "$SELFCHECK"
-diff -u --label a/calibops/_verified.py --label b/calibops/_verified.py \
-  "$LOG_DIR/_verified.before.py" calibops/_verified.py > "$OUT_DIR/verified.diff" 2>/dev/null
-cp "$OUT_DIR/verified.diff" "$LOG_DIR/verified.diff"
-echo "verified.diff: $(grep -c '^+[^+]' "$OUT_DIR/verified.diff") added line(s)"
-
-# --- 5. benchmark: every row reaches the CSV as soon as it is measured ----------------------------------------
+# --- 4. benchmark: every row reaches the CSV as soon as it is measured ----------------------------------------
 if (( DRY )); then
   BENCH="\$PY benchmarks/bench_gpu.py --device cpu --dry-run --shapes 1x3x4x4x4,1x5x3x3x3 --modes fwd+bwd \
 --backends torch-vectorised,triton,cuda --out '$BENCH_CSV'"
@@ -259,6 +243,21 @@ else
 --backends torch-vectorised,triton,cuda --budget-s $(scaled 100) --out '$BENCH_CSV'"
 fi
 run_step bench 150 10 "$BENCH"
+
+# --- 5. self-check, and the record of verified architectures -------------------------------------------------
+cp calibops/_verified.py "$LOG_DIR/_verified.before.py" 2>/dev/null || : > "$LOG_DIR/_verified.before.py"
+if (( DRY )); then  # the Triton kernels through the interpreter; nothing is recorded
+  SELFCHECK="\$PY -m calibops selfcheck --device cpu --backends triton --dtypes float32"
+elif (( QUICK_OK )); then
+  SELFCHECK="\$PY -m calibops selfcheck --record"
+else
+  SELFCHECK="\$PY -m calibops selfcheck"  # the quick tests failed: check, record nothing
+fi
+run_step selfcheck 90 10 "$SELFCHECK"
+diff -u --label a/calibops/_verified.py --label b/calibops/_verified.py \
+  "$LOG_DIR/_verified.before.py" calibops/_verified.py > "$OUT_DIR/verified.diff" 2>/dev/null
+cp "$OUT_DIR/verified.diff" "$LOG_DIR/verified.diff"
+echo "verified.diff: $(grep -c '^+[^+]' "$OUT_DIR/verified.diff") added line(s)"
 
 # --- 6, 7. compute-sanitizer memcheck, caching allocator off -------------------------------------------------
 SANITIZER=$(command -v compute-sanitizer || true)
