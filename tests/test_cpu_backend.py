@@ -277,6 +277,22 @@ def test_empty_and_single_voxel():
         assert gi.shape == x.shape
 
 
+def test_zero_classes_and_bad_shape():
+    """C = 0 at the op level: empty (B, 0, M) statistics and bad = [0, 0] (labels are not counted), no error."""
+    op, bop = _ops()
+    for soft, labels in itertools.product([False, True], [True, False]):
+        e = _edges(5, soft)
+        x = torch.rand(2, 0, 9)
+        t = torch.randint(0, 3, (2, 9)) if labels else torch.rand(2, 0, 9)
+        got = op(x, t, e, 5, soft, ACT_SOFTMAX, labels, None, False)
+        ref = binned_stats_prepared(x, t, e, 5, soft, ACT_SOFTMAX, labels, None, False)
+        for a, b in zip(got, ref):
+            assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+        assert got[3].shape == (2,)
+        gi = bop(*(torch.ones(2, 0, 5),) * 3, x, t, e, 5, soft, ACT_SOFTMAX, labels, None, False)
+        assert gi.shape == x.shape
+
+
 def test_large_volume_accuracy():
     """2^21 voxels per image: float64 blocked sums stay within 1e-5 relative of the float64 reference."""
     op, _ = _ops()

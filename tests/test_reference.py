@@ -128,8 +128,9 @@ def test_all_voxels_ignored():
     labels = torch.full((1, 4), 255)
     s = F.binned_stats(x, labels, num_bins=2, to_onehot_y=True, ignore_index=255, backend="reference")
     assert s.count.sum().item() == 0 and s.sum_p.sum().item() == 0
-    out = ref_loss(x, labels, num_bins=2, to_onehot_y=True, ignore_index=255, ignore_empty_classes=False,
-                   reduction="none")
+    out = ref_loss(
+        x, labels, num_bins=2, to_onehot_y=True, ignore_index=255, ignore_empty_classes=False, reduction="none"
+    )
     assert out.tolist() == [[0.0, 0.0]]
     errs = F.calibration_errors(x, labels, num_bins=2, to_onehot_y=True, ignore_index=255, backend="reference")
     assert torch.isnan(errs.ece).all() and torch.isnan(errs.ace).all() and torch.isnan(errs.mce).all()
@@ -242,15 +243,22 @@ def test_reference_matches_oracle(binning, act, target_kind, include_background,
     seed = zlib.crc32(repr((binning, act, target_kind, include_background, ignore_empty, reduction)).encode())
     shape = (2, 3, 5, 7)
     x, target, np_target = _random_case(seed, shape, act, target_kind)
-    kw = dict(num_bins=7, binning=binning, include_background=include_background, ignore_empty_classes=ignore_empty,
-              reduction=reduction)
+    kw = dict(
+        num_bins=7,
+        binning=binning,
+        include_background=include_background,
+        ignore_empty_classes=ignore_empty,
+        reduction=reduction,
+    )
     xr = x.clone().requires_grad_(True)
-    out = ref_loss(xr, target, to_onehot_y=target_kind == "labels", softmax=act == "softmax",
-                   sigmoid=act == "sigmoid", **kw)
+    out = ref_loss(
+        xr, target, to_onehot_y=target_kind == "labels", softmax=act == "softmax", sigmoid=act == "sigmoid", **kw
+    )
     g_out = torch.rand(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
     (grad,) = torch.autograd.grad(out, xr, g_out.to(out.dtype))
-    val, ograd = _oracle.loss_and_grad(x.double().numpy(), np_target, to_onehot_y=target_kind == "labels", act=act,
-                                       grad_output=g_out.numpy(), **kw)
+    val, ograd = _oracle.loss_and_grad(
+        x.double().numpy(), np_target, to_onehot_y=target_kind == "labels", act=act, grad_output=g_out.numpy(), **kw
+    )
     np.testing.assert_allclose(out.detach().double().numpy(), val, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(grad.double().numpy(), ograd, rtol=1e-3, atol=1e-6)
 
@@ -261,8 +269,16 @@ def test_reference_matches_oracle_weight_ignore_index_right(binning, right):
     shape = (3, 4, 6, 5)
     x, labels, np_labels = _random_case(7, shape, "softmax", "labels", ignore_index=-1)
     weight = [0.5, 2.0, 1.0]
-    kw = dict(num_bins=5, binning=binning, include_background=False, weight=weight, right=right, ignore_index=-1,
-              to_onehot_y=True, empty_weight=0.05)
+    kw = dict(
+        num_bins=5,
+        binning=binning,
+        include_background=False,
+        weight=weight,
+        right=right,
+        ignore_index=-1,
+        to_onehot_y=True,
+        empty_weight=0.05,
+    )
     xr = x.clone().requires_grad_(True)
     out = ref_loss(xr, labels, softmax=True, **kw)
     (grad,) = torch.autograd.grad(out * 3.0, xr)
@@ -292,10 +308,19 @@ def test_calibration_errors_match_oracle(act):
     x, labels, np_labels = _random_case(11, shape, act, "labels", ignore_index=9)
     labels[0] = 9  # image 0 fully ignored -> NaN
     np_labels = labels.numpy()
-    e = F.calibration_errors(x, labels, num_bins=6, to_onehot_y=True, softmax=act == "softmax",
-                             sigmoid=act == "sigmoid", ignore_index=9, backend="reference")
-    oe = _oracle.calibration_errors(x.double().numpy(), np_labels, num_bins=6, to_onehot_y=True, act=act,
-                                    ignore_index=9)
+    e = F.calibration_errors(
+        x,
+        labels,
+        num_bins=6,
+        to_onehot_y=True,
+        softmax=act == "softmax",
+        sigmoid=act == "sigmoid",
+        ignore_index=9,
+        backend="reference",
+    )
+    oe = _oracle.calibration_errors(
+        x.double().numpy(), np_labels, num_bins=6, to_onehot_y=True, act=act, ignore_index=9
+    )
     for got, exp in zip(e, oe):
         np.testing.assert_allclose(got.double().numpy(), exp, rtol=1e-5, atol=1e-7)
     assert torch.isnan(e.ece[0]).all() and not torch.isnan(e.ece[1:]).any()
@@ -316,8 +341,9 @@ def test_half_inputs_accumulate_in_float32(dtype, binning):
     out = ref_loss(xr, labels, binning=binning, to_onehot_y=True, softmax=True)
     (g,) = torch.autograd.grad(out, xr)
     assert out.dtype == F32 and g.dtype == dtype
-    val, og = _oracle.loss_and_grad(x.double().numpy(), labels.numpy(), binning=binning, to_onehot_y=True,
-                                    act="softmax")
+    val, og = _oracle.loss_and_grad(
+        x.double().numpy(), labels.numpy(), binning=binning, to_onehot_y=True, act="softmax"
+    )
     assert out.item() == pytest.approx(val, rel=1e-4)  # float32 softmax vs float64: bins agree here
     np.testing.assert_allclose(g.double().numpy(), og, rtol=2e-2, atol=1e-4)  # gradient rounded to half
 
@@ -343,6 +369,30 @@ def test_non_contiguous_inputs():
     a = ref_loss(x, yt.contiguous(), softmax=True)
     b = ref_loss(xt, yt, softmax=True)
     assert a.item() == b.item()
+
+
+def test_op_level_bad_shape_and_zero_classes():
+    """bad is int64 (2,) = [out-of-range labels, non-finite entries]; C = 0 gives empty stats and zero bad, and
+    B = 0 / N = 0 zero statistics (docs/kernel_contract.md)."""
+    from calibops.reference import binned_stats_prepared
+
+    for soft in (False, True):
+        e = bin_centres(5) if soft else bin_edges(5)
+        for labels in (True, False):
+            x = torch.rand(2, 0, 7)
+            t = torch.randint(0, 3, (2, 7)) if labels else torch.rand(2, 0, 7)
+            cnt, sp, sy, bad = binned_stats_prepared(x, t, e, 5, soft, 1, labels, None, False)
+            assert cnt.shape == sp.shape == sy.shape == (2, 0, 5) and bad.tolist() == [0, 0]
+        for B, N in ((0, 4), (2, 0)):
+            x = torch.rand(B, 3, N)
+            cnt, sp, sy, bad = binned_stats_prepared(
+                x, torch.zeros(B, N, dtype=torch.long), e, 5, soft, 0, True, None, False
+            )
+            assert bad.dtype == torch.int64 and bad.tolist() == [0, 0] and not cnt.any() and cnt.shape == (B, 3, 5)
+        x = torch.tensor([[[0.2, float("nan"), 0.7], [0.8, 0.5, float("inf")]]])
+        lab = torch.tensor([[0, 1, 5]])
+        bad = binned_stats_prepared(x, lab, e, 5, soft, 0, True, None, False)[3]
+        assert bad.tolist() == [1, 1]  # label 5 is out of range (its inf entry is not counted); the NaN is
 
 
 def test_zero_voxels_and_float64_output():
@@ -402,8 +452,15 @@ def test_gradcheck_soft(act, target_kind):
         y = torch.rand(2, 3, 11, generator=g, dtype=torch.float64)
     x.requires_grad_(True)
     fn = lambda t: F.marginal_l1_ace(  # noqa: E731
-        t, y, num_bins=6, binning="soft", to_onehot_y=target_kind == "labels", softmax=act == "softmax",
-        sigmoid=act == "sigmoid", backend="reference", reduction="sum",
+        t,
+        y,
+        num_bins=6,
+        binning="soft",
+        to_onehot_y=target_kind == "labels",
+        softmax=act == "softmax",
+        sigmoid=act == "sigmoid",
+        backend="reference",
+        reduction="sum",
     )
     assert torch.autograd.gradcheck(fn, (x,), eps=1e-7, atol=1e-6)
 
