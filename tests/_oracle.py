@@ -1,4 +1,5 @@
-"""An independent float64 implementation of SPEC §1 in NumPy, written from the spec with explicit loops.
+"""An independent float64 implementation of the statistics and mL1-ACE semantics (README "Semantics",
+docs/kernel_contract.md) in NumPy, written from those documents with explicit loops.
 
 It shares no code with calibops: it is the oracle the reference (and through it every backend) is checked
 against. Small inputs only (Python loops over voxels).
@@ -92,11 +93,23 @@ def prepare(x, target, to_onehot_y, act, ignore_index):
 
 
 def loss_and_grad(
-    x, target, *, num_bins=20, binning="hard", include_background=True, to_onehot_y=False, act=None,
-    ignore_empty_classes=True, weight=None, reduction="mean", empty_weight=0.01, right=False, ignore_index=None,
+    x,
+    target,
+    *,
+    num_bins=20,
+    binning="hard",
+    include_background=True,
+    to_onehot_y=False,
+    act=None,
+    ignore_empty_classes=True,
+    weight=None,
+    reduction="mean",
+    empty_weight=0.01,
+    right=False,
+    ignore_index=None,
     grad_output=None,
 ):
-    """mL1-ACE value and its gradient w.r.t. x (same shape as x) per SPEC §1, in float64."""
+    """mL1-ACE value and its gradient w.r.t. x (same shape as x) per README "Semantics", in float64."""
     x = np.asarray(x, dtype=np.float64)
     shape = x.shape
     b_, c_ = shape[:2]
@@ -161,8 +174,9 @@ def loss_and_grad(
     return value, gx.reshape(shape)
 
 
-def calibration_errors(x, target, *, num_bins=20, include_background=False, to_onehot_y=False, act=None,
-                       ignore_index=None, right=False):
+def calibration_errors(
+    x, target, *, num_bins=20, include_background=False, to_onehot_y=False, act=None, ignore_index=None, right=False
+):
     """(ece, ace, mce) each (B, C') float64, NaN where no voxel."""
     x = np.asarray(x, dtype=np.float64)
     b_, c_ = x.shape[:2]
