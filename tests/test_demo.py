@@ -1,13 +1,15 @@
-"""Tests of ``calibops demo``: the synthetic data set, the training loop, and an end-to-end run with few steps.
+"""Tests of ``calibops demo``: the synthetic data set, the training loop, the spread summary, and end-to-end runs
+of ``--quick`` and of a few steps.
 
-The end-to-end run uses a handful of steps and small image counts so it takes seconds; the real default run
-(its table and timing) is recorded in docs/demo_results.md, not timed here.
+The end-to-end runs take seconds; the real default run (its tables, spread and timing) is recorded in
+docs/demo_results.md, not timed here.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,11 +82,13 @@ def test_network_shapes_and_dice_ce() -> None:
 def test_training_is_deterministic_and_uses_the_ace_term() -> None:
     data = demo.make_dataset(8, seed=1)
     cpu = torch.device("cpu")
-    kw = dict(steps=2, seed=5, device=cpu, batch_size=4, progress=False)
-    a = demo.train_model(data, None, **kw)
-    b = demo.train_model(data, None, **kw)
-    hard = demo.train_model(data, "hard", **kw)
-    soft = demo.train_model(data, "soft", **kw)
+    recipe = demo.Recipe(steps=2, batch_size=4, width=4)
+    losses: list[float] = []
+    a = demo.train_model(data, None, recipe, seed=5, device=cpu, report=losses.append)
+    b = demo.train_model(data, None, recipe, seed=5, device=cpu)
+    hard = demo.train_model(data, "hard", recipe, seed=5, device=cpu)
+    soft = demo.train_model(data, "soft", recipe, seed=5, device=cpu)
+    assert len(losses) == 2 and all(math.isfinite(v) and v > 0 for v in losses)  # one report per step
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
     # the mL1-ACE term changes the updates: same seed, same batches, different weights
@@ -93,33 +97,79 @@ def test_training_is_deterministic_and_uses_the_ace_term() -> None:
     assert not a.training  # returned in eval mode
 
 
+def test_training_loss_is_equal_thirds() -> None:
+    logits = torch.randn(2, demo.NUM_CLASSES, 16, 16)
+    labels = torch.randint(0, demo.NUM_CLASSES, (2, 16, 16))
+    dice, ce = demo.dice_ce_loss(logits, labels)
+    torch.testing.assert_close(demo.training_loss(logits, labels, None), (dice + ce) / 3)
+    ace = demo.ace_loss("soft")
+    torch.testing.assert_close(demo.training_loss(logits, labels, ace), (dice + ce + ace(logits, labels)) / 3)
+
+
+def test_recipe_learning_rate_is_one_cycle() -> None:
+    r = demo.Recipe(steps=100, warmup=0.1)
+    factors = [r.lr_factor(s) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)  # linear warm-up over 10 steps
+    assert all(x < y for x, y in zip(factors[:10], factors[1:10]))
+    assert all(x >= y for x, y in zip(factors[9:], factors[10:]))  # then a cosine decay towards 0
+    assert factors[-1] < 0.001
+
+
+def _rows(seed: int, base: tuple, hard: tuple, soft: tuple) -> list[dict]:
+    rows = []
+    for name, (dsc, ace, mce) in zip(demo.CONFIGS, (base, hard, soft)):
+        row = {"seed": seed, "loss": name, "dsc": dsc, "ace": ace, "mce": mce}
+        for k in ("dsc", "ace", "mce"):
+            row[f"{k}_change_pct"] = 100.0 * (row[k] / base[("dsc", "ace", "mce").index(k)] - 1.0)
+        rows.append(row)
+    return rows
+
+
+def test_spread_summarises_the_seeds() -> None:
+    from calibops.demo._report import format_spread, spread
+
+    rows = [
+        *_rows(0, (0.80, 0.20, 0.50), (0.805, 0.18, 0.45), (0.78, 0.15, 0.40)),  # every finding holds
+        *_rows(1, (0.70, 0.20, 0.50), (0.68, 0.21, 0.40), (0.60, 0.19, 0.45)),  # none holds
+    ]
+    summary = spread(rows, demo.CONFIGS)
+    mean, lo, hi = summary["changes"]["dice_ce_hard_ace"]["ace_change_pct"]
+    assert (lo, hi) == pytest.approx((-10.0, 5.0)) and mean == pytest.approx(-2.5)
+    mean, lo, hi = summary["changes"]["dice_ce_soft_ace"]["dsc_change_pct"]
+    assert (lo, hi) == pytest.approx((100 * (0.6 / 0.7 - 1), 100 * (0.78 / 0.8 - 1)))
+    assert summary["holds"] == {
+        "ACE soft < hard < Dice+CE": (1, 2),
+        "MCE soft < hard < Dice+CE": (1, 2),
+        "hard DSC within 0.01 of Dice+CE": (1, 2),
+        "soft DSC within 0.03 of Dice+CE": (1, 2),
+    }
+    text = format_spread(summary, [0, 1])
+    assert "spread over 2 seed(s) (0, 1)" in text and "-2.5 [-10.0, +5.0]" in text
+
+
 def _read_results(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
 
 
-def test_demo_end_to_end_writes_finite_results(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def _spread_line(printed: str, name: str) -> list[tuple[float, float, float]]:
+    """The (mean, min, max) triples of one configuration's line in the printed spread table."""
+    section = printed[printed.index("spread over") :]
+    line = next(ln for ln in section.splitlines() if ln.startswith(name + " "))
+    triples = re.findall(r"([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]", line)
+    return [tuple(float(v) for v in t) for t in triples]
+
+
+def test_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--quick`` (3 seeds, the default worker processes): files written, finite numbers, the printed spread
+    agrees with the CSV."""
     out = tmp_path / "demo"
-    argv = [
-        "--out",
-        str(out),
-        "--steps",
-        "3",
-        "--seed",
-        "2",
-        "--train-images",
-        "16",
-        "--test-images",
-        "8",
-        "--threads",
-        "1",
-    ]
     threads = torch.get_num_threads()
-    assert demo.demo_main(argv) == 0
+    assert demo.demo_main(["--quick", "--out", str(out), "--seed", "2", "--no-progress"]) == 0
     assert torch.get_num_threads() == threads  # the demo restores the caller's thread count
     rows = _read_results(out / "results.csv")
-    assert [r["loss"] for r in rows] == list(demo.CONFIGS)
-    assert set(demo.CSV_COLUMNS) <= set(rows[0])
+    assert list(rows[0]) == list(demo.CSV_COLUMNS)
+    assert [(int(r["seed"]), r["loss"]) for r in rows] == [(s, n) for s in (2, 3, 4) for n in demo.CONFIGS]
     for row in rows:
         for col in (
             *METRIC_COLUMNS,
@@ -129,46 +179,57 @@ def test_demo_end_to_end_writes_finite_results(tmp_path: Path, capsys: pytest.Ca
             value = float(row[col])
             assert math.isfinite(value), (row["loss"], col, row[col])
             assert 0.0 <= value <= 1.0, (row["loss"], col, value)
-        assert int(row["steps"]) == 3 and int(row["seed"]) == 2 and row["device"] == "cpu"
+        assert int(row["steps"]) == demo.QUICK_RECIPE.steps and row["device"] == "cpu"
         assert float(row["train_seconds"]) > 0
-        # macro MCE >= macro ACE per image, so also on average
-        assert float(row["mce"]) >= float(row["ace"]) - 1e-6
-    assert float(rows[0]["ace_change_pct"]) == 0.0
+        assert float(row["mce"]) >= float(row["ace"]) - 1e-6  # per image MCE >= ACE, so also on average
+    for seed in (2, 3, 4):
+        base, *others = [r for r in rows if int(r["seed"]) == seed]
+        assert float(base["ace_change_pct"]) == 0.0
+        for r in others:
+            assert float(r["dsc_change_pct"]) == pytest.approx(
+                100 * (float(r["dsc"]) / float(base["dsc"]) - 1), abs=1e-3
+            )
     for name in demo.CONFIGS:
         png = out / f"demo_{name}.png"
         assert png.stat().st_size > 1000
         assert png.read_bytes()[:8] == PNG_MAGIC
     printed = capsys.readouterr().out
-    for name in demo.CONFIGS:
-        assert name in printed
-    assert "total time" in printed
+    assert printed.count("\nseed ") == 3 and "total time" in printed
+    assert "spread over 3 seed(s) (2, 3, 4)" in printed and "the papers' findings" in printed
+    for name in list(demo.CONFIGS)[1:]:
+        triples = _spread_line(printed, name)
+        assert len(triples) == 3
+        for (mean, lo, hi), key in zip(triples, ("dsc_change_pct", "ace_change_pct", "mce_change_pct")):
+            values = [float(r[key]) for r in rows if r["loss"] == name]
+            assert lo <= mean <= hi
+            assert (mean, lo, hi) == pytest.approx((sum(values) / 3, min(values), max(values)), abs=0.051)
 
 
-def test_demo_is_reproducible(tmp_path: Path) -> None:
-    argv = [
-        "--steps",
-        "2",
-        "--seed",
-        "7",
-        "--train-images",
-        "8",
-        "--test-images",
-        "4",
-        "--no-progress",
-        "--threads",
-        "1",
-    ]
-    assert demo.demo_main(["--out", str(tmp_path / "a"), *argv]) == 0
-    assert demo.demo_main(["--out", str(tmp_path / "b"), *argv]) == 0
+def test_demo_numbers_do_not_depend_on_jobs(tmp_path: Path) -> None:
+    """One training at a time in this process, or two in worker processes: bit-identical results."""
+    argv = ["--steps", "2", "--seed", "7", "--num-seeds", "2", "--train-images", "8", "--test-images", "4"]
+    argv += ["--no-progress", "--threads", "1"]
+    assert demo.demo_main(["--out", str(tmp_path / "a"), "--jobs", "1", *argv]) == 0
+    assert demo.demo_main(["--out", str(tmp_path / "b"), "--jobs", "2", *argv]) == 0
     a, b = _read_results(tmp_path / "a" / "results.csv"), _read_results(tmp_path / "b" / "results.csv")
+    assert len(a) == len(b) == 2 * len(demo.CONFIGS)
     for ra, rb in zip(a, b, strict=True):
-        for col in METRIC_COLUMNS:
+        for col in ("seed", "loss", *METRIC_COLUMNS):
             assert ra[col] == rb[col], (ra["loss"], col)
 
 
 @pytest.mark.parametrize(
     "argv",
-    [["--steps", "0"], ["--steps", "x"], ["--seed", "-1"], ["--device", "tpu"], ["--test-images", "0"], ["--bogus"]],
+    [
+        ["--steps", "0"],
+        ["--steps", "x"],
+        ["--seed", "-1"],
+        ["--device", "tpu"],
+        ["--test-images", "0"],
+        ["--num-seeds", "0"],
+        ["--jobs", "0"],
+        ["--bogus"],
+    ],
 )
 def test_demo_rejects_bad_arguments(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert demo.demo_main(["--out", str(tmp_path), *argv]) == 2
@@ -177,12 +238,22 @@ def test_demo_rejects_bad_arguments(argv: list[str], tmp_path: Path, capsys: pyt
 
 
 def test_run_demo_rejects_bad_arguments(tmp_path: Path) -> None:
+    tiny = demo.Recipe(steps=1)
     with pytest.raises(ValueError, match="steps"):
-        demo.run_demo(str(tmp_path), steps=0)
+        demo.run_demo(str(tmp_path), recipe=demo.Recipe(steps=0))
+    with pytest.raises(TypeError, match="recipe"):
+        demo.run_demo(str(tmp_path), recipe={"steps": 1})
     with pytest.raises(ValueError, match="device"):
-        demo.run_demo(str(tmp_path), steps=1, device="meta")
+        demo.run_demo(str(tmp_path), recipe=tiny, device="meta")
     with pytest.raises(ValueError, match="num_test"):
-        demo.run_demo(str(tmp_path), steps=1, num_test=0)
+        demo.run_demo(str(tmp_path), recipe=demo.Recipe(steps=1, num_test=0))
+    with pytest.raises(ValueError, match="seeds"):
+        demo.run_demo(str(tmp_path), seeds=[], recipe=tiny)
+    with pytest.raises(ValueError, match="seeds"):
+        demo.run_demo(str(tmp_path), seeds=[1, 1], recipe=tiny)
+    with pytest.raises(ValueError, match="jobs"):
+        demo.run_demo(str(tmp_path), recipe=tiny, jobs=0)
+    assert not (tmp_path / "results.csv").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is missing")

@@ -1,0 +1,7 @@
+"""``python -m calibops.demo`` runs the demo (same as ``python -m calibops demo``)."""
+
+import sys
+
+from . import demo_main
+
+sys.exit(demo_main())
