@@ -7,9 +7,10 @@ on one CPU core; spreading the tests over a few processes compiles several varia
 is safe to share). The selection is collected once (``--collect-only``); its test ids are dealt round-robin to
 the workers (neighbouring parameter sets of one test, which usually compile different variants, land in
 different workers). Each worker's output goes to ``LOGS/<name>_w<k>.log``; a line is printed as each worker
-finishes, then every worker's summary. Exit status: 0 when every worker passed, pytest's 5 when nothing was
-selected, else the first worker's non-zero status; 124 when stopped by SIGTERM (a time limit), after printing
-how far each worker got. pytest options of the project (``addopts``) are ignored (``-o addopts=``).
+finishes, then every worker's summary (a failing worker's whole log). Exit status: 0 when every worker passed,
+pytest's 5 when nothing was selected, else the first worker's non-zero status; 124 when stopped by SIGTERM (a
+time limit), after printing how far each worker got. pytest options of the project (``addopts``) are ignored
+(``-o addopts=``).
 """
 
 from __future__ import annotations
@@ -117,8 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.2)
     rc = 0
     for k, p, _, log, _ in procs:
-        print(f"\n----- {opts.name} worker {k}: {os.path.basename(log)} (last lines) -----")
-        print(_tail(log), end="")
+        # a failing worker's whole log (the failures' tracebacks), else its last lines
+        full = p.returncode not in (0, 5)
+        print(f"\n----- {opts.name} worker {k}: {os.path.basename(log)} ({'all' if full else 'last lines'}) -----")
+        print(_tail(log, 100_000 if full else 15), end="")
         if p.returncode and not rc:
             rc = p.returncode
     return rc
