@@ -19,7 +19,7 @@ Forward design (one read of input and target), two kernels chosen by ``num_bins`
   order, so results are bitwise deterministic run to run on one device. Its cost per element grows with M
   (one masked pass per bin), which is why it is limited to small M.
 - ``num_bins > MAX_REGISTER_BINS`` (scatter kernel, cost independent of M): the same grid and per-element
-  work on small ``[C_BLOCK, BLOCK_N]`` tiles (``BLOCK_N`` 8-64, ``C_BLOCK * BLOCK_N**2 <= SCATTER_PAIRS``).
+  work on small ``[C_BLOCK, BLOCK_N]`` tiles (``BLOCK_N`` 8-32, ``C_BLOCK * BLOCK_N**2 <= SCATTER_PAIRS``).
   Within each class row of a tile, the elements that share a bin are grouped by an all-pairs comparison
   (``[C_BLOCK, BLOCK_N, BLOCK_N]``, O(BLOCK_N) work per element whatever M is); the first element of each
   group (its leader) carries the group's float32 sums and adds them with a plain load/add/store into the
@@ -51,8 +51,10 @@ numbers come from compiling the kernels for sm_90 with this Triton (ptxas regist
       registers and spilled). The per-bin loop is a runtime loop (an unrolled one spilled and compiled 30x
       slower). Programs: ~``PROGRAMS_PER_SM = 32`` per SM over the grid, each >= 4 and <= 256 tiles (the upper
       bound limits the sequential float32 accumulation length).
-    - Scatter forward (M > 64): ``BLOCK_N = prev_pow2(sqrt(SCATTER_PAIRS / C_BLOCK))`` clamped to [8, 64],
-      4 warps; partial rows accumulate in float64, so tiles per program need no upper bound.
+    - Scatter forward (M > 64): ``BLOCK_N = prev_pow2(sqrt(SCATTER_PAIRS / C_BLOCK))`` clamped to [8, 32]
+      (2048 pairs: 32-151 registers for C <= 32 with Triton 3.6, no spills; 4096 pairs took 161-168 at 16
+      classes and 64 lanes for one class ~250), 4 warps; partial rows accumulate in float64, so tiles per
+      program need no upper bound. Where the register kernel stops paying (M = 64 here) waits for GPU timing.
     - Backward: 1024-element tiles, 8 warps (4 elements per thread, 45-80 registers), one tile per program.
     - ``BLOCK_N`` is clamped to [16, 1024] (and, under the interpreter only, to next_pow2(N)).
     The environment variables ``CALIBOPS_TRITON_TILE_FWD`` / ``CALIBOPS_TRITON_TILE_BWD`` (powers of two
@@ -96,7 +98,8 @@ MIN_TILES_PER_PROG = 4
 PROGRAMS_PER_SM = 32
 MAX_BLOCK_N = 1024  # the forward's packed (count, sum_y) tile sums rely on BLOCK_N <= 1024 < _PACK
 MAX_REGISTER_BINS = 64  # num_bins above this use the scatter kernel (cost independent of num_bins)
-SCATTER_PAIRS = 4096  # scatter kernel: C_BLOCK * BLOCK_N**2 all-pairs comparisons per tile
+SCATTER_PAIRS = 2048  # scatter kernel: C_BLOCK * BLOCK_N**2 all-pairs comparisons per tile (<= 151 registers)
+SCATTER_MAX_N = 32  # scatter kernel: widest tile (64 lanes for one class took ~250 registers on sm_90)
 _PACK = tl.constexpr(2048.0)
 _LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _DENSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.bool, torch.uint8)
@@ -753,9 +756,10 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _scatter_block_n(c_block: int) -> int:
-    """Scatter kernel tile width: the largest power of two with c_block * width**2 <= SCATTER_PAIRS, in [8, 64]."""
+    """Scatter kernel tile width: the largest power of two with c_block * width**2 <= SCATTER_PAIRS, clamped to
+    [8, SCATTER_MAX_N]."""
     width = 1 << (math.isqrt(max(SCATTER_PAIRS // c_block, 1)).bit_length() - 1)
-    return max(8, min(width, 64))
+    return max(8, min(width, SCATTER_MAX_N))
 
 
 def launch_config(B: int, C: int, N: int, num_bins: int, device: torch.device, backward: bool = False) -> dict:
