@@ -528,3 +528,368 @@ def test_more_than_2_31_elements():
     for (b, c), j in (((0, 0), 1), ((0, 1), 1), ((1, 0), 6)):
         assert bool((grad[b, c] == gp[b, c, j].to(grad.dtype)).all()), f"gradient of image {b} class {c}"
     assert bool((grad[1, 1, :-1] == gp[1, 1, 8].to(grad.dtype)).all()), "gradient beyond 2^31 elements"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Many bins (the scatter kernel), the non-finite rule, the `bad` pair, C = 0, and how kernels are launched
+# --------------------------------------------------------------------------------------------------------------
+#
+# Above tb.MAX_REGISTER_BINS (64) the forward is the scatter kernel: per tile, the elements of a class row that
+# share a bin are grouped and the group's leader adds the group sums to the program's float64 partial row. Its
+# per-element work does not depend on M. CALIBOPS_TRITON_MAX_REGISTER_BINS=0 routes every M through it, so the
+# option matrix below runs it at small M too. Tolerances are those of the module docstring (the float64 partials
+# only make the kernel's sums more exact). Each M is a separate compile on a GPU: only a few cases run in the GPU
+# quick pass.
+
+
+def _expect_scatter(M):
+    cfg = tb.launch_config(1, 3, 1000, M, DEVICE)
+    assert cfg["SCATTER"] == (M > tb.MAX_REGISTER_BINS), cfg
+    return cfg
+
+
+def test_scatter_kernel_chosen_above_max_register_bins(monkeypatch):
+    assert tb.MAX_REGISTER_BINS == 64
+    assert not tb.launch_config(1, 3, 1000, 64, DEVICE)["SCATTER"]
+    assert tb.launch_config(1, 3, 1000, 65, DEVICE)["SCATTER"]
+    assert not tb.launch_config(1, 3, 1000, 2**24, DEVICE, backward=True)["SCATTER"]  # one backward for any M
+    monkeypatch.setenv("CALIBOPS_TRITON_MAX_REGISTER_BINS", "0")
+    assert tb.launch_config(1, 3, 1000, 1, DEVICE)["SCATTER"]
+    monkeypatch.setenv("CALIBOPS_TRITON_MAX_REGISTER_BINS", "-1")
+    with pytest.raises(ValueError, match="CALIBOPS_TRITON_MAX_REGISTER_BINS"):
+        tb.launch_config(1, 3, 1000, 5, DEVICE)
+
+
+@pytest.mark.parametrize("C", [1, 2, 3, 8, 16, 32, 40])
+def test_scatter_work_per_element_does_not_depend_on_num_bins(C):
+    import inspect
+
+    # Structural: the scatter kernel's tile (the all-pairs grouping is C_BLOCK * BLOCK_N**2 per tile) and the
+    # tiles a program walks are the same for every M above the switch, up to the documented cap 2**24; only P
+    # shrinks (P * M <= N keeps the float64 partial rows within the input's size).
+    N = 7_225_344
+    cfgs = [tb.launch_config(2, C, N, M, torch.device("cpu")) for M in (65, 1000, 4097, 100_000, 2**24)]
+    for cfg in cfgs:
+        assert cfg["SCATTER"]
+        assert cfg["C_BLOCK"] * cfg["BLOCK_N"] ** 2 <= tb.SCATTER_PAIRS and 8 <= cfg["BLOCK_N"] <= tb.SCATTER_MAX_N
+        assert cfg["BLOCK_N"] == cfgs[0]["BLOCK_N"]
+        assert cfg["P"] * cfg["tiles_per_prog"] * cfg["BLOCK_N"] >= N
+    for cfg, M in zip(cfgs, (65, 1000, 4097, 100_000, 2**24)):
+        assert cfg["P"] <= max(1, N // M)
+    src = inspect.getsource(getattr(tb._stats_fwd_scatter_kernel, "fn", tb._stats_fwd_scatter_kernel))
+    assert "range(NUM_BINS)" not in src and "M_PAD" not in src, "the scatter kernel must not loop over the bins"
+
+
+def test_scatter_kernel_time_does_not_grow_with_num_bins():
+    # Before the scatter kernel, the interpreter took 0.09 s at M=20, 3.2 s at M=1000 and did not finish M=100000
+    # in 10 minutes (64 voxels). Same input, M=65 vs 4096 vs 100000: the forward time may not grow like M (a
+    # factor of 1500 here); allowed: 3x plus 1 s for the (B, C, M) output and partial rows and a loaded machine.
+    import time
+
+    x, t = _make(1, 4, 64, act="softmax", labels=True, seed=31)
+    times = {}
+    for M in (65, 4096, 100_000):
+        e = _edges(M, True)
+        if not INTERPRET:
+            tb.binned_stats(x, t, e, M, True, 1, True, None, False)  # warm-up: compile
+        best = float("inf")
+        for _ in range(2):
+            t0 = time.perf_counter()
+            out = tb.binned_stats(x, t, e, M, True, 1, True, None, False)
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        assert abs(float(out[0].sum()) - 4 * 64) < 1e-3
+        times[M] = best
+    assert times[100_000] <= 3 * times[65] + 1.0, times
+    assert times[4096] <= 3 * times[65] + 1.0, times
+
+
+@pytest.mark.parametrize(
+    "M,soft,act,target",
+    [
+        (1000, False, "softmax", "labels"),
+        (1000, True, "softmax", "labels"),
+        pytest.param(1000, False, "sigmoid", "dense", marks=SLOW_ON_GPU),
+        pytest.param(1000, True, "none", "dense", marks=SLOW_ON_GPU),
+        pytest.param(4097, False, "softmax", "labels", marks=SLOW_ON_GPU),
+        pytest.param(4097, True, "sigmoid", "dense", marks=SLOW_ON_GPU),
+        pytest.param(100_000, False, "none", "labels", marks=SLOW_ON_GPU),  # hard from logits: edges 1e-5 apart
+        pytest.param(100_000, True, "softmax", "labels", marks=SLOW_ON_GPU),
+        pytest.param(100_000, True, "none", "dense", marks=SLOW_ON_GPU),
+    ],
+)
+def test_many_bins_match_reference(M, soft, act, target):
+    _expect_scatter(M)
+    labels = target == "labels"
+    x, t = _make(2, 3, 37, act=act, labels=labels, ignore_index=2 if labels else None, seed=M % 997 + soft)
+    out, ref, gk, gr = _run_both(x, t, M, soft, act, labels, 2 if labels else None, False)
+    _check_stats(out, ref, f"{M=} {soft=} {act=}", soft, act)
+    if not soft and act == "none":
+        assert torch.equal(out[0], ref[0]), "hard counts of probabilities must be exact"
+    _check_grad(gk, gr, torch.float32, f"{M=} {soft=} {act=}")
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("target", ["labels", "dense"])
+def test_many_bins_repeated_bins_in_every_tile(soft, target):
+    # few distinct probabilities over several tiles: every group has many members (and on a GPU the partial rows
+    # are read back tile after tile, so a missing barrier between the updates would show here)
+    labels = target == "labels"
+    M, N = 1000, 120
+    g = torch.Generator().manual_seed(5)
+    levels = torch.tensor([0.0, 0.1234, 0.5, 0.50004, 0.9, 1.0])
+    x = levels[torch.randint(0, levels.numel(), (2, 3, N), generator=g)].to(DEVICE)
+    if labels:
+        t = torch.randint(0, 3, (2, N), generator=g).to(DEVICE)
+    else:
+        t = torch.rand(2, 3, N, generator=g).to(DEVICE)
+    _expect_scatter(M)
+    out, ref, gk, gr = _run_both(x, t, M, soft, "none", labels, None, False)
+    _check_stats(out, ref, f"repeated bins {soft=} {target=}", soft)
+    if not soft:
+        assert torch.equal(out[0], ref[0]), "hard counts must be exact"
+        if labels:
+            assert torch.equal(out[2], ref[2]), "label sums of hard bins must be exact"
+    _check_grad(gk, gr, torch.float32, f"repeated bins {soft=} {target=}")
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("act", ["none", "softmax", pytest.param("sigmoid", marks=SLOW_ON_GPU)])
+@pytest.mark.parametrize("target", ["labels", pytest.param("dense", marks=SLOW_ON_GPU)])
+@pytest.mark.parametrize("right", [False, pytest.param(True, marks=SLOW_ON_GPU)], ids=["left", "right"])
+def test_scatter_kernel_every_option_at_small_num_bins(monkeypatch, soft, act, target, right):
+    # the scatter kernel forced for M = 5 (and the edge/centre points of the exact-rule test): same results as
+    # the reference and, for hard counts of probabilities, the same integers as the register kernel
+    monkeypatch.setenv("CALIBOPS_TRITON_MAX_REGISTER_BINS", "0")
+    labels = target == "labels"
+    seed = 100 * soft + 10 * list(ACT).index(act) + 2 * labels + right
+    x, t = _make(2, 5, 75, act=act, labels=labels, seed=seed)
+    assert tb.launch_config(2, 5, 75, 5, DEVICE)["SCATTER"]
+    out, ref, gk, gr = _run_both(x, t, 5, soft, act, labels, None, right)
+    _check_stats(out, ref, f"scatter {soft=} {act=} {target=}", soft, act)
+    _check_grad(gk, gr, torch.float32, f"scatter {soft=} {act=} {target=}")
+    if act == "none":
+        e = bin_edges(5).double()
+        pts = torch.cat([e, bin_centres(5).double(), torch.tensor([0.5])]).float()
+        pts = torch.cat([pts, torch.nextafter(pts, torch.tensor(2.0)), torch.nextafter(pts, torch.tensor(-1.0))])
+        xp = pts.clamp(0, 1).unique().view(1, 1, -1).to(DEVICE)
+        tp = (torch.arange(xp.shape[-1]) % 2).float().view(1, 1, -1).to(DEVICE)
+        out, ref, gk, gr = _run_both(xp, tp, 5, soft, "none", False, None, right)
+        assert soft or torch.equal(out[0], ref[0]), "hard counts must be exact"
+        _check_stats(out, ref, f"scatter edges {soft=}")
+        _check_grad(gk, gr, torch.float32, f"scatter edges {soft=}")
+
+
+@pytest.mark.parametrize("M", [1, 2], ids=["M1", "M2"])
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_scatter_kernel_one_and_two_bins(monkeypatch, M, soft):
+    # soft with M = 1: no upper bin exists, so the second update round must write nothing
+    monkeypatch.setenv("CALIBOPS_TRITON_MAX_REGISTER_BINS", "0")
+    x, t = _make(1, 3, 40, act="softmax", labels=True, seed=12 + M)
+    out, ref, gk, gr = _run_both(x, t, M, soft, "softmax", True, None, False)
+    _check_stats(out, ref, f"scatter {M=} {soft=}", soft, "softmax")
+    _check_grad(gk, gr, torch.float32, f"scatter {M=} {soft=}")
+
+
+def test_many_bins_class_chunks():
+    # C > 32: class chunks (one program axis each, online softmax normaliser) on the scatter kernel
+    x, t = _make(1, 40, 23, act="softmax", labels=True, ignore_index=39, seed=17)
+    _expect_scatter(300)
+    for soft in (False, True):
+        out, ref, gk, gr = _run_both(x, t, 300, soft, "softmax", True, 39, False)
+        _check_stats(out, ref, f"C40 M300 {soft=}", soft, "softmax")
+        _check_grad(gk, gr, torch.float32, f"C40 M300 {soft=}")
+
+
+@pytest.mark.parametrize("M", [20, 1000], ids=["register", "scatter"])
+def test_deterministic_bitwise_many_bins(M):
+    # on a GPU, several programs per image and partial rows read back tile after tile (the interpreter runs
+    # programs one after the other, so a smaller volume suffices there)
+    x, t = _make(2, 6, 150 if INTERPRET else 30_000, act="softmax", labels=True, seed=4)
+    for soft in (False, True):
+        e = _edges(M, soft)
+        a = tb.binned_stats(x, t, e, M, soft, 1, True, None, False)
+        b = tb.binned_stats(x, t, e, M, soft, 1, True, None, False)
+        for u, v in zip(a, b):
+            assert torch.equal(u, v), f"{M=} {soft=}"
+
+
+# ---- the non-finite rule: NaN/+-inf probabilities are left out, get gradient 0 and are counted in bad[1] ----
+
+
+def _rule_expectation(x, t, M, soft, act, labels, ups, right=False):
+    """Statistics, `bad` and gradient by the rule itself, from the reference on the input with the non-finite
+    entries removed. Softmax: a voxel with a NaN or +inf logit, or only -inf logits, has every p NaN, so the
+    whole voxel is removed (as if ignored). Elementwise activations (none, sigmoid): each (b, c) row is reduced
+    on its finite entries alone (rows are independent there); sigmoid(+-inf) = 1 / 0 is finite."""
+    B, C, N = x.shape
+    e = _edges(M, soft)
+    if act == "softmax":
+        bad_vox = torch.isnan(x).any(1) | torch.isposinf(x).any(1) | torch.isneginf(x).all(1)  # [B, N]
+        assert labels
+        tt = torch.where(bad_vox, torch.full_like(t, -7), t)
+        xc = torch.where(bad_vox.unsqueeze(1), torch.zeros_like(x), x).float().requires_grad_()
+        ref = binned_stats_prepared(xc, tt, e, M, soft, 1, True, -7, right)
+        sum((u * o).sum() for u, o in zip(ups, ref[:3])).backward()
+        stats = [r.detach() for r in ref[:3]]
+        grad = xc.grad
+        nonfinite = int(bad_vox.sum()) * C
+    else:
+        p = x if act == "none" else torch.sigmoid(x.double())
+        bad_entry = ~torch.isfinite(p)
+        stats = [torch.zeros(B, C, M, device=x.device) for _ in range(3)]
+        grad = torch.zeros(B, C, N, device=x.device)
+        for b in range(B):
+            for c in range(C):
+                keep = ~bad_entry[b, c]
+                y = (t[b] == c).float() if labels else t[b, c].float()
+                xr = x[b, c, keep].float().view(1, 1, -1).clone().requires_grad_()
+                r = binned_stats_prepared(xr, y[keep].view(1, 1, -1), e, M, soft, ACT[act], False, None, right)
+                sum((u[b, c] * o[0, 0]).sum() for u, o in zip(ups, r[:3])).backward()
+                for s in range(3):
+                    stats[s][b, c] = r[s][0, 0].detach()
+                grad[b, c, keep] = xr.grad[0, 0]
+        nonfinite = int(bad_entry.sum())
+    return stats, nonfinite, grad
+
+
+NUMPY_INF_WARNING = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter
+
+
+@NUMPY_INF_WARNING
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize(
+    "act,target,M",
+    [
+        ("none", "dense", 5),
+        ("softmax", "labels", 5),
+        pytest.param("sigmoid", "dense", 5, marks=SLOW_ON_GPU),
+        pytest.param("sigmoid", "labels", 5, marks=SLOW_ON_GPU),
+        pytest.param("none", "labels", 5, marks=SLOW_ON_GPU),
+        pytest.param("none", "dense", 200, marks=SLOW_ON_GPU),  # M = 200: the scatter kernel
+        ("softmax", "labels", 200),
+        pytest.param("sigmoid", "dense", 200, marks=SLOW_ON_GPU),
+    ],
+)
+def test_nonfinite_probabilities_left_out_and_counted(value, soft, act, target, M):
+    labels = target == "labels"
+    C, N = 4, 90
+    x, t = _make(2, C, N, act=act, labels=labels, seed=23)
+    if not soft:
+        x = _away_from_edges(x, act, M)  # before the non-finite values go in (module docstring)
+    g = torch.Generator().manual_seed(29)
+    hit = torch.rand(2, C, N, generator=g) < 0.08
+    x = torch.where(hit.to(DEVICE), torch.tensor(float(value), device=DEVICE), x)
+    if act == "softmax":
+        x[1, :, 7] = float("-inf")  # all logits -inf: every p NaN
+        x[1, :2, 8] = float("-inf")  # some logits -inf: those p are 0, the voxel is used
+    ups = [torch.randn(2, C, M, generator=g).to(DEVICE) for _ in range(3)]
+    xk = x.clone().requires_grad_()
+    out = tb.binned_stats(xk, t, _edges(M, soft), M, soft, ACT[act], labels, None, False)
+    sum((u * o).sum() for u, o in zip(ups, out[:3])).backward()
+    stats, nonfinite, grad = _rule_expectation(x, t, M, soft, act, labels, ups)
+    if act == "sigmoid" and value != "nan":
+        assert nonfinite == 0  # sigmoid(+-inf) is finite: binned like any other p
+    else:
+        assert nonfinite > 0
+    assert out[3].tolist() == [0, nonfinite], (out[3].tolist(), nonfinite)
+    fake_ref = (*stats, torch.tensor([0, nonfinite]))
+    _check_stats(out, fake_ref, f"non-finite {value} {soft=} {act=} {target=}", soft, act)
+    assert all(bool(torch.isfinite(s).all()) for s in out[:3]), "no NaN/inf may reach the statistics"
+    assert bool(torch.isfinite(xk.grad).all()), "non-finite entries must get gradient 0, not NaN"
+    _check_grad(xk.grad, grad, torch.float32, f"non-finite {value} {soft=} {act=} {target=}")
+    p = x if act == "none" else torch.softmax(x, 1) if act == "softmax" else torch.sigmoid(x)
+    assert bool((xk.grad[~torch.isfinite(p)] == 0).all()), "gradient of non-finite entries must be exactly 0"
+    # and the same as the reference backend, which implements the rule too
+    xr = x.clone().requires_grad_()
+    ref = binned_stats_prepared(xr, t, _edges(M, soft), M, soft, ACT[act], labels, None, False)
+    assert ref[3].tolist() == out[3].tolist()
+
+
+@NUMPY_INF_WARNING
+def test_bad_counts_skip_ignored_and_out_of_range_voxels():
+    # bad = [labels outside [0, C) other than ignore_index, non-finite entries of the other voxels]
+    C, N = 3, 40
+    x, t = _make(1, C, N, act="softmax", labels=True, seed=41)
+    t[0, 0] = 7  # out of range: counted in bad[0] only, even with a NaN logit
+    t[0, 1] = -100  # ignored: never counted
+    t[0, 2] = 1
+    x[0, 0, 0] = float("nan")
+    x[0, 1, 1] = float("nan")
+    x[0, 2, 2] = float("inf")  # used voxel: all C probabilities NaN
+    for M in (5, 200):
+        for soft in (False, True):
+            count, sum_p, sum_y, bad = tb.binned_stats(x, t, _edges(M, soft), M, soft, 1, True, -100, False)
+            assert bad.dtype == torch.int64 and bad.shape == (2,) and bad.device == x.device
+            assert bad.tolist() == [1, C], (M, soft, bad.tolist())
+            assert abs(float(count.sum()) - C * (N - 3)) < 1e-3
+            g = tb.binned_stats_backward(count, sum_p, sum_y, x, t, _edges(M, soft), M, soft, 1, True, -100, False)
+            assert bool((g[0, :, :3] == 0).all()) and bool(torch.isfinite(g).all())
+    # dense target: bad[0] is always 0
+    xd = torch.rand(1, 2, 30, device=DEVICE)
+    xd[0, 1, 4] = float("-inf")
+    out = tb.binned_stats(xd, torch.rand_like(xd), _edges(5, False), 5, False, 0, False, None, False)
+    assert out[3].tolist() == [0, 1]
+
+
+def test_chunked_softmax_with_a_chunk_of_minus_inf_logits():
+    # C = 40: classes 0-31 form the first chunk. All -inf there and finite logits in the second chunk: p = 0 for
+    # the first 32 classes, a normal softmax over the rest (an online normaliser must not turn it into NaN)
+    x, t = _make(1, 40, 20, act="softmax", labels=True, seed=43)
+    x[0, :32, :5] = float("-inf")
+    t[0, :5] = 35
+    for soft in (False, True):
+        out, ref, gk, gr = _run_both(x, t, 5, soft, "softmax", True, None, False)
+        assert out[3].tolist() == [0, 0]
+        _check_stats(out, ref, f"-inf chunk {soft=}", soft, "softmax")
+        _check_grad(gk, gr, torch.float32, f"-inf chunk {soft=}")
+
+
+@pytest.mark.parametrize("M", [5, 100], ids=["register", "scatter"])
+def test_no_classes_gives_empty_statistics(M):
+    # C = 0 at the op level (the Python API rejects it before): empty (B, 0, M) statistics and zero `bad`
+    x = torch.zeros(2, 0, 7, device=DEVICE)
+    t = torch.zeros(2, 7, dtype=torch.int64, device=DEVICE)
+    count, sum_p, sum_y, bad = tb.binned_stats(x, t, _edges(M, False), M, False, 1, True, None, False)
+    assert count.shape == sum_p.shape == sum_y.shape == (2, 0, M) and count.dtype == torch.float32
+    assert bad.shape == (2,) and bad.dtype == torch.int64 and bad.tolist() == [0, 0]
+    g = tb.binned_stats_backward(count, sum_p, sum_y, x, t, _edges(M, False), M, False, 1, True, None, False)
+    assert g.shape == (2, 0, 7)
+
+
+# ---- launching: interpreted kernels never go through torch.library.wrap_triton -------------------------------
+
+
+def test_interpreted_kernels_launch_without_wrap_triton(monkeypatch):
+    # torch <= 2.12's wrap_triton raises on interpreted kernels, so the interpreter path must launch them
+    # directly; compiled kernels must keep going through it (torch.compile traces the triton_op through it).
+    calls = []
+    real = tb.wrap_triton
+
+    def spy(kernel):
+        calls.append(kernel)
+        if INTERPRET:
+            raise RuntimeError("wrap_triton only works on functions annotated with triton.jit or triton.autotune")
+        return real(kernel)
+
+    monkeypatch.setattr(tb, "wrap_triton", spy)
+    monkeypatch.setattr(torch.library, "wrap_triton", spy)
+    x, t = _make(1, 3, 20, act="softmax", labels=True, seed=3)
+    for M in (5, 100):  # register and scatter forward, and the backward
+        xk = x.clone().requires_grad_()
+        out = tb.binned_stats(xk, t, _edges(M, True), M, True, 1, True, None, False)
+        out[1].sum().backward()
+        assert xk.grad is not None and out[0].shape == (1, 3, M)
+    assert (len(calls) == 0) if INTERPRET else (len(calls) >= 3)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="interpreter only")
+def test_interpreter_gets_0d_scalar_arguments():
+    # Triton <= 3.6's interpreter calls int() on one-element arrays for range(C), which numpy >= 2.4 rejects; the
+    # op passes 0-d scalars instead (int32 when the value fits, int64 otherwise)
+    vals = tb._interpreter_scalars(5, -3, 2**31, -(2**40))
+    assert [v.handle.data.ndim for v in vals] == [0, 0, 0, 0]
+    assert [int(v.handle.data) for v in vals] == [5, -3, 2**31, -(2**40)]
+    assert [str(v.dtype) for v in vals] == ["int32", "int32", "int64", "int64"]
