@@ -847,6 +847,13 @@ def test_chunked_softmax_with_a_chunk_of_minus_inf_logits():
         _check_grad(gk, gr, torch.float32, f"-inf chunk {soft=}")
 
 
+def test_num_bins_cap_is_checked_by_the_kernel_op():
+    # the documented cap num_bins <= 2**24 (checked in Python first; the op keeps its own guard)
+    x, t = _make(1, 2, 10, act="softmax", labels=True)
+    with pytest.raises(ValueError, match="num_bins"):
+        tb.binned_stats(x, t, _edges(5, False), 2**24 + 1, False, 1, True, None, False)
+
+
 @pytest.mark.parametrize("M", [5, 100], ids=["register", "scatter"])
 def test_no_classes_gives_empty_statistics(M):
     # C = 0 at the op level (the Python API rejects it before): empty (B, 0, M) statistics and zero `bad`
