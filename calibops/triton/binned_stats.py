@@ -826,6 +826,26 @@ def _check_args(input, target, edges, num_bins, soft, activation, labels, ignore
     if num_bins > MAX_NUM_BINS:  # internal guard; the Python API checks the same cap first
         # bins are located from p * num_bins in float32 plus a one-step correction, exact up to 2**24 bins
         raise ValueError(f"num_bins must be <= 2**24 (the documented cap), got {num_bins}")
+    if activation not in (0, 1, 2):
+        raise ValueError(f"activation must be 0 (none), 1 (softmax) or 2 (sigmoid), got {activation!r}")
+    if labels:
+        if target.dtype not in _LABEL_DTYPES:
+            raise TypeError(f"target labels must be uint8/int8/int16/int32/int64, got {target.dtype}")
+        if tuple(target.shape) != (B, N):
+            raise ValueError(f"target labels must have shape [B, N] = {(B, N)}, got {tuple(target.shape)}")
+    else:
+        if target.dtype not in _DENSE_DTYPES:
+            raise TypeError(f"dense target must be float32/float16/bfloat16/bool/uint8, got {target.dtype}")
+        if tuple(target.shape) != (B, C, N):
+            raise ValueError(f"dense target must have the shape of input {(B, C, N)}, got {tuple(target.shape)}")
+        if ignore_index is not None:
+            raise ValueError("ignore_index is only supported with integer labels (labels=True)")
+    want = num_bins if soft else num_bins + 1
+    if edges.dtype != torch.float32 or edges.dim() != 1 or edges.numel() != want:
+        raise ValueError(
+            f"edges must be float32 of shape ({want},) for num_bins={num_bins}, soft={soft}; "
+            f"got {edges.dtype} {tuple(edges.shape)}"
+        )
     for name, t in (("target", target), ("edges", edges)):
         if t.device != input.device:
             raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
