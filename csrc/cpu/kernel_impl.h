@@ -788,6 +788,7 @@ static CALIBOPS_INLINE void hard_front(const HardCtx& k, i64 C_rt, const float* 
   const i64 C = CC > 0 ? CC : C_rt;
   for (i64 c = 0; c < C; ++c)
     for (int g = 0; g < G; ++g) p[g][c] = fload(x + c * xs + g * VL);
+  VM nfv[G] = {};  // softmax: the voxel's p are all non-finite (a NaN / +inf logit, or every logit -inf) or none
   if (k.act == 1) {
     VF m[G], s[G], r[G];
     for (int g = 0; g < G; ++g) m[g] = p[g][0];
@@ -799,7 +800,10 @@ static CALIBOPS_INLINE void hard_front(const HardCtx& k, i64 C_rt, const float* 
         p[g][c] = vexp<true>(fsub(p[g][c], m[g]));
         s[g] = fadd(s[g], p[g][c]);
       }
-    for (int g = 0; g < G; ++g) r[g] = fdiv(fset(1.0f), s[g]);
+    for (int g = 0; g < G; ++g) {
+      nfv[g] = fnonfinite(s[g]);  // s in [1, C] unless NaN: one test per voxel instead of one per class
+      r[g] = fdiv(fset(1.0f), s[g]);
+    }
     for (i64 c = 0; c < C; ++c)
       for (int g = 0; g < G; ++g) p[g][c] = fmul(p[g][c], r[g]);
   } else if (k.act == 2) {
@@ -808,9 +812,15 @@ static CALIBOPS_INLINE void hard_front(const HardCtx& k, i64 C_rt, const float* 
   }
   const VF Mf = fset(k.Mf), top = fset(k.top), zero = fset(0.0f);
   const VI izero = iset(0), last = iset(k.M - 1), nfbin = iset(k.M + 1);
-  VM masked[G];
+  VM masked[G], drop[G];
+  VI dval[G];
   if (k.labels)
     for (int g = 0; g < G; ++g) masked[g] = ilt(iload(lab + g * VL), izero);
+  if (k.act == 1)  // one select per class: masked voxels -> M, else non-finite voxels -> M + 1
+    for (int g = 0; g < G; ++g) {
+      drop[g] = k.labels ? mor(masked[g], nfv[g]) : nfv[g];
+      dval[g] = k.labels ? isel(masked[g], iset(k.M), nfbin) : nfbin;
+    }
   for (i64 c = 0; c < C; ++c)
     for (int g = 0; g < G; ++g) {
       const VF pc = p[g][c];
@@ -821,8 +831,13 @@ static CALIBOPS_INLINE void hard_front(const HardCtx& k, i64 C_rt, const float* 
       const VI j0 = cvtt(q);
       const VF ea = look(k.e0, j0), eb = look(k.e1, j0);
       VI j = k.right ? bin_adjust<true>(j0, pc, ea, eb) : bin_adjust<false>(j0, pc, ea, eb);
-      j = isel(fnonfinite(pc), nfbin, imin(j, last));
-      if (k.labels) j = isel(masked[g], iset(k.M), j);
+      j = imin(j, last);
+      if (k.act == 1) {
+        j = isel(drop[g], dval[g], j);
+      } else {
+        j = isel(fnonfinite(pc), nfbin, j);
+        if (k.labels) j = isel(masked[g], iset(k.M), j);
+      }
       bin[g][c] = j;
     }
 }
