@@ -52,7 +52,7 @@ numbers come from compiling the kernels for sm_90 with this Triton (ptxas regist
       slower). Programs: ~``PROGRAMS_PER_SM = 32`` per SM over the grid, each >= 4 and <= 256 tiles (the upper
       bound limits the sequential float32 accumulation length).
     - Scatter forward (M > 64): ``BLOCK_N = prev_pow2(sqrt(SCATTER_PAIRS / C_BLOCK))`` clamped to [8, 32]
-      (2048 pairs: 32-151 registers for C <= 32 with Triton 3.6, no spills; 4096 pairs took 161-168 at 16
+      (2048 pairs: 32-152 registers for C <= 40 with Triton 3.6, no spills; 4096 pairs took 161-168 at 16
       classes and 64 lanes for one class ~250), 4 warps; partial rows accumulate in float64, so tiles per
       program need no upper bound. Where the register kernel stops paying (M = 64 here) waits for GPU timing.
     - Backward: 1024-element tiles, 8 warps (4 elements per thread, 45-80 registers), one tile per program.
@@ -99,7 +99,7 @@ PROGRAMS_PER_SM = 32
 MAX_BLOCK_N = 1024  # the forward's packed (count, sum_y) tile sums rely on BLOCK_N <= 1024 < _PACK
 MAX_NUM_BINS = 2**24  # the project-wide cap on num_bins
 MAX_REGISTER_BINS = 64  # num_bins above this use the scatter kernel (cost independent of num_bins)
-SCATTER_PAIRS = 2048  # scatter kernel: C_BLOCK * BLOCK_N**2 all-pairs comparisons per tile (<= 151 registers)
+SCATTER_PAIRS = 2048  # scatter kernel: C_BLOCK * BLOCK_N**2 all-pairs comparisons per tile (<= 152 registers)
 SCATTER_MAX_N = 32  # scatter kernel: widest tile (64 lanes for one class took ~250 registers on sm_90)
 _PACK = tl.constexpr(2048.0)
 _LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
