@@ -315,7 +315,6 @@ def jit_launch_args(tb, C: int, soft: bool, xdt: str, kernel: str, N: int = 224 
         "e_ptr": torch.float32,
         "part_ptr": part,
         "cnt_ptr": torch.int64,
-        "bad_ptr": torch.int32,
         "gc_ptr": torch.float32,
         "gp_ptr": torch.float32,
         "gy_ptr": torch.float32,
