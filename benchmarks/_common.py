@@ -1,4 +1,4 @@
-"""Shared benchmark pieces: the torch-vectorised baseline, the SPEC §3 byte model, environment and CSV.
+"""Shared benchmark pieces: the torch-vectorised baseline, the byte model of docs/kernel_contract.md, environment, CSV.
 
 The baseline is the best plain-PyTorch formulation a user would write (softmax, one_hot, bucketize,
 scatter_add, autograd backward); every speed ratio in the benchmark tables is against it, measured in the
@@ -71,8 +71,8 @@ def torch_vectorised_loss(
 
 
 def contract_bytes(input: torch.Tensor, target: torch.Tensor, mode: str) -> int:
-    """Bytes SPEC §3 says must move: forward reads input+target once; backward reads them once more and
-    writes the gradient (input's size). ``mode`` is "fwd", "bwd" or "fwd+bwd"."""
+    """Bytes docs/kernel_contract.md says must move: forward reads input+target once; backward reads them once
+    more and writes the gradient (input's size). ``mode`` is "fwd", "bwd" or "fwd+bwd"."""
     io = input.numel() * input.element_size() + target.numel() * target.element_size()
     grad = input.numel() * input.element_size()
     return {"fwd": io, "bwd": io + grad, "fwd+bwd": 2 * io + grad}[mode]

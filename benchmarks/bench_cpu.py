@@ -6,9 +6,10 @@ benchmarks/_common.py (softmax, one_hot, bucketize, scatter_add, autograd). Inpu
 (softmax fused) and probabilities + one-hot float targets; hard and soft binning; 20 bins.
 
 Per row: medians (ms) of forward, backward and forward+backward (one forward then one backward per repetition,
-each timed), the speed-up of forward+backward over torch-vectorised, GB/s achieved on the bytes SPEC §3 says
-must move (``contract_bytes``), the ratio to the memory-traffic floor (those bytes at the copy bandwidth measured
-in this run with ``torch.Tensor.copy_``), and the peak extra memory of one forward+backward.
+each timed), the speed-up of forward+backward over torch-vectorised, GB/s achieved on the bytes
+docs/kernel_contract.md says must move (``contract_bytes``), the ratio to the memory-traffic floor (those bytes at
+the copy bandwidth measured in this run with ``torch.Tensor.copy_``), and the peak extra memory of one
+forward+backward.
 
 Peak extra memory is measured after the timings, in a child process (``--memory-only``) that runs with
 ``MALLOC_MMAP_THRESHOLD_=65536`` so every tensor-sized allocation is a fresh mmap, returned on free (the timed
@@ -43,7 +44,7 @@ ISSUE_SHAPES = [(2, 4, 64, 64, 64), (2, 4, 96, 96, 96), (1, 16, 64, 64, 64)]
 QUICK_SHAPES = [(2, 4, 24, 24, 24)]
 IMPLS = ("cpu", "reference", "torch-vectorised")
 TARGET_SHAPE = (2, 4, 64, 64, 64)
-TARGET_SPEEDUP = 6.0  # done-when (issue 3); SPEC §4 aims at 10x
+TARGET_SPEEDUP = 6.0  # done-when (issue 3); the README's target is 10x
 SLOW_CALL_S = 1.0  # implementations slower than this per call get 3 repetitions
 
 
