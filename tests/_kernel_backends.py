@@ -103,7 +103,7 @@ def _cuda() -> KernelBackend | None:
 
 @functools.lru_cache(maxsize=1)
 def _emulation_library() -> Path | None:
-    from .test_cuda_compile import CUDA_DIR, CUDA_INCLUDE, CXX, _run
+    from .test_cuda_compile import CUDA_DIR, CUDA_INCLUDE, CXX, build_emulation_library
 
     if CXX is None or CUDA_INCLUDE is None:
         reason_missing["cuda-emu"] = "needs a host C++ compiler and the CUDA headers (cuda_fp16.h)"
@@ -113,25 +113,7 @@ def _emulation_library() -> Path | None:
     so = Path(tempfile.gettempdir()) / f"calibops_emu_{digest}.so"
     if not so.exists():
         tmp = so.with_suffix(f".{id(so)}.tmp")
-        _run(
-            [
-                CXX,
-                "-std=c++17",
-                "-O2",
-                "-x",
-                "c++",
-                "-shared",
-                "-fPIC",
-                "-DCALIBOPS_EMU_LIB",
-                "-fno-strict-aliasing",
-                "-Wno-pragma-once-outside-header",
-                "-I",
-                CUDA_INCLUDE,
-                str(CUDA_DIR / "host_emulation.cuh"),
-                "-o",
-                str(tmp),
-            ]
-        )
+        build_emulation_library(tmp)
         tmp.replace(so)
     return so
 

@@ -266,11 +266,8 @@ class Emu:
         return dict(zip(keys, list(out))), (err.decode() if err else None)
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    if CXX is None or CUDA_INCLUDE is None:
-        pytest.skip("needs a host C++ compiler and the CUDA headers")
-    so = tmp_path_factory.mktemp("emu") / "libcalibops_emu.so"
+def build_emulation_library(so: Path) -> None:
+    """Compile the host emulation of the CUDA kernels (csrc/cuda/host_emulation.cuh) into the shared library ``so``."""
     _run(
         [
             CXX,
@@ -290,6 +287,14 @@ def emu(tmp_path_factory):
             str(so),
         ]
     )
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    if CXX is None or CUDA_INCLUDE is None:
+        pytest.skip("needs a host C++ compiler and the CUDA headers")
+    so = tmp_path_factory.mktemp("emu") / "libcalibops_emu.so"
+    build_emulation_library(so)
     return Emu(so)
 
 
