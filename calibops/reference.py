@@ -35,6 +35,7 @@ __all__ = [
     "ACT_SOFTMAX",
     "EPS32",
     "BinnedStats",
+    "BinnedStatsMoments",
     "CalibrationErrors",
     "ace_from_stats",
     "bin_centres",
@@ -49,15 +50,41 @@ EPS32 = float(torch.finfo(torch.float32).eps)
 
 
 class BinnedStats(NamedTuple):
-    """Per-(image, class, bin) statistics, each (B, C, M) float32.
+    """Binned statistics: per (image, class, bin) (marginal, (B, C', M)) or per (image, bin) (top-label, (B, M)).
 
-    Hard binning: ``count`` = number of voxels in the bin, ``sum_p`` = Σ p, ``sum_y`` = Σ y.
-    Soft binning: ``count`` = Σ w (membership weights), ``sum_p`` = Σ w·p, ``sum_y`` = Σ w·y.
+    Hard binning: ``count`` = number of entries in the bin, ``sum_p`` = Σ q, ``sum_y`` = Σ y. Soft binning:
+    ``count`` = Σ w (membership weights), ``sum_p`` = Σ w·q, ``sum_y`` = Σ w·y. With several raters
+    (``multi_rater=True``) ``sum_y`` has a rater axis before the bins: (B, C', R, M) / (B, R, M).
+    ``sum_p2`` (Σ w·q²) and ``sum_py`` (Σ w·q·ȳ, ȳ the rater mean) are None unless ``moments=True`` was asked
+    (then the result is a :class:`BinnedStatsMoments`, which still unpacks as ``count, sum_p, sum_y``).
     """
 
     count: torch.Tensor
     sum_p: torch.Tensor
     sum_y: torch.Tensor
+
+    sum_p2 = None  # class attributes, not fields: a BinnedStats unpacks into exactly three tensors
+    sum_py = None
+
+
+class BinnedStatsMoments(BinnedStats):
+    """:class:`BinnedStats` that also carries the second moments ``sum_p2`` and ``sum_py`` (same shape as
+    ``sum_p``). Unpacks, indexes and compares as the three-field tuple ``(count, sum_p, sum_y)``."""
+
+    def __new__(cls, count, sum_p, sum_y, sum_p2, sum_py):
+        self = super().__new__(cls, count, sum_p, sum_y)
+        self.sum_p2 = sum_p2
+        self.sum_py = sum_py
+        return self
+
+    def __getnewargs__(self):
+        return (self.count, self.sum_p, self.sum_y, self.sum_p2, self.sum_py)
+
+    def __repr__(self) -> str:
+        return (
+            f"BinnedStatsMoments(count={self.count!r}, sum_p={self.sum_p!r}, sum_y={self.sum_y!r}, "
+            f"sum_p2={self.sum_p2!r}, sum_py={self.sum_py!r})"
+        )
 
 
 class CalibrationErrors(NamedTuple):
