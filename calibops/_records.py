@@ -1,0 +1,103 @@
+"""Per-image records of a dataset accumulator: one dict per (image, class), gathering and CSV.
+
+The only part of :class:`calibops.DatasetCalibration` whose memory grows with the data set (O(images · C')),
+kept only when asked (``keep_records=True``). Bootstrap confidence intervals and per-group intervals resample
+these records; the pooled sums (:mod:`calibops._state`) never need them.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ._state import dist_ready
+
+__all__ = ["ImageRecords"]
+
+
+class ImageRecords:
+    """A list of per-(image, class) records: ``image``, ``class``, the error values, ``voxels`` and extras."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def clear(self) -> None:
+        self.rows = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def add(
+        self,
+        image_ids: Sequence[Any],
+        classes: Sequence[Any],
+        values: dict[str, torch.Tensor],
+        voxels: torch.Tensor,
+        extra: dict[str, Sequence[Any]] | None = None,
+    ) -> None:
+        """One record per (image b, class k): ``values[name][b, k]`` as floats, ``voxels[b, k]`` as an int, and
+        ``extra[name][b]`` (e.g. the image's group)."""
+        vals = {k: v.detach().cpu() for k, v in values.items()}
+        vox = voxels.detach().cpu()
+        for b, ident in enumerate(image_ids):
+            for k, c in enumerate(classes):
+                rec: dict[str, Any] = {"image": ident, "class": c}
+                for name, v in vals.items():
+                    if name != "dice":
+                        rec[name] = float(v[b, k])
+                rec["voxels"] = int(vox[b, k])
+                if "dice" in vals:
+                    rec["dice"] = float(vals["dice"][b, k])
+                for name, col in (extra or {}).items():
+                    rec[name] = col[b]
+                self.rows.append(rec)
+
+    def get(self, gather: bool = False, process_group: Any = None) -> list[dict[str, Any]]:
+        """Copies of the records; ``gather=True`` collects every rank's (a collective) and adds ``rank``."""
+        recs = [dict(r) for r in self.rows]
+        if gather and dist_ready(process_group):
+            import torch.distributed as dist
+
+            world = dist.get_world_size(process_group)
+            parts: list[Any] = [None] * world
+            dist.all_gather_object(parts, recs, group=process_group)
+            recs = [dict(r, rank=rank) for rank, part in enumerate(parts) for r in part]
+        return recs
+
+    @staticmethod
+    def write_csv(path: str | os.PathLike, recs: list[dict[str, Any]], fields: list[str]) -> None:
+        """Write ``recs`` with these columns (``rank`` first when the records were gathered)."""
+        if recs and "rank" in recs[0]:
+            fields = ["rank", *fields]
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(recs)
+
+    @staticmethod
+    def table(
+        recs: list[dict[str, Any]], classes: Sequence[Any], metric: str
+    ) -> tuple[list[Any], torch.Tensor, list[Any]]:
+        """``(image ids, values (images, C') float64, group of each image or None)`` of one metric, in record
+        order (NaN where a record lacks the class)."""
+        index: dict[Any, int] = {}
+        groups: list[Any] = []
+        col = {c: k for k, c in enumerate(classes)}
+        rows: list[list[float]] = []
+        for r in recs:
+            key = (r.get("rank"), r["image"])
+            if key not in index:
+                index[key] = len(rows)
+                rows.append([math.nan] * len(classes))
+                groups.append(r.get("group"))
+            rows[index[key]][col[r["class"]]] = r[metric]
+        ids = [k[1] for k in index]
+        return ids, torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(classes)), groups
