@@ -25,7 +25,7 @@ from calibops.evaluation import (
     crps_gaussian,
     pool_stats,
 )
-from calibops.reference import BinnedStats, CalibrationErrors, calibration_errors_from_stats
+from calibops.reference import CalibrationErrors, calibration_errors_from_stats
 
 BACKENDS = [b for b in ("reference", "cpu", "triton") if calibops.available_backends()[b] is None]
 EPS32 = float(np.finfo(np.float32).eps)
@@ -466,8 +466,14 @@ def test_classification_loss_pools_the_batch():
             torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
         else:  # soft: the pooled batch is the same as the per-image loss on one (1, C, B) "image"
             ref = F.marginal_l1_ace(
-                x.t().unsqueeze(0), y.unsqueeze(0), num_bins=M, binning="soft", to_onehot_y=True, softmax=True,
-                reduction="none", backend="reference",
+                x.t().unsqueeze(0),
+                y.unsqueeze(0),
+                num_bins=M,
+                binning="soft",
+                to_onehot_y=True,
+                softmax=True,
+                reduction="none",
+                backend="reference",
             )[0]
             torch.testing.assert_close(loss, ref)
     mean = F.classification_marginal_l1_ace(x, y, num_bins=M, softmax=True)
