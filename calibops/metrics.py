@@ -211,6 +211,11 @@ class DatasetCalibration:
             pass per update) for :meth:`adaptive_errors`, the equal-mass ("adaptive") calibration error with
             this many bins.
         fine_bins: resolution of the fine histogram behind ``adaptive_bins`` (default 1000).
+        multi_rater: targets are R rater label maps (B, R, *spatial) (needs ``to_onehot_y``; R may change between
+            updates). Macro values are the mean over images of the *mean over raters* of the per-rater errors (the
+            CURVAS protocol); the pooled statistics, micro values and histogram use the rater-mean soft label
+            ``ȳ = mean_r [label_r = c]``. Records (marginal mode) add ``volume_crps`` (closed form, against the
+            raters' volumes; voxel size from ``update(..., spacing=...)``) and ``consensus_dice``.
 
     Example::
 
@@ -244,6 +249,7 @@ class DatasetCalibration:
         groups: Sequence[Hashable] | None = None,
         adaptive_bins: int | None = None,
         fine_bins: int = 1000,
+        multi_rater: bool = False,
     ) -> None:
         try:
             num_classes = as_int("num_classes", num_classes)
@@ -262,6 +268,7 @@ class DatasetCalibration:
             backend=backend,
             validate=validate,
             mode=mode,
+            multi_rater=multi_rater,
         )
         keep_records = as_bool("keep_records", keep_records)
         dice = as_bool("dice", dice)
@@ -311,6 +318,13 @@ class DatasetCalibration:
         self.nonfinite = nonfinite
         self.process_group = process_group
         self.classification = classification
+        self.multi_rater = o.multi_rater
+        if self.multi_rater and dice:
+            raise ValueError(
+                "dice=True compares with one label map: with multi_rater=True the records carry consensus_dice"
+            )
+        if self.multi_rater and classification:
+            raise ValueError("multi_rater=True reads rater label maps of images: not with classification=True")
         self.groups: tuple[Hashable, ...] | None = groups
         self.adaptive_bins = adaptive_bins
         self.fine_bins = fine_bins if adaptive_bins is not None else None
@@ -383,6 +397,8 @@ class DatasetCalibration:
         # options added later appear only when used, so older checkpoints keep matching
         if self.classification:
             cfg["classification"] = True
+        if self.multi_rater:
+            cfg["multi_rater"] = True
         if self.groups is not None:
             cfg["groups"] = list(self.groups)
         if self.adaptive_bins is not None:
@@ -500,6 +516,7 @@ class DatasetCalibration:
         target: torch.Tensor,
         image_ids: Sequence[Any] | None = None,
         groups: Sequence[Hashable] | None = None,
+        spacing: Any = None,
     ) -> None:
         """Add one batch: ``input`` (B, C, *spatial) probabilities (or logits with softmax/sigmoid) and
         ``target`` as in :func:`calibops.functional.binned_stats`. Spatial sizes may change between calls.
@@ -507,7 +524,8 @@ class DatasetCalibration:
         ``image_ids`` (B names/numbers) label the per-image records and error messages; default: a running
         index. ``groups``: one group name per image (metrics built with ``groups=``). Everything is checked
         before the state changes: a batch that raises adds nothing. With ``classification=True``: ``input``
-        (B, C) and ``target`` (B,) class indices or (B, C) one-hot; ``groups`` one name per sample.
+        (B, C) and ``target`` (B,) class indices or (B, C) one-hot; ``groups`` one name per sample. ``spacing``
+        (``multi_rater`` records only): voxel size per spatial axis, or (B, D) per image, for ``volume_crps``.
         """
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
@@ -538,13 +556,21 @@ class DatasetCalibration:
         else:  # not validated: count on the device, no synchronisation
             nonfinite = run.bad[1]
         stats = self._rows(run.stats)
+        rated = stats  # multi-rater: sum_y (B, C', R, M); the pooled sums use the rater-mean soft label
+        if self.multi_rater:
+            stats = BinnedStats(stats.count, stats.sum_p, stats.sum_y.mean(-2))
         fine = None
         if self.adaptive_bins is not None:  # the same entries over fine bins (values already checked)
             opts = self._opts._replace(num_bins=self.fine_bins, validate=False)
             fine = self._rows(F._stats(input, target, opts, raise_nonfinite=False).stats)
+            if self.multi_rater:
+                fine = BinnedStats(fine.count, fine.sum_p, fine.sum_y.mean(-2))
         if stats.count.device != self._device:
             self.to(stats.count.device)
-        errs = calibration_errors_from_stats(stats)  # (B, C') each, NaN where undefined, l2 included
+        if self.multi_rater:  # per rater, then the mean over raters (every rater shares the image's voxels)
+            errs = calibration_errors_from_stats(F.per_rater_stats(rated)).map(lambda e: e.mean(1))
+        else:
+            errs = calibration_errors_from_stats(stats)  # (B, C') each, NaN where undefined, l2 included
         per_image = torch.stack([e.double() for e in errs])  # [3, B, C']
         defined = ~torch.isnan(per_image)
         zero = torch.zeros_like(per_image)
@@ -577,7 +603,8 @@ class DatasetCalibration:
         start = int(st["num_images"]) if self.keep_records else 0
         st.add("num_images", torch.tensor(B))
         if self.keep_records:
-            self._add_records(input, target, stats, errs, start, image_ids, groups)
+            extra = self._rater_records(input, target, rated, spacing) if self.multi_rater else {}
+            self._add_records(input, target, stats, errs, start, image_ids, groups, extra)
 
     def _rows(self, stats: BinnedStats) -> BinnedStats:
         """(B, C', M) statistic rows: top-label (B, M) gets its one row, marginal drops the background here (not
@@ -586,6 +613,21 @@ class DatasetCalibration:
             return BinnedStats(*(t.unsqueeze(1) for t in stats))
         first = self.classes[0]
         return BinnedStats(stats.count[:, first:], stats.sum_p[:, first:], stats.sum_y[:, first:])
+
+    def _rater_records(self, input: torch.Tensor, target: torch.Tensor, rated: BinnedStats, spacing: Any) -> dict:
+        """Per-image multi-rater values for the records (marginal): volume CRPS from the statistics already
+        computed (Σ p and the raters' label counts over the bins) and the consensus Dice."""
+        if self.mode != "marginal":
+            return {}
+        from .evaluation import crps_gaussian
+
+        B, D = input.shape[0], input.dim() - 2
+        vox = F._voxel_volume(spacing, B, D, rated.count.device).view(B, 1)
+        v = rated.sum_p.double().sum(-1) * vox  # (B, C')
+        vols = rated.sum_y.double().sum(-1) * vox.unsqueeze(-1)  # (B, C', R)
+        crps = crps_gaussian(v, vols.mean(-1), vols.var(-1, unbiased=False).sqrt())
+        dice = F.consensus_dice(input, target, include_background=True, softmax=self.softmax, sigmoid=self.sigmoid)
+        return {"volume_crps": crps, "consensus_dice": dice[:, self.classes[0] :]}
 
     def _update_classification(self, input: torch.Tensor, target: Any, groups: Sequence[Hashable] | None) -> None:
         if input.dim() != 2 or input.shape[1] != self.num_classes:
@@ -651,10 +693,10 @@ class DatasetCalibration:
             stacklevel=3,
         )
 
-    def _add_records(self, input, target, stats, errs, start, image_ids, groups) -> None:
+    def _add_records(self, input, target, stats, errs, start, image_ids, groups, extra_values=None) -> None:
         B = input.shape[0]
         ids = list(image_ids) if image_ids is not None else list(range(start, start + B))
-        values = {"ece": errs.ece, "ace": errs.ace, "mce": errs.mce, "l2": errs.l2}
+        values = {"ece": errs.ece, "ace": errs.ace, "mce": errs.mce, "l2": errs.l2, **(extra_values or {})}
         if self.dice:
             values["dice"] = self._dice(input, target)
         extra = {"group": list(groups)} if groups is not None else None
@@ -873,6 +915,7 @@ class DatasetCalibration:
         recs = self.records(gather=gather)
         fields = ["image", "class", *_METRICS, "voxels"] + (["dice"] if self.dice else []) + ["l2"]
         fields += ["group"] if self.groups is not None else []
+        fields += ["volume_crps", "consensus_dice"] if (self.multi_rater and self.mode == "marginal") else []
         ImageRecords.write_csv(path, recs, fields)
 
     def plot_groups(self, class_index: int = 0, *, title: str | None = None) -> Figure:

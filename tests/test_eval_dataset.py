@@ -302,3 +302,48 @@ def test_adaptive_errors_equal_sorted_equal_mass_bins_at_fine_granularity():
     np.testing.assert_allclose(float(got.ece[1]), np.mean(gaps), atol=1e-6)
     np.testing.assert_allclose(float(got.mce[1]), np.max(gaps), atol=1e-6)
     assert _bins(q.numpy(), 500).tolist() == idx.tolist()  # the premise: one sample per fine bin
+
+
+# --------------------------------------------------------------------------------------------- raters
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multi_rater_dataset_macro_is_curvas_mean_and_micro_is_soft_label(backend):
+    C, M, R = 4, 12, 3
+    g = torch.Generator().manual_seed(41)
+    m = DatasetCalibration(C, num_bins=M, multi_rater=True, keep_records=True, backend=backend, **CFG)
+    per_image, q_all, y_all = [], {c: [] for c in (1, 2, 3)}, {c: [] for c in (1, 2, 3)}
+    spacing = (0.5, 2.0)
+    for S in ((6, 7), (9, 4)):
+        x = 2 * torch.randn(2, C, *S, generator=g)
+        t = torch.randint(0, C, (2, R, *S), generator=g)
+        t[torch.rand(t.shape, generator=g) < 0.05] = 255
+        m.update(x, t, spacing=spacing)
+        p = torch.softmax(x.float(), 1).flatten(2).numpy()
+        lab = t.flatten(2).numpy()
+        for b in range(2):
+            used = np.all(lab[b] != 255, 0)
+            row = []
+            for c in (1, 2, 3):
+                row.append(np.mean([_np_errors(p[b, c][used], (lab[b, r] == c)[used], M)[0] for r in range(R)]))
+                q_all[c].append(p[b, c][used])
+                y_all[c].append(np.mean([(lab[b, r] == c)[used] for r in range(R)], 0))
+            per_image.append(row)
+    res = m.compute()
+    np.testing.assert_allclose(res.macro.ece.double().numpy(), np.mean(per_image, 0), atol=1e-6, rtol=0)
+    soft = [_np_errors(np.concatenate(q_all[c]), np.concatenate(y_all[c]), M)[0] for c in (1, 2, 3)]
+    np.testing.assert_allclose(res.micro.ece.double().numpy(), soft, atol=1e-6, rtol=0)
+    # records: the per-image CURVAS values next to the volume CRPS and consensus Dice of the functional API
+    recs = m.records()
+    assert [r["ece"] for r in recs[:3]] == pytest.approx(per_image[0], abs=1e-6)
+    g2 = torch.Generator().manual_seed(41)
+    x = 2 * torch.randn(2, C, 6, 7, generator=g2)
+    t = torch.randint(0, C, (2, R, 6, 7), generator=g2)
+    t[torch.rand(t.shape, generator=g2) < 0.05] = 255
+    used = (t != 255).all(1, keepdim=True).expand_as(t)
+    crps = F.volume_crps(x, torch.where(used, t, torch.full_like(t, 99)), spacing=spacing, softmax=True, validate=False)
+    assert [r["volume_crps"] for r in recs[:3]] == pytest.approx(crps[0].tolist(), rel=1e-6)
+    dice = F.consensus_dice(x, t, softmax=True)
+    assert [r["consensus_dice"] for r in recs[:3]] == pytest.approx(dice[0].tolist(), nan_ok=True)
+    with pytest.raises(ValueError, match="consensus_dice"):
+        DatasetCalibration(C, multi_rater=True, keep_records=True, dice=True, **CFG)
+    with pytest.raises(ValueError, match="to_onehot_y"):
+        DatasetCalibration(C, multi_rater=True)
