@@ -640,10 +640,20 @@ class DatasetCalibration:
         opts = self._opts._replace(to_onehot_y=labels)
         parts = [(None, x, t)]
         if gidx is not None:  # one pooled population per group: the samples of each group present
-            parts += [(int(g), x[:, :, gidx == g], t[..., gidx == g]) for g in gidx.unique().tolist()]
+            gdev = gidx.to(x.device)
+            parts += [(int(g), x[:, :, gdev == g], t[..., gdev == g]) for g in gidx.unique().tolist()]
         found = []
         for g, xs, ts in parts:
-            run = F._stats(xs, ts, opts if g is None else opts._replace(validate=False), raise_nonfinite=True)
+            run = F._stats(
+                xs, ts, opts if g is None else opts._replace(validate=False), raise_nonfinite=self.nonfinite == "raise"
+            )
+            if g is None and run.counts is not None and run.counts[1] > 0:  # nonfinite="skip": left out, counted
+                warnings.warn(
+                    f"DatasetCalibration: left out {run.counts[1]} non-finite probability value(s) of this batch of "
+                    "samples (counted in compute().nonfinite)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             fine = None
             if self.adaptive_bins is not None and g is None:
                 fopts = opts._replace(num_bins=self.fine_bins, validate=False)

@@ -347,3 +347,26 @@ def test_multi_rater_dataset_macro_is_curvas_mean_and_micro_is_soft_label(backen
         DatasetCalibration(C, multi_rater=True, keep_records=True, dice=True, **CFG)
     with pytest.raises(ValueError, match="to_onehot_y"):
         DatasetCalibration(C, multi_rater=True)
+
+
+def test_multi_rater_top_label_and_classification_nonfinite_skip():
+    g = torch.Generator().manual_seed(43)
+    x = 2 * torch.randn(3, 4, 5, 6, generator=g)
+    t = torch.randint(0, 4, (3, 2, 5, 6), generator=g)
+    m = DatasetCalibration(4, num_bins=10, multi_rater=True, mode="top_label", to_onehot_y=True, softmax=True)
+    m.update(x, t)
+    per = F.calibration_errors(x, t, num_bins=10, to_onehot_y=True, softmax=True, mode="top_label", multi_rater=True)
+    torch.testing.assert_close(m.compute().macro.ece, per.ece.double().mean(1).mean().float(), atol=1e-6, rtol=0)
+    # classification: a NaN logit row is left out and counted with nonfinite="skip", raises with "raise"
+    xs = torch.randn(10, 3, generator=g)
+    xs[4, 1] = float("nan")
+    ys = torch.randint(0, 3, (10,), generator=g)
+    skip = DatasetCalibration(3, softmax=True, classification=True, include_background=True, nonfinite="skip")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        skip.update(xs, ys)
+    keep = torch.arange(10) != 4
+    want = F.classification_calibration_errors(xs[keep], ys[keep], num_bins=20, mode="marginal", softmax=True)
+    torch.testing.assert_close(skip.compute().micro.ece, want.ece, atol=1e-6, rtol=0)
+    assert skip.compute().nonfinite == 3
+    with pytest.raises(ValueError, match="non-finite"):
+        DatasetCalibration(3, softmax=True, classification=True, include_background=True).update(xs, ys)
