@@ -928,6 +928,40 @@ class DatasetCalibration:
         fields += ["volume_crps", "consensus_dice"] if (self.multi_rater and self.mode == "marginal") else []
         ImageRecords.write_csv(path, recs, fields)
 
+    def group_rows(self) -> list[dict[str, Any]]:
+        """One row per (group, class) — group, class, images, macro_* and micro_* of ECE / ACE / MCE / L2 — then one
+        ``group="gap"`` row per class with the largest between-group differences (:meth:`group_gaps`). For CSV / JSON
+        reports (:meth:`write_groups_csv`). A collective when distributed."""
+        res = self.compute_groups()
+        gaps = {kind: self.group_gaps(kind) for kind in ("macro", "micro")}
+        classes = self.classes or ("top_label",)
+        rows: list[dict[str, Any]] = []
+
+        def val(t: torch.Tensor, k: int) -> float:
+            return float(t.reshape(-1)[k])
+
+        for name, r in res.items():
+            for k, c in enumerate(classes):
+                row: dict[str, Any] = {"group": name, "class": c, "images": r.num_images}
+                for kind in ("macro", "micro"):
+                    errs = getattr(r, kind)
+                    for metric in _ALL_METRICS:
+                        row[f"{kind}_{metric}"] = val(getattr(errs, metric), k)
+                rows.append(row)
+        for k, c in enumerate(classes):
+            row = {"group": "gap", "class": c, "images": sum(r.num_images for r in res.values())}
+            for kind in ("macro", "micro"):
+                for metric in _ALL_METRICS:
+                    row[f"{kind}_{metric}"] = val(gaps[kind][metric].gap, k)
+            rows.append(row)
+        return rows
+
+    def write_groups_csv(self, path: str | os.PathLike) -> None:
+        """Write :meth:`group_rows` to a CSV file. A collective when distributed."""
+        rows = self.group_rows()
+        fields = ["group", "class", "images"] + [f"{k}_{m}" for k in ("macro", "micro") for m in _ALL_METRICS]
+        ImageRecords.write_csv(path, rows, fields)
+
     def plot_groups(self, class_index: int = 0, *, title: str | None = None) -> Figure:
         """The groups' pooled reliability diagrams side by side (one panel per group) for one used class
         (``class_index`` into :attr:`classes`; ignored for top-label). A collective when distributed."""

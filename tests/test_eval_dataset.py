@@ -370,3 +370,21 @@ def test_multi_rater_top_label_and_classification_nonfinite_skip():
     assert skip.compute().nonfinite == 3
     with pytest.raises(ValueError, match="non-finite"):
         DatasetCalibration(3, softmax=True, classification=True, include_background=True).update(xs, ys)
+
+
+def test_group_rows_and_csv(tmp_path):
+    import csv
+
+    m = DatasetCalibration(3, num_bins=6, groups=("a", "b"), **CFG)
+    g = torch.Generator().manual_seed(44)
+    for grp in (["a", "b"], ["b", "b"]):
+        m.update(2 * torch.randn(2, 3, 5, 4, generator=g), torch.randint(0, 3, (2, 5, 4), generator=g), groups=grp)
+    rows = m.group_rows()
+    res, gaps = m.compute_groups(), m.group_gaps("micro")
+    assert [(r["group"], r["class"]) for r in rows] == [("a", 1), ("a", 2), ("b", 1), ("b", 2), ("gap", 1), ("gap", 2)]
+    assert rows[2]["images"] == 3 and rows[3]["micro_l2"] == pytest.approx(float(res["b"].micro.l2[1]))
+    assert rows[5]["micro_ece"] == pytest.approx(float(gaps["ece"].gap[1]))
+    m.write_groups_csv(tmp_path / "groups.csv")
+    with open(tmp_path / "groups.csv", newline="") as f:
+        back = list(csv.DictReader(f))
+    assert len(back) == 6 and float(back[0]["macro_ece"]) == pytest.approx(rows[0]["macro_ece"])
