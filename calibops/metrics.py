@@ -57,7 +57,13 @@ from . import functional as F
 from ._options import as_bool, as_int, check_options
 from ._records import ImageRecords
 from ._state import SumState, dist_ready
-from .evaluation import ConfidenceInterval, adaptive_calibration_errors, bootstrap_ci
+from .evaluation import (
+    BrierDecomposition,
+    ConfidenceInterval,
+    adaptive_calibration_errors,
+    bootstrap_ci,
+    brier_decomposition,
+)
 from .reference import (
     ACT_NONE,
     ACT_SIGMOID,
@@ -211,6 +217,8 @@ class DatasetCalibration:
             pass per update) for :meth:`adaptive_errors`, the equal-mass ("adaptive") calibration error with
             this many bins.
         fine_bins: resolution of the fine histogram behind ``adaptive_bins`` (default 1000).
+        brier: also accumulate the Brier score (per image, macro, and pooled, micro) and the second moments for
+            :meth:`brier_decomposition` (needs ``to_onehot_y``: binary targets, ``y² = y``). See :meth:`brier`.
         multi_rater: targets are R rater label maps (B, R, *spatial) (needs ``to_onehot_y``; R may change between
             updates). Macro values are the mean over images of the *mean over raters* of the per-rater errors (the
             CURVAS protocol); the pooled statistics, micro values and histogram use the rater-mean soft label
@@ -250,6 +258,7 @@ class DatasetCalibration:
         adaptive_bins: int | None = None,
         fine_bins: int = 1000,
         multi_rater: bool = False,
+        brier: bool = False,
     ) -> None:
         try:
             num_classes = as_int("num_classes", num_classes)
@@ -301,7 +310,7 @@ class DatasetCalibration:
                 )
             check_options(num_bins=fine_bins)
         # the statistics keep the background; it is dropped in update (a one-channel input keeps its class)
-        self._opts = o._replace(include_background=True, binning="hard")
+        self._opts = o._replace(include_background=True, binning="hard", moments=False)
         self.num_classes = num_classes
         self.num_bins = o.num_bins
         self.mode = o.mode
@@ -319,6 +328,11 @@ class DatasetCalibration:
         self.process_group = process_group
         self.classification = classification
         self.multi_rater = o.multi_rater
+        self.brier_score = as_bool("brier", brier)
+        if self.brier_score and not (o.to_onehot_y or classification):
+            raise ValueError("brier=True needs integer labels (to_onehot_y=True), whose squares are themselves")
+        if self.brier_score:
+            self._opts = self._opts._replace(moments=True)
         if self.multi_rater and dice:
             raise ValueError(
                 "dice=True compares with one label map: with multi_rater=True the records carry consensus_dice"
@@ -373,6 +387,8 @@ class DatasetCalibration:
         if self.adaptive_bins is not None:
             Fb = self.fine_bins
             spec.update({"fine_count": ((Cp, Fb), f64), "fine_sum_p": ((Cp, Fb), f64), "fine_sum_y": ((Cp, Fb), f64)})
+        if self.brier_score:
+            spec.update({"sum_p2": ((Cp, M), f64), "sum_py": ((Cp, M), f64), "brier_sum": ((Cp,), f64)})
         return spec
 
     def __getattr__(self, name: str) -> Any:
@@ -399,6 +415,8 @@ class DatasetCalibration:
             cfg["classification"] = True
         if self.multi_rater:
             cfg["multi_rater"] = True
+        if self.brier_score:
+            cfg["brier"] = True
         if self.groups is not None:
             cfg["groups"] = list(self.groups)
         if self.adaptive_bins is not None:
@@ -556,12 +574,13 @@ class DatasetCalibration:
         else:  # not validated: count on the device, no synchronisation
             nonfinite = run.bad[1]
         stats = self._rows(run.stats)
+        moments = self._moment_rows(run.stats) if self.brier_score else None
         rated = stats  # multi-rater: sum_y (B, C', R, M); the pooled sums use the rater-mean soft label
         if self.multi_rater:
             stats = BinnedStats(stats.count, stats.sum_p, stats.sum_y.mean(-2))
         fine = None
         if self.adaptive_bins is not None:  # the same entries over fine bins (values already checked)
-            opts = self._opts._replace(num_bins=self.fine_bins, validate=False)
+            opts = self._opts._replace(num_bins=self.fine_bins, validate=False, moments=False)
             fine = self._rows(F._stats(input, target, opts, raise_nonfinite=False).stats)
             if self.multi_rater:
                 fine = BinnedStats(fine.count, fine.sum_p, fine.sum_y.mean(-2))
@@ -585,6 +604,11 @@ class DatasetCalibration:
         st.add("count", stats.count.double().sum(0))
         st.add("sum_p", stats.sum_p.double().sum(0))
         st.add("sum_y", stats.sum_y.double().sum(0))
+        if moments is not None:
+            brier = self._brier_per_image(rated, moments)
+            st.add("brier_sum", torch.where(torch.isnan(brier), torch.zeros_like(brier), brier).sum(0))
+            st.add("sum_p2", moments[0].double().sum(0))
+            st.add("sum_py", moments[1].double().sum(0))
         st.add("hist", hist.sum(0) if gidx is not None else hist)
         st.add("images_with_class", (stats.sum_y.sum(-1) > 0).sum(0))
         st.add("num_nonfinite", torch.as_tensor(nonfinite))
@@ -605,6 +629,20 @@ class DatasetCalibration:
         if self.keep_records:
             extra = self._rater_records(input, target, rated, spacing) if self.multi_rater else {}
             self._add_records(input, target, stats, errs, start, image_ids, groups, extra)
+
+    def _moment_rows(self, stats: BinnedStats) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum_p2, sum_py) cut to the statistic rows like :meth:`_rows`."""
+        if self.mode == "top_label":
+            return stats.sum_p2.unsqueeze(1), stats.sum_py.unsqueeze(1)
+        first = self.classes[0]
+        return stats.sum_p2[:, first:], stats.sum_py[:, first:]
+
+    @staticmethod
+    def _brier_per_image(rated: BinnedStats, moments: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Brier score per (image, row), float64, NaN without voxels; several raters: the mean over raters."""
+        from .reference import BinnedStatsMoments
+
+        return brier_decomposition(BinnedStatsMoments(*rated, *moments)).brier
 
     def _rows(self, stats: BinnedStats) -> BinnedStats:
         """(B, C', M) statistic rows: top-label (B, M) gets its one row, marginal drops the background here (not
@@ -637,6 +675,8 @@ class DatasetCalibration:
         B = input.shape[0]
         gidx = self._group_index(groups, B)
         x, t, labels = F._classification_layout(input.detach(), target)
+        if self.brier_score and not labels:
+            raise ValueError("brier=True needs class indices (B,) as target (binary targets: y² = y)")
         opts = self._opts._replace(to_onehot_y=labels)
         parts = [(None, x, t)]
         if gidx is not None:  # one pooled population per group: the samples of each group present
@@ -656,17 +696,21 @@ class DatasetCalibration:
                 )
             fine = None
             if self.adaptive_bins is not None and g is None:
-                fopts = opts._replace(num_bins=self.fine_bins, validate=False)
+                fopts = opts._replace(num_bins=self.fine_bins, validate=False, moments=False)
                 fine = self._rows(F._stats(xs, ts, fopts).stats)
-            found.append((g, self._rows(run.stats), fine, run.bad[1]))
+            moments = self._moment_rows(run.stats) if (self.brier_score and g is None) else None
+            found.append((g, self._rows(run.stats), fine, run.bad[1], moments))
         dev = found[0][1].count.device
         if dev != self._device:
             self.to(dev)
         st = self._state
-        for g, stats, fine, bad in found:
+        for g, stats, fine, bad, moments in found:
             if g is None:
                 for k in ("count", "sum_p", "sum_y"):
                     st.add(k, getattr(stats, k).double().sum(0))
+                if moments is not None:
+                    st.add("sum_p2", moments[0].double().sum(0))
+                    st.add("sum_py", moments[1].double().sum(0))
                 st.add("num_nonfinite", bad)
                 if fine is not None:
                     for k in ("count", "sum_p", "sum_y"):
@@ -877,6 +921,32 @@ class DatasetCalibration:
         est = _gap(torch.stack([values[members[k]].nanmean(0) for k in present]), [self.groups[k] for k in present])
         out["gap"] = ConfidenceInterval(squeeze(est.gap), squeeze(lo), squeeze(hi))
         return out
+
+    def brier(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(macro, micro)`` Brier score per class, (C',) float64 (0-d top-label): the mean over images of the
+        per-image scores (images without voxels skipped), and the score of the pooled voxels. Several raters: the
+        mean over raters. Needs ``brier=True``; a collective when distributed."""
+        if not self.brier_score:
+            raise RuntimeError("the Brier score needs DatasetCalibration(..., brier=True)")
+        s = self._synced()
+        macro = _macro(s["brier_sum"], s["macro_n"][0])
+        micro = self._pooled_decomposition(s).brier
+        return (macro[0], micro[0]) if self.mode == "top_label" else (macro, micro)
+
+    def brier_decomposition(self) -> BrierDecomposition:
+        """Murphy decomposition of the pooled Brier score (:func:`calibops.evaluation.brier_decomposition`), each
+        (C',) float64 (0-d top-label). Several raters: on the rater-mean soft label (its uncertainty term includes
+        the raters' disagreement). Needs ``brier=True``; a collective when distributed."""
+        if not self.brier_score:
+            raise RuntimeError("the Brier decomposition needs DatasetCalibration(..., brier=True)")
+        d = self._pooled_decomposition(self._synced())
+        return BrierDecomposition(*(t[0] for t in d)) if self.mode == "top_label" else d
+
+    @staticmethod
+    def _pooled_decomposition(s: dict[str, torch.Tensor]) -> BrierDecomposition:
+        from .reference import BinnedStatsMoments
+
+        return brier_decomposition(BinnedStatsMoments(s["count"], s["sum_p"], s["sum_y"], s["sum_p2"], s["sum_py"]))
 
     def adaptive_errors(self) -> CalibrationErrors:
         """Pooled (micro) ECE / ACE / MCE / L2 over ``adaptive_bins`` equal-mass bins built from the fine pooled

@@ -388,3 +388,60 @@ def test_group_rows_and_csv(tmp_path):
     with open(tmp_path / "groups.csv", newline="") as f:
         back = list(csv.DictReader(f))
     assert len(back) == 6 and float(back[0]["macro_ece"]) == pytest.approx(rows[0]["macro_ece"])
+
+
+# ---------------------------------------------------------------------------------------------- Brier
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["marginal", "top_label"])
+def test_dataset_brier_macro_micro_and_decomposition_match_numpy(backend, mode):
+    C, M = 4, 8
+    m = DatasetCalibration(C, num_bins=M, mode=mode, brier=True, backend=backend, **CFG)
+    rows = [0] if mode == "top_label" else [1, 2, 3]
+    per_image, qs, ys = [], {c: [] for c in rows}, {c: [] for c in rows}
+    for x, y in _batches(seed=7):
+        m.update(x, y)
+        p = torch.softmax(x.float(), 1).flatten(2).double().numpy()
+        lab = y.flatten(1).numpy()
+        for b in range(x.shape[0]):
+            used = lab[b] != 255
+            row = []
+            for c in rows:
+                if mode == "top_label":
+                    q, t = p[b].max(0)[used], (p[b].argmax(0) == lab[b])[used].astype(float)
+                else:
+                    q, t = p[b, c][used], (lab[b] == c)[used].astype(float)
+                row.append(np.mean((q - t) ** 2))
+                qs[c].append(q)
+                ys[c].append(t)
+            per_image.append(row)
+    macro, micro = m.brier()
+    np.testing.assert_allclose(macro.reshape(-1).numpy(), np.mean(per_image, 0), atol=1e-6, rtol=0)
+    Q = {c: np.concatenate(qs[c]) for c in rows}
+    Y = {c: np.concatenate(ys[c]) for c in rows}
+    np.testing.assert_allclose(micro.reshape(-1).numpy(), [np.mean((Q[c] - Y[c]) ** 2) for c in rows], atol=1e-6)
+    d = m.brier_decomposition()
+    for k, c in enumerate(rows):
+        bins = _bins(Q[c], M)
+        o = Y[c].mean()
+        rel = sum((bins == j).sum() * (Q[c][bins == j].mean() - Y[c][bins == j].mean()) ** 2 for j in set(bins))
+        res = sum((bins == j).sum() * (Y[c][bins == j].mean() - o) ** 2 for j in set(bins))
+        got = [float(v.reshape(-1)[k]) for v in (d.reliability, d.resolution, d.uncertainty)]
+        np.testing.assert_allclose(got, [rel / len(Q[c]), res / len(Q[c]), o * (1 - o)], atol=2e-6, rtol=0)
+    with pytest.raises(RuntimeError, match="brier=True"):
+        DatasetCalibration(C, **CFG).brier()
+    with pytest.raises(ValueError, match="to_onehot_y"):
+        DatasetCalibration(C, brier=True)
+
+
+def test_classification_brier_pools_samples():
+    g = torch.Generator().manual_seed(45)
+    x, y = torch.randn(50, 3, generator=g), torch.randint(0, 3, (50,), generator=g)
+    m = DatasetCalibration(3, softmax=True, classification=True, include_background=True, brier=True)
+    m.update(x[:20], y[:20])
+    m.update(x[20:], y[20:])
+    _, micro = m.brier()
+    p = torch.softmax(x.double(), 1)
+    want = ((p - torch.nn.functional.one_hot(y, 3).double()) ** 2).mean(0)
+    torch.testing.assert_close(micro, want, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="class indices"):
+        m.update(x, torch.nn.functional.one_hot(y, 3).float())
