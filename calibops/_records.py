@@ -8,7 +8,6 @@ these records; the pooled sums (:mod:`calibops._state`) never need them.
 from __future__ import annotations
 
 import csv
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -86,18 +85,17 @@ class ImageRecords:
     def table(
         recs: list[dict[str, Any]], classes: Sequence[Any], metric: str
     ) -> tuple[list[Any], torch.Tensor, list[Any]]:
-        """``(image ids, values (images, C') float64, group of each image or None)`` of one metric, in record
-        order (NaN where a record lacks the class)."""
-        index: dict[Any, int] = {}
-        groups: list[Any] = []
-        col = {c: k for k, c in enumerate(classes)}
-        rows: list[list[float]] = []
-        for r in recs:
-            key = (r.get("rank"), r["image"])
-            if key not in index:
-                index[key] = len(rows)
-                rows.append([math.nan] * len(classes))
-                groups.append(r.get("group"))
-            rows[index[key]][col[r["class"]]] = r[metric]
-        ids = [k[1] for k in index]
-        return ids, torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(classes)), groups
+        """``(image ids, values (images, C') float64, group of each image or None)`` of one metric. Records come
+        in blocks of one per class for each image (as :meth:`add` writes them, also after gathering), so an image
+        is a block, whatever its id (ids may repeat)."""
+        K = len(classes)
+        if len(recs) % max(K, 1):
+            raise ValueError(f"{len(recs)} records are not whole blocks of {K} classes per image")
+        n = len(recs) // max(K, 1)
+        for i in range(n):
+            if [r["class"] for r in recs[i * K : (i + 1) * K]] != list(classes):
+                raise ValueError(f"records of image {i} do not hold the classes {list(classes)} in order")
+        vals = torch.tensor([float(r[metric]) for r in recs], dtype=torch.float64).reshape(n, K)
+        ids = [recs[i * K]["image"] for i in range(n)]
+        groups = [recs[i * K].get("group") for i in range(n)]
+        return ids, vals, groups

@@ -271,6 +271,7 @@ def bootstrap_ci(
         raise ValueError(f"level must lie in (0, 1), got {level}")
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    default = statistic is None
     if statistic is None:
         statistic = lambda v: v.nanmean(0)  # noqa: E731
     n = values.shape[0]
@@ -278,7 +279,10 @@ def bootstrap_ci(
         raise ValueError("bootstrap_ci needs at least one image")
     g = torch.Generator().manual_seed(int(seed))
     idx = torch.randint(0, n, (num_samples, n), generator=g)
-    draws = torch.stack([statistic(values[i.to(values.device)]) for i in idx]).double()
+    if default:  # vectorised: (num_samples, n, ...) resamples at once
+        draws = values[idx.to(values.device)].double().nanmean(1)
+    else:
+        draws = torch.stack([statistic(values[i.to(values.device)]) for i in idx]).double()
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64, device=draws.device)
     lo, hi = torch.nanquantile(draws, q, dim=0)
     return ConfidenceInterval(statistic(values).double(), lo, hi)

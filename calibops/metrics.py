@@ -905,17 +905,15 @@ class DatasetCalibration:
         for k in present:
             gci = bootstrap_ci(values[members[k]], num_samples=num_samples, level=level, seed=seed + 1 + k)
             out["groups"][self.groups[k]] = ConfidenceInterval(*(squeeze(t) for t in gci))
-        # the gap: resample within every group (stratified), recompute each group's mean, take max - min
+        # the gap: resample within every group (stratified; per group in order, one (num_samples, n_g) draw of image
+        # positions from one generator seeded with `seed`), recompute each group's mean, take max - min
         gen = torch.Generator().manual_seed(int(seed))
-        draws = []
-        for _ in range(num_samples):
-            means = []
-            for k in present:
-                m = members[k]
-                pick = m[torch.randint(0, m.numel(), (m.numel(),), generator=gen)]
-                means.append(values[pick].nanmean(0))
-            draws.append(_gap(torch.stack(means), [self.groups[k] for k in present]).gap)
-        draws_t = torch.stack(draws)
+        means = []
+        for k in present:
+            m = members[k]
+            pick = m[torch.randint(0, m.numel(), (num_samples, m.numel()), generator=gen)]
+            means.append(values[pick].nanmean(1))  # (num_samples, C')
+        draws_t = _gap(torch.stack(means), [self.groups[k] for k in present]).gap  # (num_samples, C')
         q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
         lo, hi = torch.nanquantile(draws_t, q, dim=0)
         est = _gap(torch.stack([values[members[k]].nanmean(0) for k in present]), [self.groups[k] for k in present])

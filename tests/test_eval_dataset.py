@@ -221,12 +221,10 @@ def test_group_errors_and_bootstrap():
         per[recs[i]["group"]].append([recs[i]["ece"], recs[i + 1]["ece"]])
     vals = {n: np.array(v) for n, v in per.items()}
     gen = torch.Generator().manual_seed(1)
+    idx = {n: torch.randint(0, len(vals[n]), (300, len(vals[n])), generator=gen).numpy() for n in names}
     draws = []
-    for _ in range(300):
-        means = []
-        for n in names:
-            idx = torch.randint(0, len(vals[n]), (len(vals[n]),), generator=gen).numpy()
-            means.append(np.nanmean(vals[n][idx], 0))
+    for s in range(300):
+        means = [np.nanmean(vals[n][idx[n][s]], 0) for n in names]
         draws.append(np.max(means, 0) - np.min(means, 0))
     np.testing.assert_allclose(a["gap"].lower.numpy(), np.nanpercentile(draws, 2.5, axis=0), rtol=1e-10)
     with pytest.raises(RuntimeError, match="keep_records"):
