@@ -99,3 +99,54 @@ class ImageRecords:
         ids = [recs[i * K]["image"] for i in range(n)]
         groups = [recs[i * K].get("group") for i in range(n)]
         return ids, vals, groups
+
+
+def hard_dice(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    classes: Sequence[int],
+    to_onehot_y: bool,
+    ignore_index: int | None,
+    *,
+    softmax: bool,
+    sigmoid: bool,
+) -> torch.Tensor:
+    """Dice of the hard prediction per (image, used class), (B, C') float64; NaN when both are empty."""
+    B, C = input.shape[0], input.shape[1]
+    x = input.reshape(B, C, -1)
+    keep = None
+    if to_onehot_y:
+        lab = target.reshape(B, -1).long()
+        if ignore_index is not None:
+            keep = lab != ignore_index
+    else:
+        dense = target.reshape(B, C, -1)
+    multiclass = C > 1 and not sigmoid
+    # voxels left out of the statistics as non-finite (nonfinite="skip") are left out of Dice as well
+    if softmax:
+        finite = ~(torch.isnan(x) | torch.isposinf(x)).any(1) & ~torch.isneginf(x).all(1)
+    elif sigmoid:
+        finite = ~torch.isnan(x).any(1)
+    else:
+        finite = torch.isfinite(x).all(1)
+    keep = finite if keep is None else keep & finite
+    if multiclass:
+        pred_cls = x.argmax(1)  # softmax is monotone: argmax of logits = argmax of probabilities
+    out = torch.empty(B, len(classes), dtype=torch.float64, device=input.device)
+    for k, c in enumerate(classes):
+        if multiclass:
+            pred = pred_cls == c
+        elif sigmoid:
+            pred = x[:, c] > 0  # sigmoid(x) > 0.5
+        else:
+            pred = x[:, c] > 0.5
+        pred = pred.double()
+        y = (lab == c).double() if to_onehot_y else dense[:, c].double()
+        if keep is not None:
+            pred = pred * keep
+            y = y * keep
+        inter = (pred * y).sum(-1)
+        den = pred.sum(-1) + y.sum(-1)
+        nan = torch.full_like(den, float("nan"))
+        out[:, k] = torch.where(den > 0, 2 * inter / den.clamp(min=1e-300), nan)
+    return out

@@ -5,9 +5,10 @@
 
 - :mod:`calibops._state` (:class:`~calibops._state.SumState`): the named sum tensors, their device, the **one**
   all-reduce that sums them over ``torch.distributed`` ranks (gloo and nccl) and the checks of a loaded state;
-- :mod:`calibops.reference` / :mod:`calibops.evaluation`: the metric formulas on summed statistics
-  (ECE / ACE / MCE / L2, adaptive bins, bootstrap) — never repeated here;
-- :mod:`calibops._records`: the optional per-(image, class) records (CSV, gathering, bootstrap, subgroups);
+- :mod:`calibops._dataset_results`: the dataset formulas on the summed state (macro / micro errors, groups and
+  gaps, bootstrap, Brier, adaptive bins), built on the per-bin formulas of :mod:`calibops.reference` and
+  :mod:`calibops.evaluation` — never repeated here;
+- :mod:`calibops._records`: the optional per-(image, class) records (CSV, gathering, Dice);
 - :mod:`calibops._report` / :mod:`calibops.plot`: figures.
 
 The sums (all O(C'·M²) whatever the number of images or voxels):
@@ -49,21 +50,17 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Hashable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import _dataset_results as R
 from . import functional as F
+from ._dataset_results import DatasetCalibrationResult, GroupGap, GroupResult
 from ._options import as_bool, as_int, check_options
-from ._records import ImageRecords
+from ._records import ImageRecords, hard_dice
 from ._state import SumState, dist_ready
-from .evaluation import (
-    BrierDecomposition,
-    ConfidenceInterval,
-    adaptive_calibration_errors,
-    bootstrap_ci,
-    brier_decomposition,
-)
+from .evaluation import BrierDecomposition, brier_decomposition
 from .reference import (
     ACT_NONE,
     ACT_SIGMOID,
@@ -87,66 +84,12 @@ __all__ = [
 
 _NONFINITE = ("raise", "skip")
 _METRICS = ("ece", "ace", "mce")
-_ALL_METRICS = ("ece", "ace", "mce", "l2")
+R.METRICS = ("ece", "ace", "mce", "l2")
 _NAN_OK = ("macro_l2", "group_macro_l2")  # unknown (NaN) after loading a checkpoint written before L2 existed
 
 
 def _dist_ready(process_group: Any) -> bool:  # kept for callers of the old private name
     return dist_ready(process_group)
-
-
-class DatasetCalibrationResult(NamedTuple):
-    """Dataset calibration errors, each field a ``CalibrationErrors(ece, ace, mce)`` of (C',) float32 (with the
-    L2 error as its ``l2`` attribute).
-
-    ``macro``: mean over images of the per-image values (images where a value is NaN are skipped; NaN if no
-    image has it; always NaN for classification, where a sample is not a population). ``micro``: the same
-    formulas on the statistics summed over all images (pooled sums). ``num_images``: images (samples, for
-    classification) seen, over all ranks when distributed. ``classes``: the class index of each of the C' entries.
-    ``images_per_class``: (C',) int64, the number of images each class's macro ECE/ACE/MCE average over: images
-    with at least one voxel in the statistics (not ignored, finite probability). That is every such image for
-    every class, *whether or not the class appears in its target*: calibration is defined for a class's
-    probabilities wherever there are voxels. ``images_with_class``: (C',) int64, images whose target holds the
-    class (at least one voxel of it in the statistics: Σ y > 0). ``nonfinite``: probability entries left out
-    because they were NaN or infinite (0 unless ``nonfinite="skip"`` or ``validate=False``).
-    """
-
-    macro: CalibrationErrors
-    micro: CalibrationErrors
-    num_images: int
-    classes: tuple[int, ...]
-    images_per_class: torch.Tensor
-    images_with_class: torch.Tensor
-    nonfinite: int
-
-
-class GroupResult(NamedTuple):
-    """One subgroup's errors: ``macro`` / ``micro`` as in :class:`DatasetCalibrationResult`, its number of
-    images, and per class the images its macro values average over."""
-
-    macro: CalibrationErrors
-    micro: CalibrationErrors
-    num_images: int
-    images_per_class: torch.Tensor
-
-
-class GroupGap(NamedTuple):
-    """The largest between-group difference of one metric, per class (C',) (0-d for top-label): ``gap`` =
-    highest - lowest group value (groups where the value is NaN are skipped; NaN with fewer than two), and the
-    names of the ``highest`` and ``lowest`` group per class."""
-
-    gap: torch.Tensor
-    highest: list[Any]
-    lowest: list[Any]
-
-
-def _macro(sums: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """Mean over images from a sum and a count (NaN where no image)."""
-    return torch.where(n > 0, sums / n.clamp(min=1), torch.full_like(sums, float("nan")))
-
-
-def _errors(macro: torch.Tensor, l2: torch.Tensor) -> CalibrationErrors:
-    return CalibrationErrors(*(m.float() for m in macro), l2.float())
 
 
 def reliability_histogram_counts(stats: BinnedStats, right: bool = False, per_image: bool = False) -> torch.Tensor:
@@ -757,76 +700,21 @@ class DatasetCalibration:
         self._records.add(ids, self.classes or ("top_label",), values, stats.count.sum(-1), extra)
 
     def _dice(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Dice of the hard prediction per (image, used class), (B, C') float64; NaN when both are empty."""
-        B, C = input.shape[0], input.shape[1]
-        x = input.reshape(B, C, -1)
-        keep = None
-        if self.to_onehot_y:
-            lab = target.reshape(B, -1).long()
-            if self.ignore_index is not None:
-                keep = lab != self.ignore_index
-        else:
-            dense = target.reshape(B, C, -1)
-        multiclass = C > 1 and not self.sigmoid
-        # voxels left out of the statistics as non-finite (nonfinite="skip") are left out of Dice as well
-        if self.softmax:
-            finite = ~(torch.isnan(x) | torch.isposinf(x)).any(1) & ~torch.isneginf(x).all(1)
-        elif self.sigmoid:
-            finite = ~torch.isnan(x).any(1)
-        else:
-            finite = torch.isfinite(x).all(1)
-        keep = finite if keep is None else keep & finite
-        if multiclass:
-            pred_cls = x.argmax(1)  # softmax is monotone: argmax of logits = argmax of probabilities
-        out = torch.empty(B, len(self.classes), dtype=torch.float64, device=input.device)
-        for k, c in enumerate(self.classes):
-            if multiclass:
-                pred = pred_cls == c
-            elif self.sigmoid:
-                pred = x[:, c] > 0  # sigmoid(x) > 0.5
-            else:
-                pred = x[:, c] > 0.5
-            pred = pred.double()
-            y = (lab == c).double() if self.to_onehot_y else dense[:, c].double()
-            if keep is not None:
-                pred = pred * keep
-                y = y * keep
-            inter = (pred * y).sum(-1)
-            den = pred.sum(-1) + y.sum(-1)
-            nan = torch.full_like(den, float("nan"))
-            out[:, k] = torch.where(den > 0, 2 * inter / den.clamp(min=1e-300), nan)
-        return out
+        return hard_dice(
+            input, target, self.classes, self.to_onehot_y, self.ignore_index, softmax=self.softmax, sigmoid=self.sigmoid
+        )
 
     # ---------------------------------------------------------------- results
     def _synced(self) -> dict[str, torch.Tensor]:
         """State summed over all ranks when distributed, in one all-reduce (the local state is left untouched)."""
         return self._state.synced(self.process_group)
 
-    def _squeeze(self, errs: CalibrationErrors) -> CalibrationErrors:
-        return errs.map(lambda m: m[..., 0]) if self.mode == "top_label" else errs
-
     def compute(self) -> DatasetCalibrationResult:
         """Macro and micro ECE/ACE/MCE (and L2, the ``l2`` attribute) per class, (C',) float32 each.
 
         When ``torch.distributed`` is initialised this is a collective: call it on every rank.
         """
-        s = self._synced()
-        macro = _macro(s["macro_sum"], s["macro_n"])
-        macro_errs = _errors(macro, _macro(s["macro_l2"], s["macro_n"][0]))
-        micro_errs = calibration_errors_from_stats(BinnedStats(s["count"], s["sum_p"], s["sum_y"])).map(
-            lambda m: m.float()
-        )
-        per_class = (s["macro_n"][0].clone(), s["images_with_class"].clone())
-        if self.mode == "top_label":  # drop the one-row axis
-            per_class = tuple(t[0] for t in per_class)
-        return DatasetCalibrationResult(
-            self._squeeze(macro_errs),
-            self._squeeze(micro_errs),
-            int(s["num_images"]),
-            self.classes,
-            *per_class,
-            int(s["num_nonfinite"]),
-        )
+        return R.overall(self._synced(), self.mode, self.classes)
 
     def _need_groups(self) -> tuple[Hashable, ...]:
         if self.groups is None:
@@ -836,34 +724,14 @@ class DatasetCalibration:
     def compute_groups(self) -> dict[Hashable, GroupResult]:
         """:class:`GroupResult` per group name (macro / micro errors of the group's images). A collective when
         distributed. Classification: micro only (macro NaN)."""
-        names = self._need_groups()
-        s = self._synced()
-        out: dict[Hashable, GroupResult] = {}
-        for g, name in enumerate(names):
-            n = s["group_macro_n"][g]
-            macro = _macro(s["group_macro_sum"][g], n.unsqueeze(0).expand(3, -1))
-            macro_errs = _errors(macro, _macro(s["group_macro_l2"][g], n))
-            micro = calibration_errors_from_stats(
-                BinnedStats(s["group_count"][g], s["group_sum_p"][g], s["group_sum_y"][g])
-            ).map(lambda m: m.float())
-            per_class = n.clone() if self.mode == "marginal" else n[0].clone()
-            out[name] = GroupResult(
-                self._squeeze(macro_errs), self._squeeze(micro), int(s["group_images"][g]), per_class
-            )
-        return out
+        return R.per_group(self._synced(), self._need_groups(), self.mode)
 
     def group_gaps(self, kind: str = "macro") -> dict[str, GroupGap]:
         """The largest between-group difference of every metric (``"ece"``, ``"ace"``, ``"mce"``, ``"l2"``), of the
         ``kind="macro"`` (mean over images) or ``"micro"`` (pooled) values. A collective when distributed."""
         if kind not in ("macro", "micro"):
             raise ValueError(f"kind must be 'macro' or 'micro', got {kind!r}")
-        res = self.compute_groups()
-        names = list(res)
-        out: dict[str, GroupGap] = {}
-        for metric in _ALL_METRICS:
-            vals = torch.stack([getattr(getattr(r, kind), metric).double() for r in res.values()])  # (G, ...)
-            out[metric] = _gap(vals, names)
-        return out
+        return R.group_gaps(self.compute_groups(), kind)
 
     def bootstrap(
         self,
@@ -886,39 +754,9 @@ class DatasetCalibration:
             raise RuntimeError(
                 "bootstrap resamples per-image records: build DatasetCalibration(..., keep_records=True)"
             )
-        if metric not in _ALL_METRICS:
-            raise ValueError(f"metric must be one of {_ALL_METRICS}, got {metric!r}")
         recs = self.records(gather=gather)
-        _, values, groups = ImageRecords.table(recs, self.classes or ("top_label",), metric)
-        if values.shape[0] == 0:
-            raise ValueError("bootstrap needs at least one image")
-        squeeze = (lambda t: t[..., 0]) if self.mode == "top_label" else (lambda t: t)
-        ci = bootstrap_ci(values, num_samples=num_samples, level=level, seed=seed)
-        out: dict[str, Any] = {"all": ConfidenceInterval(*(squeeze(t) for t in ci))}
-        if self.groups is None:
-            return out
-        members = [
-            torch.tensor([i for i, g in enumerate(groups) if g == name], dtype=torch.int64) for name in self.groups
-        ]
-        present = [k for k, m in enumerate(members) if m.numel() > 0]
-        out["groups"] = {}
-        for k in present:
-            gci = bootstrap_ci(values[members[k]], num_samples=num_samples, level=level, seed=seed + 1 + k)
-            out["groups"][self.groups[k]] = ConfidenceInterval(*(squeeze(t) for t in gci))
-        # the gap: resample within every group (stratified; per group in order, one (num_samples, n_g) draw of image
-        # positions from one generator seeded with `seed`), recompute each group's mean, take max - min
-        gen = torch.Generator().manual_seed(int(seed))
-        means = []
-        for k in present:
-            m = members[k]
-            pick = m[torch.randint(0, m.numel(), (num_samples, m.numel()), generator=gen)]
-            means.append(values[pick].nanmean(1))  # (num_samples, C')
-        draws_t = _gap(torch.stack(means), [self.groups[k] for k in present]).gap  # (num_samples, C')
-        q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-        lo, hi = torch.nanquantile(draws_t, q, dim=0)
-        est = _gap(torch.stack([values[members[k]].nanmean(0) for k in present]), [self.groups[k] for k in present])
-        out["gap"] = ConfidenceInterval(squeeze(est.gap), squeeze(lo), squeeze(hi))
-        return out
+        classes = self.classes or ("top_label",)
+        return R.bootstrap(recs, classes, self.groups, self.mode, metric, num_samples, level, seed)
 
     def brier(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(macro, micro)`` Brier score per class, (C',) float64 (0-d top-label): the mean over images of the
@@ -926,10 +764,7 @@ class DatasetCalibration:
         mean over raters. Needs ``brier=True``; a collective when distributed."""
         if not self.brier_score:
             raise RuntimeError("the Brier score needs DatasetCalibration(..., brier=True)")
-        s = self._synced()
-        macro = _macro(s["brier_sum"], s["macro_n"][0])
-        micro = self._pooled_decomposition(s).brier
-        return (macro[0], micro[0]) if self.mode == "top_label" else (macro, micro)
+        return R.brier(self._synced(), self.mode)
 
     def brier_decomposition(self) -> BrierDecomposition:
         """Murphy decomposition of the pooled Brier score (:func:`calibops.evaluation.brier_decomposition`), each
@@ -937,25 +772,15 @@ class DatasetCalibration:
         the raters' disagreement). Needs ``brier=True``; a collective when distributed."""
         if not self.brier_score:
             raise RuntimeError("the Brier decomposition needs DatasetCalibration(..., brier=True)")
-        d = self._pooled_decomposition(self._synced())
+        d = R.pooled_decomposition(self._synced())
         return BrierDecomposition(*(t[0] for t in d)) if self.mode == "top_label" else d
-
-    @staticmethod
-    def _pooled_decomposition(s: dict[str, torch.Tensor]) -> BrierDecomposition:
-        from .reference import BinnedStatsMoments
-
-        return brier_decomposition(BinnedStatsMoments(s["count"], s["sum_p"], s["sum_y"], s["sum_p2"], s["sum_py"]))
 
     def adaptive_errors(self) -> CalibrationErrors:
         """Pooled (micro) ECE / ACE / MCE / L2 over ``adaptive_bins`` equal-mass bins built from the fine pooled
         histogram (:func:`calibops.evaluation.adaptive_calibration_errors`). A collective when distributed."""
         if self.adaptive_bins is None:
             raise RuntimeError("adaptive errors need DatasetCalibration(..., adaptive_bins=M)")
-        s = self._synced()
-        errs, _ = adaptive_calibration_errors(
-            BinnedStats(s["fine_count"], s["fine_sum_p"], s["fine_sum_y"]), self.adaptive_bins
-        )
-        return self._squeeze(errs.map(lambda m: m.float()))
+        return R.adaptive(self._synced(), self.adaptive_bins, self.mode)
 
     def histogram(self) -> torch.Tensor:
         """The dataset reliability histogram ``H[c, a, j]``, int64 (C', M, M): class, accuracy bin (0 =
@@ -1000,34 +825,12 @@ class DatasetCalibration:
         """One row per (group, class) — group, class, images, macro_* and micro_* of ECE / ACE / MCE / L2 — then one
         ``group="gap"`` row per class with the largest between-group differences (:meth:`group_gaps`). For CSV / JSON
         reports (:meth:`write_groups_csv`). A collective when distributed."""
-        res = self.compute_groups()
-        gaps = {kind: self.group_gaps(kind) for kind in ("macro", "micro")}
-        classes = self.classes or ("top_label",)
-        rows: list[dict[str, Any]] = []
-
-        def val(t: torch.Tensor, k: int) -> float:
-            return float(t.reshape(-1)[k])
-
-        for name, r in res.items():
-            for k, c in enumerate(classes):
-                row: dict[str, Any] = {"group": name, "class": c, "images": r.num_images}
-                for kind in ("macro", "micro"):
-                    errs = getattr(r, kind)
-                    for metric in _ALL_METRICS:
-                        row[f"{kind}_{metric}"] = val(getattr(errs, metric), k)
-                rows.append(row)
-        for k, c in enumerate(classes):
-            row = {"group": "gap", "class": c, "images": sum(r.num_images for r in res.values())}
-            for kind in ("macro", "micro"):
-                for metric in _ALL_METRICS:
-                    row[f"{kind}_{metric}"] = val(gaps[kind][metric].gap, k)
-            rows.append(row)
-        return rows
+        return R.group_rows(self.compute_groups(), self.classes or ("top_label",))
 
     def write_groups_csv(self, path: str | os.PathLike) -> None:
         """Write :meth:`group_rows` to a CSV file. A collective when distributed."""
         rows = self.group_rows()
-        fields = ["group", "class", "images"] + [f"{k}_{m}" for k in ("macro", "micro") for m in _ALL_METRICS]
+        fields = ["group", "class", "images"] + [f"{k}_{m}" for k in ("macro", "micro") for m in R.METRICS]
         ImageRecords.write_csv(path, rows, fields)
 
     def plot_groups(self, class_index: int = 0, *, title: str | None = None) -> Figure:
@@ -1106,17 +909,3 @@ class DatasetCalibration:
     def __repr__(self) -> str:
         cfg = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
         return f"DatasetCalibration({cfg}, nonfinite={self.nonfinite!r}, images={int(self._state['num_images'])})"
-
-
-def _gap(vals: torch.Tensor, names: Sequence[Hashable]) -> GroupGap:
-    """Highest - lowest over the group axis 0 of ``vals`` (NaN skipped; NaN with fewer than two groups)."""
-    ok = ~torch.isnan(vals)
-    hi_v = torch.where(ok, vals, torch.full_like(vals, -float("inf")))
-    lo_v = torch.where(ok, vals, torch.full_like(vals, float("inf")))
-    hi, hi_i = hi_v.max(0)
-    lo, lo_i = lo_v.min(0)
-    enough = ok.sum(0) >= 2
-    gap = torch.where(enough, hi - lo, torch.full_like(hi, float("nan")))
-    hi_names = [names[i] if e else None for i, e in zip(hi_i.reshape(-1).tolist(), enough.reshape(-1).tolist())]
-    lo_names = [names[i] if e else None for i, e in zip(lo_i.reshape(-1).tolist(), enough.reshape(-1).tolist())]
-    return GroupGap(gap, hi_names, lo_names)
