@@ -443,3 +443,30 @@ def test_classification_brier_pools_samples():
     torch.testing.assert_close(micro, want, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="class indices"):
         m.update(x, torch.nn.functional.one_hot(y, 3).float())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_protocols_on_cuda_inputs_match_cpu():
+    g = torch.Generator().manual_seed(50)
+    x = 2 * torch.randn(2, 4, 6, 5, generator=g)
+    t = torch.randint(0, 4, (2, 3, 6, 5), generator=g)
+    kw = {"backend": "reference"}
+    for fn in (
+        lambda a, b: F.volume_crps(a, b, softmax=True, spacing=(0.5, 2.0), **kw),
+        lambda a, b: F.volume_crps(a, b, softmax=True, method="curvas", **kw),
+        lambda a, b: F.brier_score(a, b, to_onehot_y=True, softmax=True, multi_rater=True, **kw),
+        lambda a, b: F.consensus_dice(a, b, softmax=True),
+    ):
+        torch.testing.assert_close(fn(x.cuda(), t.cuda()).cpu(), fn(x, t), atol=1e-5, rtol=1e-5, equal_nan=True)
+    opts = {"to_onehot_y": True, "softmax": True, "backend": "reference", "multi_rater": True, "brier": True}
+    extra = {"groups": ("a", "b"), "adaptive_bins": 4, "fine_bins": 40, "keep_records": True}
+    cpu, gpu = DatasetCalibration(4, **opts, **extra), DatasetCalibration(4, **opts, **extra)
+    cpu.update(x, t, groups=["a", "b"])
+    gpu.update(x.cuda(), t.cuda(), groups=["a", "b"])
+    for u, v in zip(
+        (*cpu.compute().macro, *cpu.adaptive_errors(), *cpu.brier()),
+        (*gpu.compute().macro, *gpu.adaptive_errors(), *gpu.brier()),
+        strict=True,
+    ):
+        torch.testing.assert_close(v.cpu(), u, atol=1e-5, rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(gpu.group_gaps()["ece"].gap.cpu(), cpu.group_gaps()["ece"].gap, atol=1e-5, rtol=0)
