@@ -161,6 +161,8 @@ class MarginalL1ACELoss(nn.Module):
         spatial = tuple(x.shape[2:])
         if tuple(target.shape) == (x.shape[0], *spatial):
             target = target.unsqueeze(1)
+        if self.ignore_index is None and not target.is_floating_point():
+            target = target.to(torch.uint8) if target.dtype == torch.bool else target.to(x.dtype)
         note = (
             " (single-channel input: to_onehot_y is ignored as in MONAI and the label map is the target of the one "
             "channel, so labels must be 0 or 1"
