@@ -70,8 +70,6 @@ def _warn_if_extension_missing() -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
 
-_warn_if_extension_missing()
-
 
 def extension_loaded() -> bool:
     """True when the compiled calibops._C extension (C++ CPU ops, maybe CUDA ops) is loaded."""
@@ -100,6 +98,8 @@ def _stale_schema() -> str | None:
 
 if EXTENSION_ERROR is None:
     EXTENSION_ERROR = _stale_schema()
+
+_warn_if_extension_missing()  # after every reason to set EXTENSION_ERROR
 
 
 def _has_kernel(key: str) -> bool:
