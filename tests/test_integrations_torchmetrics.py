@@ -157,3 +157,45 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     assert sorted(o["local"] for o in outs) == [3, 5]  # each rank saw its shard only
     for o in outs:
         _check_against(o["res"], ref)
+
+
+def test_lightning_example_in_docs_runs():
+    L = pytest.importorskip("lightning")
+    import pathlib
+    import re
+    import warnings
+
+    doc = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "integrations.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.S) if "LightningModule" in b)
+    ns: dict = {}
+    exec(compile(block, "docs/integrations.md[Lightning]", "exec"), ns)
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return {
+                "image": torch.randn(1, 12, 12, generator=g),
+                "label": torch.randint(0, 3, (1, 12, 12), generator=g),
+            }
+
+    model = ns["Segmenter"](torch.nn.Conv2d(1, 3, 3, padding=1), 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = L.Trainer(
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        (res,) = trainer.validate(model, torch.utils.data.DataLoader(Data(), batch_size=2), verbose=False)
+    ref = DatasetCalibration(3, to_onehot_y=True, softmax=True)
+    with torch.no_grad():
+        for i in range(4):
+            item = Data()[i]
+            ref.update(model.net(item["image"][None]), item["label"][None])
+    assert res["val_ace"] == pytest.approx(float(ref.compute().macro.ace.nanmean()), abs=1e-6)
+    assert res["val_micro_mce"] == pytest.approx(float(ref.compute().micro.mce.nanmean()), abs=1e-6)
