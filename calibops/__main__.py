@@ -277,8 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv and argv[0] not in ("check", "info"):
         print(
-            f"calibops: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)} "
-            "(see calibops --help)",
+            f"calibops: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)} (see calibops --help)",
             file=sys.stderr,
         )
         return 2

@@ -70,7 +70,6 @@ def _warn_if_extension_missing() -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
 
-
 def extension_loaded() -> bool:
     """True when the compiled calibops._C extension (C++ CPU ops, maybe CUDA ops) is loaded."""
     return EXTENSION_ERROR is None
