@@ -34,6 +34,9 @@ class ImageRecords:
     def __iter__(self):
         return iter(self.rows)
 
+    def __getitem__(self, index: Any) -> Any:  # list-like access (``metric._records[-n:]``), as before the split
+        return self.rows[index]
+
     def add(
         self,
         image_ids: Sequence[Any],

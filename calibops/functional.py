@@ -188,8 +188,8 @@ def _prepare(
                     f"target values must lie in [0, 1] (one-hot or soft labels), found range [{float(lo)}, {float(hi)}]"
                     "; for integer label maps pass to_onehot_y=True"
                 )
-        if kernel and t.dtype not in _KERNEL_DENSE_DTYPES:
-            t = t.float()
+        if t.dtype not in _KERNEL_DENSE_DTYPES and not (not kernel and t.dtype == torch.float64):
+            t = t.float()  # integer / other dense targets: as float32 (the reference also keeps float64)
         t = t.detach().reshape(B, C, N)
         if kernel:
             t = t.contiguous()
