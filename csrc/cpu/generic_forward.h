@@ -41,7 +41,7 @@ static void pack_row(const float* __restrict p, const float* __restrict y, doubl
 #endif
 }
 
-// General entry vectors (W > 4): (1, q, y_0 .. y_{R-1}[, q², q·ȳ], 0 ...) with ȳ the rater mean. Labels: y_r =
+// General entry vectors (R > 1 or moments): (1, q, y_0 .. y_{R-1}[, q², q·ȳ], 0 ...) with ȳ the rater mean. Labels: y_r =
 // [lab_r == class] with class = cls (marginal) or ta[i] (top-label, ta != nullptr); dense: y_0 = y[i] (the row's
 // target, from target_row).
 static void pack_general(const Problem& pb, const float* __restrict q, const i32* __restrict lab, i32 cls,
@@ -186,7 +186,8 @@ static i64 forward_generic_t(const Problem& pb, i64 b, i64 begin, i64 end, doubl
   const i64 hsize = K * copies * M2 * W;
   for (i64 k = 0; k < hsize; ++k) hist[k] = 0.0;
   double* pk = reinterpret_cast<double*>(scratch + L.pk);
-  if (W == 4) pack_init(pk, T);
+  const bool simple = pb.R == 1 && !pb.moments;  // entry vector (1, q, y, 0)
+  if (simple) pack_init(pk, T);
 
   i64 bad = 0, nf_top = 0;
   for (i64 i0 = begin; i0 < end; i0 += T) {
@@ -205,7 +206,7 @@ static i64 forward_generic_t(const Problem& pb, i64 b, i64 begin, i64 end, doubl
       const float* q = pb.top ? tq : x + k * T;
       const i32* tak = pb.top ? ta : nullptr;
       const i32 cls = static_cast<i32>(k);
-      if (W == 4)
+      if (simple)
         pack_row(q, target_row(pb, lab, cls, tak, y, ytmp, n), pk, n);
       else
         pack_general(pb, q, lab, cls, tak, pb.labels ? nullptr : target_row(pb, lab, cls, tak, y, ytmp, n), pk, n);
