@@ -7,7 +7,7 @@ folder. :func:`forward` / :func:`backward` take exactly the arguments of ``calib
 ``calibops::binned_stats_backward`` (docs/kernel_contract.md) on CPU tensors, check them with
 ``calibops._contract`` like every Python-side implementation, and return what the CUDA binding returns.
 
-Needs a host C++ compiler and the CUDA headers (``cuda_fp16.h``, ``cuda_bf16.h``); :func:`why_unavailable` says
+Needs a host C++ compiler and the CUDA headers (``cuda_fp16.h``, ``cuda_bf16.h``); :func:`unavailable_reason` says
 what is missing. Used by tests/test_cuda_compile.py and, as the ``cuda-emu`` backend, by the cross-backend tests.
 """
 
@@ -39,7 +39,7 @@ __all__ = [
     "forward",
     "forward_image",
     "plan",
-    "why_unavailable",
+    "unavailable_reason",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,7 +87,7 @@ def _cuda_include() -> str | None:
 CUDA_INCLUDE = _cuda_include()
 
 
-def why_unavailable() -> str | None:
+def unavailable_reason() -> str | None:
     """None when the emulation can be built here, else what is missing."""
     if CXX is None or CUDA_INCLUDE is None:
         return "needs a host C++ compiler and the CUDA headers (cuda_fp16.h)"
@@ -102,8 +102,8 @@ def _compile(cmd: list[str]) -> None:
 
 def host_compile_command(source: Path, out: Path, *extra: str) -> list[str]:
     """The host compiler line for an emulation source (emulation_lib.cpp, asan_sweep.cpp)."""
-    if why_unavailable() is not None:
-        raise RuntimeError(f"cuda emulation unavailable: {why_unavailable()}")
+    if unavailable_reason() is not None:
+        raise RuntimeError(f"cuda emulation unavailable: {unavailable_reason()}")
     return [
         str(CXX),
         "-std=c++17",
@@ -135,7 +135,7 @@ def _sources() -> list[Path]:
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
     """The emulation library, built once per content of its sources (cached in the temp folder)."""
-    why = why_unavailable()
+    why = unavailable_reason()
     if why is not None:
         raise RuntimeError(f"cuda emulation unavailable: {why}")
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in _sources())).hexdigest()[:16]
@@ -308,7 +308,13 @@ def forward_image(
 
 
 def backward_image(
-    B: int, b: int, grads: tuple[torch.Tensor, ...], input: torch.Tensor, target: torch.Tensor, edges, *opts,
+    B: int,
+    b: int,
+    grads: tuple[torch.Tensor, ...],
+    input: torch.Tensor,
+    target: torch.Tensor,
+    edges,
+    *opts,
     smem_limit=H100_SMEM,
 ) -> torch.Tensor:
     """Backward counterpart of :func:`forward_image` (``grads``: the five gradients of the one image)."""
@@ -352,4 +358,3 @@ def plan(
     )
     keys = ("threads", "tile", "tiles_per_block", "group", "slots", "slot_stride", "P", "smem_bytes", "nstat")
     return dict(zip(keys, list(out))), (err.decode() if err else None)
-
