@@ -57,7 +57,7 @@ H100_SMEM = emu.H100_SMEM
 A100_SMEM = emu.A100_SMEM
 
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
-needs_host = pytest.mark.skipif(emu.unavailable_reason() is not None, reason=str(emu.unavailable_reason()))
+needs_host = pytest.mark.skipif(emu.why_unavailable() is not None, reason=str(emu.why_unavailable()))
 
 
 def _run(cmd, cwd=None, timeout=600):
@@ -176,7 +176,7 @@ def test_emulation_memory_safety_sweep(tmp_path):
 
 @pytest.fixture(scope="module")
 def lib():
-    why = emu.unavailable_reason()
+    why = emu.why_unavailable()
     if why is not None:
         pytest.skip(why)
     emu._library()  # build once (cached per source content)

@@ -7,7 +7,7 @@ folder. :func:`forward` / :func:`backward` take exactly the arguments of ``calib
 ``calibops::binned_stats_backward`` (docs/kernel_contract.md) on CPU tensors, check them with
 ``calibops._contract`` like every Python-side implementation, and return what the CUDA binding returns.
 
-Needs a host C++ compiler and the CUDA headers (``cuda_fp16.h``, ``cuda_bf16.h``); :func:`unavailable_reason` says
+Needs a host C++ compiler and the CUDA headers (``cuda_fp16.h``, ``cuda_bf16.h``); :func:`why_unavailable` says
 what is missing. Used by tests/test_cuda_compile.py and, as the ``cuda-emu`` backend, by the cross-backend tests.
 """
 
@@ -40,6 +40,7 @@ __all__ = [
     "forward_image",
     "plan",
     "unavailable_reason",
+    "why_unavailable",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,11 +88,15 @@ def _cuda_include() -> str | None:
 CUDA_INCLUDE = _cuda_include()
 
 
-def unavailable_reason() -> str | None:
+def why_unavailable() -> str | None:
     """None when the emulation can be built here, else what is missing."""
     if CXX is None or CUDA_INCLUDE is None:
         return "needs a host C++ compiler and the CUDA headers (cuda_fp16.h)"
     return None
+
+
+#: Alias of :func:`why_unavailable` (both names are used by the cross-backend helpers).
+unavailable_reason = why_unavailable
 
 
 def _compile(cmd: list[str]) -> None:
@@ -102,8 +107,8 @@ def _compile(cmd: list[str]) -> None:
 
 def host_compile_command(source: Path, out: Path, *extra: str) -> list[str]:
     """The host compiler line for an emulation source (emulation_lib.cpp, asan_sweep.cpp)."""
-    if unavailable_reason() is not None:
-        raise RuntimeError(f"cuda emulation unavailable: {unavailable_reason()}")
+    if why_unavailable() is not None:
+        raise RuntimeError(f"cuda emulation unavailable: {why_unavailable()}")
     return [
         str(CXX),
         "-std=c++17",
@@ -135,7 +140,7 @@ def _sources() -> list[Path]:
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
     """The emulation library, built once per content of its sources (cached in the temp folder)."""
-    why = unavailable_reason()
+    why = why_unavailable()
     if why is not None:
         raise RuntimeError(f"cuda emulation unavailable: {why}")
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in _sources())).hexdigest()[:16]
