@@ -1,7 +1,7 @@
 """Loading the compiled extension, fake kernels, and the autograd glue shared by every kernel backend.
 
 The kernel backends (C++ CPU, CUDA C++, Triton) each provide two ops with the arguments of
-docs/kernel_contract.md: a forward producing the (B, C, M) statistics and a backward producing the
+docs/kernel_contract.md (v2): a forward producing the (B, K, M) statistics and a backward producing the
 gradient w.r.t. the input from the gradients of those statistics. This module attaches one autograd
 formula to every such pair, so the loss epilogue (plain PyTorch on (B, C, M) tensors) differentiates
 through any backend the same way.
@@ -14,12 +14,16 @@ from collections.abc import Callable
 
 import torch
 
+from ._contract import check_args, check_grads, empty_outputs
+
 __all__ = [
     "EXTENSION_ERROR",
     "extension_loaded",
     "has_cpu_kernels",
     "has_cuda_kernels",
     "register_stats_autograd",
+    "stats_backward_fake",
+    "stats_fake",
 ]
 
 EXTENSION_ERROR: str | None = None
@@ -32,6 +36,30 @@ except Exception as exc:  # noqa: BLE001 - any load failure just means "not buil
 def extension_loaded() -> bool:
     """True when the compiled calibops._C extension (C++ CPU ops, maybe CUDA ops) is loaded."""
     return EXTENSION_ERROR is None
+
+
+#: The op schema this Python code speaks (docs/kernel_contract.md, v2). An extension built from an older source
+#: registers ``calibops::binned_stats`` without these arguments: it is then treated as not built (a stale build).
+_V2_ARGS = ("scheme", "target_kind", "mode", "moments")
+
+
+def _stale_schema() -> str | None:
+    try:
+        schema = torch.ops.calibops.binned_stats.default._schema
+    except (AttributeError, RuntimeError):
+        return "calibops._C registered no calibops::binned_stats op"
+    names = {a.name for a in schema.arguments}
+    if not all(n in names for n in _V2_ARGS):
+        return (
+            "calibops._C was built from an older source (its calibops::binned_stats op lacks the v2 arguments "
+            f"{', '.join(_V2_ARGS)}): rebuild it with `pip install --no-build-isolation -e .` or "
+            "`python setup.py build_ext --inplace`"
+        )
+    return None
+
+
+if EXTENSION_ERROR is None:
+    EXTENSION_ERROR = _stale_schema()
 
 
 def _has_kernel(key: str) -> bool:
@@ -55,81 +83,68 @@ def has_cpu_kernels() -> bool:
     return HAS_CPU_KERNELS
 
 
-def _stats_fake(input, target, edges, num_bins, soft, activation, labels, ignore_index, right):
-    B, C = input.shape[0], input.shape[1]
-    shape = (B, C, num_bins)
-    mk = lambda: input.new_empty(shape, dtype=torch.float32)  # noqa: E731
-    return mk(), mk(), mk(), input.new_empty((2,), dtype=torch.int64)  # bad: [out-of-range labels, non-finite p]
+def stats_fake(input, target, edges, num_bins, scheme, activation, target_kind, mode, moments, ignore_index, right):
+    """Fake (meta) forward of every backend's statistics op: checks its arguments like the real kernels
+    (calibops/_contract.py) and returns outputs of the contract's shapes."""
+    g = check_args(input, target, edges, num_bins, scheme, activation, target_kind, mode, moments, ignore_index, right)
+    return empty_outputs(input, g, moments)
 
 
-def _stats_backward_fake(
+def stats_backward_fake(
     grad_count,
     grad_sum_p,
     grad_sum_y,
+    grad_sum_p2,
+    grad_sum_py,
     input,
     target,
     edges,
     num_bins,
-    soft,
+    scheme,
     activation,
-    labels,
+    target_kind,
+    mode,
+    moments,
     ignore_index,
     right,
 ):
-    return torch.empty_like(input)
+    """Fake (meta) backward: the forward's argument checks, the gradients' shapes, and a gradient like input."""
+    g = check_args(input, target, edges, num_bins, scheme, activation, target_kind, mode, moments, ignore_index, right)
+    check_grads(g, moments, grad_count, grad_sum_p, grad_sum_y, grad_sum_p2, grad_sum_py)
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
 def register_stats_autograd(forward_op: str, backward: Callable) -> None:
     """Attach the statistics autograd formula to ``forward_op`` ("calibops::name").
 
-    ``backward`` is the callable computing ``grad_input`` from
-    ``(grad_count, grad_sum_p, grad_sum_y, input, target, edges, num_bins, soft, activation, labels,
-    ignore_index, right)``; every backend shares this formula and only supplies that callable.
+    ``backward`` is the callable computing ``grad_input`` from ``(grad_count, grad_sum_p, grad_sum_y, grad_sum_p2,
+    grad_sum_py, input, target, edges, num_bins, scheme, activation, target_kind, mode, moments, ignore_index,
+    right)``; every backend shares this formula and only supplies that callable. Outputs that got no gradient are
+    passed as zeros of their shape.
     """
 
     def setup_context(ctx, inputs, output):
-        input, target, edges, num_bins, soft, activation, labels, ignore_index, right = inputs
+        input, target, edges, *options = inputs
         ctx.save_for_backward(input, target, edges)
-        ctx.options = (num_bins, soft, activation, labels, ignore_index, right)
+        ctx.options = tuple(options)
+        ctx.shapes = tuple(o.shape for o in output[:5])
 
-    def backward_fn(ctx, grad_count, grad_sum_p, grad_sum_y, grad_bad):
+    def backward_fn(ctx, grad_count, grad_sum_p, grad_sum_y, grad_sum_p2, grad_sum_py, grad_bad):
         input, target, edges = ctx.saved_tensors
-        num_bins, soft, activation, labels, ignore_index, right = ctx.options
         grad_input = None
         if ctx.needs_input_grad[0]:
-            like = grad_sum_p if grad_sum_p is not None else grad_count
-            if like is None:
-                like = grad_sum_y
-            zeros = None
-
-            def dense(g):
-                nonlocal zeros
-                if g is not None:
-                    return g.contiguous().float()
-                if zeros is None:
-                    zeros = like.new_zeros(like.shape, dtype=torch.float32)
-                return zeros
-
-            grad_input = backward(
-                dense(grad_count),
-                dense(grad_sum_p),
-                dense(grad_sum_y),
-                input,
-                target,
-                edges,
-                num_bins,
-                soft,
-                activation,
-                labels,
-                ignore_index,
-                right,
-            )
-        return grad_input, None, None, None, None, None, None, None, None
+            grads = []
+            for gr, shape in zip((grad_count, grad_sum_p, grad_sum_y, grad_sum_p2, grad_sum_py), ctx.shapes):
+                if gr is None:
+                    gr = input.new_zeros(shape, dtype=torch.float32)
+                grads.append(gr.contiguous().float())
+            grad_input = backward(*grads, input, target, edges, *ctx.options)
+        return (grad_input,) + (None,) * 10
 
     torch.library.register_autograd(forward_op, backward_fn, setup_context=setup_context)
 
 
 if extension_loaded():
-    torch.library.register_fake("calibops::binned_stats")(_stats_fake)
-    torch.library.register_fake("calibops::binned_stats_backward")(_stats_backward_fake)
+    torch.library.register_fake("calibops::binned_stats")(stats_fake)
+    torch.library.register_fake("calibops::binned_stats_backward")(stats_backward_fake)
     register_stats_autograd("calibops::binned_stats", torch.ops.calibops.binned_stats_backward)

@@ -10,8 +10,10 @@ Rules:
 - Numbers: a Python ``int``/``float``, a NumPy integer/floating scalar, or a 0-d real tensor is accepted
   wherever a number is (integer options take only integer kinds). ``bool`` is never a number here.
 - Flags (``include_background``, ``to_onehot_y``, ``softmax``, ``sigmoid``, ``ignore_empty_classes``,
-  ``right``, ``validate``): ``bool`` or ``numpy.bool_``; anything else is a ``TypeError`` (``softmax="yes"``
-  would otherwise be truthy).
+  ``right``, ``validate``, ``multi_rater``, ``moments``): ``bool`` or ``numpy.bool_``; anything else is a
+  ``TypeError`` (``softmax="yes"`` would otherwise be truthy).
+- Choices: ``binning`` in hard / soft, ``mode`` in marginal / top_label, ``reduction``, ``backend``;
+  ``multi_rater=True`` needs ``to_onehot_y=True`` (it reads R integer label maps).
 - Caps: ``1 <= num_bins <= 2**24`` (:data:`MAX_BINS`, the same on every backend); ``ignore_index`` within
   int64 (the label dtype's own range is checked where the labels are seen, in ``functional._prepare``).
 - Wrong type: ``TypeError``; wrong value: ``ValueError``; both name the option and say what is accepted.
@@ -108,9 +110,23 @@ class Options(NamedTuple):
     ignore_index: int | None = None
     backend: str = "auto"
     validate: bool = True
+    mode: str = "marginal"
+    multi_rater: bool = False
+    moments: bool = False
 
 
-_FLAGS = ("include_background", "to_onehot_y", "softmax", "sigmoid", "ignore_empty_classes", "right", "validate")
+_FLAGS = (
+    "include_background",
+    "to_onehot_y",
+    "softmax",
+    "sigmoid",
+    "ignore_empty_classes",
+    "right",
+    "validate",
+    "multi_rater",
+    "moments",
+)
+MODES = ("marginal", "top_label")
 
 
 def check_options(
@@ -128,6 +144,9 @@ def check_options(
     ignore_index: Any = _UNSET,
     backend: Any = _UNSET,
     validate: Any = _UNSET,
+    mode: Any = _UNSET,
+    multi_rater: Any = _UNSET,
+    moments: Any = _UNSET,
 ) -> Options:
     """Check the given options (see the module docstring) and return them normalised.
 
@@ -148,6 +167,12 @@ def check_options(
         out["num_bins"] = m
     if "binning" in given:
         out["binning"] = _choice("binning", given["binning"], BINNINGS)
+    if "mode" in given:
+        out["mode"] = _choice("mode", given["mode"], MODES)
+    if out.get("multi_rater") and not out.get("to_onehot_y", False):
+        raise ValueError(
+            "multi_rater=True reads R integer label maps (B, R, *spatial): pass to_onehot_y=True with them"
+        )
     if "reduction" in given:
         out["reduction"] = _choice("reduction", given["reduction"], REDUCTIONS)
     if "backend" in given:

@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from . import _verified
+from ._contract import MODE_MARGINAL, SCHEME_HARD, SCHEME_SOFT, TARGET_DENSE, TARGET_LABELS
 from .reference import ACT_NONE, ACT_SIGMOID, ACT_SOFTMAX, bin_centres, bin_edges, binned_stats_prepared
 
 __all__ = [
@@ -300,18 +301,22 @@ def _upstream(case: Case, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 def _fwd_bwd(fn, x, t, edges, case: Case, ups, device: torch.device):
     xd = x.to(device).requires_grad_(True)
+    tt = t.to(device)
     out = fn(
         xd,
-        t.to(device),
+        tt.unsqueeze(1) if case.labels else tt,  # labels: one rater, [B, 1, N]
         edges.to(device),
         case.num_bins,
-        case.soft,
+        SCHEME_SOFT if case.soft else SCHEME_HARD,
         _ACT[case.activation],
-        case.labels,
+        TARGET_LABELS if case.labels else TARGET_DENSE,
+        MODE_MARGINAL,
+        False,
         case.ignore_index,
         case.right,
     )
-    count, sum_p, sum_y, bad = out
+    count, sum_p, sum_y, _, _, bad = out
+    sum_y = sum_y.select(2, 0)
     loss = sum((u.to(device) * o).sum() for u, o in zip(ups, (count, sum_p, sum_y)))
     (grad,) = torch.autograd.grad(loss, xd)
     return tuple(v.detach().cpu() for v in (count, sum_p, sum_y, bad, grad))

@@ -30,20 +30,29 @@ from typing import Any, NamedTuple
 import torch
 
 from . import _backends
+from ._contract import MODES, SCHEMES, TARGET_DENSE, TARGET_LABELS
 from ._options import Options, check_options, check_weight_values
 from .reference import (
     ACT_NONE,
     ACT_SIGMOID,
     ACT_SOFTMAX,
     BinnedStats,
+    BinnedStatsMoments,
     CalibrationErrors,
-    _edge_tensor,
     ace_from_stats,
     calibration_errors_from_stats,
     reduce_loss,
+    scheme_edges,
 )
 
-__all__ = ["BinnedStats", "CalibrationErrors", "binned_stats", "calibration_errors", "marginal_l1_ace"]
+__all__ = [
+    "BinnedStats",
+    "BinnedStatsMoments",
+    "CalibrationErrors",
+    "binned_stats",
+    "calibration_errors",
+    "marginal_l1_ace",
+]
 
 _KERNEL_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _KERNEL_DENSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.bool, torch.uint8)
@@ -78,8 +87,10 @@ class _Prepared:
     __slots__ = ("input", "target", "labels", "activation", "B", "C")
 
 
-def _prepare(input, target, *, to_onehot_y, softmax, sigmoid, ignore_index, backend_name, check_values):
-    """Validate and reshape to the kernel layout: input [B, C, N], target [B, N] labels or [B, C, N] dense."""
+def _prepare(
+    input, target, *, to_onehot_y, softmax, sigmoid, ignore_index, backend_name, check_values, multi_rater=False
+):
+    """Validate and reshape to the kernel layout: input [B, C, N], target [B, R, N] labels or [B, C, N] dense."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if input.dim() < 2:
@@ -111,11 +122,23 @@ def _prepare(input, target, *, to_onehot_y, softmax, sigmoid, ignore_index, back
 
     if to_onehot_y:
         shape = tuple(target.shape)
-        if shape not in ((B, *spatial), (B, 1, *spatial)):
+        if multi_rater:
+            if len(shape) != 2 + len(spatial) or shape[2:] != spatial or shape[1] < 1:
+                raise ValueError(
+                    f"target must hold R >= 1 rater label maps of shape (B, R, *spatial) with *spatial = {spatial} "
+                    f"when multi_rater=True, got {shape}"
+                )
+            R = shape[1]
+        elif shape not in ((B, *spatial), (B, 1, *spatial)):
+            hint = ""
+            if len(shape) == 2 + len(spatial) and shape[2:] == spatial:
+                hint = " (several rater label maps: pass multi_rater=True)"
             raise ValueError(
                 f"target must be a label map of shape (B, 1, *spatial) or (B, *spatial) = {(B, 1, *spatial)} or "
-                f"{(B, *spatial)} when to_onehot_y=True, got {shape}"
+                f"{(B, *spatial)} when to_onehot_y=True, got {shape}{hint}"
             )
+        else:
+            R = 1
         t = target
         if ignore_index is not None and (t.dtype == torch.bool or t.dtype in _LABEL_DTYPES or t.is_floating_point()):
             lo, hi = _label_range(t.dtype)
@@ -132,7 +155,7 @@ def _prepare(input, target, *, to_onehot_y, softmax, sigmoid, ignore_index, back
             t = t.to(torch.int64)
         elif t.dtype not in _LABEL_DTYPES:
             raise TypeError(f"target labels must be an integer tensor, got {t.dtype}")
-        t = t.reshape(B, N)
+        t = t.reshape(B, R, N)
         if kernel:
             t = t.contiguous()
         labels = True
@@ -187,10 +210,13 @@ def _prepare(input, target, *, to_onehot_y, softmax, sigmoid, ignore_index, back
 class _Run(NamedTuple):
     """What :func:`_stats` hands back: the statistics, the kernel's ``bad`` counts and their host copy."""
 
-    stats: BinnedStats  # (B, C', M) each, background dropped unless include_background
+    # public shapes: marginal (B, C', M) with sum_y (B, C', R, M); top-label (B, M) with sum_y (B, R, M); the
+    # rater axis is dropped unless multi_rater. Background dropped (marginal) unless include_background.
+    stats: BinnedStats
     bad: torch.Tensor  # int64 (2,) on the input's device: [labels outside [0, C), non-finite probability entries]
     counts: list[int] | None  # host copy of ``bad`` when the values were checked (one synchronisation), else None
     weight: torch.Tensor | None  # the checked weight, float32 (C',) on the input's device
+    num_classes: int  # C of the input (before dropping the background)
 
 
 def _nonfinite_message(n: int, activation: int) -> str:
@@ -222,14 +248,26 @@ def _stats(input: Any, target: Any, o: Options, *, raise_nonfinite: bool = True,
         ignore_index=o.ignore_index,
         backend_name=name,
         check_values=check,
+        multi_rater=o.multi_rater,
     )
-    drop_background = not o.include_background and prep.C > 1
+    top = o.mode == "top_label"
+    drop_background = not o.include_background and prep.C > 1 and not top
     w, w_bad = _check_weight(weight, prep.C - 1 if drop_background else prep.C, input.device, check)
-    soft = o.binning == "soft"
-    edges = _edge_tensor(o.num_bins, soft, input.device)
+    scheme = SCHEMES[o.binning]
+    edges = scheme_edges(o.num_bins, scheme, input.device)
     fn = _backends.stats_function(name)
-    count, sum_p, sum_y, bad = fn(
-        prep.input, prep.target, edges, o.num_bins, soft, prep.activation, prep.labels, o.ignore_index, o.right
+    count, sum_p, sum_y, sum_p2, sum_py, bad = fn(
+        prep.input,
+        prep.target,
+        edges,
+        o.num_bins,
+        scheme,
+        prep.activation,
+        TARGET_LABELS if prep.labels else TARGET_DENSE,
+        MODES[o.mode],
+        o.moments,
+        o.ignore_index,
+        o.right,
     )
     counts = None
     # probabilities given directly were range-checked (finite included) in _prepare, so without labels, an
@@ -245,12 +283,21 @@ def _stats(input: Any, target: Any, o: Options, *, raise_nonfinite: bool = True,
         if w_bad is not None and counts[2] > 0:
             raise ValueError(f"weight must be finite and >= 0, got {w.tolist()}")
         counts = counts[:2]
-    if not o.include_background:
-        if prep.C == 1:
-            warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=3)
-        else:
-            count, sum_p, sum_y = count[:, 1:], sum_p[:, 1:], sum_y[:, 1:]
-    return _Run(BinnedStats(count, sum_p, sum_y), bad, counts, w)
+    if not o.include_background and not top and prep.C == 1:
+        warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=3)
+    if top:  # one statistic row per image: drop the row axis
+        rows = slice(0, 1)
+    else:
+        rows = slice(1, None) if drop_background else slice(None)
+    moments = (sum_p2, sum_py) if o.moments else (None, None)
+    parts = [count, sum_p, sum_y, *moments]
+    parts = [None if t is None else t[:, rows] for t in parts]
+    if top:
+        parts = [None if t is None else t[:, 0] for t in parts]
+    if not o.multi_rater:
+        parts[2] = parts[2].select(-2, 0)  # the one rater
+    stats = BinnedStats(*parts[:3]) if not o.moments else BinnedStatsMoments(*parts)
+    return _Run(stats, bad, counts, w, prep.C)
 
 
 def _check_weight(
@@ -292,11 +339,20 @@ def binned_stats(
     right: bool = False,
     backend: str = "auto",
     validate: bool = True,
+    *,
+    mode: str = "marginal",
+    multi_rater: bool = False,
+    moments: bool = False,
 ) -> BinnedStats:
-    """Per-image, per-class binned statistics ``BinnedStats(count, sum_p, sum_y)``, each (B, C', M) float32.
+    """Binned statistics ``BinnedStats(count, sum_p, sum_y)`` per image, float32 (docs/statistics.md).
 
-    ``sum_p`` (and, for soft binning, ``count``) is differentiable w.r.t. ``input``. See the module docstring for
-    the options and validation.
+    ``mode="marginal"``: one row per class, each (B, C', M). ``mode="top_label"``: per voxel the confidence
+    ``max_c p`` and whether its class is the label, one row per image, each (B, M) (``include_background`` does not
+    apply: the argmax runs over every class). ``multi_rater=True`` (with ``to_onehot_y=True``): ``target`` holds R
+    rater label maps (B, R, *spatial) and ``sum_y`` gets a rater axis, (B, C', R, M) / (B, R, M).
+    ``moments=True``: the result also carries ``sum_p2`` and ``sum_py`` of ``sum_p``'s shape (``sum_py`` against the
+    rater mean). ``sum_p`` (and, for soft binning, ``count``; and the moments) are differentiable w.r.t. ``input``.
+    See the module docstring for the other options and validation.
     """
     o = check_options(
         num_bins=num_bins,
@@ -309,6 +365,9 @@ def binned_stats(
         right=right,
         backend=backend,
         validate=validate,
+        mode=mode,
+        multi_rater=multi_rater,
+        moments=moments,
     )
     return _stats(input, target, o).stats
 
@@ -330,13 +389,17 @@ def marginal_l1_ace(
     ignore_index: int | None = None,
     backend: str = "auto",
     validate: bool = True,
+    *,
+    multi_rater: bool = False,
 ) -> torch.Tensor:
     """Marginal L1 Average Calibration Error (mL1-ACE), differentiable w.r.t. ``input``.
 
     ``input`` (B, C, *spatial): probabilities, or logits with ``softmax``/``sigmoid``. ``target``: integer labels
     (B, 1, *spatial) or (B, *spatial) with ``to_onehot_y``, else one-hot/bool/soft labels of ``input``'s shape.
-    Returns a scalar (``reduction="mean"``/``"sum"``) or (B, C') for ``"none"``, in float32 (float64 for float64
-    input) whatever the input dtype. ``weight``: one finite value >= 0 per class used (or one for all).
+    ``multi_rater=True`` (with ``to_onehot_y``): ``target`` holds R rater label maps (B, R, *spatial) and the loss
+    trains on the rater mean ``y = mean_r [label_r == c]`` (computed from the statistics; no (B, C, N) target is
+    materialised). Returns a scalar (``reduction="mean"``/``"sum"``) or (B, C') for ``"none"``, in float32 (float64
+    for float64 input) whatever the input dtype. ``weight``: one finite value >= 0 per class used (or one for all).
     With B = 0 the mean (like the sum) is 0.
     """
     o = check_options(
@@ -353,16 +416,32 @@ def marginal_l1_ace(
         ignore_index=ignore_index,
         backend=backend,
         validate=validate,
+        multi_rater=multi_rater,
     )
     run = _stats(input, target, o, weight=weight)
+    stats = run.stats
+    if o.multi_rater:  # the rater mean: sum_y is linear in y, so Σ w·mean_r y_r = mean_r Σ w·y_r
+        stats = BinnedStats(stats.count, stats.sum_p, stats.sum_y.mean(-2))
     per_class = ace_from_stats(
-        run.stats,
+        stats,
         soft=o.binning == "soft",
         empty_weight=o.empty_weight,
         ignore_empty_classes=o.ignore_empty_classes,
         weight=run.weight,
     )
     return reduce_loss(per_class, o.reduction)
+
+
+def per_rater_stats(stats: BinnedStats) -> BinnedStats:
+    """Multi-rater statistics (count (..., M), sum_y (..., R, M)) as R stacked single-rater statistics with the
+    rater axis first after the image axis: (B, R, ..., M) each (count and sum_p repeated; a view, no copy)."""
+    sum_y = stats.sum_y.movedim(-2, 1)  # (B, R, ..., M)
+    R = sum_y.shape[1]
+
+    def rep(t: torch.Tensor) -> torch.Tensor:
+        return t.unsqueeze(1).expand(t.shape[0], R, *t.shape[1:])
+
+    return BinnedStats(rep(stats.count), rep(stats.sum_p), sum_y)
 
 
 def calibration_errors(
@@ -377,11 +456,16 @@ def calibration_errors(
     right: bool = False,
     backend: str = "auto",
     validate: bool = True,
+    *,
+    mode: str = "marginal",
+    multi_rater: bool = False,
 ) -> CalibrationErrors:
-    """Per-image, per-class ``CalibrationErrors(ece, ace, mce)``, each (B, C'), over hard bins, no gradient.
+    """Per-image ``CalibrationErrors(ece, ace, mce)`` over hard bins, no gradient.
 
-    NaN where an image has no (non-ignored) voxel, never a silent 0. ``include_background`` defaults to False
-    like the papers' evaluation code.
+    Marginal: each (B, C'); top-label (``mode="top_label"``): each (B,). With ``multi_rater=True`` one value per
+    rater: (B, R, C') / (B, R) (their mean over raters is the multi-rater protocol's number). NaN where an image has
+    no (non-ignored) voxel, never a silent 0. ``include_background`` defaults to False like the papers' evaluation
+    code (marginal mode only).
     """
     o = check_options(
         num_bins=num_bins,
@@ -393,6 +477,11 @@ def calibration_errors(
         right=right,
         backend=backend,
         validate=validate,
+        mode=mode,
+        multi_rater=multi_rater,
     )
     with torch.no_grad():
-        return calibration_errors_from_stats(_stats(input, target, o).stats)
+        stats = _stats(input, target, o).stats
+        if o.multi_rater:
+            stats = per_rater_stats(stats)
+        return calibration_errors_from_stats(stats)

@@ -144,6 +144,11 @@ class DatasetCalibration:
         dice: add the Dice score of the hard prediction (argmax, or ``p > 0.5`` for sigmoid / one channel)
             to the records (needs ``keep_records``).
         process_group: the ``torch.distributed`` group to reduce over (default: the world).
+        mode: ``"marginal"`` (default; per class, C' rows) or ``"top_label"`` (per voxel the confidence
+            ``max_c p`` and whether its argmax class is the label, as torchmetrics' ``MulticlassCalibrationError``
+            and the CURVAS challenge; one row). Top-label results drop the class axis: ``compute()`` errors are
+            0-d, ``histogram()`` is (M, M), records have ``class="top_label"``; ``include_background`` does not
+            apply (the argmax runs over every class) and ``dice`` is not available.
 
     Example::
 
@@ -171,6 +176,8 @@ class DatasetCalibration:
         dice: bool = False,
         process_group: Any = None,
         nonfinite: str = "raise",
+        *,
+        mode: str = "marginal",
     ) -> None:
         try:
             num_classes = as_int("num_classes", num_classes)
@@ -188,6 +195,7 @@ class DatasetCalibration:
             right=right,
             backend=backend,
             validate=validate,
+            mode=mode,
         )
         keep_records = as_bool("keep_records", keep_records)
         dice = as_bool("dice", dice)
@@ -195,12 +203,15 @@ class DatasetCalibration:
             raise TypeError(f"nonfinite must be one of {_NONFINITE}, got {type(nonfinite).__name__}")
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        if dice and o.mode == "top_label":
+            raise ValueError("dice=True reports Dice per class: use mode='marginal' for it")
         if dice and not keep_records:
             raise ValueError("dice=True adds Dice to the per-image records: pass keep_records=True as well")
         # the statistics keep the background; it is dropped in update (a one-channel input keeps its class)
         self._opts = o._replace(include_background=True, binning="hard")
         self.num_classes = num_classes
         self.num_bins = o.num_bins
+        self.mode = o.mode
         self.include_background = o.include_background
         self.to_onehot_y = o.to_onehot_y
         self.softmax = o.softmax
@@ -214,15 +225,16 @@ class DatasetCalibration:
         self.nonfinite = nonfinite
         self.process_group = process_group
         first = 0 if (self.include_background or num_classes == 1) else 1
-        self.classes: tuple[int, ...] = tuple(range(first, num_classes))
+        #: the class index of each statistic row (marginal), or () for top-label (one row, no class axis)
+        self.classes: tuple[int, ...] = tuple(range(first, num_classes)) if o.mode == "marginal" else ()
         self._device = torch.device("cpu")
         self.reset()
 
     # ------------------------------------------------------------------ state
     @property
     def num_used_classes(self) -> int:
-        """C': the number of classes the statistics cover."""
-        return len(self.classes)
+        """C': the number of classes the statistics cover (marginal), or 1 (top-label: one row)."""
+        return len(self.classes) if self.mode == "marginal" else 1
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -234,6 +246,7 @@ class DatasetCalibration:
             "sigmoid": self.sigmoid,
             "ignore_index": self.ignore_index,
             "right": self.right,
+            "mode": self.mode,
         }
 
     def reset(self) -> None:
@@ -283,6 +296,8 @@ class DatasetCalibration:
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict from DatasetCalibration.state_dict(), got {type(state_dict)}")
         cfg = state_dict.get("config")
+        if isinstance(cfg, dict) and "mode" not in cfg:  # written before top-label existed: marginal
+            cfg = {**cfg, "mode": "marginal"}
         if cfg != self._config():
             raise ValueError(f"state_dict config {cfg} does not match this metric's {self._config()}")
         new: dict[str, torch.Tensor] = {}
@@ -363,9 +378,12 @@ class DatasetCalibration:
         else:  # not validated: count on the device, no synchronisation
             nonfinite = run.bad[1]
         stats = run.stats
-        # drop the background here (not in binned_stats) so a one-channel input keeps its class silently
-        first = self.classes[0]
-        stats = BinnedStats(stats.count[:, first:], stats.sum_p[:, first:], stats.sum_y[:, first:])
+        if self.mode == "top_label":  # one row per image: (B, M) -> (B, 1, M)
+            stats = BinnedStats(*(t.unsqueeze(1) for t in stats))
+        else:
+            # drop the background here (not in binned_stats) so a one-channel input keeps its class silently
+            first = self.classes[0]
+            stats = BinnedStats(stats.count[:, first:], stats.sum_p[:, first:], stats.sum_y[:, first:])
         if stats.count.device != self._device:
             self.to(stats.count.device)
         errs = calibration_errors_from_stats(stats)  # (B, C') each, NaN where undefined
@@ -417,7 +435,7 @@ class DatasetCalibration:
         dice = self._dice(input, target).cpu() if self.dice else None
         for b in range(B):
             ident = image_ids[b] if image_ids is not None else start + b
-            for k, c in enumerate(self.classes):
+            for k, c in enumerate(self.classes or ("top_label",)):
                 rec: dict[str, Any] = {"image": ident, "class": c}
                 for name, v in zip(_METRICS, vals, strict=True):
                     rec[name] = float(v[b, k])
@@ -503,20 +521,25 @@ class DatasetCalibration:
         macro_errs = CalibrationErrors(*(m.float() for m in macro))
         micro = calibration_errors_from_stats(BinnedStats(s["count"], s["sum_p"], s["sum_y"]))
         micro_errs = CalibrationErrors(*(m.float() for m in micro))
+        per_class = (s["macro_n"][0].clone(), s["images_with_class"].clone())
+        if self.mode == "top_label":  # drop the one-row axis
+            macro_errs = CalibrationErrors(*(m[0] for m in macro_errs))
+            micro_errs = CalibrationErrors(*(m[0] for m in micro_errs))
+            per_class = tuple(t[0] for t in per_class)
         return DatasetCalibrationResult(
             macro_errs,
             micro_errs,
             int(s["num_images"]),
             self.classes,
-            s["macro_n"][0].clone(),
-            s["images_with_class"].clone(),
+            *per_class,
             int(s["num_nonfinite"]),
         )
 
     def histogram(self) -> torch.Tensor:
         """The dataset reliability histogram ``H[c, a, j]``, int64 (C', M, M): class, accuracy bin (0 =
         lowest), confidence bin. A collective when distributed: call it on every rank."""
-        return self._synced()["hist"].clone()
+        hist = self._synced()["hist"].clone()
+        return hist[0] if self.mode == "top_label" else hist
 
     def pooled_counts(self) -> torch.Tensor:
         """Voxels per (class, confidence bin) over the data set, (C', M) float64 (summed over ranks)."""
@@ -571,8 +594,12 @@ class DatasetCalibration:
             names = [str(n) for n in class_names]
             if len(names) == self.num_classes and self.num_used_classes != self.num_classes:
                 names = [names[c] for c in self.classes]
+        elif self.mode == "top_label":
+            names = ["top-label"]
         else:
             names = [f"class {c}" for c in self.classes]
+        if self.mode == "top_label" and len(names) != 1:
+            raise ValueError(f"class_names: a top-label histogram has one row; pass one name or None, got {names}")
         return dataset_reliability_histogram(
             s["hist"],
             counts=s["count"],

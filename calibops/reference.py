@@ -18,9 +18,24 @@ from typing import NamedTuple
 
 import torch
 
+from ._contract import (
+    ACT_NONE,
+    ACT_SIGMOID,
+    ACT_SOFTMAX,
+    MODE_TOP_LABEL,
+    SCHEME_HARD,
+    SCHEME_SOFT,
+    TARGET_LABELS,
+    check_args,
+)
+
 __all__ = [
+    "ACT_NONE",
+    "ACT_SIGMOID",
+    "ACT_SOFTMAX",
     "EPS32",
     "BinnedStats",
+    "BinnedStatsMoments",
     "CalibrationErrors",
     "ace_from_stats",
     "bin_centres",
@@ -28,23 +43,48 @@ __all__ = [
     "binned_stats_prepared",
     "calibration_errors_from_stats",
     "reduce_loss",
+    "scheme_edges",
 ]
 
 EPS32 = float(torch.finfo(torch.float32).eps)
 
-ACT_NONE, ACT_SOFTMAX, ACT_SIGMOID = 0, 1, 2
-
 
 class BinnedStats(NamedTuple):
-    """Per-(image, class, bin) statistics, each (B, C, M) float32.
+    """Binned statistics: per (image, class, bin) (marginal, (B, C', M)) or per (image, bin) (top-label, (B, M)).
 
-    Hard binning: ``count`` = number of voxels in the bin, ``sum_p`` = Σ p, ``sum_y`` = Σ y.
-    Soft binning: ``count`` = Σ w (membership weights), ``sum_p`` = Σ w·p, ``sum_y`` = Σ w·y.
+    Hard binning: ``count`` = number of entries in the bin, ``sum_p`` = Σ q, ``sum_y`` = Σ y. Soft binning:
+    ``count`` = Σ w (membership weights), ``sum_p`` = Σ w·q, ``sum_y`` = Σ w·y. With several raters
+    (``multi_rater=True``) ``sum_y`` has a rater axis before the bins: (B, C', R, M) / (B, R, M).
+    ``sum_p2`` (Σ w·q²) and ``sum_py`` (Σ w·q·ȳ, ȳ the rater mean) are None unless ``moments=True`` was asked
+    (then the result is a :class:`BinnedStatsMoments`, which still unpacks as ``count, sum_p, sum_y``).
     """
 
     count: torch.Tensor
     sum_p: torch.Tensor
     sum_y: torch.Tensor
+
+    sum_p2 = None  # class attributes, not fields: a BinnedStats unpacks into exactly three tensors
+    sum_py = None
+
+
+class BinnedStatsMoments(BinnedStats):
+    """:class:`BinnedStats` that also carries the second moments ``sum_p2`` and ``sum_py`` (same shape as
+    ``sum_p``). Unpacks, indexes and compares as the three-field tuple ``(count, sum_p, sum_y)``."""
+
+    def __new__(cls, count, sum_p, sum_y, sum_p2, sum_py):
+        self = super().__new__(cls, count, sum_p, sum_y)
+        self.sum_p2 = sum_p2
+        self.sum_py = sum_py
+        return self
+
+    def __getnewargs__(self):
+        return (self.count, self.sum_p, self.sum_y, self.sum_p2, self.sum_py)
+
+    def __repr__(self) -> str:
+        return (
+            f"BinnedStatsMoments(count={self.count!r}, sum_p={self.sum_p!r}, sum_y={self.sum_y!r}, "
+            f"sum_p2={self.sum_p2!r}, sum_py={self.sum_py!r})"
+        )
 
 
 class CalibrationErrors(NamedTuple):
@@ -96,34 +136,94 @@ def _activate(x: torch.Tensor, activation: int) -> torch.Tensor:
     return x
 
 
+def scheme_edges(num_bins: int, scheme: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The ``edges`` argument of the kernel ops for ``scheme``: hard edges (M + 1) or soft centres (M), float32."""
+    return _edge_tensor(num_bins, scheme == SCHEME_SOFT, torch.device(device))
+
+
+def _membership(
+    q: torch.Tensor, edges: torch.Tensor, num_bins: int, scheme: int, right: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The binning scheme as a membership function (docs/kernel_contract.md, "Binning schemes").
+
+    ``q``: finite values (any shape). Returns ``(lo, w_lo, hi, w_hi)``: weight ``w_lo`` in bin ``lo`` and
+    ``w_hi = 1 - w_lo`` in bin ``hi`` (``hi == lo`` with ``w_hi == 0`` where the scheme uses one bin), the weights
+    differentiable w.r.t. ``q`` (their derivative is the scheme's ``dw``). A new scheme is one more branch here and
+    one membership function per backend.
+    """
+    M = num_bins
+    qd = q.detach().contiguous()
+    if scheme == SCHEME_HARD:
+        lo = torch.bucketize(qd, edges[1:].to(q.dtype), right=right).clamp_(max=M - 1)
+        return lo, torch.ones_like(q), lo, torch.zeros_like(q)
+    # soft: t = (number of centres strictly below q) - 1, in -1 .. M-1
+    t = torch.bucketize(qd, edges.to(q.dtype), right=False) - 1
+    if M == 1:
+        lo = torch.zeros_like(t)
+        return lo, torch.ones_like(q), lo, torch.zeros_like(q)
+    centres = edges.to(q.dtype)
+    lo = t.clamp(0, M - 2)
+    hi = lo + 1
+    c_lo, c_hi = centres[lo], centres[hi]
+    w_in = (c_hi - q) / (c_hi - c_lo)
+    w_lo = torch.where(t < 0, torch.ones_like(q), torch.where(t >= M - 1, torch.zeros_like(q), w_in))
+    return lo, w_lo, hi, 1.0 - w_lo  # w_hi: "the rest" of the entry's unit weight
+
+
 def binned_stats_prepared(
     input: torch.Tensor,  # [B, C, N]
-    target: torch.Tensor,  # [B, N] integer labels, or [B, C, N] dense
+    target: torch.Tensor,  # [B, R, N] integer labels, or [B, C, N] dense
     edges: torch.Tensor,  # [M + 1] hard edges, or [M] soft centres
     num_bins: int,
-    soft: bool,
+    scheme: int,
     activation: int,
-    labels: bool,
+    target_kind: int,
+    mode: int,
+    moments: bool,
     ignore_index: int | None,
     right: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference of the kernel op ``calibops::binned_stats`` (docs/kernel_contract.md).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference of the kernel op ``calibops::binned_stats`` (docs/kernel_contract.md, v2).
 
-    Returns ``(count, sum_p, sum_y, bad)``: three (B, C, M) tensors (float32, or float64 for float64 input)
-    and ``bad``, int64 of shape (2,): ``bad[0]`` = labels outside [0, C) that are not ``ignore_index``,
-    ``bad[1]`` = non-finite probability entries (NaN or +-inf after the activation) of the other voxels. Both
-    kinds are left out of every statistic, and non-finite entries get gradient exactly 0 (the contract's
-    non-finite rule). Sums are accumulated in float64 and rounded once, so the reference is as exact as the
-    float32 output allows at any volume size.
+    Returns ``(count, sum_p, sum_y, sum_p2, sum_py, bad)``: ``count, sum_p`` (B, K, M), ``sum_y`` (B, K, R, M),
+    ``sum_p2, sum_py`` (B, K, M) when ``moments`` else empty (0,), in float32 (float64 for float64 input), with
+    ``K = C`` (marginal) or 1 (top-label); ``bad``, int64 (2,): label entries outside [0, C) that are not
+    ``ignore_index``, and non-finite probability entries of the used voxels. Left-out entries (unused voxels,
+    non-finite probabilities) contribute nothing and get gradient exactly 0. Sums are accumulated in float64 and
+    rounded once, so the reference is as exact as the float32 output allows at any volume size.
     """
-    B, C, N = input.shape
-    M = num_bins
+    g = check_args(
+        input,
+        target,
+        edges,
+        num_bins,
+        scheme,
+        activation,
+        target_kind,
+        mode,
+        moments,
+        ignore_index,
+        right,
+        allow_float64=True,
+    )
+    B, C, N, R, K, M = g
     out_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-    if C == 0:  # no class: empty statistics, nothing counted (the Python API rejects C < 1 before any op runs)
-        empty = input.new_zeros((B, 0, M), dtype=out_dtype)
-        return empty, empty.clone(), empty.clone(), torch.zeros(2, dtype=torch.int64, device=input.device)
-    x = input.to(out_dtype)
     acc = torch.float64
+    dev = input.device
+    labels = target_kind == TARGET_LABELS
+    top = mode == MODE_TOP_LABEL
+    mom_shape = (B, K, M) if moments else (0,)
+    if C == 0:  # no class: empty (marginal) or zero (top-label) statistics, nothing counted
+        z = lambda shape: input.new_zeros(shape, dtype=out_dtype)  # noqa: E731
+        return (
+            z((B, K, M)),
+            z((B, K, M)),
+            z((B, K, R, M)),
+            z(mom_shape),
+            z(mom_shape),
+            torch.zeros(2, dtype=torch.int64, device=dev),
+        )
+    x = input.to(out_dtype)
 
     # Non-finite rule: an entry whose probability is NaN or +-inf is left out and gets gradient 0. The logits of
     # such entries are replaced by 0 before the differentiable activation, so no NaN reaches autograd (softmax:
@@ -131,55 +231,70 @@ def binned_stats_prepared(
     with torch.no_grad():
         finite = torch.isfinite(_activate(x, activation))  # [B, C, N]
         x_ok = finite.all(1, keepdim=True) if activation == ACT_SOFTMAX else finite
-    p = _activate(torch.where(x_ok, x, torch.zeros((), dtype=x.dtype, device=x.device)), activation)
-    p = torch.where(finite, p, torch.zeros((), dtype=p.dtype, device=p.device))
+    p = _activate(torch.where(x_ok, x, torch.zeros((), dtype=x.dtype, device=dev)), activation)
+    p = torch.where(finite, p, torch.zeros((), dtype=p.dtype, device=dev))
 
     if labels:
-        lab = target.reshape(B, N).long()
+        lab = target.long()  # [B, R, N]
         in_range = (lab >= 0) & (lab < C)
         ignored = lab == ignore_index if ignore_index is not None else torch.zeros_like(in_range)
         bad_labels = (~in_range & ~ignored).sum()
-        used = (in_range & ~ignored).unsqueeze(1)  # [B, 1, N]
-        classes = torch.arange(C, device=input.device).view(1, C, 1)
-        y = (lab.unsqueeze(1) == classes).to(acc)  # [B, C, N]
-        nonfinite = (~finite & used).sum()  # entries of ignored / out-of-range voxels are not counted
-        keep = used & finite
+        used = (in_range & ~ignored).all(1, keepdim=True)  # [B, 1, N]: every rater's label valid
+        nonfinite = (~finite & used).sum()  # entries of unused voxels are not counted
     else:
-        y = target.reshape(B, C, N).to(acc)
-        bad_labels = torch.zeros((), dtype=torch.int64, device=input.device)
+        bad_labels = torch.zeros((), dtype=torch.int64, device=dev)
+        used = torch.ones((B, 1, N), dtype=torch.bool, device=dev)
         nonfinite = (~finite).sum()
-        keep = finite
     bad = torch.stack([bad_labels, nonfinite]).to(torch.int64)
-    mask = keep.to(acc).expand(B, C, N)
 
-    pa = p.to(acc)
-    zeros = torch.zeros(B, C, M, dtype=acc, device=input.device)
-    if not soft:
-        idx = torch.bucketize(p.detach().contiguous(), edges[1:].to(p.dtype), right=right).clamp_(max=M - 1)
-        count = zeros.scatter_add(2, idx, mask)
-        sum_p = zeros.scatter_add(2, idx, pa * mask)
-        sum_y = zeros.scatter_add(2, idx, y * mask)
-    else:
-        centres = edges.to(acc)
-        # t = (number of centres strictly below p) - 1, in -1 .. M-1
-        t = torch.bucketize(p.detach().contiguous(), edges.to(p.dtype), right=False) - 1
-        if M == 1:
-            lo = torch.zeros_like(t)
-            w_lo = torch.ones_like(pa)
-            hi, w_hi = lo, torch.zeros_like(pa)
+    if top:
+        # confidence q = max_c p, class a = argmax (first maximum); the gradient flows to class a only
+        a = p.detach().argmax(1, keepdim=True)  # [B, 1, N]
+        q = p.gather(1, a)
+        keep = used & finite.all(1, keepdim=True)
+        if labels:
+            y = (lab == a).to(acc).unsqueeze(1)  # [B, 1, R, N]
         else:
-            lo = t.clamp(0, M - 2)
-            hi = lo + 1
-            c_lo, c_hi = centres[lo], centres[hi]
-            w_in = (c_hi - pa) / (c_hi - c_lo)
-            w_lo = torch.where(t < 0, torch.ones_like(pa), torch.where(t >= M - 1, torch.zeros_like(pa), w_in))
-            w_hi = 1.0 - w_lo  # "the rest" of the voxel's unit weight
-        w_lo = w_lo * mask
-        w_hi = w_hi * mask
-        count = zeros.scatter_add(2, lo, w_lo).scatter_add(2, hi, w_hi)
-        sum_p = zeros.scatter_add(2, lo, w_lo * pa).scatter_add(2, hi, w_hi * pa)
-        sum_y = zeros.scatter_add(2, lo, w_lo * y).scatter_add(2, hi, w_hi * y)
-    return count.to(out_dtype), sum_p.to(out_dtype), sum_y.to(out_dtype), bad
+            y = target.gather(1, a).to(acc).unsqueeze(2)  # [B, 1, 1, N]
+    else:
+        q = p
+        keep = used & finite
+        if labels:
+            classes = torch.arange(C, device=dev).view(1, C, 1, 1)
+            y = (lab.unsqueeze(1) == classes).to(acc)  # [B, C, R, N]
+        else:
+            y = target.to(acc).unsqueeze(2)  # [B, C, 1, N]
+    mask = keep.to(acc).expand(B, K, N)
+    qa = q.to(acc)
+
+    lo, w_lo, hi, w_hi = _membership(q, edges, M, scheme, right)
+    w_lo = w_lo.to(acc) * mask
+    w_hi = w_hi.to(acc) * mask
+
+    def scatter(v_lo: torch.Tensor, v_hi: torch.Tensor) -> torch.Tensor:  # [B, K, N] -> [B, K, M]
+        z = torch.zeros(B, K, M, dtype=acc, device=dev)
+        return z.scatter_add(2, lo, v_lo).scatter_add(2, hi, v_hi)
+
+    count = scatter(w_lo, w_hi)
+    sum_p = scatter(w_lo * qa, w_hi * qa)
+    zy = torch.zeros(B, K, R, M, dtype=acc, device=dev)
+    lo_r, hi_r = lo.unsqueeze(2).expand(B, K, R, N), hi.unsqueeze(2).expand(B, K, R, N)
+    sum_y = zy.scatter_add(3, lo_r, w_lo.unsqueeze(2) * y).scatter_add(3, hi_r, w_hi.unsqueeze(2) * y)
+    if moments:
+        ybar = y.mean(2)  # [B, K, N]: the rater mean
+        q2 = qa * qa
+        sum_p2 = scatter(w_lo * q2, w_hi * q2)
+        sum_py = scatter(w_lo * qa * ybar, w_hi * qa * ybar)
+    else:
+        sum_p2 = sum_py = torch.zeros(0, dtype=acc, device=dev)
+    return (
+        count.to(out_dtype),
+        sum_p.to(out_dtype),
+        sum_y.to(out_dtype),
+        sum_p2.to(out_dtype),
+        sum_py.to(out_dtype),
+        bad,
+    )
 
 
 def _bin_gaps(stats: BinnedStats, soft: bool, empty_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
