@@ -253,6 +253,88 @@ def exact_kink_case(M: int, scheme: int, right: bool, mode: int = 0, target_kind
     return Case(x, t, M, scheme, 0, target_kind, mode, False, None, right, f"exact kinks M={M}")
 
 
+def nonfinite_case(
+    *,
+    B: int,
+    C: int,
+    N: int,
+    M: int,
+    scheme: int,
+    activation: int,
+    target_kind: int,
+    mode: int,
+    dtype: torch.dtype = torch.float32,
+    right: bool = False,
+    seed: int = 0,
+) -> Case:
+    """A random problem (R = 1, moments on, ignore_index -1) with NaN / +-inf entries and these fixed voxels:
+    0: NaN in class 0 of an ignored voxel (labels) / a counted one (dense); 1: +inf in an out-of-range voxel
+    (labels) / a counted one (dense); for softmax also 2: one -inf logit (finite p = 0) and 3: every logit -inf
+    (every p NaN)."""
+    case = make_case(
+        B=B,
+        C=C,
+        N=N,
+        R=1,
+        M=M,
+        scheme=scheme,
+        activation=activation,
+        target_kind=target_kind,
+        mode=mode,
+        moments=True,
+        dtype=torch.float32,
+        right=right,
+        ignore_index=-1,
+        seed=seed,
+        name="non-finite",
+    )
+    x, t = case.input.clone(), case.target.clone()
+    nan, inf = float("nan"), float("inf")
+    x[:, 0, 0] = nan
+    x[:, 0, 1] = inf
+    if activation == 1 and C > 1 and N > 3:
+        x[:, :, 2] = torch.randn(B, C, generator=torch.Generator().manual_seed(seed))
+        x[:, 0, 2] = -inf
+        x[:, :, 3] = -inf
+    if target_kind == 0:
+        t[:, :, 0], t[:, :, 1] = -1, C
+        if N > 3:
+            t[:, :, 2:4] = 0
+    return with_(case, input=x.to(dtype), target=t)
+
+
+def near_kink_logits_case(
+    activation: int, M: int, scheme: int, mode: int = 0, seed: int = 0, n_random: int = 40
+) -> Case:
+    """Logits whose float32 reference probabilities sit on / within a few ulps of each kink (inner hard edges or
+    soft centres), plus ``n_random`` random voxels; labels, R = 1. Sigmoid: C = 1, x = logit(v) and its float32
+    neighbours (1 and 2 steps either way). Softmax: C = 3, x = (a, 0, b) with softmax(x)[0] = v (top-label:
+    b = 0, only kinks above 1/3 + 0.01, so class 0 is the top label)."""
+    g = torch.Generator().manual_seed(seed)
+    kinks = (edges_for(M, 1) if scheme == 1 else edges_for(M, 0)[1:-1]).double()
+    v = kinks[(kinks > 0) & (kinks < 1)]
+    if activation == 1 and mode == 1:
+        v = v[v > 1 / 3 + 0.01]
+    if activation == 2:
+        x0 = torch.log(v / (1 - v)).float().view(1, -1)
+    else:
+        b = torch.zeros_like(v) if mode == 1 else torch.randn(v.numel(), generator=g, dtype=torch.float64)
+        a = torch.log(v * (1 + b.exp()) / (1 - v))
+        x0 = torch.stack([a, torch.zeros_like(a), b]).float()
+    cols = [x0]
+    for steps in (1, 2, -1, -2):  # neighbouring float32 logits of class 0
+        xn = x0.clone()
+        for _ in range(abs(steps)):
+            xn[0] = torch.nextafter(xn[0], torch.full_like(xn[0], float("inf") if steps > 0 else -float("inf")))
+        cols.append(xn)
+    C = x0.shape[0]
+    cols.append(torch.randn(C, n_random, generator=g) * 3)
+    x = torch.cat(cols, dim=-1).unsqueeze(0).contiguous()
+    N = x.shape[-1]
+    t = torch.randint(0, C, (1, 1, N), generator=g)
+    return Case(x, t, M, scheme, activation, 0, mode, True, None, False, "logits near kinks")
+
+
 def make_grads(
     case: Case,
     seed: int = 0,
