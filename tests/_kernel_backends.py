@@ -152,7 +152,7 @@ def _cuda_emu() -> KernelBackend | None:
     except ModuleNotFoundError as exc:
         reason_missing["cuda-emu"] = f"tests/cuda_emulation (the v2 host emulation wrapper) not importable: {exc}"
         return None
-    why = getattr(emu, "unavailable_reason", lambda: None)()
+    why = emu.why_unavailable()
     if why:
         reason_missing["cuda-emu"] = str(why)
         return None
