@@ -300,6 +300,29 @@ def test_each_gradient_alone(backend, only, rater, scale, mode):
         cf.conform(be, case, grads)
 
 
+@pytest.mark.parametrize("R", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rater_counts(backend, R):
+    """R = 1 .. 5 rater label maps (kernels may specialise small R), hard and soft, moments off and on, both
+    modes: sum_y per rater and the rater mean in sum_py."""
+    be = kb.get(backend)
+    for scheme, moments, mode in itertools.product((0, 1), (False, True), (0, 1)):
+        case = cf.make_case(
+            B=1,
+            C=3,
+            N=19,
+            R=R,
+            M=5,
+            scheme=scheme,
+            activation=1,
+            mode=mode,
+            moments=moments,
+            seed=_seed("raters", R, scheme, moments, mode),
+            name="raters",
+        )
+        cf.conform(be, case, cf.make_grads(case, seed=R))
+
+
 @pytest.mark.parametrize(
     "tk,dtype,ii",
     [
