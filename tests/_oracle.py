@@ -3,6 +3,13 @@ docs/kernel_contract.md) in NumPy, written from those documents with explicit lo
 
 It shares no code with calibops: it is the oracle the reference (and through it every backend) is checked
 against. Small inputs only (Python loops over voxels).
+
+Two layers:
+- :func:`op_forward` / :func:`op_backward`: the kernel ops of contract v2 (marginal and top-label entries,
+  several raters, second moments, hard and soft schemes, the used-voxel and non-finite rules, ``bad``), entry by
+  entry; the backward applies the product rule to each entry's membership and the activation's chain rule by
+  hand (no autograd). Inputs are NumPy arrays (the caller converts tensors).
+- :func:`loss_and_grad` / :func:`calibration_errors`: mL1-ACE and ECE/ACE/MCE on top of marginal statistics.
 """
 
 from __future__ import annotations
@@ -195,3 +202,157 @@ def calibration_errors(
             out[1, b, k] = sum(gaps) / len(gaps)
             out[2, b, k] = max(gaps)
     return out[0], out[1], out[2]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel ops of contract v2 (docs/kernel_contract.md), entry by entry
+# ---------------------------------------------------------------------------------------------------------
+def _activate_rule(x: np.ndarray, act: int) -> np.ndarray:
+    """p [B, C, N] float64 from x by activation id (0 none, 1 softmax over dim 1, 2 sigmoid). NumPy's float64
+    arithmetic yields NaN exactly where the contract's non-finite rule says p is non-finite: softmax of a NaN or
+    +inf logit (inf - inf) or of an all -inf voxel, sigmoid of NaN; sigmoid(+-inf) = 1 / 0."""
+    with np.errstate(all="ignore"):
+        if act == 1:
+            if x.shape[1] == 0:
+                return x.copy()
+            m = x.max(axis=1, keepdims=True)
+            e = np.exp(x - m)
+            return e / e.sum(axis=1, keepdims=True)
+        if act == 2:
+            return 1.0 / (1.0 + np.exp(-x))
+        return x.copy()
+
+
+def membership(q: float, edges_: np.ndarray, m: int, scheme: int, right: bool) -> list[tuple[int, float, float]]:
+    """[(bin, weight, d weight / d q)] of a finite q: the contract's (j, w, dw) expanded to its one or two bins.
+
+    ``edges_`` are the op's float32 ``edges`` argument as float64: the M + 1 hard edges or the M soft centres.
+    """
+    if scheme == 0:
+        inner = edges_[1 : m + 1]
+        j = int(np.sum(inner <= q)) if right else int(np.sum(inner < q))
+        return [(min(j, m - 1), 1.0, 0.0)]
+    c = edges_
+    t = int(np.sum(c < q)) - 1
+    if m == 1 or t == -1:
+        return [(0, 1.0, 0.0)]
+    if t == m - 1:
+        return [(m - 1, 1.0, 0.0)]
+    d = c[t + 1] - c[t]
+    w = (c[t + 1] - q) / d
+    return [(t, w, -1.0 / d), (t + 1, 1.0 - w, 1.0 / d)]
+
+
+def _entries(x, target, c_, act, target_kind, mode, ignore_index):
+    """(p [B, C, N], list of entries (b, k, i, cls, q, ys), bad [2]). An entry's ``cls`` is the class its
+    probability q belongs to (marginal: k; top-label: the argmax a), ``ys`` its R targets."""
+    b_, _, n_ = x.shape
+    p = _activate_rule(x, act)
+    entries = []
+    bad = [0, 0]
+    if c_ == 0:
+        return p, entries, bad
+    for b in range(b_):
+        for i in range(n_):
+            if target_kind == 0:
+                labs = [int(v) for v in target[b, :, i]]
+                used = True
+                for lab in labs:
+                    if ignore_index is not None and lab == ignore_index:
+                        used = False
+                    elif not 0 <= lab < c_:
+                        used = False
+                        bad[0] += 1
+                if not used:
+                    continue
+            col = p[b, :, i]
+            finite = [bool(np.isfinite(v)) for v in col]
+            bad[1] += finite.count(False)
+
+            if target_kind == 0:
+                ys_of = [[1.0 if lab == c else 0.0 for lab in labs] for c in range(c_)]
+            else:
+                ys_of = [[float(target[b, c, i])] for c in range(c_)]
+            if mode == 0:
+                for c in range(c_):
+                    if finite[c]:
+                        entries.append((b, c, i, c, float(col[c]), ys_of[c]))
+            elif all(finite):
+                a = 0
+                for c in range(1, c_):  # scan upwards, replace only on a strictly larger p: ties to the lowest index
+                    if col[c] > col[a]:
+                        a = c
+                entries.append((b, 0, i, a, float(col[a]), ys_of[a]))
+    return p, entries, bad
+
+
+def op_forward(x, target, edges_, num_bins, scheme, activation, target_kind, mode, moments, ignore_index, right):
+    """The forward op: (count, sum_p, sum_y, sum_p2, sum_py, bad) as float64 arrays (bad int64)."""
+    x = np.asarray(x, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64 if target_kind == 1 else np.int64)
+    edges_ = np.asarray(edges_, dtype=np.float64)
+    b_, c_, _ = x.shape
+    m = num_bins
+    r_ = target.shape[1] if target_kind == 0 else 1
+    k_ = c_ if mode == 0 else 1
+    cnt = np.zeros((b_, k_, m))
+    sp = np.zeros((b_, k_, m))
+    sy = np.zeros((b_, k_, r_, m))
+    sp2 = np.zeros((b_, k_, m))
+    spy = np.zeros((b_, k_, m))
+    _, entries, bad = _entries(x, target, c_, activation, target_kind, mode, ignore_index)
+    for b, k, _i, _cls, q, ys in entries:
+        ybar = sum(ys) / len(ys)
+        for j, w, _dw in membership(q, edges_, m, scheme, right):
+            cnt[b, k, j] += w
+            sp[b, k, j] += w * q
+            for r, y in enumerate(ys):
+                sy[b, k, r, j] += w * y
+            sp2[b, k, j] += w * q * q
+            spy[b, k, j] += w * q * ybar
+    if not moments:
+        sp2, spy = np.zeros(0), np.zeros(0)
+    return cnt, sp, sy, sp2, spy, np.asarray(bad, dtype=np.int64)
+
+
+def op_backward(
+    grads, x, target, edges_, num_bins, scheme, activation, target_kind, mode, moments, ignore_index, right
+):
+    """d/dx of sum(count*Gc + sum_p*Gp + sum_y*Gy + sum_p2*Gp2 + sum_py*Gpy), [B, C, N] float64.
+
+    Per entry, the product rule on each of its memberships (w, dw): d(w)/dq = dw, d(w q)/dq = w + q dw,
+    d(w y_r)/dq = y_r dw, d(w q^2)/dq = 2 q w + q^2 dw, d(w q ybar)/dq = ybar (w + q dw); the entry's dq lands on
+    its class (top-label: the argmax; the argmax itself is piecewise constant). Then the activation by hand:
+    sigmoid p (1 - p), softmax p_c (g_c - sum_k p_k g_k) over the voxel; non-finite voxels stay 0.
+    """
+    gc, gp, gy, gp2, gpy = (np.asarray(g, dtype=np.float64) for g in grads)
+    x = np.asarray(x, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64 if target_kind == 1 else np.int64)
+    edges_ = np.asarray(edges_, dtype=np.float64)
+    b_, c_, n_ = x.shape
+    p, entries, _ = _entries(x, target, c_, activation, target_kind, mode, ignore_index)
+    g_p = np.zeros_like(x)
+    for b, k, i, cls, q, ys in entries:
+        ybar = sum(ys) / len(ys)
+        g = 0.0
+        for j, w, dw in membership(q, edges_, num_bins, scheme, right):
+            g += gc[b, k, j] * dw + gp[b, k, j] * (w + q * dw)
+            g += sum(gy[b, k, r, j] * y for r, y in enumerate(ys)) * dw
+            if moments:
+                g += gp2[b, k, j] * (2 * q * w + q * q * dw) + gpy[b, k, j] * ybar * (w + q * dw)
+        g_p[b, cls, i] += g
+    out = np.zeros_like(x)
+    for b in range(b_):
+        for i in range(n_):
+            col, gcol = p[b, :, i], g_p[b, :, i]
+            if activation == 1:
+                if np.all(np.isfinite(col)):
+                    s = float(np.dot(col, gcol))
+                    out[b, :, i] = col * (gcol - s)
+            elif activation == 2:
+                for c in range(c_):
+                    if np.isfinite(col[c]):
+                        out[b, c, i] = gcol[c] * col[c] * (1.0 - col[c])
+            else:
+                out[b, :, i] = gcol
+    return out

@@ -1,4 +1,10 @@
-"""The reference backend against hand-computed cases, the float64 oracle, and gradcheck."""
+"""The reference backend against hand-computed cases, the float64 oracle, and gradcheck.
+
+The op-level reference (``binned_stats_prepared``, contract v2) is also checked against the NumPy oracle on every
+option combination by the ``reference`` row of tests/test_conformance.py; here: hand-computed top-label, rater and
+moment cases, float64 gradcheck of every output in both modes, and the public functions against the oracle's
+mL1-ACE and calibration errors.
+"""
 
 from __future__ import annotations
 
@@ -375,30 +381,6 @@ def test_non_contiguous_inputs():
     assert a.item() == b.item()
 
 
-def test_op_level_bad_shape_and_zero_classes():
-    """bad is int64 (2,) = [out-of-range labels, non-finite entries]; C = 0 gives empty stats and zero bad, and
-    B = 0 / N = 0 zero statistics (docs/kernel_contract.md)."""
-    from calibops.reference import binned_stats_prepared
-
-    for soft in (False, True):
-        e = bin_centres(5) if soft else bin_edges(5)
-        for labels in (True, False):
-            x = torch.rand(2, 0, 7)
-            t = torch.randint(0, 3, (2, 7)) if labels else torch.rand(2, 0, 7)
-            cnt, sp, sy, bad = binned_stats_prepared(x, t, e, 5, soft, 1, labels, None, False)
-            assert cnt.shape == sp.shape == sy.shape == (2, 0, 5) and bad.tolist() == [0, 0]
-        for B, N in ((0, 4), (2, 0)):
-            x = torch.rand(B, 3, N)
-            cnt, sp, sy, bad = binned_stats_prepared(
-                x, torch.zeros(B, N, dtype=torch.long), e, 5, soft, 0, True, None, False
-            )
-            assert bad.dtype == torch.int64 and bad.tolist() == [0, 0] and not cnt.any() and cnt.shape == (B, 3, 5)
-        x = torch.tensor([[[0.2, float("nan"), 0.7], [0.8, 0.5, float("inf")]]])
-        lab = torch.tensor([[0, 1, 5]])
-        bad = binned_stats_prepared(x, lab, e, 5, soft, 0, True, None, False)[3]
-        assert bad.tolist() == [1, 1]  # label 5 is out of range (its inf entry is not counted); the NaN is
-
-
 def test_zero_voxels_and_float64_output():
     x = torch.rand(2, 3, 0)
     y = torch.zeros(2, 0, dtype=torch.long)
@@ -479,3 +461,123 @@ def test_gradcheck_soft_stats_all_outputs():
         return s.count, s.sum_p, s.sum_y
 
     assert torch.autograd.gradcheck(fn, (x,), eps=1e-7, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Op level (contract v2): top-label, raters, moments by hand; gradcheck of every output and mode
+# ---------------------------------------------------------------------------------------------------------
+def _op(x, t, M, scheme=0, act=0, tk=0, mode=0, moments=True, ii=None, right=False):
+    from calibops.reference import binned_stats_prepared, scheme_edges
+
+    return binned_stats_prepared(x, t, scheme_edges(M, scheme), M, scheme, act, tk, mode, moments, ii, right)
+
+
+def _top_label_case():
+    # voxels (columns): q / argmax: 0.7 / 1, 0.5 / 0 (tie with class 1: lowest index), 0.6 / 2, 0.9 / 0
+    x = torch.tensor([[0.2, 0.5, 0.1, 0.9], [0.7, 0.5, 0.3, 0.05], [0.1, 0.0, 0.6, 0.05]]).unsqueeze(0)
+    t = torch.tensor([[[1, 1, 2, 1], [1, 0, 0, 0]]])  # two raters
+    return x, t
+
+
+def test_top_label_raters_moments_by_hand():
+    x, t = _top_label_case()
+    count, sp, sy, sp2, spy, bad = _op(x, t, 2, mode=1)
+    # M = 2 edges [0, 0.5 + 2^-24, 1 + eps]: q = 0.5 -> bin 0, 0.7 / 0.6 / 0.9 -> bin 1
+    assert count.tolist() == [[[1.0, 3.0]]] and bad.tolist() == [0, 0]
+    assert sp[0, 0].tolist() == pytest.approx([0.5, 0.7 + 0.6 + 0.9], rel=1e-6)
+    # rater 0 correct at voxels 0, 2 (bin 1); rater 1 correct at voxels 0, 3 (bin 1) and 1 (bin 0)
+    assert sy.shape == (1, 1, 2, 2) and sy[0, 0].tolist() == [[0.0, 2.0], [1.0, 2.0]]
+    assert sp2[0, 0].tolist() == pytest.approx([0.25, 0.49 + 0.36 + 0.81], rel=1e-6)
+    # rater means 1, 0.5, 0.5, 0.5
+    assert spy[0, 0].tolist() == pytest.approx([0.5 * 0.5, 0.7 + 0.6 * 0.5 + 0.9 * 0.5], rel=1e-6)
+
+
+def test_top_label_gradient_by_hand():
+    """Hard: g_q = Gp[j] + 2q Gp2[j] + ybar Gpy[j], on the argmax class only (activation none)."""
+    x, t = _top_label_case()
+    x = x.clone().requires_grad_(True)
+    _, sp, _, sp2, spy, _ = _op(x, t, 2, mode=1)
+    gp, gp2, gpy = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 0.5]), torch.tensor([-1.0, 4.0])
+    ((sp[0, 0] * gp).sum() + (sp2[0, 0] * gp2).sum() + (spy[0, 0] * gpy).sum()).backward()
+    expected = torch.zeros(1, 3, 4)
+    expected[0, 1, 0] = 2 + 2 * 0.7 * 0.5 + 1.0 * 4
+    expected[0, 0, 1] = 1 + 2 * 0.5 * 3 + 0.5 * -1
+    expected[0, 2, 2] = 2 + 2 * 0.6 * 0.5 + 0.5 * 4
+    expected[0, 0, 3] = 2 + 2 * 0.9 * 0.5 + 0.5 * 4
+    torch.testing.assert_close(x.grad, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_raters_ignore_per_rater_and_bad_by_hand():
+    """Marginal, two raters: a voxel ignored by either rater is left out; out-of-range labels of any rater are
+    counted in bad[0] and leave their voxel out; sum_y per rater, sum_py against the rater mean."""
+    x = torch.tensor([[[0.2, 0.6, 0.9, 0.4], [0.8, 0.4, 0.1, 0.6]]])
+    t = torch.tensor([[[0, 1, 0, 1], [0, 0, -1, 5]]])  # voxel 2 ignored by rater 1, voxel 3: label 5 out of range
+    count, sp, sy, sp2, spy, bad = _op(x, t, 2, ii=-1)
+    assert bad.tolist() == [1, 0]
+    # used voxels 0, 1: class 0 p = 0.2 (bin 0), 0.6 (bin 1); class 1 p = 0.8 (bin 1), 0.4 (bin 0)
+    assert count[0].tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    # class 0: rater 0 labels (0, 1) -> y = (1, 0); rater 1 labels (0, 0) -> y = (1, 1)
+    assert sy[0, 0].tolist() == [[1.0, 0.0], [1.0, 1.0]]
+    # class 1: rater 0 y = (0, 1) -> voxel 1 (bin 0 of class 1); rater 1 y = (0, 0)
+    assert sy[0, 1].tolist() == [[1.0, 0.0], [0.0, 0.0]]
+    # sum_py: class 0 ybar = (1, 0.5): bin 0 0.2 * 1, bin 1 0.6 * 0.5; class 1 ybar = (0, 0.5): bin 0 0.4 * 0.5
+    torch.testing.assert_close(spy[0], torch.tensor([[0.2, 0.3], [0.2, 0.0]]), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(sp2[0], torch.tensor([[0.04, 0.36], [0.16, 0.64]]), rtol=1e-6, atol=1e-7)
+
+
+def test_soft_top_label_dense_by_hand():
+    """Soft, M = 2 (centres ~0.25, 0.75): q = 0.5 splits half / half with slope -+2; dense target y[argmax]."""
+    x = torch.tensor([[[0.3, 0.1], [0.5, 0.95]]])  # voxel 0: q 0.5 class 1; voxel 1: q 0.95 class 1 (> c1: bin 1)
+    y = torch.tensor([[[1.0, 1.0], [0.25, 0.75]]])
+    count, sp, sy, sp2, spy, _ = _op(x, y, 2, scheme=1, tk=1, mode=1)
+    c = bin_centres(2).double()
+    w = float((c[1] - 0.5) / (c[1] - c[0]))  # ~0.5
+    assert count[0, 0].tolist() == pytest.approx([w, (1 - w) + 1.0], rel=1e-6)
+    assert sy[0, 0, 0].tolist() == pytest.approx([w * 0.25, (1 - w) * 0.25 + 0.75], rel=1e-6)
+    assert sp2[0, 0].tolist() == pytest.approx([w * 0.25, (1 - w) * 0.25 + 0.95**2], rel=1e-6)
+    assert spy[0, 0].tolist() == pytest.approx([w * 0.5 * 0.25, (1 - w) * 0.5 * 0.25 + 0.95 * 0.75], rel=1e-6)
+
+
+def _gradcheck_input(act, C, N, M, scheme, mode, seed):
+    """float64 input whose p is >= 1e-3 from every kink and whose top two p differ by >= 1e-3 (top-label), so
+    finite differences (eps 1e-6) never cross a kink or an argmax switch. Deterministic: the first seed that
+    qualifies, asserted to exist."""
+    kinks = (bin_centres(M) if scheme else bin_edges(M)[1:-1]).double()
+    for s in range(seed, seed + 200):
+        g = torch.Generator().manual_seed(s)
+        x = torch.randn(2, C, N, generator=g, dtype=torch.float64) * 2
+        if act == 0:
+            x = torch.softmax(x, 1) if C > 1 else torch.sigmoid(x)
+        p = torch.softmax(x, 1) if act == 1 else torch.sigmoid(x) if act == 2 else x
+        q = p.amax(1, keepdim=True) if mode else p
+        far = (q.unsqueeze(-1) - kinks).abs().min(-1).values.min() > 1e-3 if kinks.numel() else True
+        top2 = p.topk(min(2, C), 1).values
+        gap = (top2[:, 0] - top2[:, -1]).min() > 1e-3 if (mode and C > 1) else True
+        if far and gap:
+            return x, g
+    raise AssertionError("no qualifying input in 200 seeds")
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("scheme", [0, 1])
+@pytest.mark.parametrize("act,tk", [(0, 0), (1, 0), (2, 1), (1, 1)])
+def test_gradcheck_every_output(act, tk, scheme, mode):
+    """float64 gradcheck of every differentiable output (soft: all five; hard: sum_p, sum_p2, sum_py) in both modes,
+    labels with 2 raters (ignored voxels) or dense targets."""
+    C, N, M = 3, 9, 4
+    x, g = _gradcheck_input(act, C, N, M, scheme, mode, seed=10 * act + 3 * scheme + mode)
+    if tk == 0:
+        t = torch.randint(0, C, (2, 2, N), generator=g)
+        t[0, 1, 0] = -1
+    else:
+        t = torch.rand(2, C, N, generator=g, dtype=torch.float64)
+    keep = [0, 1, 2, 3, 4] if scheme == 1 else [1, 3, 4]
+
+    def fn(xx):
+        out = _op(xx, t, M, scheme=scheme, act=act, tk=tk, mode=mode, ii=-1)
+        return tuple(out[k] for k in keep)
+
+    x.requires_grad_(True)
+    outs = fn(x)
+    assert all(o.dtype == torch.float64 and o.requires_grad for o in outs)
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-6, rtol=1e-4)
