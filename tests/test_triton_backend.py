@@ -459,6 +459,13 @@ def test_launch_config_heuristic(C):
     assert top["K_BLOCK"] == 1 and top["GRID_CC"] == 1 and top["num_cc"] == cfg["num_cc"]
     assert top["C_BLOCK"] == cfg["C_BLOCK"] and top["BLOCK_N"] == cfg["BLOCK_N"]
     assert top["P"] * top["tiles_per_prog"] * top["BLOCK_N"] >= 7_225_344
+    # marginal with several raters or moments: half the forward tile (more histogram planes per row); top-label
+    # keeps its tile, the backward too
+    for kw in (dict(raters=3), dict(moments=True)):
+        half = tb.launch_config(2, C, 7_225_344, 20, torch.device("cpu"), **kw)
+        assert half["BLOCK_N"] == max(16, cfg["BLOCK_N"] // 2)
+        assert tb.launch_config(2, C, 7_225_344, 20, torch.device("cpu"), mode=1, **kw)["BLOCK_N"] == top["BLOCK_N"]
+        assert tb.launch_config(2, C, 7_225_344, 20, torch.device("cpu"), backward=True, **kw) == bw
 
 
 def test_flags_specialise_new_features_at_compile_time():
@@ -496,6 +503,68 @@ def test_flags_specialise_new_features_at_compile_time():
         backward=True,
     )
     assert {k for k in bw if k != "num_warps"} <= set(tb._stats_bwd_kernel.arg_names)
+
+
+# The interpreter accepts code that the compiler rejects (and never allocates registers): every kernel is also
+# compiled for sm_90 with the op's own launch arguments, in a process without TRITON_INTERPRET (no GPU needed,
+# Triton's bundled ptxas). One variant per kernel and feature: modes, raters, moments, schemes, dense targets,
+# class chunks, the scatter kernel.
+_COMPILE_SCRIPT = """
+import importlib, sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
+tb = importlib.import_module("calibops.triton.binned_stats")
+L = importlib.import_module("calibops.triton.launch")
+assert not tb.INTERPRETED
+N, target = 224 * 224 * 144, GPUTarget("cuda", 90, 32)
+for C, scheme, mode, moments, R, kernel, M, kind in VARIANTS:
+    bw = kernel == "bwd"
+    cfg = L.launch_config(2, C, N, M, torch.device("cpu"), backward=bw, mode=mode, raters=R, moments=moments)
+    fn = tb._stats_bwd_kernel if bw else tb._stats_fwd_scatter_kernel if cfg["SCATTER"] else tb._stats_fwd_kernel
+    consts = L.flags(cfg, M, scheme, 1, kind, mode, moments, R, backward=bw)
+    num_warps = consts.pop("num_warps")
+    ints = dict(C=C, N=N, P=cfg["P"], tiles_per_prog=cfg["tiles_per_prog"], ignore_index=0, has_ignore=0, right=0)
+    dt = {"x_ptr": torch.bfloat16, "gx_ptr": torch.bfloat16, "t_ptr": torch.int64 if kind == 0 else torch.float32,
+          "part_ptr": torch.float64 if cfg["SCATTER"] else torch.float32, "cnt_ptr": torch.int64}
+    kw = {a: consts[a] if a in consts else ints[a] if a in ints else torch.empty(64, dtype=dt.get(a, torch.float32))
+          for a in fn.arg_names}
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, options = binder(**kw, num_warps=num_warps)
+    options, sig, cx, attrs = fn._pack_args(backend, {"num_warps": num_warps}, bound, spec, options)
+    k = triton.compile(ASTSource(fn, sig, cx, attrs), target=target, options=options.__dict__)
+    assert len(k.asm["cubin"]) > 0
+    print("compiled", fn.__name__, C, scheme, mode, moments, R, kernel, M, kind, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_without_a_gpu():
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("this triton has no NVIDIA backend")
+    variants = [  # (C, scheme, mode, moments, R, kernel, M, target_kind)
+        (4, 0, 0, False, 1, "fwd", 20, 0),  # the v1 configuration
+        (16, 1, 1, True, 3, "fwd", 20, 0),
+        (40, 1, 0, True, 3, "fwd", 20, 0),
+        (4, 0, 1, True, 1, "fwd", 20, 1),
+        (4, 1, 1, True, 3, "fwd", 1000, 0),
+        (40, 0, 0, True, 1, "fwd", 1000, 1),
+        (40, 1, 1, True, 3, "bwd", 20, 0),
+        (4, 1, 0, True, 3, "bwd", 20, 0),
+        (4, 0, 1, False, 1, "bwd", 20, 1),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    script = f"VARIANTS = {variants!r}\n" + _COMPILE_SCRIPT
+    res = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.stdout.count("compiled") == len(variants), res.stdout
 
 
 # --------------------------------------------------------------------------------------------------------------
