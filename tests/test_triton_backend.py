@@ -431,6 +431,25 @@ def test_deterministic_bitwise(M):
                 assert torch.equal(g1, g2)
 
 
+def test_any_strides_accepted():
+    # the op makes input, target and upstream gradients contiguous itself (docs/kernel_contract.md)
+    x, t = _make(2, 3, 40, act="softmax", R=3, seed=13)
+    xs = x.transpose(1, 2).contiguous().transpose(1, 2)  # [B, C, N] with strides (C*N, 1, C)
+    ts = torch.cat([t, t], dim=2)[:, :, ::2]  # [B, R, N] with stride 2 along N
+    assert not xs.is_contiguous() and not ts.is_contiguous() and torch.equal(ts, t)
+    for mode in (0, 1):
+        a = _op(x, t, 5, 1, 1, LABELS, mode, True)
+        b = _op(xs, ts, 5, 1, 1, LABELS, mode, True)
+        for u, v in zip(a, b):
+            assert torch.equal(u, v)
+        grads = [torch.randn(o.shape, device=DEVICE) for o in a[:5]]
+        gs = [torch.cat([u, u], dim=-1)[..., ::2] if u.dim() else u for u in grads]
+        args = (_edges(5, 1), 5, 1, 1, LABELS, mode, True, None, False)
+        g1 = tb.binned_stats_backward(*grads, x, t, *args)
+        g2 = tb.binned_stats_backward(*gs, xs, ts, *args)
+        assert torch.equal(g1, g2)
+
+
 def test_many_programs_partial_merge():
     # more tiles than one program takes (forces several partial histograms per image, merged over P)
     cfg = tb.launch_config(1, 2, 300_000, 5, DEVICE)
