@@ -153,9 +153,17 @@ def _extensions_and_cmdclass():
         def run(self):
             try:
                 super().run()
+                stale = os.path.join(os.path.dirname(self.get_ext_fullpath("calibops._C")), "_build_failed.txt")
+                if os.path.exists(stale):
+                    os.remove(stale)
             except Exception as exc:  # noqa: BLE001 - any compiler failure must not break install
                 if _flag("CALIBOPS_REQUIRE_EXT"):
                     raise
+                # calibops/_ops.py warns at import when this file is there (pip hides this build's output)
+                marker = os.path.join(os.path.dirname(self.get_ext_fullpath("calibops._C")), "_build_failed.txt")
+                os.makedirs(os.path.dirname(marker), exist_ok=True)
+                with open(marker, "w") as f:
+                    f.write(" ".join(f"{type(exc).__name__}: {exc}".split())[:500])
                 warnings.warn(
                     f"calibops: building the compiled ops failed ({exc}); installing without them. "
                     "Set CALIBOPS_REQUIRE_EXT=1 to make this an error.",

@@ -14,12 +14,20 @@ keeps everything measured before (scripts/gpu_check.sh relies on it).
     python benchmarks/bench_gpu.py                    # the issue's shapes, hard + soft, writes
                                                       # benchmarks/results/gpu_<card>.csv
     python benchmarks/bench_gpu.py --device cpu --dry-run   # tiny shapes on CPU (interpreter): checks the script
-    python benchmarks/bench_gpu.py --registers        # no GPU: compile for sm_90, print registers / spills
+    python benchmarks/bench_gpu.py --registers        # no GPU: compile the Triton kernels for sm_90, print
+                                                      # registers / spills
+    python benchmarks/bench_gpu.py --cuda-registers   # no GPU: nvcc --resource-usage of every CUDA kernel variant
     python benchmarks/bench_gpu.py --sweep-tiles fwd:512:4,fwd:1024:4,bwd:1024:8   # block-size settings
+
+Engine rows (``variant`` column ``op:...``; after the loss rows of each shape): the forward op alone
+(``calibops::binned_stats`` for cuda, ``calibops::triton_binned_stats`` for triton, the reference op) from logits
+with softmax fused, for ``op:marginal`` (the v1 statistics), ``op:top_label`` (issue 10: must cost no more than the
+marginal forward), ``op:raters3`` (R = 3 label maps, issue 10: at most 1.5x the single-rater forward) and
+``op:moments``; ``x_vs_marginal`` is the row's time over the same backend's ``op:marginal`` time.
 
 Options: --shapes "2x4x224x224x144,..." --binning hard,soft --modes fwd,bwd,fwd+bwd --backends ...
 --dtype float32|float16|bfloat16 --label-dtype int64|uint8|... --budget-s (stop timing slow backends when spent)
---out PATH.
+--engine marginal,top_label,raters3,moments (or "" for none) --out PATH.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ ROW_COLUMNS = [
     "C",
     "voxels",
     "binning",
+    "variant",
     "backend",
     "mode",
     "dtype",
@@ -62,6 +71,7 @@ ROW_COLUMNS = [
     "pct_peak",
     "contract_MB",
     "x_vs_torch",
+    "x_vs_marginal",
     "loss_rel_diff_vs_torch",
     "status",
 ]
@@ -137,6 +147,17 @@ def parse_args(argv=None):
         "--registers",
         action="store_true",
         help="no GPU needed: compile the Triton kernels for --arch and print registers / stack per variant",
+    )
+    ap.add_argument(
+        "--cuda-registers",
+        action="store_true",
+        help="no GPU needed: compile csrc/cuda/binned_stats.cu for --arch with nvcc and print every kernel "
+        "variant's registers / spills",
+    )
+    ap.add_argument(
+        "--engine",
+        default="marginal,top_label,raters3,moments",
+        help='forward-op rows per shape and binning: any of marginal,top_label,raters3,moments ("" for none)',
     )
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability for --registers (default 90)")
     ap.add_argument(
@@ -387,6 +408,8 @@ def main(argv=None) -> int:
     if args.registers:
         os.environ.pop("TRITON_INTERPRET", None)
         return register_report(args.arch)
+    if args.cuda_registers:
+        return cuda_register_report(args.arch)
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
     import torch
@@ -403,6 +426,10 @@ def main(argv=None) -> int:
     else:
         shapes = DRY_SHAPES if args.dry_run else ISSUE_SHAPES
     binnings = [b.strip() for b in args.binning.split(",") if b.strip()]
+    engine = [v.strip() for v in args.engine.split(",") if v.strip()]
+    unknown = sorted(set(engine) - set(ENGINE_VARIANTS))
+    if unknown:
+        raise SystemExit(f"bench_gpu: unknown --engine variant(s) {unknown}; choose from {list(ENGINE_VARIANTS)}")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
     dtype = getattr(torch, args.dtype)
@@ -457,7 +484,7 @@ def main(argv=None) -> int:
         rows.append(row)
         sink.write(row)
         print(
-            f"  {row['shape']:<18} {row['binning']:<4} {row['mode']:<7} {row['backend']:<16} "
+            f"  {row['shape']:<18} {row['binning']:<4} {row['variant']:<12} {row['mode']:<7} {row['backend']:<16} "
             + (f"{row['ms']:>10.3f} ms {row['GB/s']:>8} GB/s" if row.get("status") == "ok" else row["status"])
             + (f"  {row['x_vs_torch']}x torch" if row.get("x_vs_torch") else ""),
             flush=True,
@@ -486,6 +513,7 @@ def main(argv=None) -> int:
                     "C": C,
                     "voxels": math.prod(shape[2:]),
                     "binning": binning,
+                    "variant": "loss",
                     "backend": backend,
                     "dtype": args.dtype,
                     "labels": args.label_dtype,
@@ -554,6 +582,8 @@ def main(argv=None) -> int:
                     emit(row, base_time)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            if engine:
+                engine_rows(engine, backends, x, y, shape, binning, args, timer, peak, card, emit, t_start)
         x = y = None  # free before the next shape
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -563,12 +593,14 @@ def main(argv=None) -> int:
     cols = [
         "shape",
         "binning",
+        "variant",
         "mode",
         "backend",
         "ms",
         "GB/s",
         "pct_peak",
         "x_vs_torch",
+        "x_vs_marginal",
         "loss_rel_diff_vs_torch",
         "status",
     ]
@@ -591,7 +623,7 @@ def sweep_tiles(args, device, shapes, binnings, dtype, label_dtype, timer, card,
 
     from calibops.reference import bin_centres, bin_edges
 
-    tb = importlib.import_module("calibops.triton.binned_stats")
+    importlib.import_module("calibops.triton.binned_stats")  # registers calibops::triton_binned_stats
     settings = []
     for item in args.sweep_tiles.split(","):
         kernel, tile, warps = item.strip().split(":")
@@ -609,13 +641,15 @@ def sweep_tiles(args, device, shapes, binnings, dtype, label_dtype, timer, card,
         B, C = shape[:2]
         g = torch.Generator(device="cpu").manual_seed(0)
         x = (torch.randn(shape, generator=g) * 2).to(device=device, dtype=dtype).reshape(B, C, -1)
-        y = torch.randint(0, C, (B, *shape[2:]), generator=g).to(device=device, dtype=label_dtype).reshape(B, -1)
+        y = torch.randint(0, C, (B, *shape[2:]), generator=g).to(device=device, dtype=label_dtype).reshape(B, 1, -1)
+        fwd_op, bwd_op = torch.ops.calibops.triton_binned_stats, torch.ops.calibops.triton_binned_stats_backward
         for binning in binnings:
             soft = binning == "soft"
             e = (bin_centres if soft else bin_edges)(M, device)
-            ref = tb.binned_stats(x, y, e, M, soft, 1, True, None, False)
-            grads = [torch.randn(B, C, M, generator=g).to(device) for _ in range(3)]
-            ref_grad = tb.binned_stats_backward(*grads, x, y, e, M, soft, 1, True, None, False)
+            opts = (e, M, int(soft), 1, 0, 0, False, None, False)  # softmax, labels, marginal, no moments
+            ref = fwd_op(x, y, *opts)
+            grads = [torch.randn(s.shape, generator=g).to(device) for s in ref[:5]]
+            ref_grad = bwd_op(*grads, x, y, *opts)
             for kernel, tile, warps in settings:
                 names = (f"CALIBOPS_TRITON_TILE_{kernel.upper()}", f"CALIBOPS_TRITON_WARPS_{kernel.upper()}")
                 row = {
@@ -630,16 +664,16 @@ def sweep_tiles(args, device, shapes, binnings, dtype, label_dtype, timer, card,
                 try:
                     if kernel == "fwd":
 
-                        def run(x=x, y=y, e=e, soft=soft):
-                            return tb.binned_stats(x, y, e, M, soft, 1, True, None, False)
+                        def run(x=x, y=y, opts=opts, fwd_op=fwd_op):
+                            return fwd_op(x, y, *opts)
 
                         out = run()
                         diff = max(float(((a - b).abs() / (b.abs() + 1)).max()) for a, b in zip(out[:3], ref[:3]))
                         nbytes = contract_bytes(x, y, "fwd")
                     else:
 
-                        def run(x=x, y=y, e=e, soft=soft, grads=grads):
-                            return tb.binned_stats_backward(*grads, x, y, e, M, soft, 1, True, None, False)
+                        def run(x=x, y=y, opts=opts, grads=grads, bwd_op=bwd_op):
+                            return bwd_op(*grads, x, y, *opts)
 
                         diff = float((run().float() - ref_grad.float()).abs().max())
                         nbytes = contract_bytes(x, y, "bwd")
@@ -677,6 +711,157 @@ def sweep_tiles(args, device, shapes, binnings, dtype, label_dtype, timer, card,
         print(line)
     print(f"wrote {csv_path} ({len(rows)} rows)")
     return 1 if any(str(r["status"]).startswith("error") for r in rows) else 0
+
+
+# Forward-op variants of the engine rows: (mode, raters R, moments).
+ENGINE_VARIANTS = {
+    "marginal": (0, 1, False),
+    "top_label": (1, 1, False),
+    "raters3": (0, 3, False),
+    "moments": (0, 1, True),
+}
+
+
+def engine_op(backend: str):
+    """The forward op with the kernel-contract signature for a calibops backend (None: not an op backend)."""
+    import torch
+
+    from calibops.reference import binned_stats_prepared
+
+    if backend == "cuda":
+        return torch.ops.calibops.binned_stats
+    if backend == "triton":
+        return torch.ops.calibops.triton_binned_stats
+    if backend == "reference":
+        return binned_stats_prepared
+    return None
+
+
+def engine_rows(engine, backends, x, y, shape, binning, args, timer, peak, card, emit, t_start) -> None:
+    """Time the forward op alone per engine variant (module docstring) on the shape's logits and labels."""
+    import torch
+    from _common import contract_bytes
+
+    from calibops.reference import scheme_edges
+
+    B, C = shape[:2]
+    M = args.num_bins
+    scheme = 1 if binning == "soft" else 0
+    xf = x.reshape(B, C, -1)
+    edges = scheme_edges(M, scheme, x.device)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    targets = {1: y.reshape(B, 1, -1)}
+    if any(ENGINE_VARIANTS[v][1] == 3 for v in engine):  # two more raters: the first map with 10% relabelled
+        extra = []
+        for _ in range(2):
+            other = y.reshape(B, 1, -1).clone()
+            flip = (torch.rand(other.shape, generator=g) < 0.1).to(other.device)
+            other[flip] = torch.randint(0, C, (int(flip.sum()),), generator=g).to(other.device, other.dtype)
+            extra.append(other)
+        targets[3] = torch.cat([targets[1], *extra], 1).contiguous()
+    for backend in backends:
+        op = engine_op(backend)
+        if op is None:
+            continue
+        if backend == "reference" and time.perf_counter() - t_start > args.budget_s:
+            continue
+        base = None
+        for variant in engine:
+            mode, R, moments = ENGINE_VARIANTS[variant]
+            t = targets[R]
+            row = {
+                "card": card,
+                "shape": "x".join(map(str, shape)),
+                "C": C,
+                "voxels": math.prod(shape[2:]),
+                "binning": binning,
+                "variant": f"op:{variant}",
+                "backend": backend,
+                "mode": "fwd",
+                "dtype": args.dtype,
+                "labels": f"{args.label_dtype} R={R}",
+                "num_bins": M,
+            }
+            try:
+
+                def run(op=op, t=t, mode=mode, moments=moments):
+                    with torch.no_grad():
+                        return op(xf, t, edges, M, scheme, 1, 0, mode, moments, None, False)
+
+                seconds = timer(run)
+                nbytes = contract_bytes(xf, t, "fwd")
+                gbps = nbytes / seconds / 1e9
+                row.update(
+                    {
+                        "ms": round(seconds * 1e3, 4),
+                        "GB/s": round(gbps, 1),
+                        "pct_peak": round(100 * gbps / peak, 1) if peak else "",
+                        "contract_MB": round(nbytes / 1e6, 1),
+                        "status": "ok",
+                    }
+                )
+                if variant == "marginal":
+                    base = seconds
+                elif base:
+                    row["x_vs_marginal"] = round(seconds / base, 3)
+            except Exception as exc:  # noqa: BLE001
+                row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            emit(row, {})
+        if x.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def cuda_register_report(arch: int) -> int:
+    """Compile csrc/cuda/binned_stats.cu for sm_<arch> with setup.py's nvcc flags (no GPU needed) and print
+    ptxas's registers / stack / spill bytes of every kernel variant (Variant<input kind, mode, multi-rater,
+    moments>: input kind 0 float32, 1 float16, 2 bfloat16; mode 0 marginal, 1 top-label)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        print("--cuda-registers needs nvcc on PATH")
+        return 2
+    src = os.path.join(os.path.dirname(HERE), "csrc", "cuda", "binned_stats.cu")
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [nvcc, "-c", src, "-o", os.path.join(tmp, "k.o"), "-O3", "-std=c++20", "--use_fast_math"]
+        cmd += ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+        cmd += ["-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr", "--resource-usage"]
+        cmd += [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        print(res.stderr[-4000:])
+        return 1
+    filt = shutil.which("c++filt")
+    print(f"CUDA kernels, sm_{arch}: registers / stack / spill bytes (Variant<input kind, mode, multi-rater, moments>)")
+    current = None
+    spill = (0, 0, 0)
+    failures = 0
+    for line in (res.stdout + res.stderr).splitlines():
+        m = re.search(r"Compiling entry function '(\S+)'", line)
+        if m:
+            name = m.group(1)
+            if filt:
+                name = subprocess.run([filt, name], capture_output=True, text=True).stdout.strip()
+            kind = "forward" if "forward" in name else "backward" if "backward" in name else "reduce"
+            var = re.search(r"Variant<(\d+), (\d+), (\w+), (\w+)>", name) or re.search(
+                r"VariantILi(\d)ELi(\d)ELb(\d)ELb(\d)", name
+            )
+            current = f"{kind:<8} " + (("<" + ", ".join(var.groups()) + ">") if var else "")
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            spill = tuple(int(v) for v in m.groups())
+        m = re.search(r"Used (\d+) registers", line)
+        if m and current:
+            failures += spill[1] > 0 or spill[2] > 0
+            print(
+                f"  {current:<34} registers={m.group(1):>3} stack={spill[0]} spill_stores={spill[1]} "
+                f"spill_loads={spill[2]}"
+            )
+            current = None
+    return 1 if failures else 0
 
 
 def summary(rows, peak, shapes) -> int:

@@ -3,9 +3,10 @@
     pytest benchmarks/test_bench_cpu.py --benchmark-enable --benchmark-columns=median,iqr,rounds
 
 Forward, backward and forward+backward of mL1-ACE from logits + labels and from probabilities + one-hot, hard and
-soft binning, at (2, 4, 64, 64, 64), for calibops ``cpu`` and the ``torch-vectorised`` baseline
-(benchmarks/_common.py). With the repository's default ``--benchmark-disable`` each entry runs once, as a smoke
-test. The full comparison table (all shapes, the reference, GB/s, memory) is ``benchmarks/bench_cpu.py``.
+soft binning, and the contract v2 rows (top-label from logits + labels, 3 raters; hard, cpu only), at
+(2, 4, 64, 64, 64), for calibops ``cpu`` and the ``torch-vectorised`` baseline (benchmarks/_common.py). With the
+repository's default ``--benchmark-disable`` each entry runs once, as a smoke test. The full comparison table (all
+shapes, the reference, GB/s, memory) is ``benchmarks/bench_cpu.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench_cpu import loss_fn, make_inputs  # noqa: E402
+from bench_cpu import loss_fn, make_inputs, wanted  # noqa: E402
 
 import calibops  # noqa: E402
 
@@ -37,9 +38,11 @@ def _inputs(kind):
 
 @pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd"])
 @pytest.mark.parametrize("binning", ["hard", "soft"])
-@pytest.mark.parametrize("kind", ["logits", "probs"])
+@pytest.mark.parametrize("kind", ["logits", "probs", "logits-top", "logits-r3"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bench_cpu(benchmark, impl, kind, binning, mode):
+    if not wanted(kind, SHAPE, binning, impl):
+        pytest.skip("contract v2 rows: hard binning, cpu / reference only")
     if impl == "cpu" and calibops.available_backends()["cpu"] is not None:
         pytest.skip(f"cpu backend unavailable: {calibops.available_backends()['cpu']}")
     x, t = _inputs(kind)

@@ -237,6 +237,28 @@ def selfcheck_main(argv: list[str]) -> int:
     return 0 if ok else 1
 
 
+COMMANDS = {
+    "check": "version, available backends (and why others are missing), a cross-backend check (the default)",
+    "evaluate": "calibration metrics, per-class spread and the dataset reliability histogram of saved "
+    "predictions (NIfTI, MHA/NRRD, NumPy; nnU-Net and MONAI SaveImage folders)",
+    "demo": "train a small network three ways and compare calibration",
+    "selfcheck": "the GPU kernel backends' self-check against the reference (table; --record)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: one ``--help`` listing every subcommand (each has its own ``--help``)."""
+    p = argparse.ArgumentParser(
+        prog="calibops",
+        description="calibops: fused calibration losses and metrics for image segmentation.",
+        epilog="Run `calibops COMMAND --help` for a command's options.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, text in COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``calibops`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -251,10 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "selfcheck":
         return selfcheck_main(argv[1:])
     if argv and argv[0] in ("-h", "--help", "help"):
-        print(__doc__)
+        build_parser().print_help()
         return 0
     if argv and argv[0] not in ("check", "info"):
-        print(f"unknown command {argv[0]!r}\n{__doc__}", file=sys.stderr)
+        print(
+            f"calibops: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)} (see calibops --help)",
+            file=sys.stderr,
+        )
         return 2
     return check_backends()
 

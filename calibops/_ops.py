@@ -33,6 +33,43 @@ except Exception as exc:  # noqa: BLE001 - any load failure just means "not buil
     EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
 
 
+def missing_extension_message(error: str | None, build_failure: str | None, built: bool) -> str | None:
+    """The warning given at import when the compiled ops are missing although they were meant to be there:
+    setup.py recorded a failed build (``build_failure``), or a built ``_C`` file does not load; else None."""
+    if error is None or (build_failure is None and not built):
+        return None  # loaded, or never built (CALIBOPS_NO_EXT=1, a source checkout): nothing to say
+    why = (
+        f"the build failed: {build_failure}"
+        if build_failure is not None
+        else f"it was built but fails to load: {error}"
+    )
+    return (
+        f"calibops: the compiled C++/CUDA ops are NOT available ({why}). Everything runs on the pure-PyTorch "
+        "reference backend, about 10x slower. Reinstall with `pip install --no-build-isolation -v -e .` to see the "
+        "compiler output (CALIBOPS_REQUIRE_EXT=1 turns a failed build into an error); `python -m calibops` lists "
+        "the backends."
+    )
+
+
+def _warn_if_extension_missing() -> None:
+    import os
+    import warnings
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    marker = os.path.join(here, "_build_failed.txt")
+    try:
+        failure = None
+        if os.path.exists(marker):
+            with open(marker) as f:
+                failure = f.read().strip() or "see the pip log"
+        built = any(f.startswith("_C.") and f.endswith((".so", ".pyd")) for f in os.listdir(here))
+    except OSError:
+        return
+    msg = missing_extension_message(EXTENSION_ERROR, failure, built)
+    if msg is not None:
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+
+
 def extension_loaded() -> bool:
     """True when the compiled calibops._C extension (C++ CPU ops, maybe CUDA ops) is loaded."""
     return EXTENSION_ERROR is None
@@ -60,6 +97,8 @@ def _stale_schema() -> str | None:
 
 if EXTENSION_ERROR is None:
     EXTENSION_ERROR = _stale_schema()
+
+_warn_if_extension_missing()  # after every reason to set EXTENSION_ERROR
 
 
 def _has_kernel(key: str) -> bool:

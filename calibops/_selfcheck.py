@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 
 from . import _verified
-from ._contract import MODE_MARGINAL, SCHEME_HARD, SCHEME_SOFT, TARGET_DENSE, TARGET_LABELS
+from ._contract import MODES, SCHEME_HARD, SCHEME_SOFT, TARGET_DENSE, TARGET_LABELS
 from .reference import ACT_NONE, ACT_SIGMOID, ACT_SOFTMAX, bin_centres, bin_edges, binned_stats_prepared
 
 __all__ = [
@@ -92,7 +92,7 @@ class SelfCheckWarning(RuntimeWarning):
 
 @dataclass(frozen=True)
 class Case:
-    """One self-check problem in the kernel layout: input [B, C, N], labels [B, N] or dense target [B, C, N]."""
+    """One self-check problem in the kernel layout: input [B, C, N], labels [B, R, N] or dense target [B, C, N]."""
 
     name: str
     B: int
@@ -105,6 +105,9 @@ class Case:
     ignore_index: int | None = None
     bad_labels: int = 0
     right: bool = False
+    mode: str = "marginal"  # or "top_label"
+    raters: int = 1  # label maps per image (labels only)
+    moments: bool = False
 
 
 # num_bins = 20 (the default) everywhere, so on a GPU the Triton kernels compiled here are the ones a default
@@ -125,7 +128,17 @@ CASES: tuple[Case, ...] = (
         bad_labels=3,
     ),
     Case("soft/labels/softmax/C=40", B=1, C=40, N=64, num_bins=20, soft=True, activation="softmax", labels=True),
-    Case("soft/dense/sigmoid", B=1, C=3, N=150, num_bins=20, soft=True, activation="sigmoid", labels=False),
+    Case(
+        "soft/dense/sigmoid/moments",
+        B=1,
+        C=3,
+        N=150,
+        num_bins=20,
+        soft=True,
+        activation="sigmoid",
+        labels=False,
+        moments=True,
+    ),
     Case(
         "hard/dense/probabilities",
         B=1,
@@ -136,6 +149,20 @@ CASES: tuple[Case, ...] = (
         activation="none",
         labels=False,
         right=True,
+    ),
+    Case(
+        "hard/top-label/3 raters/softmax/moments",
+        B=1,
+        C=5,
+        N=128,
+        num_bins=20,
+        soft=False,
+        activation="softmax",
+        labels=True,
+        ignore_index=255,
+        mode="top_label",
+        raters=3,
+        moments=True,
     ),
 )
 
@@ -269,17 +296,21 @@ def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Te
     for _ in range(100):
         p = _probs64(x, case.activation)
         near = ((p.unsqueeze(-1) - kinks).abs() < KINK_MARGIN).any(-1).any(1, keepdim=True)  # [B, 1, N]
+        if case.mode == "top_label" and C > 1:  # the argmax must not hang on rounding either
+            top2 = p.topk(2, dim=1).values
+            near = near | ((top2[:, :1] - top2[:, 1:]) < KINK_MARGIN)
         if not bool(near.any()):
             break
         x = torch.where(near, draw(), x)
     else:  # pragma: no cover - a design error of CASES, caught by the tests
         raise RuntimeError(f"self-check case {case.name}: could not draw probabilities away from the kinks")
     if case.labels:
-        t = torch.randint(0, C, (B, N), generator=g, dtype=torch.int64, device="cpu")
+        R = case.raters
+        t = torch.randint(0, C, (B, R, N), generator=g, dtype=torch.int64, device="cpu")
         if case.ignore_index is not None:
-            t[torch.rand(B, N, generator=g, dtype=torch.float32, device="cpu") < 0.15] = case.ignore_index
+            t[torch.rand(B, R, N, generator=g, dtype=torch.float32, device="cpu") < 0.15 / R] = case.ignore_index
         if case.bad_labels:
-            idx = torch.randperm(B * N, generator=g, device="cpu")[: case.bad_labels]
+            idx = torch.randperm(B * R * N, generator=g, device="cpu")[: case.bad_labels]
             t.view(-1)[idx] = C + torch.arange(case.bad_labels, device="cpu")  # out of range, not ignore_index
     else:
         t = torch.rand(B, C, N, generator=g, dtype=torch.float32, device="cpu")
@@ -288,10 +319,16 @@ def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Te
     return x.contiguous(), t.contiguous()
 
 
-def _upstream(case: Case, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _upstream(case: Case, seed: int) -> tuple[torch.Tensor, ...]:
+    """Random gradients of (count, sum_p, sum_y, sum_p2, sum_py), each of its output's shape."""
     g = torch.Generator().manual_seed(seed + 1)
-    shape = (case.B, case.C, case.num_bins)
-    return tuple(torch.randn(*shape, generator=g, dtype=torch.float32, device="cpu") * s for s in (0.5, 1.0, 0.7))
+    K = case.C if case.mode == "marginal" else 1
+    R = case.raters if case.labels else 1
+    stat = (case.B, K, case.num_bins)
+    mom = stat if case.moments else (0,)
+    shapes = (stat, stat, (case.B, K, R, case.num_bins), mom, mom)
+    scales = (0.5, 1.0, 0.7, 0.6, 0.8)
+    return tuple(torch.randn(*sh, generator=g, dtype=torch.float32, device="cpu") * s for sh, s in zip(shapes, scales))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -301,25 +338,25 @@ def _upstream(case: Case, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 def _fwd_bwd(fn, x, t, edges, case: Case, ups, device: torch.device):
     xd = x.to(device).requires_grad_(True)
-    tt = t.to(device)
     out = fn(
         xd,
-        tt.unsqueeze(1) if case.labels else tt,  # labels: one rater, [B, 1, N]
+        t.to(device),
         edges.to(device),
         case.num_bins,
         SCHEME_SOFT if case.soft else SCHEME_HARD,
         _ACT[case.activation],
         TARGET_LABELS if case.labels else TARGET_DENSE,
-        MODE_MARGINAL,
-        False,
+        MODES[case.mode],
+        case.moments,
         case.ignore_index,
         case.right,
     )
-    count, sum_p, sum_y, _, _, bad = out
-    sum_y = sum_y.select(2, 0)
-    loss = sum((u.to(device) * o).sum() for u, o in zip(ups, (count, sum_p, sum_y)))
+    count, sum_p, sum_y, sum_p2, sum_py, bad = out
+    stats = (count, sum_p, sum_y, sum_p2, sum_py)
+    loss = sum((u.to(device) * o).sum() for u, o in zip(ups, stats))
     (grad,) = torch.autograd.grad(loss, xd)
-    return tuple(v.detach().cpu() for v in (count, sum_p, sum_y, bad, grad))
+    # (count, sum_p, sum_y, bad, grad, sum_p2, sum_py): the moments last (empty unless the case asks for them)
+    return tuple(v.detach().cpu() for v in (count, sum_p, sum_y, bad, grad, sum_p2, sum_py))
 
 
 def _bad_parts(bad: torch.Tensor) -> tuple[int, int]:
@@ -332,7 +369,12 @@ def compare(got, ref, case: Case, dtype: torch.dtype) -> tuple[float, str, float
     rc = ref[0].double()
     worst = (0.0, "", 0.0)
     soft_atol = 8 * EPS32 * (case.N + case.num_bins * math.sqrt(case.N)) if case.soft else 0.0
-    for i, name in enumerate(("count", "sum_p", "sum_y")):
+    named = [(0, "count"), (1, "sum_p"), (2, "sum_y")]
+    if len(ref) > 5 and ref[5].numel() > 0:
+        named += [(5, "sum_p2"), (6, "sum_py")]
+    for i, name in named:
+        if i >= len(got):
+            return math.inf, f"{name} missing", 0.0
         a, r = got[i], ref[i].double()
         if a.shape != r.shape or a.dtype != torch.float32:
             return math.inf, f"{name} shape/dtype {tuple(a.shape)} {a.dtype} (expected {tuple(r.shape)} float32)", 0.0
@@ -340,7 +382,8 @@ def compare(got, ref, case: Case, dtype: torch.dtype) -> tuple[float, str, float
         if name == "count" and not case.soft:
             budget = torch.full_like(r, HARD_COUNT_BUDGET)
         else:
-            budget = STAT_RTOL * (r.abs() + rc.abs()) + soft_atol + 1e-30
+            n = rc.unsqueeze(-2) if name == "sum_y" else rc  # sum_y has the rater axis before the bins
+            budget = STAT_RTOL * (r.abs() + n.abs()) + soft_atol + 1e-30
         ratio = err / budget
         ratio = torch.where(torch.isnan(ratio), torch.full_like(ratio, math.inf), ratio)
         k = int(ratio.argmax()) if ratio.numel() else 0

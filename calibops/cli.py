@@ -3,23 +3,27 @@
     calibops evaluate --pred DIR --label DIR [--out DIR] [--num-bins 20] [--include-background] ...
     python -m calibops evaluate ...
 
-Reads probability maps and integer label maps (NIfTI ``.nii``/``.nii.gz`` through nibabel, or NumPy
-``.npy``/``.npz``) paired by file name, accumulates them with :class:`calibops.metrics.DatasetCalibration`
+Reads probability maps and integer label maps (NIfTI ``.nii``/``.nii.gz`` through nibabel, MetaImage / NRRD
+``.mha``/``.nrrd`` through SimpleITK, or NumPy ``.npy``/``.npz``) paired by file name (nnU-Net output folders:
+the ``.npz`` probabilities, with the ``.nii.gz`` next to them giving their geometry; MONAI SaveImage folders:
+``--pred-suffix _seg``), accumulates them with :class:`calibops.metrics.DatasetCalibration`
 one case at a time (memory: one case plus O(C·M²)), and writes into ``--out``:
 
 - ``per_image.csv``: one row per case and class: ECE, ACE, MCE, voxels (and Dice with ``--dice``);
-- ``summary.csv``: per class macro (mean over cases) and micro (pooled) ECE/ACE/MCE, and their class mean;
-- ``dataset_histogram.png`` / ``.pdf``: the dataset reliability histogram figure;
+- ``summary.csv``: per class macro (mean over cases) and micro (pooled) ECE/ACE/MCE, the spread of the
+  per-case values (std, median, quartiles, IQR), and their class mean;
+- ``dataset_histogram.png`` / ``.pdf``: the dataset reliability histogram figure (not with ``--no-figures``);
 - ``dataset_histogram.npz``: the histogram (C', M, M), pooled voxel counts (C', M) and class indices.
 
 Everything is checked before anything is written. Every failure is one line on stderr,
 ``calibops evaluate: error: ...``, naming the file or option and the fix, and leaves no output file:
 
 - exit status 2 (usage): a bad option value, ``--pred``/``--label`` not a directory, ``--out`` naming an
-  existing file, a backend that cannot run here, ``--class-names`` not matching the classes;
+  existing file, a backend that cannot run here, ``--class-names`` not matching the classes, matplotlib
+  missing without ``--no-figures`` (found before any case is read);
 - exit status 1 (data): a missing pair, a file that cannot be read (empty, truncated, corrupt, unreadable),
-  a shape mismatch, values that are not probabilities, non-finite logits, labels out of range, outputs that
-  cannot be written.
+  a shape mismatch, prediction and label on different grids (spacing / affine), values that are not
+  probabilities, non-finite logits, labels out of range, outputs that cannot be written.
 """
 
 from __future__ import annotations
@@ -95,6 +99,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="channel axis of the prediction files (default: 0 for NumPy, -1 for NIfTI)",
     )
     p.add_argument("--npz-key", default=None, help="array name inside prediction .npz files")
+    p.add_argument(
+        "--pred-suffix",
+        default=None,
+        metavar="SUFFIX",
+        help="only prediction files ending with SUFFIX, stripped to get the case name: a full ending "
+        "(.npz for nnU-Net probabilities, _seg.nii.gz) or a postfix before the extension (_seg for MONAI "
+        "SaveImage's case_seg.nii.gz). Default: every supported file; a case with a .npz next to a .nii.gz "
+        "(nnU-Net) takes the .npz",
+    )
+    p.add_argument(
+        "--pred-axis-order",
+        default="auto",
+        choices=("auto", "same", "reversed"),
+        help="spatial axis order of NumPy predictions against image-file labels (NIfTI/MHA/NRRD). nnU-Net's "
+        ".npz is (C, z, y, x), reversed against nibabel's (x, y, z). auto: the order whose shape matches the "
+        "label (for a symmetric shape: the order that matches the segmentation next to the .npz, else the "
+        "order already found for other cases, else nnU-Net's when the key is 'probabilities'); the same "
+        "order for every case (default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-geometry-check",
+        action="store_true",
+        help="do not compare the prediction's spacing and affine with the label's",
+    )
+    p.add_argument(
+        "--geometry-tolerance",
+        type=float,
+        default=1e-3,
+        help="allowed difference (mm) between prediction and label affines (default: %(default)s)",
+    )
+    p.add_argument("--no-figures", action="store_true", help="write no figure (no matplotlib needed)")
     p.add_argument("--softmax", action="store_true", help="predictions are logits: apply softmax over channels")
     p.add_argument(
         "--multilabel",
@@ -161,6 +196,101 @@ def _check_labels(name: str, path: Path, label: np.ndarray, num_classes: int, ig
         )
 
 
+class _AxisOrder:
+    """Decides, once per run, whether NumPy predictions' spatial axes are reversed against image-file labels."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.decided: str | None = None if mode == "auto" else mode
+        self.reason = "" if mode == "auto" else "--pred-axis-order"
+
+    @staticmethod
+    def _reverse(probs: np.ndarray) -> np.ndarray:
+        nd = probs.ndim
+        return np.ascontiguousarray(np.transpose(probs, [0, *range(nd - 1, 0, -1)]))
+
+    def apply(self, name, probs, label, pred_path, label_path, npz_key) -> np.ndarray:
+        from . import io
+
+        mixed = (io._suffix(pred_path) in io.ARRAY_SUFFIXES) != (io._suffix(label_path) in io.ARRAY_SUFFIXES)
+        if not mixed or probs.ndim < 3:
+            return probs
+        same_fits = probs.shape[1:] == label.shape
+        rev_fits = probs.shape[1:][::-1] == label.shape
+        if self.decided is not None:
+            fits = rev_fits if self.decided == "reversed" else same_fits
+            if not fits:
+                raise ValueError(
+                    f"prediction {pred_path} has spatial shape {probs.shape[1:]}, the label {label_path} "
+                    f"{label.shape}: they do not match in the {self.decided} axis order ({self.reason}); pass "
+                    "--pred-axis-order same/reversed to fix the order, or pair each label with its own prediction"
+                )
+            return self._reverse(probs) if self.decided == "reversed" else probs
+        if same_fits != rev_fits:
+            choice, reason = ("reversed" if rev_fits else "same"), f"shape of case {name!r}"
+        elif not same_fits:
+            raise ValueError(
+                f"prediction {pred_path} has spatial shape {probs.shape[1:]} and the label {label_path} {label.shape} "
+                "in neither axis order; pair each label with its own prediction"
+            )
+        else:  # a symmetric shape: both orders fit
+            choice, reason = self._by_segmentation(probs, pred_path, label.shape)
+            if choice is None and (npz_key or "probabilities") == "probabilities" and str(pred_path).endswith(".npz"):
+                choice, reason = "reversed", "nnU-Net's .npz convention (key 'probabilities', (C, z, y, x))"
+            if choice is None:
+                raise ValueError(
+                    f"prediction {pred_path} and label {label_path} have a shape that fits both axis orders "
+                    f"({label.shape}); say which with --pred-axis-order same (arrays saved from nibabel / MONAI) or "
+                    "reversed (arrays in SimpleITK / nnU-Net order)"
+                )
+        self.decided, self.reason = choice, f"decided by the {reason}"
+        print(f"calibops evaluate: NumPy prediction axes taken as {choice} against the labels ({self.reason})")
+        return self._reverse(probs) if choice == "reversed" else probs
+
+    def _by_segmentation(self, probs, pred_path, shape) -> tuple[str | None, str]:
+        from . import io
+
+        seg_path = io.sibling_image(pred_path)
+        if seg_path is None:
+            return None, ""
+        seg = io.load_label(seg_path, spatial_ndim=len(shape))
+        if seg.shape != shape:
+            return None, ""
+        arg = probs.argmax(0)
+        agree_same = float((arg == seg).mean())
+        agree_rev = float((self._reverse(probs).argmax(0) == seg).mean())
+        if agree_same == agree_rev:
+            return None, ""
+        return ("same" if agree_same > agree_rev else "reversed"), f"segmentation {seg_path.name} next to it"
+
+
+def _check_geometry(name: str, pred_path: Path, label_path: Path, tol: float) -> None:
+    """Prediction and label on one grid: the same spacing and affine (within ``tol`` mm), when both are known
+    (a NumPy prediction takes the affine of the image file next to it, as nnU-Net writes)."""
+    from . import io
+
+    geo_path = pred_path if io._suffix(pred_path) in io.IMAGE_SUFFIXES else io.sibling_image(pred_path)
+    if geo_path is None or io._suffix(label_path) not in io.IMAGE_SUFFIXES:
+        return
+    a_pred, a_label = io.load_affine(geo_path), io.load_affine(label_path)
+    if a_pred is None or a_label is None:
+        return
+    if np.allclose(a_pred, a_label, rtol=0, atol=tol):
+        return
+    sp_pred, sp_label = io.spacing(a_pred), io.spacing(a_label)
+    what = (
+        f"spacing {np.round(sp_pred, 4).tolist()} mm vs {np.round(sp_label, 4).tolist()} mm"
+        if not np.allclose(sp_pred, sp_label, rtol=0, atol=tol)
+        else f"same spacing but a different origin/orientation (largest affine difference "
+        f"{float(np.abs(a_pred - a_label).max()):.4g} mm)"
+    )
+    raise ValueError(
+        f"prediction {geo_path} and label {label_path} are not on the same grid: {what}; resample the prediction "
+        "onto the label's grid (or export it in the label's space), raise --geometry-tolerance for rounding, or "
+        "pass --no-geometry-check"
+    )
+
+
 def check_usage(args: argparse.Namespace) -> None:
     """The checks of the command line that need no data file; raises :class:`UsageError` (exit status 2)."""
     from ._options import MAX_BINS
@@ -169,6 +299,8 @@ def check_usage(args: argparse.Namespace) -> None:
         raise UsageError(f"--num-bins must be between 1 and 2**24 = {MAX_BINS}, got {args.num_bins}")
     if args.num_classes is not None and args.num_classes < 1:
         raise UsageError(f"--num-classes must be >= 1, got {args.num_classes}")
+    if not (math.isfinite(args.geometry_tolerance) and args.geometry_tolerance >= 0):
+        raise UsageError(f"--geometry-tolerance must be a finite number >= 0, got {args.geometry_tolerance}")
     if not (math.isfinite(args.sum_tolerance) and args.sum_tolerance >= 0):
         raise UsageError(f"--sum-tolerance must be a finite number >= 0, got {args.sum_tolerance}")
     for opt, d, what in (("--pred", args.pred, "prediction"), ("--label", args.label, "label")):
@@ -189,12 +321,14 @@ def check_usage(args: argparse.Namespace) -> None:
             calibops.backend_for(torch.empty(0), args.backend)  # the CLI computes on CPU tensors
         except RuntimeError as exc:
             raise UsageError(f"--backend {args.backend}: {exc}; use --backend auto") from exc
-    try:
-        import matplotlib  # noqa: F401 - the figures need it; fail before reading any case
-    except ImportError as exc:
-        raise EvaluationError(
-            "the dataset histogram figure needs matplotlib: pip install 'calibops[plot]' (or matplotlib)"
-        ) from exc
+    if not args.no_figures:
+        try:
+            import matplotlib  # noqa: F401 - the figures need it; fail before reading any case
+        except ImportError as exc:
+            raise UsageError(
+                "the dataset histogram figure needs matplotlib, which is not installed: pip install "
+                "'calibops[plot]' (or matplotlib), or pass --no-figures"
+            ) from exc
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -206,17 +340,21 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     check_usage(args)
     try:
-        cases = io.match_cases(args.pred, args.label)
+        cases = io.match_cases(args.pred, args.label, args.pred_suffix)
     except (ValueError, FileNotFoundError) as exc:
         raise EvaluationError(str(exc)) from exc
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
 
     metric: DatasetCalibration | None = None
     C = args.num_classes
+    order = _AxisOrder(args.pred_axis_order)
     for name, pred_path, label_path in _progress(cases, not args.no_progress):
         try:
             probs = io.load_probabilities(pred_path, channel_dim=args.channel_dim, npz_key=args.npz_key)
             label = io.load_label(label_path, spatial_ndim=probs.ndim - 1)
+            probs = order.apply(name, probs, label, pred_path, label_path, args.npz_key)
+            if not args.no_geometry_check:
+                _check_geometry(name, pred_path, label_path, args.geometry_tolerance)
         except (ValueError, TypeError) as exc:  # io's messages name the file and the fix
             raise EvaluationError(f"case {name!r}: {exc}") from exc
         if probs.size == 0 or label.size == 0:
@@ -274,6 +412,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "counts": metric.pooled_counts(),
         "class_names": names,
         "num_cases": len(cases),
+        "spread": per_class_spread(metric),
     }
 
 
@@ -281,10 +420,32 @@ def _fmt(v: float) -> str:
     return "nan" if math.isnan(v) else f"{v:.6f}"
 
 
-def _write_outputs(res: dict[str, Any], out: Path, dice: bool) -> list[Path]:
-    """Write every output into a temporary directory next to ``out``, then move them in place."""
-    from .plot import dataset_reliability_histogram
+_SPREAD = ("std", "median", "q1", "q3", "iqr")
 
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (ddof=1), median, quartiles (linear interpolation) and IQR of the
+    non-NaN ``values``; NaN when there are none (std: when fewer than two)."""
+    v = np.asarray([x for x in values if not math.isnan(x)], dtype=np.float64)
+    if v.size == 0:
+        return dict.fromkeys(("mean", *_SPREAD), math.nan)
+    q1, med, q3 = (float(x) for x in np.percentile(v, [25, 50, 75]))
+    std = float(v.std(ddof=1)) if v.size > 1 else math.nan
+    return {"mean": float(v.mean()), "std": std, "median": med, "q1": q1, "q3": q3, "iqr": q3 - q1}
+
+
+def per_class_spread(metric: Any) -> dict[int, dict[str, dict[str, float]]]:
+    """``{class: {"ece"|"ace"|"mce": spread(per-case values)}}`` from the metric's per-image records."""
+    out: dict[int, dict[str, dict[str, float]]] = {}
+    recs = metric.records()
+    for c in metric.classes:
+        rows = [r for r in recs if r["class"] == c]
+        out[c] = {m: spread([r[m] for r in rows]) for m in ("ece", "ace", "mce")}
+    return out
+
+
+def _write_outputs(res: dict[str, Any], out: Path, dice: bool, figures: bool = True) -> list[Path]:
+    """Write every output into a temporary directory next to ``out``, then move them in place."""
     metric = res["metric"]
     r = res["result"]
     names = res["class_names"]
@@ -331,12 +492,15 @@ def _write_outputs(res: dict[str, Any], out: Path, dice: bool) -> list[Path]:
                     "micro_ece",
                     "micro_ace",
                     "micro_mce",
+                    *(f"{m}_{k}" for m in ("ece", "ace", "mce") for k in _SPREAD),
                 ]
             )
+            sp = res["spread"]
             n, present = r.images_per_class, r.images_with_class
             cols = [r.macro.ece, r.macro.ace, r.macro.mce, r.micro.ece, r.micro.ace, r.micro.mce]
             for k, c in enumerate(metric.classes):
-                w.writerow([c, names[c], int(n[k]), int(present[k]), *(_fmt(float(v[k])) for v in cols)])
+                spreads = [_fmt(sp[c][m][q]) for m in ("ece", "ace", "mce") for q in _SPREAD]
+                w.writerow([c, names[c], int(n[k]), int(present[k]), *(_fmt(float(v[k])) for v in cols), *spreads])
             means = [float(v[~v.isnan()].mean()) if bool((~v.isnan()).any()) else math.nan for v in cols]
             w.writerow(["mean", "mean over classes", res["num_cases"], "", *(_fmt(m) for m in means)])
         np.savez(
@@ -346,9 +510,12 @@ def _write_outputs(res: dict[str, Any], out: Path, dice: bool) -> list[Path]:
             classes=np.asarray(metric.classes),
             class_names=np.asarray(used),
         )
-        fig = dataset_reliability_histogram(res["histogram"], counts=res["counts"], class_names=used)
-        fig.savefig(tmp / "dataset_histogram.png", dpi=200)
-        fig.savefig(tmp / "dataset_histogram.pdf")
+        if figures:
+            from .plot import dataset_reliability_histogram
+
+            fig = dataset_reliability_histogram(res["histogram"], counts=res["counts"], class_names=used)
+            fig.savefig(tmp / "dataset_histogram.png", dpi=200)
+            fig.savefig(tmp / "dataset_histogram.pdf")
         written = []
         for f in sorted(tmp.iterdir()):
             os.replace(f, out / f.name)
@@ -376,6 +543,13 @@ def _print_summary(res: dict[str, Any]) -> None:
     for k, c in enumerate(metric.classes):
         vals = [r.macro.ece, r.macro.ace, r.macro.mce, r.micro.ece, r.micro.ace, r.micro.mce]
         print(f"{names[c][:16]:<16} " + " ".join(f"{float(v[k]):>10.4f}" for v in vals))
+    print("per case (mean ± std, median [IQR]):")
+    for c in metric.classes:
+        parts = []
+        for m in ("ece", "ace", "mce"):
+            d = res["spread"][c][m]
+            parts.append(f"{m.upper()} {d['mean']:.4f} ± {d['std']:.4f}, {d['median']:.4f} [{d['iqr']:.4f}]")
+        print(f"{names[c][:16]:<16} " + "; ".join(parts))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -392,7 +566,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         res = evaluate(args)
-        written = _write_outputs(res, Path(args.out), args.dice)
+        written = _write_outputs(res, Path(args.out), args.dice, figures=not args.no_figures)
     except SystemExit as exc:  # argparse exits only for --help (0)
         return int(exc.code) if isinstance(exc.code, int) else 2
     except UsageError as exc:

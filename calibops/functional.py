@@ -50,8 +50,13 @@ __all__ = [
     "BinnedStatsMoments",
     "CalibrationErrors",
     "binned_stats",
+    "brier_score",
     "calibration_errors",
+    "classification_calibration_errors",
+    "classification_marginal_l1_ace",
+    "consensus_dice",
     "marginal_l1_ace",
+    "volume_crps",
 ]
 
 _KERNEL_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -95,6 +100,13 @@ def _prepare(
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if input.dim() < 2:
         raise ValueError(f"input must have shape (B, C, *spatial), got shape {tuple(input.shape)}")
+    if input.dim() == 2:  # not B one-voxel images: one prediction per sample is a classification batch
+        raise ValueError(
+            f"input has shape (B, C) = {tuple(input.shape)} with no spatial axis: for classification predictions "
+            "(one row per sample, pooled over the batch) use calibops.functional.classification_calibration_errors "
+            "/ classification_marginal_l1_ace or DatasetCalibration(..., classification=True); for B images of "
+            "one voxel each pass input[..., None] (B, C, 1)"
+        )
     if not input.is_floating_point():
         raise TypeError(
             f"input must be floating point (float32, float16 or bfloat16 probabilities or logits), got {input.dtype}"
@@ -176,8 +188,8 @@ def _prepare(
                     f"target values must lie in [0, 1] (one-hot or soft labels), found range [{float(lo)}, {float(hi)}]"
                     "; for integer label maps pass to_onehot_y=True"
                 )
-        if kernel and t.dtype not in _KERNEL_DENSE_DTYPES:
-            t = t.float()
+        if t.dtype not in _KERNEL_DENSE_DTYPES and not (not kernel and t.dtype == torch.float64):
+            t = t.float()  # integer / other dense targets: as float32 (the reference also keeps float64)
         t = t.detach().reshape(B, C, N)
         if kernel:
             t = t.contiguous()
@@ -485,3 +497,309 @@ def calibration_errors(
         if o.multi_rater:
             stats = per_rater_stats(stats)
         return calibration_errors_from_stats(stats)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation protocols (docs/evaluation.md): small formulas over the fused statistics, no kernel of their own.
+
+
+def brier_score(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    mode: str = "marginal",
+    include_background: bool = False,
+    to_onehot_y: bool = False,
+    softmax: bool = False,
+    sigmoid: bool = False,
+    ignore_index: int | None = None,
+    multi_rater: bool = False,
+    backend: str = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """Brier score per image: marginal ``mean_i (p_c - y_c)²`` → (B, C'); top-label ``mean_i (q - [a == y])²``
+    with ``q = max_c p``, ``a = argmax_c p`` → (B,). NaN where an image has no used voxel.
+
+    Computed from one pass of the statistics with moments (``Σ p²``, ``Σ p ȳ``, ``Σ y``; no (B, C, N) one-hot
+    target): ``(Σ p² - 2 Σ p y + Σ y²) / n``. ``multi_rater=True``: ``target`` holds R rater label maps and the
+    result is the mean over raters of the per-rater Brier scores (``= Brier against the rater mean + the raters'
+    mean disagreement variance``). Dense soft targets: ``Σ y²`` is read from the target directly (top-label: at
+    the argmax of the input probabilities). Differentiable w.r.t. ``input``; float32 (float64 for float64 input).
+    """
+    o = check_options(
+        num_bins=1,
+        include_background=include_background,
+        to_onehot_y=to_onehot_y,
+        softmax=softmax,
+        sigmoid=sigmoid,
+        ignore_index=ignore_index,
+        backend=backend,
+        validate=validate,
+        mode=mode,
+        multi_rater=multi_rater,
+        moments=True,
+    )
+    run = _stats(input, target, o)
+    s = run.stats
+    n = s.count[..., 0]
+    sy = s.sum_y[..., 0]
+    if o.multi_rater:
+        sy = sy.mean(-1)  # (B, C', R) -> mean over raters: Σ y_r² = Σ y_r for binary labels
+    if o.to_onehot_y:
+        y2 = sy
+    else:  # dense targets may be soft: Σ y² from the target itself
+        B, C = input.shape[0], input.shape[1]
+        t = target.detach().reshape(B, C, -1).to(s.count.dtype)
+        if o.mode == "top_label":
+            p = input.detach().reshape(B, C, -1).to(torch.float32)
+            p = torch.softmax(p, 1) if softmax else torch.sigmoid(p) if sigmoid else p
+            t = t.gather(1, p.argmax(1, keepdim=True))[:, 0]
+            y2 = t.square().sum(-1)
+        else:
+            y2 = t.square().sum(-1)
+            if not o.include_background and C > 1:
+                y2 = y2[:, 1:]
+    num = s.sum_p2[..., 0] - 2 * s.sum_py[..., 0] + y2
+    out = num / n.clamp(min=1)
+    return torch.where(n > 0, out, torch.full_like(out, float("nan")))
+
+
+def _voxel_volume(spacing: Any, B: int, D: int, device: torch.device) -> torch.Tensor:
+    """Voxel volume per image, float64 (B,): the product of the spacing along the D spatial axes."""
+    if spacing is None:
+        return torch.ones(B, dtype=torch.float64, device=device)
+    if isinstance(spacing, (int, float)) and not isinstance(spacing, bool):
+        s = torch.full((D,), float(spacing), dtype=torch.float64)
+    else:
+        try:
+            s = torch.as_tensor(spacing, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                f"spacing must be None, a number, a sequence of {D} numbers or a (B, {D}) tensor, got {spacing!r}"
+            ) from None
+    s = s.to(device)
+    if s.dim() == 0:
+        s = s.expand(D)
+    if s.dim() == 1:
+        s = s.unsqueeze(0).expand(B, -1)
+    if s.dim() != 2 or s.shape != (B, D):
+        raise ValueError(
+            f"spacing must hold one value per spatial axis ({D}), or a (B, D) = ({B}, {D}) tensor for per-image "
+            f"spacing, got shape {tuple(s.shape)}"
+        )
+    if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
+        raise ValueError(f"spacing must be finite and > 0, got {s.tolist()}")
+    return s.prod(1)
+
+
+_CRPS_METHODS = ("closed_form", "curvas")
+
+
+def volume_crps(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    spacing: Any = None,
+    method: str = "closed_form",
+    include_background: bool = False,
+    softmax: bool = False,
+    sigmoid: bool = False,
+    backend: str = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """CRPS of the predicted volume against a Gaussian fitted to the raters' volumes, (B, C'), physical units.
+
+    ``input`` (B, C, *spatial) probabilities (or logits with ``softmax`` / ``sigmoid``); ``target`` (B, R,
+    *spatial) integer label maps of R raters (or (B, *spatial) for one). Predicted volume ``v = Σ_i p_c ·
+    voxel volume``; rater volumes ``V_r = #{i: label_r = c} · voxel volume``; ``μ = mean_r V_r``, ``σ`` their
+    population standard deviation (as the CURVAS challenge). ``spacing``: voxel size along each spatial axis (a
+    number for all axes, a sequence of D numbers, or a (B, D) tensor per image; default 1, i.e. voxel counts).
+    ``method="closed_form"``: ``σ [z(2Φ(z) - 1) + 2φ(z) - 1/√π]``, ``z = (v - μ)/σ``, and ``|v - μ|`` for
+    ``σ = 0``; differentiable w.r.t. ``input`` (a volume loss). ``method="curvas"``: the CURVAS 2024 evaluation's
+    truncated integral (:func:`calibops.evaluation.crps_curvas`; 0 when ``σ = 0``), for comparability with its
+    published numbers. Voxels with a label outside [0, C) in any rater map are left out (and raise when
+    validating). Float64.
+    """
+    from .evaluation import crps_curvas, crps_gaussian
+
+    if not isinstance(method, str) or method not in _CRPS_METHODS:
+        raise ValueError(f"method must be one of {_CRPS_METHODS}, got {method!r}")
+    if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError("input and target must be torch.Tensors")
+    if input.dim() < 3:
+        raise ValueError(f"volume_crps needs images: input (B, C, *spatial), got shape {tuple(input.shape)}")
+    B, D = input.shape[0], input.dim() - 2
+    if target.dim() == input.dim() - 1:
+        target = target.unsqueeze(1)  # one rater
+    o = check_options(
+        num_bins=1,
+        include_background=include_background,
+        to_onehot_y=True,
+        softmax=softmax,
+        sigmoid=sigmoid,
+        backend=backend,
+        validate=validate,
+        multi_rater=True,
+    )
+    vox = _voxel_volume(spacing, B, D, input.device)
+    s = _stats(input, target, o).stats
+    v = s.sum_p[..., 0].double() * vox.view(B, 1)  # (B, C')
+    vols = s.sum_y[..., 0].double() * vox.view(B, 1, 1)  # (B, C', R)
+    mu = vols.mean(-1)
+    sd = vols.var(-1, unbiased=False).sqrt()
+    if method == "closed_form":
+        return crps_gaussian(v, mu, sd)
+    return crps_curvas(v, mu, sd)
+
+
+def consensus_dice(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    include_background: bool = False,
+    softmax: bool = False,
+    sigmoid: bool = False,
+) -> torch.Tensor:
+    """Dice of the hard prediction on the raters' consensus region, (B, C') float64 (the CURVAS protocol).
+
+    ``target`` (B, R, *spatial): R rater label maps. Per class, voxels where the raters disagree (some give the
+    class, some do not: :func:`calibops.evaluation.consensus_masks`) are left out; the reference is the voxels
+    every rater labels with the class. The prediction is the argmax over classes (``p > 0.5`` per channel with
+    ``sigmoid`` or one channel). NaN where the consensus reference is empty (MONAI's ``ignore_empty=True``).
+    """
+    from .evaluation import consensus_masks
+
+    if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError("input and target must be torch.Tensors")
+    if input.dim() < 3 or target.dim() != input.dim() or target.shape[0] != input.shape[0]:
+        raise ValueError(
+            f"input must be (B, C, *spatial) and target (B, R, *spatial) rater label maps, got {tuple(input.shape)} "
+            f"and {tuple(target.shape)}"
+        )
+    if tuple(target.shape[2:]) != tuple(input.shape[2:]):
+        raise ValueError(
+            f"target spatial shape {tuple(target.shape[2:])} differs from input's {tuple(input.shape[2:])}"
+        )
+    B, C = input.shape[0], input.shape[1]
+    masks = consensus_masks(target, C)
+    x = input.detach()
+    if C > 1 and not sigmoid:
+        pred = torch.nn.functional.one_hot(x.argmax(1), C).movedim(-1, 1).bool()
+    else:
+        pred = x > (0.0 if sigmoid or softmax else 0.5)
+    keep = ~masks.dissensus
+    pred = (pred & keep).reshape(B, C, -1).double()
+    ref = masks.foreground.reshape(B, C, -1).double()
+    inter = (pred * ref).sum(-1)
+    den = pred.sum(-1) + ref.sum(-1)
+    dice = torch.where(ref.sum(-1) > 0, 2 * inter / den.clamp(min=1), torch.full_like(den, float("nan")))
+    return dice[:, 1:] if (not include_background and C > 1) else dice
+
+
+def _classification_layout(input: Any, target: Any) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(B, C) predictions and (B,) labels or (B, C) dense targets as one pooled 'image': (1, C, B), (1, B) or
+    (1, C, B); returns the reshaped pair and whether the target holds labels."""
+    if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError("input and target must be torch.Tensors")
+    if input.dim() != 2:
+        raise ValueError(
+            f"classification input must be (B, C) predictions (one row per sample), got shape {tuple(input.shape)}; "
+            "for segmentation (B, C, *spatial) use the per-image functions"
+        )
+    B, C = input.shape
+    if target.dim() == 1 and target.shape[0] == B:
+        return input.t().unsqueeze(0), target.unsqueeze(0), True
+    if tuple(target.shape) == (B, C):
+        return input.t().unsqueeze(0), target.t().unsqueeze(0), False
+    raise ValueError(
+        f"classification target must be (B,) = ({B},) class indices or (B, C) = ({B}, {C}) one-hot/soft labels, "
+        f"got shape {tuple(target.shape)}"
+    )
+
+
+def classification_calibration_errors(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    num_bins: int = 15,
+    *,
+    mode: str = "top_label",
+    include_background: bool = True,
+    softmax: bool = False,
+    sigmoid: bool = False,
+    ignore_index: int | None = None,
+    right: bool = False,
+    backend: str = "auto",
+    validate: bool = True,
+) -> CalibrationErrors:
+    """Calibration errors of a batch of classification predictions, pooled over the samples.
+
+    ``input`` (B, C): one prediction per sample (probabilities, or logits with ``softmax`` / ``sigmoid``);
+    ``target`` (B,) class indices (``ignore_index`` leaves a sample out) or (B, C) one-hot / soft labels. Every
+    row is one sample of one population (unlike the segmentation functions, which compute one value per image).
+    ``mode="top_label"`` (default, torchmetrics' ``MulticlassCalibrationError``): 0-d values; ``"marginal"``:
+    (C',) per class (``include_background`` defaults to True here: class 0 is an ordinary class). ``l2`` attribute
+    included. NaN when no sample is used.
+    """
+    x, t, labels = _classification_layout(input, target)
+    o = check_options(
+        num_bins=num_bins,
+        include_background=include_background,
+        to_onehot_y=labels,
+        softmax=softmax,
+        sigmoid=sigmoid,
+        ignore_index=ignore_index,
+        right=right,
+        backend=backend,
+        validate=validate,
+        mode=mode,
+    )
+    with torch.no_grad():
+        return calibration_errors_from_stats(_stats(x, t, o).stats).map(lambda e: e[0])
+
+
+def classification_marginal_l1_ace(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    num_bins: int = 15,
+    binning: str = "hard",
+    *,
+    include_background: bool = True,
+    softmax: bool = False,
+    sigmoid: bool = False,
+    ignore_empty_classes: bool = True,
+    weight: torch.Tensor | list[float] | tuple[float, ...] | None = None,
+    empty_weight: float = 0.01,
+    ignore_index: int | None = None,
+    reduction: str = "mean",
+    right: bool = False,
+    backend: str = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """mL1-ACE loss of a batch of classification predictions (B, C), the samples pooled into one population.
+
+    The per-image loss (:func:`marginal_l1_ace`) bins an image's voxels; here the B samples of the batch are the
+    binned entries. Returns a scalar (``"mean"`` over classes / ``"sum"``) or (C',) (``"none"``); differentiable
+    w.r.t. ``input``. ``target``: (B,) class indices or (B, C) one-hot / soft labels.
+    """
+    x, t, labels = _classification_layout(input, target)
+    loss = marginal_l1_ace(
+        x,
+        t,
+        num_bins=num_bins,
+        binning=binning,
+        include_background=include_background,
+        to_onehot_y=labels,
+        softmax=softmax,
+        sigmoid=sigmoid,
+        ignore_empty_classes=ignore_empty_classes,
+        weight=weight,
+        reduction="none",
+        empty_weight=empty_weight,
+        right=right,
+        ignore_index=ignore_index,
+        backend=backend,
+        validate=validate,
+    )[0]
+    if not isinstance(reduction, str) or reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}")
+    return reduce_loss(loss, reduction)

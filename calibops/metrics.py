@@ -1,29 +1,42 @@
 """Dataset-level calibration: a constant-memory accumulator of per-image and pooled statistics.
 
 :class:`DatasetCalibration` consumes batches of predictions and labels, runs the fused statistics kernel
-(``calibops.functional.binned_stats``, hard bins, no gradient) and keeps only sums:
+(``calibops.functional.binned_stats``, hard bins, no gradient) and keeps only sums. It is split by job:
+
+- :mod:`calibops._state` (:class:`~calibops._state.SumState`): the named sum tensors, their device, the **one**
+  all-reduce that sums them over ``torch.distributed`` ranks (gloo and nccl) and the checks of a loaded state;
+- :mod:`calibops._dataset_results`: the dataset formulas on the summed state (macro / micro errors, groups and
+  gaps, bootstrap, Brier, adaptive bins), built on the per-bin formulas of :mod:`calibops.reference` and
+  :mod:`calibops.evaluation` — never repeated here;
+- :mod:`calibops._records`: the optional per-(image, class) records (CSV, gathering, Dice);
+- :mod:`calibops._report` / :mod:`calibops.plot`: figures.
+
+The sums (all O(C'·M²) whatever the number of images or voxels):
 
 - pooled (micro) statistics ``count, sum_p, sum_y`` per (class, bin), float64: (C', M) each;
-- sums of the per-image ECE/ACE/MCE and the number of images where each is defined (macro): (C',) each;
+- sums of the per-image ECE/ACE/MCE (``macro_sum``, (3, C')) and L2 (``macro_l2``, (C',)) and the number of
+  images where each is defined (``macro_n``, (3, C'));
 - the dataset reliability histogram ``H[c, a, j]`` (README, "Evaluating calibration over a test set"), int64:
   (C', M, M);
 - per class, the number of images whose target holds the class, (C',);
 - the number of images and of non-finite probability entries left out (``nonfinite="skip"`` or
-  ``validate=False``).
+  ``validate=False``);
+- with ``groups``: the same pooled statistics, macro sums and histogram per group, (G, ...);
+- with ``adaptive_bins``: pooled statistics over ``fine_bins`` fine bins, (C', F), for equal-mass binning.
 
-That is O(C'·M²) memory whatever the number of images or voxels. Under ``torch.distributed`` the sums are
-all-reduced (two collectives) in :meth:`~DatasetCalibration.compute` / :meth:`~DatasetCalibration.histogram`,
-so every rank gets the result of one process seeing all the data (gloo and nccl).
-
-Optionally (``keep_records=True``) one record per (image, class) with ECE/ACE/MCE (and Dice with
-``dice=True``) is kept for a per-image CSV; that list grows with the data set and is the one exception.
-The metric formulas are not repeated here: per-image and pooled errors both come from
-:func:`calibops.reference.calibration_errors_from_stats`.
+Optionally (``keep_records=True``) one record per (image, class) with ECE/ACE/MCE/L2 (and Dice with
+``dice=True``, the group with ``groups``) is kept for a per-image CSV and bootstrap intervals; that list grows
+with the data set and is the one exception.
 
 *Micro* pools the sums: per (class, bin), ``count``, ``sum_p`` and ``sum_y`` are added over all images and the
 gap is ``|Σ sum_p / Σ count - Σ sum_y / Σ count|``, so every voxel weighs the same. (The 2025 paper's code
 instead averages each bin's per-image confidences and accuracies unweighted over images; see the README.)
-"ACE" is the *average* calibration error (mean gap over non-empty bins), not the *adaptive* one.
+"ACE" is the *average* calibration error (mean gap over non-empty bins), not the *adaptive* one (that one is
+:meth:`DatasetCalibration.adaptive_errors`).
+
+Classification (``classification=True``): every update is a batch of samples, input (B, C) with (B,) labels or
+(B, C) one-hot targets; all samples form one pooled population (``compute().micro``); per-image (macro) values
+and the per-image histogram do not exist there.
 
 Non-finite probabilities (NaN/inf logits) are left out of every statistic by the kernels and counted. With
 ``validate=True`` and ``nonfinite="raise"`` (the defaults) an update holding any raises a ``ValueError`` that
@@ -34,16 +47,20 @@ out (``nonfinite``), so no metric goes NaN, silently or otherwise.
 
 from __future__ import annotations
 
-import csv
 import os
 import warnings
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import _dataset_results as R
 from . import functional as F
+from ._dataset_results import DatasetCalibrationResult, GroupGap, GroupResult
 from ._options import as_bool, as_int, check_options
+from ._records import ImageRecords, hard_dice
+from ._state import SumState, dist_ready
+from .evaluation import BrierDecomposition, brier_decomposition
 from .reference import (
     ACT_NONE,
     ACT_SIGMOID,
@@ -57,44 +74,31 @@ from .reference import (
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-__all__ = ["DatasetCalibration", "DatasetCalibrationResult", "reliability_histogram_counts"]
+__all__ = [
+    "DatasetCalibration",
+    "DatasetCalibrationResult",
+    "GroupGap",
+    "GroupResult",
+    "reliability_histogram_counts",
+]
 
-_FLOAT_STATE = ("count", "sum_p", "sum_y", "macro_sum")
-_INT_STATE = ("macro_n", "hist", "num_images", "images_with_class", "num_nonfinite")
 _NONFINITE = ("raise", "skip")
 _METRICS = ("ece", "ace", "mce")
+R.METRICS = ("ece", "ace", "mce", "l2")
+_NAN_OK = ("macro_l2", "group_macro_l2")  # unknown (NaN) after loading a checkpoint written before L2 existed
 
 
-class DatasetCalibrationResult(NamedTuple):
-    """Dataset calibration errors, each field a ``CalibrationErrors(ece, ace, mce)`` of (C',) float32.
-
-    ``macro``: mean over images of the per-image values (images where a value is NaN are skipped; NaN if no
-    image has it). ``micro``: the same formulas on the statistics summed over all images (pooled sums).
-    ``num_images``: images seen (over all ranks when distributed). ``classes``: the class index of each of
-    the C' entries. ``images_per_class``: (C',) int64, the number of images each class's macro ECE/ACE/MCE
-    average over: images with at least one voxel in the statistics (not ignored, finite probability). That
-    is every such image for every class, *whether or not the class appears in its target*: calibration is
-    defined for a class's probabilities wherever there are voxels. ``images_with_class``: (C',) int64, images
-    whose target holds the class (at least one voxel of it in the statistics: Σ y > 0).
-    ``nonfinite``: probability entries left out because they were NaN or infinite (0 unless
-    ``nonfinite="skip"`` or ``validate=False``).
-    """
-
-    macro: CalibrationErrors
-    micro: CalibrationErrors
-    num_images: int
-    classes: tuple[int, ...]
-    images_per_class: torch.Tensor
-    images_with_class: torch.Tensor
-    nonfinite: int
+def _dist_ready(process_group: Any) -> bool:  # kept for callers of the old private name
+    return dist_ready(process_group)
 
 
-def reliability_histogram_counts(stats: BinnedStats, right: bool = False) -> torch.Tensor:
+def reliability_histogram_counts(stats: BinnedStats, right: bool = False, per_image: bool = False) -> torch.Tensor:
     """The dataset reliability histogram contribution of per-image hard statistics (B, C, M).
 
     For every image b, class c and non-empty confidence bin j, the bin accuracy ``S_y/n`` (float32, as the
     statistics) is binned with the same edges and ``right`` rule as the confidences; returns int64
-    ``H[c, a, j]`` (C, M, M) counting those (image, bin) pairs, accuracy bin 0 = lowest accuracy.
+    ``H[c, a, j]`` (C, M, M) counting those (image, bin) pairs, accuracy bin 0 = lowest accuracy
+    (``per_image=True``: one histogram per image, (B, C, M, M)).
     """
     count, sum_y = stats.count, stats.sum_y
     if count.dim() != 3 or count.shape != sum_y.shape:
@@ -108,19 +112,14 @@ def reliability_histogram_counts(stats: BinnedStats, right: bool = False) -> tor
     c = torch.arange(C, device=count.device).view(1, C, 1)
     j = torch.arange(M, device=count.device).view(1, 1, M)
     flat = (c * M + a) * M + j  # [B, C, M] index into (C, M, M)
+    if per_image:
+        flat = flat + torch.arange(B, device=count.device).view(B, 1, 1) * (C * M * M)
+        return torch.bincount(flat[valid], minlength=B * C * M * M).view(B, C, M, M).to(torch.int64)
     return torch.bincount(flat[valid], minlength=C * M * M).view(C, M, M).to(torch.int64)
 
 
-def _dist_ready(process_group: Any) -> bool:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return False
-    return dist.get_world_size(process_group) > 1
-
-
 class DatasetCalibration:
-    """Calibration of a segmentation model over a whole data set, in O(C'·M²) memory.
+    """Calibration of a segmentation (or classification) model over a whole data set, in O(C'·M²) memory.
 
     Args:
         num_classes: C, the number of channels of the predictions.
@@ -140,7 +139,8 @@ class DatasetCalibration:
             naming the image, nothing of that batch added; ``"skip"`` leave it out of every statistic, count
             it (``compute().nonfinite``) and warn with the images. With ``validate=False`` they are left out
             and counted without a check (no host synchronisation).
-        keep_records: keep one record per (image, class) with ECE/ACE/MCE (O(images·C') memory).
+        keep_records: keep one record per (image, class) with ECE/ACE/MCE/L2 (O(images·C') memory); needed by
+            :meth:`bootstrap`.
         dice: add the Dice score of the hard prediction (argmax, or ``p > 0.5`` for sigmoid / one channel)
             to the records (needs ``keep_records``).
         process_group: the ``torch.distributed`` group to reduce over (default: the world).
@@ -149,13 +149,31 @@ class DatasetCalibration:
             and the CURVAS challenge; one row). Top-label results drop the class axis: ``compute()`` errors are
             0-d, ``histogram()`` is (M, M), records have ``class="top_label"``; ``include_background`` does not
             apply (the argmax runs over every class) and ``dice`` is not available.
+        classification: every update is a batch of samples, input (B, C) with target (B,) class indices (or
+            (B, C) one-hot); all samples are pooled (``compute().micro``; macro is NaN). ``include_background``
+            should then be True (class 0 is an ordinary class); records, Dice and ``histogram()`` do not apply
+            (use :meth:`plot`, a reliability diagram of the pooled samples).
+        groups: names of the subgroups (e.g. ``("site A", "site B")``); every update then takes ``groups=``, one
+            name per image, and :meth:`compute_groups`, :meth:`group_gaps`, :meth:`bootstrap` and
+            :meth:`plot_groups` report per group.
+        adaptive_bins: also keep pooled statistics over ``fine_bins`` fine uniform bins (one more statistics
+            pass per update) for :meth:`adaptive_errors`, the equal-mass ("adaptive") calibration error with
+            this many bins.
+        fine_bins: resolution of the fine histogram behind ``adaptive_bins`` (default 1000).
+        brier: also accumulate the Brier score (per image, macro, and pooled, micro) and the second moments for
+            :meth:`brier_decomposition` (needs ``to_onehot_y``: binary targets, ``y² = y``). See :meth:`brier`.
+        multi_rater: targets are R rater label maps (B, R, *spatial) (needs ``to_onehot_y``; R may change between
+            updates). Macro values are the mean over images of the *mean over raters* of the per-rater errors (the
+            CURVAS protocol); the pooled statistics, micro values and histogram use the rater-mean soft label
+            ``ȳ = mean_r [label_r = c]``. Records (marginal mode) add ``volume_crps`` (closed form, against the
+            raters' volumes; voxel size from ``update(..., spacing=...)``) and ``consensus_dice``.
 
     Example::
 
         metric = DatasetCalibration(num_classes=4, to_onehot_y=True, softmax=True)
         for logits, labels in loader:
             metric.update(model(images), labels)
-        res = metric.compute()          # res.macro.ece, res.micro.ace, ... each (C',)
+        res = metric.compute()          # res.macro.ece, res.micro.ace, res.micro.l2 ... each (C',)
         H = metric.histogram()          # (C', M, M) int64
         metric.plot(class_names=["liver", "kidney", "spleen"]).savefig("hist.pdf")
     """
@@ -178,6 +196,12 @@ class DatasetCalibration:
         nonfinite: str = "raise",
         *,
         mode: str = "marginal",
+        classification: bool = False,
+        groups: Sequence[Hashable] | None = None,
+        adaptive_bins: int | None = None,
+        fine_bins: int = 1000,
+        multi_rater: bool = False,
+        brier: bool = False,
     ) -> None:
         try:
             num_classes = as_int("num_classes", num_classes)
@@ -196,9 +220,11 @@ class DatasetCalibration:
             backend=backend,
             validate=validate,
             mode=mode,
+            multi_rater=multi_rater,
         )
         keep_records = as_bool("keep_records", keep_records)
         dice = as_bool("dice", dice)
+        classification = as_bool("classification", classification)
         if not isinstance(nonfinite, str):
             raise TypeError(f"nonfinite must be one of {_NONFINITE}, got {type(nonfinite).__name__}")
         if nonfinite not in _NONFINITE:
@@ -207,8 +233,27 @@ class DatasetCalibration:
             raise ValueError("dice=True reports Dice per class: use mode='marginal' for it")
         if dice and not keep_records:
             raise ValueError("dice=True adds Dice to the per-image records: pass keep_records=True as well")
+        if classification and (keep_records or dice):
+            raise ValueError(
+                "classification=True pools the samples into one population: per-image records and Dice do not "
+                "apply (pass keep_records=False, dice=False)"
+            )
+        if groups is not None:
+            if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence):
+                raise TypeError(f"groups must be a sequence of group names, got {groups!r}")
+            groups = tuple(groups)
+            if len(groups) < 1 or len(set(groups)) != len(groups):
+                raise ValueError(f"groups must hold at least one name, each once, got {groups!r}")
+        if adaptive_bins is not None:
+            adaptive_bins = as_int("adaptive_bins", adaptive_bins)
+            fine_bins = as_int("fine_bins", fine_bins)
+            if adaptive_bins < 1 or fine_bins < adaptive_bins:
+                raise ValueError(
+                    f"adaptive_bins must be >= 1 and fine_bins >= adaptive_bins, got {adaptive_bins}, {fine_bins}"
+                )
+            check_options(num_bins=fine_bins)
         # the statistics keep the background; it is dropped in update (a one-channel input keeps its class)
-        self._opts = o._replace(include_background=True, binning="hard")
+        self._opts = o._replace(include_background=True, binning="hard", moments=False)
         self.num_classes = num_classes
         self.num_bins = o.num_bins
         self.mode = o.mode
@@ -224,10 +269,27 @@ class DatasetCalibration:
         self.dice = dice
         self.nonfinite = nonfinite
         self.process_group = process_group
+        self.classification = classification
+        self.multi_rater = o.multi_rater
+        self.brier_score = as_bool("brier", brier)
+        if self.brier_score and not (o.to_onehot_y or classification):
+            raise ValueError("brier=True needs integer labels (to_onehot_y=True), whose squares are themselves")
+        if self.brier_score:
+            self._opts = self._opts._replace(moments=True)
+        if self.multi_rater and dice:
+            raise ValueError(
+                "dice=True compares with one label map: with multi_rater=True the records carry consensus_dice"
+            )
+        if self.multi_rater and classification:
+            raise ValueError("multi_rater=True reads rater label maps of images: not with classification=True")
+        self.groups: tuple[Hashable, ...] | None = groups
+        self.adaptive_bins = adaptive_bins
+        self.fine_bins = fine_bins if adaptive_bins is not None else None
         first = 0 if (self.include_background or num_classes == 1) else 1
         #: the class index of each statistic row (marginal), or () for top-label (one row, no class axis)
         self.classes: tuple[int, ...] = tuple(range(first, num_classes)) if o.mode == "marginal" else ()
-        self._device = torch.device("cpu")
+        self._state = SumState(self._state_spec(), nan_ok=_NAN_OK)
+        self._records = ImageRecords()
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -236,8 +298,51 @@ class DatasetCalibration:
         """C': the number of classes the statistics cover (marginal), or 1 (top-label: one row)."""
         return len(self.classes) if self.mode == "marginal" else 1
 
+    def _state_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        Cp, M = self.num_used_classes, self.num_bins
+        f64, i64 = torch.float64, torch.int64
+        spec: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+            "count": ((Cp, M), f64),
+            "sum_p": ((Cp, M), f64),
+            "sum_y": ((Cp, M), f64),
+            "macro_sum": ((3, Cp), f64),  # per-image ece, ace, mce summed over images (NaN skipped)
+            "macro_l2": ((Cp,), f64),  # per-image L2 summed over the images counted in macro_n[0]
+            "macro_n": ((3, Cp), i64),  # images where each value is defined
+            "hist": ((Cp, M, M), i64),
+            "num_images": ((), i64),
+            "images_with_class": ((Cp,), i64),  # images whose target holds the class
+            "num_nonfinite": ((), i64),  # probability entries left out as NaN/inf
+        }
+        if self.groups is not None:
+            G = len(self.groups)
+            spec.update(
+                {
+                    "group_count": ((G, Cp, M), f64),
+                    "group_sum_p": ((G, Cp, M), f64),
+                    "group_sum_y": ((G, Cp, M), f64),
+                    "group_macro_sum": ((G, 3, Cp), f64),
+                    "group_macro_l2": ((G, Cp), f64),
+                    "group_macro_n": ((G, Cp), i64),
+                    "group_hist": ((G, Cp, M, M), i64),
+                    "group_images": ((G,), i64),
+                }
+            )
+        if self.adaptive_bins is not None:
+            Fb = self.fine_bins
+            spec.update({"fine_count": ((Cp, Fb), f64), "fine_sum_p": ((Cp, Fb), f64), "fine_sum_y": ((Cp, Fb), f64)})
+        if self.brier_score:
+            spec.update({"sum_p2": ((Cp, M), f64), "sum_py": ((Cp, M), f64), "brier_sum": ((Cp,), f64)})
+        return spec
+
+    def __getattr__(self, name: str) -> Any:
+        # the sums by name (metric.count, metric.hist, ...), as attributes like before the state was split out
+        state = self.__dict__.get("_state")
+        if state is not None and name in state.tensors:
+            return state.tensors[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def _config(self) -> dict[str, Any]:
-        return {
+        cfg = {
             "num_classes": self.num_classes,
             "num_bins": self.num_bins,
             "include_background": self.include_background,
@@ -248,40 +353,44 @@ class DatasetCalibration:
             "right": self.right,
             "mode": self.mode,
         }
+        # options added later appear only when used, so older checkpoints keep matching
+        if self.classification:
+            cfg["classification"] = True
+        if self.multi_rater:
+            cfg["multi_rater"] = True
+        if self.brier_score:
+            cfg["brier"] = True
+        if self.groups is not None:
+            cfg["groups"] = list(self.groups)
+        if self.adaptive_bins is not None:
+            cfg["adaptive_bins"] = self.adaptive_bins
+            cfg["fine_bins"] = self.fine_bins
+        return cfg
 
     def reset(self) -> None:
         """Forget everything seen so far (state back to zeros, records emptied)."""
-        Cp, M, dev = self.num_used_classes, self.num_bins, self._device
-        f64 = {"dtype": torch.float64, "device": dev}
-        i64 = {"dtype": torch.int64, "device": dev}
-        self.count = torch.zeros(Cp, M, **f64)
-        self.sum_p = torch.zeros(Cp, M, **f64)
-        self.sum_y = torch.zeros(Cp, M, **f64)
-        self.macro_sum = torch.zeros(3, Cp, **f64)  # per-image ece, ace, mce summed over images (NaN skipped)
-        self.macro_n = torch.zeros(3, Cp, **i64)  # images where each value is defined
-        self.hist = torch.zeros(Cp, M, M, **i64)
-        self.num_images = torch.zeros((), **i64)
-        self.images_with_class = torch.zeros(Cp, **i64)  # images whose target holds the class
-        self.num_nonfinite = torch.zeros((), **i64)  # probability entries left out as NaN/inf
-        self._records: list[dict[str, Any]] = []
+        self._state.reset()
+        self._records.clear()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The accumulated sums (local to this process), by name; their total size is O(C'·M²)."""
-        return {k: getattr(self, k) for k in (*_FLOAT_STATE, *_INT_STATE)}
+        return dict(self._state.tensors)
 
     def to(self, device: torch.device | str) -> DatasetCalibration:
         """Move the state to ``device`` (``update`` does this by itself to follow its inputs)."""
-        self._device = torch.device(device)
-        for k, v in self.state_tensors().items():
-            setattr(self, k, v.to(self._device))
+        self._state.to(device)
         return self
+
+    @property
+    def _device(self) -> torch.device:
+        return self._state.device
 
     def state_dict(self) -> dict[str, Any]:
         """The configuration and accumulated sums (and records, if kept), for checkpoints and resumption."""
         sd: dict[str, Any] = {"config": self._config()}
         sd.update({k: v.detach().cpu().clone() for k, v in self.state_tensors().items()})
         if self.keep_records:
-            sd["records"] = [dict(r) for r in self._records]
+            sd["records"] = [dict(r) for r in self._records.rows]
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -292,6 +401,8 @@ class DatasetCalibration:
         sums that fit together (``sum_p``, ``sum_y`` within ``[0, count]``, per-image counters within
         ``num_images``, macro sums within their image counts since every error is in [0, 1], and a pooled bin
         non-empty exactly where the histogram has an entry). A violation is a ``ValueError`` naming the key.
+        A state dict written before the L2 error existed (no ``macro_l2``) loads with the macro L2 unknown
+        (NaN); everything else is restored.
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict from DatasetCalibration.state_dict(), got {type(state_dict)}")
@@ -300,24 +411,7 @@ class DatasetCalibration:
             cfg = {**cfg, "mode": "marginal"}
         if cfg != self._config():
             raise ValueError(f"state_dict config {cfg} does not match this metric's {self._config()}")
-        new: dict[str, torch.Tensor] = {}
-        for k, ref in self.state_tensors().items():
-            if k not in state_dict:
-                raise ValueError(f"state_dict lacks {k!r}")
-            try:
-                v = torch.as_tensor(state_dict[k]).detach().cpu()
-            except (TypeError, ValueError, RuntimeError) as exc:
-                raise ValueError(f"state_dict[{k!r}] is not a tensor of numbers ({exc})") from None
-            if v.shape != ref.shape:
-                raise ValueError(f"state_dict[{k!r}] has shape {tuple(v.shape)}, expected {tuple(ref.shape)}")
-            if v.dtype == torch.bool or v.is_complex():
-                raise ValueError(f"state_dict[{k!r}] must hold real numbers, got {v.dtype}")
-            v64 = v.double()
-            if not bool(torch.isfinite(v64).all()) or bool((v64 < 0).any()):
-                raise ValueError(f"state_dict[{k!r}] must be finite and >= 0 (a sum of counts and errors)")
-            if k in _INT_STATE and not bool((v64 == v64.round()).all()):
-                raise ValueError(f"state_dict[{k!r}] must hold whole numbers (it counts images or bins)")
-            new[k] = v
+        new = self._state.checked(state_dict, defaults={"macro_l2": float("nan")})
         self._check_consistent({k: v.double() for k, v in new.items()})
         records = state_dict.get("records", [])
         if "records" in state_dict and self.keep_records:
@@ -325,17 +419,21 @@ class DatasetCalibration:
             if not isinstance(records, list) or len(records) != expected:
                 n = len(records) if isinstance(records, list) else type(records).__name__
                 raise ValueError(f"state_dict['records'] has {n} records, expected num_images x classes = {expected}")
-        for k, ref in self.state_tensors().items():
-            setattr(self, k, new[k].to(device=self._device, dtype=ref.dtype).clone())
-        self._records = [dict(r) for r in records]
+        self._state.load(new)
+        self._records.rows = [dict(r) for r in records]
 
-    @staticmethod
-    def _check_consistent(s: dict[str, torch.Tensor]) -> None:
+    def _check_consistent(self, s: dict[str, torch.Tensor]) -> None:
         """The relations between the sums every real accumulation satisfies (float64 copies, on the CPU)."""
-        n, tol = s["count"], 1e-5  # relative slack: float32 per-image sums are added in float64
-        for k in ("sum_p", "sum_y"):
-            if bool((s[k] > n * (1 + tol) + tol).any()):
-                raise ValueError(f"state_dict[{k!r}] exceeds state_dict['count'] in some bin (p and y lie in [0, 1])")
+        tol = 1e-5  # relative slack: float32 per-image sums are added in float64
+        prefixes = [""] + (["group_"] if self.groups is not None else []) + (["fine_"] if self.adaptive_bins else [])
+        for pre in prefixes:
+            n = s[pre + "count"]
+            for k in ("sum_p", "sum_y"):
+                if bool((s[pre + k] > n * (1 + tol) + tol).any()):
+                    raise ValueError(
+                        f"state_dict[{pre + k!r}] exceeds state_dict[{pre + 'count'!r}] in some bin (p and y lie in "
+                        "[0, 1])"
+                    )
         images = s["num_images"]
         for k in ("macro_n", "images_with_class"):
             if bool((s[k] > images).any()):
@@ -344,23 +442,63 @@ class DatasetCalibration:
             raise ValueError("state_dict['images_with_class'] exceeds state_dict['macro_n'][0] (images with voxels)")
         if bool((s["macro_sum"] > s["macro_n"] * (1 + tol) + tol).any()):
             raise ValueError("state_dict['macro_sum'] exceeds state_dict['macro_n'] (every error lies in [0, 1])")
-        column = s["hist"].sum(1)  # (C', M): images in which each (class, bin) was non-empty
-        if bool((column > images).any()):
-            raise ValueError(f"state_dict['hist'] counts more than num_images = {int(images)} images in a bin")
-        if not torch.equal(column > 0, n > 0):
-            raise ValueError("state_dict['hist'] and state_dict['count'] disagree on which bins hold voxels")
+        l2 = s["macro_l2"]
+        if bool((l2[~torch.isnan(l2)] > (s["macro_n"][0] * (1 + tol) + tol)[~torch.isnan(l2)]).any()):
+            raise ValueError("state_dict['macro_l2'] exceeds state_dict['macro_n'][0] (every error lies in [0, 1])")
+        if not self.classification:
+            column = s["hist"].sum(1)  # (C', M): images in which each (class, bin) was non-empty
+            if bool((column > images).any()):
+                raise ValueError(f"state_dict['hist'] counts more than num_images = {int(images)} images in a bin")
+            if not torch.equal(column > 0, s["count"] > 0):
+                raise ValueError("state_dict['hist'] and state_dict['count'] disagree on which bins hold voxels")
+        if self.groups is not None and int(s["group_images"].sum()) != int(images):
+            raise ValueError("state_dict['group_images'] does not add up to state_dict['num_images']")
 
     # ----------------------------------------------------------------- update
+    def _group_index(self, groups: Sequence[Hashable] | None, B: int) -> torch.Tensor | None:
+        if self.groups is None:
+            if groups is not None:
+                raise ValueError("groups= given to update, but this metric was built without groups=(names...)")
+            return None
+        if groups is None:
+            raise ValueError(f"this metric reports per group: pass update(..., groups=[...]) with one of {self.groups}")
+        if isinstance(groups, (str, bytes)) or len(groups) != B:
+            raise ValueError(f"groups must hold one group name per image ({B}), got {groups!r}")
+        pos = {g: i for i, g in enumerate(self.groups)}
+        unknown = [g for g in groups if g not in pos]
+        if unknown:
+            raise ValueError(f"groups holds names not in this metric's groups {self.groups}: {unknown[:5]}")
+        return torch.tensor([pos[g] for g in groups], dtype=torch.int64)
+
     @torch.no_grad()
-    def update(self, input: torch.Tensor, target: torch.Tensor, image_ids: Sequence[Any] | None = None) -> None:
+    def update(
+        self,
+        input: torch.Tensor,
+        target: torch.Tensor,
+        image_ids: Sequence[Any] | None = None,
+        groups: Sequence[Hashable] | None = None,
+        spacing: Any = None,
+    ) -> None:
         """Add one batch: ``input`` (B, C, *spatial) probabilities (or logits with softmax/sigmoid) and
         ``target`` as in :func:`calibops.functional.binned_stats`. Spatial sizes may change between calls.
 
         ``image_ids`` (B names/numbers) label the per-image records and error messages; default: a running
-        index. Everything is checked before the state changes: a batch that raises adds nothing.
+        index. ``groups``: one group name per image (metrics built with ``groups=``). Everything is checked
+        before the state changes: a batch that raises adds nothing. With ``classification=True``: ``input``
+        (B, C) and ``target`` (B,) class indices or (B, C) one-hot; ``groups`` one name per sample. ``spacing``
+        (``multi_rater`` records only): voxel size per spatial axis, or (B, D) per image, for ``volume_crps``.
         """
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        if self.classification:
+            self._update_classification(input, target, groups)
+            return
+        if input.dim() == 2 and input.shape[1] == self.num_classes:
+            raise ValueError(
+                f"input has shape (B, C) = {tuple(input.shape)} with no spatial axis: for classification predictions "
+                "(one row per sample) build DatasetCalibration(..., classification=True); for B images of one voxel "
+                "each pass input[..., None]"
+            )
         if input.dim() < 2 or input.shape[1] != self.num_classes:
             raise ValueError(
                 f"input must have shape (B, {self.num_classes}, *spatial) for "
@@ -369,6 +507,7 @@ class DatasetCalibration:
         B = input.shape[0]
         if image_ids is not None and len(image_ids) != B:
             raise ValueError(f"image_ids has {len(image_ids)} entries for a batch of {B} images")
+        gidx = self._group_index(groups, B)
         input = input.detach()
         run = F._stats(input, target, self._opts, raise_nonfinite=False)
         if run.counts is not None:  # validated: the counts are on the host already (one synchronisation)
@@ -377,30 +516,153 @@ class DatasetCalibration:
                 self._report_nonfinite(input, target, image_ids)
         else:  # not validated: count on the device, no synchronisation
             nonfinite = run.bad[1]
-        stats = run.stats
-        if self.mode == "top_label":  # one row per image: (B, M) -> (B, 1, M)
-            stats = BinnedStats(*(t.unsqueeze(1) for t in stats))
-        else:
-            # drop the background here (not in binned_stats) so a one-channel input keeps its class silently
-            first = self.classes[0]
-            stats = BinnedStats(stats.count[:, first:], stats.sum_p[:, first:], stats.sum_y[:, first:])
+        stats = self._rows(run.stats)
+        moments = self._moment_rows(run.stats) if self.brier_score else None
+        rated = stats  # multi-rater: sum_y (B, C', R, M); the pooled sums use the rater-mean soft label
+        if self.multi_rater:
+            stats = BinnedStats(stats.count, stats.sum_p, stats.sum_y.mean(-2))
+        fine = None
+        if self.adaptive_bins is not None:  # the same entries over fine bins (values already checked)
+            opts = self._opts._replace(num_bins=self.fine_bins, validate=False, moments=False)
+            fine = self._rows(F._stats(input, target, opts, raise_nonfinite=False).stats)
+            if self.multi_rater:
+                fine = BinnedStats(fine.count, fine.sum_p, fine.sum_y.mean(-2))
         if stats.count.device != self._device:
             self.to(stats.count.device)
-        errs = calibration_errors_from_stats(stats)  # (B, C') each, NaN where undefined
+        if self.multi_rater:  # per rater, then the mean over raters (every rater shares the image's voxels)
+            errs = calibration_errors_from_stats(F.per_rater_stats(rated)).map(lambda e: e.mean(1))
+        else:
+            errs = calibration_errors_from_stats(stats)  # (B, C') each, NaN where undefined, l2 included
         per_image = torch.stack([e.double() for e in errs])  # [3, B, C']
         defined = ~torch.isnan(per_image)
-        self.macro_sum += torch.where(defined, per_image, torch.zeros_like(per_image)).sum(1)
-        self.macro_n += defined.sum(1)
-        self.count += stats.count.double().sum(0)
-        self.sum_p += stats.sum_p.double().sum(0)
-        self.sum_y += stats.sum_y.double().sum(0)
-        self.hist += reliability_histogram_counts(stats, self.right)
-        self.images_with_class += (stats.sum_y.sum(-1) > 0).sum(0)
-        self.num_nonfinite += nonfinite
-        start = int(self.num_images) if self.keep_records else 0
-        self.num_images += B
+        zero = torch.zeros_like(per_image)
+        macro_add = torch.where(defined, per_image, zero)  # [3, B, C']
+        l2 = errs.l2.double()
+        l2_add = torch.where(torch.isnan(l2), torch.zeros_like(l2), l2)  # defined exactly where the ECE is
+        hist = reliability_histogram_counts(stats, self.right, per_image=gidx is not None)
+        st = self._state
+        st.add("macro_sum", macro_add.sum(1))
+        st.add("macro_l2", l2_add.sum(0))
+        st.add("macro_n", defined.sum(1))
+        st.add("count", stats.count.double().sum(0))
+        st.add("sum_p", stats.sum_p.double().sum(0))
+        st.add("sum_y", stats.sum_y.double().sum(0))
+        if moments is not None:
+            brier = self._brier_per_image(rated, moments)
+            st.add("brier_sum", torch.where(torch.isnan(brier), torch.zeros_like(brier), brier).sum(0))
+            st.add("sum_p2", moments[0].double().sum(0))
+            st.add("sum_py", moments[1].double().sum(0))
+        st.add("hist", hist.sum(0) if gidx is not None else hist)
+        st.add("images_with_class", (stats.sum_y.sum(-1) > 0).sum(0))
+        st.add("num_nonfinite", torch.as_tensor(nonfinite))
+        if fine is not None:
+            for k in ("count", "sum_p", "sum_y"):
+                st.add("fine_" + k, getattr(fine, k).double().sum(0))
+        if gidx is not None:
+            gi = gidx.to(self._device)
+            for k in ("count", "sum_p", "sum_y"):
+                st["group_" + k].index_add_(0, gi, getattr(stats, k).double())
+            st["group_macro_sum"].index_add_(0, gi, macro_add.movedim(1, 0))
+            st["group_macro_l2"].index_add_(0, gi, l2_add)
+            st["group_macro_n"].index_add_(0, gi, defined[0].long())
+            st["group_hist"].index_add_(0, gi, hist)
+            st["group_images"].index_add_(0, gi, torch.ones(B, dtype=torch.int64, device=self._device))
+        start = int(st["num_images"]) if self.keep_records else 0
+        st.add("num_images", torch.tensor(B))
         if self.keep_records:
-            self._add_records(input, target, stats, errs, start, image_ids)
+            extra = self._rater_records(input, target, rated, spacing) if self.multi_rater else {}
+            self._add_records(input, target, stats, errs, start, image_ids, groups, extra)
+
+    def _moment_rows(self, stats: BinnedStats) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum_p2, sum_py) cut to the statistic rows like :meth:`_rows`."""
+        if self.mode == "top_label":
+            return stats.sum_p2.unsqueeze(1), stats.sum_py.unsqueeze(1)
+        first = self.classes[0]
+        return stats.sum_p2[:, first:], stats.sum_py[:, first:]
+
+    @staticmethod
+    def _brier_per_image(rated: BinnedStats, moments: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Brier score per (image, row), float64, NaN without voxels; several raters: the mean over raters."""
+        from .reference import BinnedStatsMoments
+
+        return brier_decomposition(BinnedStatsMoments(*rated, *moments)).brier
+
+    def _rows(self, stats: BinnedStats) -> BinnedStats:
+        """(B, C', M) statistic rows: top-label (B, M) gets its one row, marginal drops the background here (not
+        in binned_stats, so a one-channel input keeps its class silently)."""
+        if self.mode == "top_label":
+            return BinnedStats(*(t.unsqueeze(1) for t in stats))
+        first = self.classes[0]
+        return BinnedStats(stats.count[:, first:], stats.sum_p[:, first:], stats.sum_y[:, first:])
+
+    def _rater_records(self, input: torch.Tensor, target: torch.Tensor, rated: BinnedStats, spacing: Any) -> dict:
+        """Per-image multi-rater values for the records (marginal): volume CRPS from the statistics already
+        computed (Σ p and the raters' label counts over the bins) and the consensus Dice."""
+        if self.mode != "marginal":
+            return {}
+        from .evaluation import crps_gaussian
+
+        B, D = input.shape[0], input.dim() - 2
+        vox = F._voxel_volume(spacing, B, D, rated.count.device).view(B, 1)
+        v = rated.sum_p.double().sum(-1) * vox  # (B, C')
+        vols = rated.sum_y.double().sum(-1) * vox.unsqueeze(-1)  # (B, C', R)
+        crps = crps_gaussian(v, vols.mean(-1), vols.var(-1, unbiased=False).sqrt())
+        dice = F.consensus_dice(input, target, include_background=True, softmax=self.softmax, sigmoid=self.sigmoid)
+        return {"volume_crps": crps, "consensus_dice": dice[:, self.classes[0] :]}
+
+    def _update_classification(self, input: torch.Tensor, target: Any, groups: Sequence[Hashable] | None) -> None:
+        if input.dim() != 2 or input.shape[1] != self.num_classes:
+            raise ValueError(
+                f"classification input must be (B, {self.num_classes}) (one row per sample), got {tuple(input.shape)}"
+            )
+        B = input.shape[0]
+        gidx = self._group_index(groups, B)
+        x, t, labels = F._classification_layout(input.detach(), target)
+        if self.brier_score and not labels:
+            raise ValueError("brier=True needs class indices (B,) as target (binary targets: y² = y)")
+        opts = self._opts._replace(to_onehot_y=labels)
+        parts = [(None, x, t)]
+        if gidx is not None:  # one pooled population per group: the samples of each group present
+            gdev = gidx.to(x.device)
+            parts += [(int(g), x[:, :, gdev == g], t[..., gdev == g]) for g in gidx.unique().tolist()]
+        found = []
+        for g, xs, ts in parts:
+            run = F._stats(
+                xs, ts, opts if g is None else opts._replace(validate=False), raise_nonfinite=self.nonfinite == "raise"
+            )
+            if g is None and run.counts is not None and run.counts[1] > 0:  # nonfinite="skip": left out, counted
+                warnings.warn(
+                    f"DatasetCalibration: left out {run.counts[1]} non-finite probability value(s) of this batch of "
+                    "samples (counted in compute().nonfinite)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            fine = None
+            if self.adaptive_bins is not None and g is None:
+                fopts = opts._replace(num_bins=self.fine_bins, validate=False, moments=False)
+                fine = self._rows(F._stats(xs, ts, fopts).stats)
+            moments = self._moment_rows(run.stats) if (self.brier_score and g is None) else None
+            found.append((g, self._rows(run.stats), fine, run.bad[1], moments))
+        dev = found[0][1].count.device
+        if dev != self._device:
+            self.to(dev)
+        st = self._state
+        for g, stats, fine, bad, moments in found:
+            if g is None:
+                for k in ("count", "sum_p", "sum_y"):
+                    st.add(k, getattr(stats, k).double().sum(0))
+                if moments is not None:
+                    st.add("sum_p2", moments[0].double().sum(0))
+                    st.add("sum_py", moments[1].double().sum(0))
+                st.add("num_nonfinite", bad)
+                if fine is not None:
+                    for k in ("count", "sum_p", "sum_y"):
+                        st.add("fine_" + k, getattr(fine, k).double().sum(0))
+            else:
+                for k in ("count", "sum_p", "sum_y"):
+                    st["group_" + k][g] += getattr(stats, k).double().sum(0)
+                st["group_images"][g] += int((gidx == g).sum())
+        st.add("num_images", torch.tensor(B))
 
     def _report_nonfinite(self, input: torch.Tensor, target: torch.Tensor, image_ids: Sequence[Any] | None) -> None:
         """Slow path, taken only when a batch holds non-finite probabilities: find the images (one statistics
@@ -428,116 +690,106 @@ class DatasetCalibration:
             stacklevel=3,
         )
 
-    def _add_records(self, input, target, stats, errs, start, image_ids) -> None:
+    def _add_records(self, input, target, stats, errs, start, image_ids, groups, extra_values=None) -> None:
         B = input.shape[0]
-        voxels = stats.count.sum(-1).cpu()
-        vals = [e.cpu() for e in errs]
-        dice = self._dice(input, target).cpu() if self.dice else None
-        for b in range(B):
-            ident = image_ids[b] if image_ids is not None else start + b
-            for k, c in enumerate(self.classes or ("top_label",)):
-                rec: dict[str, Any] = {"image": ident, "class": c}
-                for name, v in zip(_METRICS, vals, strict=True):
-                    rec[name] = float(v[b, k])
-                rec["voxels"] = int(voxels[b, k])
-                if dice is not None:
-                    rec["dice"] = float(dice[b, k])
-                self._records.append(rec)
+        ids = list(image_ids) if image_ids is not None else list(range(start, start + B))
+        values = {"ece": errs.ece, "ace": errs.ace, "mce": errs.mce, "l2": errs.l2, **(extra_values or {})}
+        if self.dice:
+            values["dice"] = self._dice(input, target)
+        extra = {"group": list(groups)} if groups is not None else None
+        self._records.add(ids, self.classes or ("top_label",), values, stats.count.sum(-1), extra)
 
     def _dice(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Dice of the hard prediction per (image, used class), (B, C') float64; NaN when both are empty."""
-        B, C = input.shape[0], input.shape[1]
-        x = input.reshape(B, C, -1)
-        keep = None
-        if self.to_onehot_y:
-            lab = target.reshape(B, -1).long()
-            if self.ignore_index is not None:
-                keep = lab != self.ignore_index
-        else:
-            dense = target.reshape(B, C, -1)
-        multiclass = C > 1 and not self.sigmoid
-        # voxels left out of the statistics as non-finite (nonfinite="skip") are left out of Dice as well
-        if self.softmax:
-            finite = ~(torch.isnan(x) | torch.isposinf(x)).any(1) & ~torch.isneginf(x).all(1)
-        elif self.sigmoid:
-            finite = ~torch.isnan(x).any(1)
-        else:
-            finite = torch.isfinite(x).all(1)
-        keep = finite if keep is None else keep & finite
-        if multiclass:
-            pred_cls = x.argmax(1)  # softmax is monotone: argmax of logits = argmax of probabilities
-        out = torch.empty(B, len(self.classes), dtype=torch.float64, device=input.device)
-        for k, c in enumerate(self.classes):
-            if multiclass:
-                pred = pred_cls == c
-            elif self.sigmoid:
-                pred = x[:, c] > 0  # sigmoid(x) > 0.5
-            else:
-                pred = x[:, c] > 0.5
-            pred = pred.double()
-            y = (lab == c).double() if self.to_onehot_y else dense[:, c].double()
-            if keep is not None:
-                pred = pred * keep
-                y = y * keep
-            inter = (pred * y).sum(-1)
-            den = pred.sum(-1) + y.sum(-1)
-            nan = torch.full_like(den, float("nan"))
-            out[:, k] = torch.where(den > 0, 2 * inter / den.clamp(min=1e-300), nan)
-        return out
+        return hard_dice(
+            input, target, self.classes, self.to_onehot_y, self.ignore_index, softmax=self.softmax, sigmoid=self.sigmoid
+        )
 
     # ---------------------------------------------------------------- results
     def _synced(self) -> dict[str, torch.Tensor]:
-        """State summed over all ranks when distributed (the local state is left untouched)."""
-        state = self.state_tensors()
-        if not _dist_ready(self.process_group):
-            return state
-        import torch.distributed as dist
-
-        dev = self._device
-        if dist.get_backend(self.process_group) == "nccl" and dev.type != "cuda":
-            dev = torch.device("cuda", torch.cuda.current_device())
-        fbuf = torch.cat([state[k].reshape(-1) for k in _FLOAT_STATE]).to(dev)
-        ibuf = torch.cat([state[k].reshape(-1) for k in _INT_STATE]).to(dev)
-        dist.all_reduce(fbuf, group=self.process_group)
-        dist.all_reduce(ibuf, group=self.process_group)
-        out: dict[str, torch.Tensor] = {}
-        for names, buf in ((_FLOAT_STATE, fbuf), (_INT_STATE, ibuf)):
-            off = 0
-            for k in names:
-                n = state[k].numel()
-                out[k] = buf[off : off + n].view(state[k].shape).to(self._device)
-                off += n
-        return out
+        """State summed over all ranks when distributed, in one all-reduce (the local state is left untouched)."""
+        return self._state.synced(self.process_group)
 
     def compute(self) -> DatasetCalibrationResult:
-        """Macro and micro ECE/ACE/MCE per class, (C',) float32 each.
+        """Macro and micro ECE/ACE/MCE (and L2, the ``l2`` attribute) per class, (C',) float32 each.
 
         When ``torch.distributed`` is initialised this is a collective: call it on every rank.
         """
-        s = self._synced()
-        n = s["macro_n"]
-        nan = torch.full_like(s["macro_sum"], float("nan"))
-        macro = torch.where(n > 0, s["macro_sum"] / n.clamp(min=1), nan)
-        macro_errs = CalibrationErrors(*(m.float() for m in macro))
-        micro = calibration_errors_from_stats(BinnedStats(s["count"], s["sum_p"], s["sum_y"]))
-        micro_errs = CalibrationErrors(*(m.float() for m in micro))
-        per_class = (s["macro_n"][0].clone(), s["images_with_class"].clone())
-        if self.mode == "top_label":  # drop the one-row axis
-            macro_errs = CalibrationErrors(*(m[0] for m in macro_errs))
-            micro_errs = CalibrationErrors(*(m[0] for m in micro_errs))
-            per_class = tuple(t[0] for t in per_class)
-        return DatasetCalibrationResult(
-            macro_errs,
-            micro_errs,
-            int(s["num_images"]),
-            self.classes,
-            *per_class,
-            int(s["num_nonfinite"]),
-        )
+        return R.overall(self._synced(), self.mode, self.classes)
+
+    def _need_groups(self) -> tuple[Hashable, ...]:
+        if self.groups is None:
+            raise RuntimeError("per-group results need DatasetCalibration(..., groups=(names...))")
+        return self.groups
+
+    def compute_groups(self) -> dict[Hashable, GroupResult]:
+        """:class:`GroupResult` per group name (macro / micro errors of the group's images). A collective when
+        distributed. Classification: micro only (macro NaN)."""
+        return R.per_group(self._synced(), self._need_groups(), self.mode)
+
+    def group_gaps(self, kind: str = "macro") -> dict[str, GroupGap]:
+        """The largest between-group difference of every metric (``"ece"``, ``"ace"``, ``"mce"``, ``"l2"``), of the
+        ``kind="macro"`` (mean over images) or ``"micro"`` (pooled) values. A collective when distributed."""
+        if kind not in ("macro", "micro"):
+            raise ValueError(f"kind must be 'macro' or 'micro', got {kind!r}")
+        return R.group_gaps(self.compute_groups(), kind)
+
+    def bootstrap(
+        self,
+        metric: str = "ece",
+        *,
+        num_samples: int = 1000,
+        level: float = 0.95,
+        seed: int = 0,
+        gather: bool = True,
+    ) -> dict[str, Any]:
+        """Seeded percentile bootstrap intervals of the macro ``metric`` (mean over images) per class.
+
+        Needs ``keep_records=True``. Images are resampled with replacement (within each group when the metric has
+        groups: a stratified bootstrap). Returns ``{"all": ConfidenceInterval}`` and, with groups,
+        ``{"groups": {name: ConfidenceInterval}, "gap": ConfidenceInterval}`` where the gap is the largest
+        between-group difference recomputed on every resample. ``gather=True`` uses every rank's records (a
+        collective). Same ``seed``, same intervals, on any machine.
+        """
+        if not self.keep_records:
+            raise RuntimeError(
+                "bootstrap resamples per-image records: build DatasetCalibration(..., keep_records=True)"
+            )
+        recs = self.records(gather=gather)
+        classes = self.classes or ("top_label",)
+        return R.bootstrap(recs, classes, self.groups, self.mode, metric, num_samples, level, seed)
+
+    def brier(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(macro, micro)`` Brier score per class, (C',) float64 (0-d top-label): the mean over images of the
+        per-image scores (images without voxels skipped), and the score of the pooled voxels. Several raters: the
+        mean over raters. Needs ``brier=True``; a collective when distributed."""
+        if not self.brier_score:
+            raise RuntimeError("the Brier score needs DatasetCalibration(..., brier=True)")
+        return R.brier(self._synced(), self.mode)
+
+    def brier_decomposition(self) -> BrierDecomposition:
+        """Murphy decomposition of the pooled Brier score (:func:`calibops.evaluation.brier_decomposition`), each
+        (C',) float64 (0-d top-label). Several raters: on the rater-mean soft label (its uncertainty term includes
+        the raters' disagreement). Needs ``brier=True``; a collective when distributed."""
+        if not self.brier_score:
+            raise RuntimeError("the Brier decomposition needs DatasetCalibration(..., brier=True)")
+        d = R.pooled_decomposition(self._synced())
+        return BrierDecomposition(*(t[0] for t in d)) if self.mode == "top_label" else d
+
+    def adaptive_errors(self) -> CalibrationErrors:
+        """Pooled (micro) ECE / ACE / MCE / L2 over ``adaptive_bins`` equal-mass bins built from the fine pooled
+        histogram (:func:`calibops.evaluation.adaptive_calibration_errors`). A collective when distributed."""
+        if self.adaptive_bins is None:
+            raise RuntimeError("adaptive errors need DatasetCalibration(..., adaptive_bins=M)")
+        return R.adaptive(self._synced(), self.adaptive_bins, self.mode)
 
     def histogram(self) -> torch.Tensor:
         """The dataset reliability histogram ``H[c, a, j]``, int64 (C', M, M): class, accuracy bin (0 =
         lowest), confidence bin. A collective when distributed: call it on every rank."""
+        if self.classification:
+            raise RuntimeError(
+                "classification pools the samples: there is no per-image histogram; plot() draws the reliability "
+                "diagram of the pooled samples"
+            )
         hist = self._synced()["hist"].clone()
         return hist[0] if self.mode == "top_label" else hist
 
@@ -545,33 +797,58 @@ class DatasetCalibration:
         """Voxels per (class, confidence bin) over the data set, (C', M) float64 (summed over ranks)."""
         return self._synced()["count"].clone()
 
+    def pooled_stats(self) -> BinnedStats:
+        """The pooled statistics ``(count, sum_p, sum_y)``, (C', M) float64 each (summed over ranks)."""
+        s = self._synced()
+        return BinnedStats(s["count"].clone(), s["sum_p"].clone(), s["sum_y"].clone())
+
     def records(self, gather: bool = False) -> list[dict[str, Any]]:
-        """Per-(image, class) records (``keep_records=True``): image, class, ece, ace, mce, voxels[, dice].
+        """Per-(image, class) records (``keep_records=True``): image, class, ece, ace, mce, l2, voxels[, dice]
+        [, group].
 
         ``gather=True`` collects every rank's records (a collective) and adds each record's ``rank``.
         """
         if not self.keep_records:
             raise RuntimeError("records are kept only with DatasetCalibration(..., keep_records=True)")
-        recs = [dict(r) for r in self._records]
-        if gather and _dist_ready(self.process_group):
-            import torch.distributed as dist
-
-            world = dist.get_world_size(self.process_group)
-            parts: list[Any] = [None] * world
-            dist.all_gather_object(parts, recs, group=self.process_group)
-            recs = [dict(r, rank=rank) for rank, part in enumerate(parts) for r in part]
-        return recs
+        return self._records.get(gather, self.process_group)
 
     def write_records_csv(self, path: str | os.PathLike, gather: bool = False) -> None:
-        """Write :meth:`records` to a CSV file (one row per image and class)."""
+        """Write :meth:`records` to a CSV file (one row per image and class; columns image, class, ece, ace,
+        mce, voxels[, dice], l2[, group])."""
         recs = self.records(gather=gather)
-        fields = ["image", "class", *_METRICS, "voxels"] + (["dice"] if self.dice else [])
-        if recs and "rank" in recs[0]:
-            fields.insert(0, "rank")
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(recs)
+        fields = ["image", "class", *_METRICS, "voxels"] + (["dice"] if self.dice else []) + ["l2"]
+        fields += ["group"] if self.groups is not None else []
+        fields += ["volume_crps", "consensus_dice"] if (self.multi_rater and self.mode == "marginal") else []
+        ImageRecords.write_csv(path, recs, fields)
+
+    def group_rows(self) -> list[dict[str, Any]]:
+        """One row per (group, class) — group, class, images, macro_* and micro_* of ECE / ACE / MCE / L2 — then one
+        ``group="gap"`` row per class with the largest between-group differences (:meth:`group_gaps`). For CSV / JSON
+        reports (:meth:`write_groups_csv`). A collective when distributed."""
+        return R.group_rows(self.compute_groups(), self.classes or ("top_label",))
+
+    def write_groups_csv(self, path: str | os.PathLike) -> None:
+        """Write :meth:`group_rows` to a CSV file. A collective when distributed."""
+        rows = self.group_rows()
+        fields = ["group", "class", "images"] + [f"{k}_{m}" for k in ("macro", "micro") for m in R.METRICS]
+        ImageRecords.write_csv(path, rows, fields)
+
+    def plot_groups(self, class_index: int = 0, *, title: str | None = None) -> Figure:
+        """The groups' pooled reliability diagrams side by side (one panel per group) for one used class
+        (``class_index`` into :attr:`classes`; ignored for top-label). A collective when distributed."""
+        from ._report import reliability_panels
+
+        names = self._need_groups()
+        s = self._synced()
+        k = 0 if self.mode == "top_label" else class_index
+        if not 0 <= k < self.num_used_classes:
+            raise ValueError(f"class_index must lie in [0, {self.num_used_classes}), got {class_index}")
+        stats = [
+            BinnedStats(s["group_count"][g, k], s["group_sum_p"][g, k], s["group_sum_y"][g, k])
+            for g in range(len(names))
+        ]
+        what = "top-label" if self.mode == "top_label" else f"class {self.classes[k]}"
+        return reliability_panels(stats, [str(n) for n in names], suptitle=title or what)
 
     def plot(
         self,
@@ -585,10 +862,13 @@ class DatasetCalibration:
     ) -> Figure:
         """The dataset reliability histogram figure (:func:`calibops.plot.dataset_reliability_histogram`);
         the bars below show pooled voxels per confidence bin. ``class_names``: one name per used class
-        (C'), or per input class (C, the background name is then dropped). A collective when distributed."""
+        (C'), or per input class (C, the background name is then dropped). A collective when distributed.
+        Classification: the reliability diagram of the pooled samples, one panel per class (or one, top-label)."""
         from .plot import dataset_reliability_histogram
 
         s = self._synced()
+        if self.classification:
+            return self._plot_pooled(s, class_names)
         names = None
         if class_names is not None:
             names = [str(n) for n in class_names]
@@ -611,6 +891,21 @@ class DatasetCalibration:
             **kwargs,
         )
 
+    def _plot_pooled(self, s: dict[str, torch.Tensor], class_names: Sequence[str] | None) -> Figure:
+        from ._report import reliability_panels
+
+        if self.mode == "top_label":
+            titles = ["top-label"]
+        elif class_names is not None:
+            names = [str(n) for n in class_names]
+            titles = [names[c] for c in self.classes] if len(names) == self.num_classes else names
+        else:
+            titles = [f"class {c}" for c in self.classes]
+        if len(titles) != self.num_used_classes:
+            raise ValueError(f"class_names: need one name per class, got {class_names}")
+        stats = [BinnedStats(s["count"][k], s["sum_p"][k], s["sum_y"][k]) for k in range(self.num_used_classes)]
+        return reliability_panels(stats, titles, suptitle="pooled samples")
+
     def __repr__(self) -> str:
         cfg = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
-        return f"DatasetCalibration({cfg}, nonfinite={self.nonfinite!r}, images={int(self.num_images)})"
+        return f"DatasetCalibration({cfg}, nonfinite={self.nonfinite!r}, images={int(self._state['num_images'])})"

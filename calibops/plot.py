@@ -80,6 +80,8 @@ def dataset_reliability_histogram(
     ncols: int | None = None,
     panel_size: float = 2.4,
     title: str | None = None,
+    ax: Any | None = None,
+    class_index: int | None = None,
 ) -> Figure:
     """Figure of a dataset reliability histogram ``H[c, a, j]`` (class, accuracy bin, confidence bin).
 
@@ -101,6 +103,10 @@ def dataset_reliability_histogram(
         ncols: panels per row (default: all in one row up to 4, then rows of 4).
         panel_size: width of one panel in inches.
         title: optional figure title.
+        ax: draw one heat map (with its colour bar, without count bars) into this matplotlib ``Axes`` instead
+            of making a figure of panels (matplotlib / torchmetrics convention); returns ``ax.figure``.
+        class_index: with ``ax``: which class to draw (default: the sum over classes, i.e. the only class
+            when C = 1).
 
     Returns:
         a ``matplotlib.figure.Figure``; save it with ``fig.savefig("hist.pdf")`` / ``("hist.png", dpi=300)``.
@@ -132,6 +138,19 @@ def dataset_reliability_histogram(
     else:
         cnt = h.sum(axis=1)
         count_label = "images"
+
+    if ax is not None:
+        if class_index is not None and not -C <= class_index < C:
+            raise ValueError(f"class_index must be in [{-C}, {C}) for {C} classes, got {class_index}")
+        one = h[class_index] if class_index is not None else h.sum(axis=0)
+        name = class_names[class_index] if class_index is not None else (class_names[0] if C == 1 else "all classes")
+        cm = mpl.colormaps[cmap].with_extremes(bad="white")
+        mesh = _draw_heat(ax, one, M, cm, PowerNorm(gamma=gamma, vmin=0.0, vmax=1.0), title or name)
+        ax.set_xlabel("predicted probability", fontsize=8)
+        ax.set_ylabel("observed frequency", fontsize=8)
+        cbar = ax.figure.colorbar(mesh, ax=ax, shrink=0.85, pad=0.02)
+        cbar.set_label("fraction of images in column", fontsize=8)
+        return ax.figure
 
     maps = [h[c] for c in range(C)]
     bars = [cnt[c] for c in range(C)]
@@ -166,15 +185,7 @@ def dataset_reliability_histogram(
         row = r * (2 if show_counts else 1)
         ax = fig.add_subplot(gs[row, col])
         heat_axes.append(ax)
-        data = np.ma.masked_invalid(column_normalise(maps[k]))
-        mesh = ax.pcolormesh(edges, edges, data, cmap=cm, norm=norm, shading="flat", rasterized=False)
-        ax.plot([0, 1], [0, 1], linestyle="--", color="white", linewidth=0.9, label="y = x")
-        ax.plot([0, 1], [0, 1], linestyle=(0, (2, 4)), color="black", linewidth=0.5)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_aspect("equal")
-        ax.set_title(names[k], fontsize=9)
-        ax.tick_params(labelsize=7)
+        mesh = _draw_heat(ax, maps[k], M, cm, norm, names[k])
         if col == 0:
             ax.set_ylabel("observed frequency", fontsize=8)
         if show_counts:
@@ -199,6 +210,21 @@ def dataset_reliability_histogram(
     return fig
 
 
+def _draw_heat(ax: Any, hmap: np.ndarray, M: int, cm: Any, norm: Any, title: str) -> Any:
+    """One column-normalised heat map with the y = x diagonal into ``ax``; returns the mesh."""
+    edges = _edges(M)
+    data = np.ma.masked_invalid(column_normalise(hmap))
+    mesh = ax.pcolormesh(edges, edges, data, cmap=cm, norm=norm, shading="flat", rasterized=False)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="white", linewidth=0.9, label="y = x")
+    ax.plot([0, 1], [0, 1], linestyle=(0, (2, 4)), color="black", linewidth=0.5)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(labelsize=7)
+    return mesh
+
+
 def _select(x: Any, image: int, class_index: int, name: str) -> np.ndarray:
     a = _to_numpy(x, name)
     if a.ndim == 3:
@@ -218,6 +244,7 @@ def reliability_diagram(
     title: str | None = None,
     show_counts: bool = True,
     figsize: tuple[float, float] = (3.4, 4.2),
+    ax: Any | None = None,
 ) -> Figure:
     """Reliability diagram of one image and class from its binned statistics.
 
@@ -234,6 +261,7 @@ def reliability_diagram(
         title: panel title (default ``"image {image}, class {class_index}"``).
         show_counts: draw the count histogram below.
         figsize: figure size in inches.
+        ax: draw into this matplotlib ``Axes`` (no count panel) and return ``ax.figure``.
     """
     _import_matplotlib()
     from matplotlib.figure import Figure
@@ -264,11 +292,14 @@ def reliability_diagram(
     centres = 0.5 * (edges[:-1] + edges[1:])
     width = 1.0 / M
 
-    fig = Figure(figsize=figsize, layout="constrained")
-    if show_counts:
+    if ax is not None:
+        fig, show_counts = ax.figure, False
+    elif show_counts:
+        fig = Figure(figsize=figsize, layout="constrained")
         gs = fig.add_gridspec(2, 1, height_ratios=[4.0, 1.0])
         ax = fig.add_subplot(gs[0])
     else:
+        fig = Figure(figsize=figsize, layout="constrained")
         ax = fig.add_subplot(1, 1, 1)
     lo = np.fmin(conf, acc)
     gap = np.abs(conf - acc)

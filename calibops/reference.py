@@ -87,12 +87,37 @@ class BinnedStatsMoments(BinnedStats):
         )
 
 
-class CalibrationErrors(NamedTuple):
-    """Expected (ECE), average (ACE) and maximum (MCE) calibration error, each (B, C')."""
-
+class _CalibrationErrorFields(NamedTuple):
     ece: torch.Tensor
     ace: torch.Tensor
     mce: torch.Tensor
+
+
+class CalibrationErrors(_CalibrationErrorFields):
+    """Expected (ECE), average (ACE) and maximum (MCE) calibration error, each (B, C') (or the shape asked).
+
+    Also carries ``l2``, the L2 calibration error (count-weighted root mean square of the bin gaps,
+    ``sqrt(Σ_j n_j gap_j² / Σ_j n_j)``, torchmetrics' ``norm="l2"``), as an *attribute*, not a field: the value
+    still unpacks, indexes and compares as the three-field tuple ``(ece, ace, mce)``, so
+    ``ece, ace, mce = calibration_errors(...)`` keeps working. ``l2`` is None when the producer did not compute it.
+    """
+
+    l2: torch.Tensor | None = None  # class-level default (a tuple rebuilt by _make/_replace has no instance l2)
+
+    def __new__(cls, ece: torch.Tensor, ace: torch.Tensor, mce: torch.Tensor, l2: torch.Tensor | None = None):
+        self = super().__new__(cls, ece, ace, mce)
+        self.l2 = l2
+        return self
+
+    def __getnewargs__(self):
+        return (self.ece, self.ace, self.mce, self.l2)
+
+    def __repr__(self) -> str:
+        return f"CalibrationErrors(ece={self.ece!r}, ace={self.ace!r}, mce={self.mce!r}, l2={self.l2!r})"
+
+    def map(self, fn) -> CalibrationErrors:
+        """Apply ``fn`` to every value (``l2`` included when present): ``errs.map(lambda t: t.float())``."""
+        return CalibrationErrors(fn(self.ece), fn(self.ace), fn(self.mce), None if self.l2 is None else fn(self.l2))
 
 
 @functools.lru_cache(maxsize=64)
@@ -350,10 +375,11 @@ def reduce_loss(per_class: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 def calibration_errors_from_stats(stats: BinnedStats) -> CalibrationErrors:
-    """ECE, ACE, MCE per leading index from hard statistics (..., M); NaN where no bin has a voxel.
+    """ECE, ACE, MCE (and L2, the ``l2`` attribute) per leading index from hard statistics (..., M); NaN where no
+    bin has a voxel.
 
     ``ECE = Σ_j n_j gap_j / Σ_j n_j``, ``ACE = mean of gap_j over non-empty bins``,
-    ``MCE = max of gap_j over non-empty bins``, ``gap_j = |S_p/n - S_y/n|``.
+    ``MCE = max of gap_j over non-empty bins``, ``L2 = sqrt(Σ_j n_j gap_j² / Σ_j n_j)``, ``gap_j = |S_p/n - S_y/n|``.
     Works for per-image stats (B, C, M) and for pooled (micro) stats (C, M) alike. No gradient.
     """
     with torch.no_grad():
@@ -366,5 +392,6 @@ def calibration_errors_from_stats(stats: BinnedStats) -> CalibrationErrors:
         ece = torch.where(total > 0, (count * gap).sum(-1) / total.clamp(min=1e-300), nan)
         ace = torch.where(k > 0, gap.sum(-1) / k.clamp(min=1), nan)
         mce = torch.where(k > 0, gap.amax(-1) if gap.shape[-1] > 0 else total, nan)
+        l2 = torch.where(total > 0, ((count * gap * gap).sum(-1) / total.clamp(min=1e-300)).sqrt(), nan)
         out = stats.count.dtype
-        return CalibrationErrors(ece.to(out), ace.to(out), mce.to(out))
+        return CalibrationErrors(ece.to(out), ace.to(out), mce.to(out), l2.to(out))

@@ -1,6 +1,6 @@
 // Every calibops op schema, in one place. Implementations are registered per dispatch key in
 // csrc/cpu (CPU) and csrc/cuda (CUDA); fake kernels and autograd formulas are registered from Python
-// (calibops/_ops.py). Semantics: docs/kernel_contract.md.
+// (calibops/_ops.py). Semantics: docs/kernel_contract.md; argument checks: csrc/contract.h.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -13,15 +13,18 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(calibops, m) {
-  // input [B, C, N]; target [B, N] labels or [B, C, N] dense; edges [M+1] (hard) / [M] centres (soft)
-  // -> count [B, C, M] f32, sum_p [B, C, M] f32, sum_y [B, C, M] f32,
-  //    bad (2,) int64 = [labels outside [0, C) other than ignore_index, non-finite probability entries]
+  // input [B, C, N]; target [B, R, N] labels (target_kind 0) or [B, C, N] dense (1); edges [M+1] (scheme 0 hard)
+  // or [M] centres (scheme 1 soft); activation 0 none / 1 softmax / 2 sigmoid; mode 0 marginal (K = C rows) /
+  // 1 top-label (K = 1)
+  // -> count [B, K, M] f32, sum_p [B, K, M] f32, sum_y [B, K, R, M] f32, sum_p2 / sum_py [B, K, M] f32 (moments)
+  //    or [0], bad (2,) int64 = [labels outside [0, C) other than ignore_index, non-finite p of used voxels]
   m.def(
-      "binned_stats(Tensor input, Tensor target, Tensor edges, int num_bins, bool soft, int activation, "
-      "bool labels, int? ignore_index, bool right) -> (Tensor, Tensor, Tensor, Tensor)");
+      "binned_stats(Tensor input, Tensor target, Tensor edges, int num_bins, int scheme, int activation, "
+      "int target_kind, int mode, bool moments, int? ignore_index, bool right) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // -> grad_input [B, C, N] in input's dtype
   m.def(
-      "binned_stats_backward(Tensor grad_count, Tensor grad_sum_p, Tensor grad_sum_y, Tensor input, "
-      "Tensor target, Tensor edges, int num_bins, bool soft, int activation, bool labels, int? ignore_index, "
-      "bool right) -> Tensor");
+      "binned_stats_backward(Tensor grad_count, Tensor grad_sum_p, Tensor grad_sum_y, Tensor grad_sum_p2, "
+      "Tensor grad_sum_py, Tensor input, Tensor target, Tensor edges, int num_bins, int scheme, int activation, "
+      "int target_kind, int mode, bool moments, int? ignore_index, bool right) -> Tensor");
 }

@@ -15,7 +15,9 @@
 #                   in several pytest processes at once (scripts/pytest_parallel.py: most of the time is Triton
 #                   compiling kernel variants, one core per process); tests_slow below likewise
 #    4 bench        benchmarks/bench_gpu.py, fwd+bwd, triton / cuda / torch-vectorised at 2x4x224x224x144 and
-#                   2x16x176x176x64, hard + soft; every row is appended to the CSV as it is measured
+#                   2x16x176x176x64, hard + soft, then the forward op alone per engine variant (marginal,
+#                   top-label, R = 3 raters, moments: issue 10's targets); every row is appended to the CSV as
+#                   it is measured
 #    5 selfcheck    python -m calibops selfcheck --record (only after the quick tests passed; without --record
 #                   otherwise): adds the (backend, arch) pairs that pass to calibops/_verified.py
 #    6 memcheck_cuda    compute-sanitizer memcheck of scripts/sanitize_case.py (PYTORCH_NO_CUDA_MEMORY_CACHING=1:
@@ -228,7 +230,7 @@ fi
 PARALLEL="\$PY scripts/pytest_parallel.py --log-dir '$LOG_DIR'"
 if (( DRY )); then
   QUICK="$PARALLEL -j 2 --name tests_quick -- tests/test_triton_backend.py tests/test_cuda_backend.py \
--k 'test_stats_and_grad_every_option and left-labels-softmax or test_no_class'"
+-k 'test_top_label_ties or test_no_class'"
 else
   QUICK="$PARALLEL -j 6 --name tests_quick -- -m 'not slow' tests/test_triton_backend.py tests/test_cuda_backend.py"
 fi
@@ -236,8 +238,9 @@ run_step tests_quick 150 130 "$QUICK" && QUICK_OK=1
 
 # --- 4. benchmark: every row reaches the CSV as soon as it is measured ----------------------------------------
 if (( DRY )); then
+  # the engine rows are forward-only: the dry run checks the fwd+bwd loss rows (tests/test_gpu_check.py)
   BENCH="\$PY benchmarks/bench_gpu.py --device cpu --dry-run --shapes 1x3x4x4x4,1x5x3x3x3 --modes fwd+bwd \
---backends torch-vectorised,triton,cuda --out '$BENCH_CSV'"
+--backends torch-vectorised,triton,cuda --engine '' --out '$BENCH_CSV'"
 else
   BENCH="\$PY benchmarks/bench_gpu.py --shapes 2x4x224x224x144,2x16x176x176x64 --modes fwd+bwd \
 --backends torch-vectorised,triton,cuda --budget-s $(scaled 100) --out '$BENCH_CSV'"
@@ -266,19 +269,21 @@ for d in "${CUDA_HOME:-/usr/local/cuda}" /usr/local/cuda; do
   [[ -z "$SANITIZER" && -x "$d/compute-sanitizer/compute-sanitizer" ]] && SANITIZER="$d/compute-sanitizer/compute-sanitizer"
 done
 cat > "$LOG_DIR/sanitize_triton.py" <<'EOF'
-"""Every Triton launch path once, small and odd shapes, for compute-sanitizer memcheck."""
+"""Every Triton launch path once, small and odd shapes, every mode / rater count / moments, for memcheck."""
 import torch
 
+import calibops.triton  # noqa: F401 - registers calibops::triton_binned_stats
 from calibops.reference import bin_centres, bin_edges
-from calibops.triton import binned_stats
 
+op = torch.ops.calibops.triton_binned_stats
 torch.manual_seed(0)
 for soft in (False, True):
-    for C, N, act in ((3, 1037, 1), (37, 211, 1), (1, 77, 2), (4, 0, 1)):
+    for C, N, act, mode, R, moments in ((3, 1037, 1, 0, 1, False), (37, 211, 1, 1, 3, True), (1, 77, 2, 0, 3, True),
+                                        (4, 0, 1, 1, 1, False), (5, 3001, 1, 1, 1, True)):
         x = torch.randn(2, C, N, device="cuda", requires_grad=True)
-        y = torch.randint(-1, C + 1, (2, N), device="cuda")
+        y = torch.randint(-1, C + 1, (2, R, N), device="cuda")
         e = (bin_centres if soft else bin_edges)(7, "cuda")
-        out = binned_stats(x, y, e, 7, soft, act, True, -1, False)
+        out = op(x, y, e, 7, int(soft), act, 0, mode, moments, -1, False)
         (out[1] * torch.randn_like(out[1])).sum().backward()
 torch.cuda.synchronize()
 print("sanitize_triton: ok")

@@ -8,7 +8,8 @@ dtype (with out-of-range labels and an ignore_index) and every dense target dtyp
 mid-block, more classes than threads, many bins (smaller histogram groups), grads read from global memory, and
 the autograd path through ``calibops.functional``. Cheap sanity checks (hard counts add up to the kept voxels,
 gradients finite) make it fail loudly too. Exits 0 with "sanitize_case: ok" on success; needs a CUDA device and
-calibops._C built with the CUDA kernels (exits 2 otherwise).
+calibops._C built with the CUDA kernels (exits 2 otherwise). The kernel variant (marginal / top-label, R = 1 / 3
+label maps, moments off / on) rotates over the cases, so every variant's kernels run too.
 """
 
 from __future__ import annotations
@@ -38,30 +39,32 @@ def main() -> int:
 
     def run(B, C, N, M, dtype, tdtype, labels, soft, act, ignore_index=None):
         nonlocal runs
+        # the kernel variant rotates with the run counter: every (mode, raters, moments) runs across the cases
+        mode, moments = runs % 2, (runs // 2) % 2 == 1
+        R = 3 if labels and (runs // 4) % 2 else 1
         x = (torch.randn(B, C, N, generator=g) * 3).to(dtype)
         if act == 0:
             x = torch.softmax(x.float(), 1).to(dtype)
         if labels:
-            lab = torch.randint(-2, C + 2, (B, N), generator=g)
+            lab = torch.randint(-2, C + 2, (B, R, N), generator=g)
             if ignore_index is not None:
-                lab[torch.rand(B, N, generator=g) < 0.2] = ignore_index
+                lab[torch.rand(B, R, N, generator=g) < 0.2] = ignore_index
             t = (lab % 256 if tdtype == torch.uint8 else lab).to(tdtype)
         else:
             t = torch.rand(B, C, N, generator=g)
             t = (t < 0.5).to(tdtype) if tdtype in (torch.bool, torch.uint8) else t.to(tdtype)
         x, t = x.to(dev), t.to(dev)
         edges = (bin_centres(M) if soft else bin_edges(M)).to(dev)
-        cnt, sp, sy, bad = ops.binned_stats(x, t, edges, M, soft, act, labels, ignore_index, False)
-        gc, gp, gy = (torch.randn(B, C, M, generator=g).to(dev) for _ in range(3))
-        grad = ops.binned_stats_backward(gc, gp, gy, x, t, edges, M, soft, act, labels, ignore_index, False)
+        opts = (edges, M, int(soft), act, 0 if labels else 1, mode, moments, ignore_index if labels else None, False)
+        stats = ops.binned_stats(x, t, *opts)
+        cnt = stats[0]
+        grads = [torch.randn(tuple(v.shape), generator=g).to(dev) for v in stats[:5]]
+        grad = ops.binned_stats_backward(*grads, x, t, *opts)
         torch.cuda.synchronize()
         tl = t.long().cpu()
-        kept = (
-            B * N
-            if not labels
-            else int(((tl >= 0) & (tl < C) & (tl != (ignore_index if ignore_index is not None else -(10**9)))).sum())
-        )
-        total = float(cnt.sum()) / C
+        ok = (tl >= 0) & (tl < C) & (tl != (ignore_index if ignore_index is not None else -(10**9)))
+        kept = B * N if not labels else int(ok.all(1).sum())  # a voxel is used when every rater's label is valid
+        total = float(cnt.sum()) / (C if mode == 0 else 1)
         if abs(total - kept) > 1e-3 * max(kept, 1):
             raise AssertionError(f"counts add up to {total}, expected {kept} (B{B} C{C} N{N} M{M} soft={soft})")
         if not torch.isfinite(grad.float()).all():

@@ -47,7 +47,10 @@ def _shard(rank: int):
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
         timeout=datetime.timedelta(seconds=60),
     )
     try:
@@ -63,9 +66,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         local_images = int(m.state_tensors()["num_images"])
         torch.save(
             {
-                "macro": torch.stack(list(res.macro)), "micro": torch.stack(list(res.micro)),
-                "micro_again": torch.stack(list(res_again.micro)), "num_images": res.num_images,
-                "images_per_class": res.images_per_class, "hist": hist, "counts": counts, "records": recs,
+                "macro": torch.stack(list(res.macro)),
+                "micro": torch.stack(list(res.micro)),
+                "micro_again": torch.stack(list(res_again.micro)),
+                "num_images": res.num_images,
+                "images_per_class": res.images_per_class,
+                "hist": hist,
+                "counts": counts,
+                "records": recs,
                 "local_images": local_images,
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
@@ -118,3 +126,105 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
         assert len(r["records"]) == n_images * (C - 1)
         assert {rec["rank"] for rec in r["records"]} == {0, 1}
         assert all(rec["image"].startswith(f"r{rec['rank']}") for rec in r["records"])
+
+
+# ----------------------------------------------- issue 11: groups, adaptive bins, L2, classification under DDP
+GROUPS = ("g0", "g1", "g2")
+PCFG = {"groups": GROUPS, "adaptive_bins": 4, "fine_bins": 64, "keep_records": True}
+
+
+def _groups_of(batch_index: int, B: int) -> list[str]:
+    return [GROUPS[(batch_index + b) % 2] for b in range(B)]  # g2 never appears
+
+
+def _class_data():
+    g = torch.Generator().manual_seed(99)
+    return [(torch.randn(n, C, generator=g), torch.randint(0, C, (n,), generator=g)) for n in (5, 17, 3, 11)]
+
+
+def _protocol_results(m: DatasetCalibration, cm: DatasetCalibration) -> dict:
+    res = m.compute()
+    groups = m.compute_groups()
+    out = {
+        "micro_l2": res.micro.l2,
+        "macro_l2": res.macro.l2,
+        "groups": {
+            n: (torch.stack([*r.macro, r.macro.l2, *r.micro, r.micro.l2]), r.num_images) for n, r in groups.items()
+        },
+        "gap": m.group_gaps()["ece"].gap,
+        "adaptive": torch.stack([*m.adaptive_errors()]),
+        "boot_estimate": m.bootstrap("ece", num_samples=50)["gap"].estimate,
+        "class_micro": torch.stack([*cm.compute().micro, cm.compute().micro.l2]),
+        "class_groups": {n: r.micro.ece for n, r in cm.compute_groups().items()},
+    }
+    return out
+
+
+def _protocol_worker(rank: int, port: int, out_dir: str) -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        torch.set_num_threads(1)
+        m = DatasetCalibration(C, num_bins=M, **CFG, **PCFG)
+        cm = DatasetCalibration(
+            C, num_bins=M, softmax=True, include_background=True, classification=True, groups=GROUPS
+        )
+        for i, (x, y) in enumerate(_data()):
+            if i % WORLD == rank:
+                m.update(x, y, image_ids=[f"b{i}i{b}" for b in range(x.shape[0])], groups=_groups_of(i, x.shape[0]))
+        for i, (x, y) in enumerate(_class_data()):
+            if i % WORLD == rank:
+                cm.update(x, y, groups=_groups_of(i, x.shape[0]))
+        calls = []
+        real = dist.all_reduce
+
+        def counting(*a, **k):
+            calls.append(1)
+            return real(*a, **k)
+
+        dist.all_reduce = counting
+        m.compute()
+        dist.all_reduce = real
+        out = _protocol_results(m, cm)
+        out["all_reduce_calls"] = len(calls)
+        torch.save(out, os.path.join(out_dir, f"p{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+def test_two_gloo_processes_equal_one_process_for_groups_adaptive_l2_classification(tmp_path):
+    ctx = mp.start_processes(
+        _protocol_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
+    m = DatasetCalibration(C, num_bins=M, **CFG, **PCFG)
+    cm = DatasetCalibration(C, num_bins=M, softmax=True, include_background=True, classification=True, groups=GROUPS)
+    for i, (x, y) in enumerate(_data()):
+        m.update(x, y, groups=_groups_of(i, x.shape[0]))
+    for i, (x, y) in enumerate(_class_data()):
+        cm.update(x, y, groups=_groups_of(i, x.shape[0]))
+    want = _protocol_results(m, cm)
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"p{r}.pt", weights_only=False)
+        assert got["all_reduce_calls"] == 1  # every sum in one collective
+        for k in ("micro_l2", "macro_l2", "gap", "adaptive", "boot_estimate", "class_micro"):
+            torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0, equal_nan=True)
+        for n in GROUPS:
+            torch.testing.assert_close(got["groups"][n][0], want["groups"][n][0], atol=1e-6, rtol=0, equal_nan=True)
+            assert got["groups"][n][1] == want["groups"][n][1]
+            torch.testing.assert_close(
+                got["class_groups"][n], want["class_groups"][n], atol=1e-6, rtol=0, equal_nan=True
+            )
+    assert want["groups"]["g2"][1] == 0 and want["groups"]["g0"][1] > 0

@@ -315,8 +315,9 @@ def test_state_size_is_independent_of_data():
     C, M = 4, 12
     m = DatasetCalibration(C, num_bins=M, to_onehot_y=True, softmax=True)
     Cp = C - 1
-    # count/sum_p/sum_y, macro sums and counts, histogram, images_with_class, num_images and num_nonfinite
-    expected = 3 * Cp * M + 2 * 3 * Cp + Cp * M * M + Cp + 2
+    # count/sum_p/sum_y, macro sums (ece/ace/mce and l2) and counts, histogram, images_with_class, num_images and
+    # num_nonfinite
+    expected = 3 * Cp * M + 2 * 3 * Cp + Cp + Cp * M * M + Cp + 2
     assert _state_numel(m) == expected
     g = torch.Generator().manual_seed(0)
     m.update(torch.randn(1, C, 4, 4, generator=g), torch.randint(0, C, (1, 4, 4), generator=g))
@@ -436,7 +437,7 @@ def test_write_records_csv(tmp_path):
     m.write_records_csv(tmp_path / "r.csv")
     with open(tmp_path / "r.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["image", "class", "ece", "ace", "mce", "voxels", "dice"]
+    assert list(rows[0]) == ["image", "class", "ece", "ace", "mce", "voxels", "dice", "l2"]  # l2 appended
     assert [(r["image"], r["class"]) for r in rows] == [("p", "1"), ("p", "2"), ("q", "1"), ("q", "2")]
     recs = m.records(gather=True)  # not distributed: the local records, unchanged
     assert [float(r["ece"]) for r in rows] == pytest.approx([r["ece"] for r in recs], abs=0)

@@ -193,3 +193,16 @@ def test_dataset_calibration_top_label(backend):
     marg.load_state_dict(sd)
     with pytest.raises(ValueError, match="config"):
         m2.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.float64])
+def test_dense_targets_of_any_real_dtype_equal_float32(backend, dtype):
+    # v1 accepted integer one-hot targets on every backend; the v2 op takes a fixed set of dense dtypes, so the
+    # public layer converts the others (a regression caught by the MONAI parity tests)
+    g = torch.Generator().manual_seed(5)
+    p = torch.softmax(torch.randn(2, 3, 6, 5, generator=g), 1)
+    onehot = torch.nn.functional.one_hot(torch.randint(0, 3, (2, 6, 5), generator=g), 3).movedim(-1, 1)
+    want = F.marginal_l1_ace(p, onehot.float(), backend=backend, reduction="none")
+    got = F.marginal_l1_ace(p, onehot.to(dtype), backend=backend, reduction="none")
+    assert torch.equal(got, want)

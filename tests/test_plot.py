@@ -147,3 +147,33 @@ def test_reliability_diagram_bad_input():
         reliability_diagram(torch.zeros(5))
     with pytest.raises(ValueError, match="shapes"):
         reliability_diagram((torch.ones(5), torch.ones(4), torch.ones(5)))
+
+
+def test_plots_take_ax():
+    from matplotlib.figure import Figure
+
+    m = _metric()
+    H = m.histogram()
+    fig = Figure()
+    axes = fig.subplots(1, 3)
+    out = dataset_reliability_histogram(H, ax=axes[1], class_names=["a", "b", "c"], class_index=2)
+    assert out is fig and axes[1].get_title() == "c"
+    data = np.ma.getdata(_mesh(axes[1]).get_array()).reshape(10, 10)
+    cols = H[2].sum(0).numpy()
+    np.testing.assert_allclose(data[:, cols > 0], (H[2] / H[2].sum(0).clamp(min=1)).numpy()[:, cols > 0])
+    assert _has_diagonal(axes[1]) and not axes[0].collections  # nothing drawn elsewhere
+    dataset_reliability_histogram(H, ax=axes[0])
+    assert axes[0].get_title() == "all classes"
+    data = np.ma.getdata(_mesh(axes[0]).get_array()).reshape(10, 10)
+    tot = H.sum(0)
+    cols = tot.sum(0).numpy()
+    np.testing.assert_allclose(data[:, cols > 0], (tot / tot.sum(0).clamp(min=1)).numpy()[:, cols > 0])
+    with pytest.raises(ValueError, match="class_index"):
+        dataset_reliability_histogram(H, ax=axes[2], class_index=3)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 3, 20, 20, generator=g)
+    y = torch.randint(0, 3, (1, 20, 20), generator=g)
+    stats = F.binned_stats(x, y, num_bins=10, to_onehot_y=True, softmax=True)
+    out = reliability_diagram(stats, class_index=1, ax=axes[2], title="one")
+    assert out is fig and axes[2].get_title() == "one" and _has_diagonal(axes[2])
+    assert len(fig.axes) == 3 + 2  # the three panels and the two heat maps' colour bars

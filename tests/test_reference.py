@@ -352,6 +352,10 @@ def test_half_inputs_accumulate_in_float32(dtype, binning):
 def test_any_number_of_spatial_dims(spatial):
     shape = (4, 3, *spatial)
     x, labels, np_labels = _random_case(5, shape, "softmax", "labels")
+    if spatial == ():  # (B, C) is a classification batch (issue 11): the segmentation API says what to call instead
+        with pytest.raises(ValueError, match="classification_calibration_errors"):
+            ref_loss(x, labels, to_onehot_y=True, softmax=True, num_bins=4)
+        return
     out = ref_loss(x, labels, to_onehot_y=True, softmax=True, num_bins=4)
     val, _ = _oracle.loss_and_grad(x.double().numpy(), np_labels.numpy(), to_onehot_y=True, act="softmax", num_bins=4)
     assert out.item() == pytest.approx(val, rel=1e-5)

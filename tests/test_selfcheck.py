@@ -142,7 +142,7 @@ def test_compare_catches_one_miscounted_voxel_and_bad_counts():
     ratio, quantity, _ = _selfcheck.compare((*ref[:3], bad, ref[4]), ref, case, torch.float32)
     assert math.isinf(ratio) and quantity.startswith("bad counts")
     sum_y = ref[2].clone()
-    sum_y[1, 2, 5] = float("nan")
+    sum_y[1, 2, 0, 5] = float("nan")  # (B, K, R, M)
     ratio, quantity, _ = _selfcheck.compare((*ref[:2], sum_y, *ref[3:]), ref, case, torch.float32)
     assert math.isinf(ratio) and quantity == "sum_y"
     res = _selfcheck.SelfCheckResult(
@@ -164,8 +164,21 @@ def test_compare_gradient_budget_is_one_rounding_to_the_dtype():
         res = _selfcheck.run_case(binned_stats_prepared, case, dtype, torch.device("cpu"))
         assert res.ok and 0 < res.ratio <= 0.5 + 1e-6 and res.quantity == "grad", res
     wrong = _reference_run(case)
-    ratio, quantity, _ = _selfcheck.compare((*wrong[:4], wrong[4] * 1.001), wrong, case, torch.float32)
+    ratio, quantity, _ = _selfcheck.compare((*wrong[:4], wrong[4] * 1.001, *wrong[5:]), wrong, case, torch.float32)
     assert quantity == "grad" and ratio > 50
+
+
+def test_compare_checks_the_moments_of_cases_that_ask_for_them():
+    case = next(c for c in _selfcheck.CASES if c.moments and c.mode == "top_label")
+    ref = _reference_run(case)
+    assert ref[2].shape[-2] == case.raters and ref[5].shape == ref[1].shape
+    assert _selfcheck.compare(ref, ref, case, torch.float32) == (0.0, "", 0.0)
+    sum_py = ref[6].clone()
+    sum_py[0, 0, int(ref[0][0, 0].argmax())] *= 1.01
+    ratio, quantity, _ = _selfcheck.compare((*ref[:6], sum_py), ref, case, torch.float32)
+    assert quantity == "sum_py" and ratio > 1
+    ratio, quantity, _ = _selfcheck.compare(ref[:5], ref, case, torch.float32)
+    assert math.isinf(ratio) and quantity == "sum_p2 missing"
 
 
 # ------------------------------------------------------------------------------------------------------------

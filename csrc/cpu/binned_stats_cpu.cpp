@@ -1,12 +1,12 @@
 // CPU implementations of calibops::binned_stats and calibops::binned_stats_backward (schemas: csrc/ops.cpp,
-// semantics: docs/kernel_contract.md). This file checks arguments, picks the instruction-set build of the
-// kernels (kernel_<isa>.cpp), splits the work and merges the results; the voxel loops are in kernel_impl.h.
+// semantics: docs/kernel_contract.md). This file checks arguments (csrc/contract.h), picks the instruction-set build
+// of the kernels (kernel_<isa>.cpp), splits the work and merges the results; the voxel loops are in kernel_impl.h.
 //
 // Parallelism and determinism: every image is cut into chunks whose boundaries depend only on (N, C, M),
 // never on the thread count. at::parallel_for threads claim the (image, chunk) tasks; each task writes its float64
-// partial histogram [C][M][3] to its own slot, and the slots are summed afterwards in chunk order. Results
+// partial histogram [K][M][NS] to its own slot, and the slots are summed afterwards in chunk order. Results
 // are therefore bitwise identical for any number of threads. Extra memory: the partial slots
-// (B x chunks x C x M x 3 doubles, chunks <= 256) plus tens of KiB of tile scratch per thread.
+// (B x chunks x K x M x NS doubles, chunks <= 256) plus tens of KiB of tile scratch per thread.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,6 +20,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../contract.h"
 #include "kernel_api.h"
 
 namespace calibops {
@@ -27,6 +28,7 @@ namespace cpu {
 namespace {
 
 using at::Tensor;
+using calibops::Call;
 
 constexpr int64_t kChunkVoxels = 16384;  // target voxels per (image, chunk) task
 constexpr int64_t kMaxChunks = 256;      // per image: bounds the partial-histogram memory
@@ -63,119 +65,61 @@ const KernelTable* select_kernels() {
   return kernels_base();
 }
 
-int input_kind(const Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return kF32;
-    case at::kHalf:
-      return kF16;
-    case at::kBFloat16:
-      return kBF16;
-    default:
-      TORCH_CHECK(false, "calibops cpu: ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
-  }
-  return kF32;
-}
-
-int target_kind(const Tensor& t, bool labels) {
-  const auto s = t.scalar_type();
-  if (labels) {
-    switch (s) {
-      case at::kByte:
-        return kU8;
-      case at::kChar:
-        return kI8;
-      case at::kShort:
-        return kI16;
-      case at::kInt:
-        return kI32;
-      case at::kLong:
-        return kI64;
-      default:
-        TORCH_CHECK(false, "calibops cpu: target labels must be uint8, int8, int16, int32 or int64, got ", s);
-    }
-  }
-  switch (s) {
-    case at::kFloat:
-      return kF32;
-    case at::kHalf:
-      return kF16;
-    case at::kBFloat16:
-      return kBF16;
-    case at::kBool:
-      return kBool;
-    case at::kByte:
-      return kU8;
-    default:
-      TORCH_CHECK(false, "calibops cpu: dense target must be float32, float16, bfloat16, bool or uint8, got ", s);
-  }
-  return kF32;
-}
+constexpr const char* kBackend = "calibops (cpu)";
 
 struct Prepared {
   Problem pb;
-  Tensor input, target, edges;  // contiguous owners of the pointers in pb
+  contract::Prepared args;  // checked call and the contiguous owners of the pointers in pb
   int64_t chunk_len = 1, chunks = 0;
 };
 
-Prepared prepare(const Tensor& input, const Tensor& target, const Tensor& edges, int64_t num_bins, bool soft,
-                 int64_t activation, bool labels, std::optional<int64_t> ignore_index, bool right) {
-  TORCH_CHECK(input.device().is_cpu() && target.device().is_cpu() && edges.device().is_cpu(),
-              "calibops cpu: input, target and edges must be CPU tensors");
-  TORCH_CHECK(input.dim() == 3, "calibops cpu: input must be [B, C, N], got ", input.sizes());
-  TORCH_CHECK(num_bins >= 1, "calibops cpu: num_bins must be >= 1, got ", num_bins);
-  TORCH_CHECK(activation >= 0 && activation <= 2, "calibops cpu: activation must be 0, 1 or 2, got ", activation);
-  const int64_t B = input.size(0), C = input.size(1), N = input.size(2);
-  if (labels) {
-    TORCH_CHECK(target.dim() == 2 && target.size(0) == B && target.size(1) == N,
-                "calibops cpu: target labels must be [B, N] = [", B, ", ", N, "], got ", target.sizes());
-  } else {
-    TORCH_CHECK(target.sizes() == input.sizes(), "calibops cpu: dense target must have input's shape ",
-                input.sizes(), ", got ", target.sizes());
-  }
-  TORCH_CHECK(edges.scalar_type() == at::kFloat && edges.dim() == 1 &&
-                  edges.numel() == (soft ? num_bins : num_bins + 1),
-              "calibops cpu: edges must be float32 [", soft ? num_bins : num_bins + 1, "] (", soft ? "centres" : "edges",
-              " for num_bins=", num_bins, "), got ", edges.scalar_type(), " ", edges.sizes());
-  TORCH_CHECK(num_bins <= (int64_t{1} << 24), "calibops cpu: num_bins must be <= 2^24, got ", num_bins);
-
+Prepared prepare(const Tensor& input, const Tensor& target, const Tensor& edges, int64_t num_bins, int64_t scheme,
+                 int64_t activation, int64_t target_kind, int64_t mode, bool moments,
+                 std::optional<int64_t> ignore_index, bool right) {
   Prepared P;
-  P.input = input.contiguous();
-  P.target = target.contiguous();
-  P.edges = edges.contiguous();
+  P.args = contract::prepare(input, target, edges, num_bins, scheme, activation, target_kind, mode, moments,
+                             ignore_index, right, kBackend);
+  TORCH_CHECK_VALUE(input.device().is_cpu(), kBackend, ": input must be a CPU tensor, got ", input.device());
+  const Call& c = P.args.call;
   Problem& pb = P.pb;
-  pb.input = P.input.data_ptr();
-  pb.in_kind = input_kind(input, "input");
-  pb.target = P.target.data_ptr();
-  pb.target_kind = target_kind(target, labels);
-  pb.labels = labels;
-  pb.has_ignore = labels && ignore_index.has_value();
-  pb.ignore_index = ignore_index.value_or(0);
-  pb.edges = P.edges.data_ptr<float>();
-  pb.M = num_bins;
-  pb.soft = soft;
-  pb.activation = static_cast<int>(activation);
-  pb.right = right;
-  pb.B = B;
-  pb.C = C;
-  pb.N = N;
+  pb.input = P.args.input.data_ptr();
+  pb.in_kind = c.input_kind;
+  pb.target = P.args.target.data_ptr();
+  pb.target_kind = c.target_elem;
+  pb.labels = c.target_kind == kTargetLabels;
+  pb.R = c.R;
+  pb.has_ignore = c.has_ignore;
+  pb.ignore_index = c.ignore_index;
+  pb.edges = P.args.edges.data_ptr<float>();
+  pb.M = c.M;
+  pb.soft = c.scheme == kSchemeSoft;
+  pb.activation = c.activation;
+  pb.right = c.right;
+  pb.top = c.mode == kModeTopLabel;
+  pb.moments = c.moments;
+  pb.B = c.B;
+  pb.C = c.C;
+  pb.N = c.N;
+  pb.K = c.K;
+  pb.NS = 2 + c.R + (c.moments ? 2 : 0);
+  pb.W = (pb.NS + 3) / 4 * 4;
   // [C][T] tiles of ~2048 floats per row set: T a multiple of 16 in [16, 1024].
-  pb.tile = std::clamp<int64_t>((2048 / std::max<int64_t>(C, 1)) / 16 * 16, 16, 1024);
-  // Interleaved histogram copies while the per-class histograms stay small (L1/L2 resident).
-  pb.copies = C * (num_bins + 2) <= 2048 ? 8 : 1;
-  // The fused hard path (kernel_impl.h) gives bitwise the same results as the generic one. CALIBOPS_CPU_FUSED=0
-  // turns it off and =2 also uses it in the base build (scalar there, slower than the generic path's
-  // auto-vectorised loops), so the tests can compare them all.
+  pb.tile = std::clamp<int64_t>((2048 / std::max<int64_t>(c.C, 1)) / 16 * 16, 16, 1024);
+  // Interleaved histogram copies while the per-row histograms stay small (L1/L2 resident).
+  pb.copies = pb.K * (c.M + 2) * (pb.W / 4) <= 2048 ? 8 : 1;
+  // The fused hard path (csrc/cpu/fused_*.h) gives bitwise the same results as the generic one.
+  // CALIBOPS_CPU_FUSED=0 turns it off and =2 also uses it in the base build (scalar there, slower than the generic
+  // path's auto-vectorised loops), so the tests can compare them all.
   const char* fused_env = std::getenv("CALIBOPS_CPU_FUSED");
   pb.fused = fused_env == nullptr ? 1 : std::strcmp(fused_env, "0") == 0 ? 0 : std::strcmp(fused_env, "2") == 0 ? 2 : 1;
-  if (N > 0) {
-    const int64_t M3 = C * num_bins * 3;
-    const int64_t mem_cap = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(B * M3, 1));
-    const int64_t want = std::min({(N + kChunkVoxels - 1) / kChunkVoxels, kMaxChunks, mem_cap});
-    int64_t len = (N + want - 1) / want;
+  if (!contract::nothing_to_do(c)) {
+    const int64_t slot = pb.K * c.M * pb.NS;
+    const int64_t mem_cap = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(c.B * slot, 1));
+    const int64_t want = std::min({(c.N + kChunkVoxels - 1) / kChunkVoxels, kMaxChunks, mem_cap});
+    int64_t len = (c.N + want - 1) / want;
     len = (len + pb.tile - 1) / pb.tile * pb.tile;  // chunk starts are multiples of the tile
     P.chunk_len = len;
-    P.chunks = (N + len - 1) / len;
+    P.chunks = (c.N + len - 1) / len;
   }
   return P;
 }
@@ -206,85 +150,95 @@ void run_tasks(int64_t ntask, size_t scratch_floats, size_t hist_doubles, const 
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> binned_stats_cpu(const Tensor& input, const Tensor& target,
-                                                             const Tensor& edges, int64_t num_bins, bool soft,
-                                                             int64_t activation, bool labels,
-                                                             std::optional<int64_t> ignore_index, bool right) {
-  Prepared P = prepare(input, target, edges, num_bins, soft, activation, labels, ignore_index, right);
-  const Problem& pb = P.pb;
-  const int64_t B = pb.B, C = pb.C, M = pb.M;
-  auto opts = input.options().dtype(at::kFloat);
-  // bad = [labels outside [0, C) other than ignore_index, non-finite probability entries]
-  Tensor bad = at::zeros({2}, input.options().dtype(at::kLong));
-  if (B == 0 || P.chunks == 0 || C == 0) {  // C = 0: empty statistics and nothing counted (kernel contract)
-    Tensor count = at::zeros({B, C, M}, opts), sum_p = at::zeros({B, C, M}, opts), sum_y = at::zeros({B, C, M}, opts);
-    return {count, sum_p, sum_y, bad};
-  }
-  // Every entry is written by the merge below.
-  Tensor count = at::empty({B, C, M}, opts), sum_p = at::empty({B, C, M}, opts), sum_y = at::empty({B, C, M}, opts);
+using Stats = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-  const KernelTable* K = select_kernels();
-  const int64_t ntask = B * P.chunks, slot = C * M * 3;
+Stats binned_stats_cpu(const Tensor& input, const Tensor& target, const Tensor& edges, int64_t num_bins,
+                       int64_t scheme, int64_t activation, int64_t target_kind, int64_t mode, bool moments,
+                       std::optional<int64_t> ignore_index, bool right) {
+  Prepared P = prepare(input, target, edges, num_bins, scheme, activation, target_kind, mode, moments, ignore_index,
+                       right);
+  const Problem& pb = P.pb;
+  const Call& c = P.args.call;
+  // B = 0, N = 0 or C = 0: zero statistics (K = 0 rows for marginal, zero [B, 1, ...] for top-label), bad = [0, 0].
+  if (contract::nothing_to_do(c)) return contract::alloc_outputs(input, c, /*zero=*/true).tuple();
+  contract::Outputs o = contract::alloc_outputs(input, c, /*zero=*/false);  // every entry written below
+
+  const KernelTable* KT = select_kernels();
+  const int64_t B = pb.B, K = pb.K, M = pb.M, R = pb.R, NS = pb.NS;
+  const int64_t ntask = B * P.chunks, slot = K * M * NS;
   std::vector<double> partial(static_cast<size_t>(ntask * slot));
   std::vector<int64_t> bad_part(static_cast<size_t>(ntask), 0), nonfinite_part(static_cast<size_t>(ntask), 0);
-  const size_t sf = K->scratch_floats(pb), hd = K->hist_doubles(pb);
+  const size_t sf = KT->scratch_floats(pb), hd = KT->hist_doubles(pb);
   run_tasks(ntask, sf, hd, [&](int64_t t, const Workspace& ws) {
     const int64_t b = t / P.chunks, k = t % P.chunks;
     const int64_t begin = k * P.chunk_len, end = std::min(pb.N, begin + P.chunk_len);
-    bad_part[t] = K->forward(pb, b, begin, end, partial.data() + t * slot, ws.scratch, ws.hist, &nonfinite_part[t]);
+    bad_part[t] = KT->forward(pb, b, begin, end, partial.data() + t * slot, ws.scratch, ws.hist, &nonfinite_part[t]);
   });
 
-  // Fixed-order merge of the chunk partials (float64), rounded once to float32.
-  float* outs[3] = {count.data_ptr<float>(), sum_p.data_ptr<float>(), sum_y.data_ptr<float>()};
+  // Fixed-order merge of the chunk partials (float64), rounded once to float32. Partial slot [K][M][NS]: count,
+  // sum_p, sum_y[R], then sum_p2, sum_py.
+  float* count = o.count.data_ptr<float>();
+  float* sum_p = o.sum_p.data_ptr<float>();
+  float* sum_y = o.sum_y.data_ptr<float>();
+  float* sum_p2 = pb.moments ? o.sum_p2.data_ptr<float>() : nullptr;
+  float* sum_py = pb.moments ? o.sum_py.data_ptr<float>() : nullptr;
   int64_t nbad = 0, nnonfinite = 0;
+  std::vector<double> acc(static_cast<size_t>(NS));
   for (int64_t b = 0; b < B; ++b) {
-    for (int64_t e = 0; e < C * M; ++e) {
-      for (int64_t s = 0; s < 3; ++s) {
-        double acc = 0.0;
-        for (int64_t k = 0; k < P.chunks; ++k) acc += partial[(b * P.chunks + k) * slot + e * 3 + s];
-        outs[s][b * C * M + e] = static_cast<float>(acc);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < M; ++j) {
+        const int64_t e = (k * M + j) * NS;
+        for (int64_t s = 0; s < NS; ++s) acc[s] = 0.0;
+        for (int64_t q = 0; q < P.chunks; ++q) {
+          const double* src = partial.data() + (b * P.chunks + q) * slot + e;
+          for (int64_t s = 0; s < NS; ++s) acc[s] += src[s];
+        }
+        const int64_t o3 = (b * K + k) * M + j;
+        count[o3] = static_cast<float>(acc[0]);
+        sum_p[o3] = static_cast<float>(acc[1]);
+        for (int64_t r = 0; r < R; ++r) sum_y[((b * K + k) * R + r) * M + j] = static_cast<float>(acc[2 + r]);
+        if (pb.moments) {
+          sum_p2[o3] = static_cast<float>(acc[2 + R]);
+          sum_py[o3] = static_cast<float>(acc[3 + R]);
+        }
       }
-    }
-    for (int64_t k = 0; k < P.chunks; ++k) {
-      nbad += bad_part[b * P.chunks + k];
-      nnonfinite += nonfinite_part[b * P.chunks + k];
+    for (int64_t q = 0; q < P.chunks; ++q) {
+      nbad += bad_part[b * P.chunks + q];
+      nnonfinite += nonfinite_part[b * P.chunks + q];
     }
   }
-  int64_t* bad_out = bad.data_ptr<int64_t>();
-  bad_out[0] = nbad;
-  bad_out[1] = nnonfinite;
-  return {count, sum_p, sum_y, bad};
+  int64_t* bad_out = o.bad.data_ptr<int64_t>();
+  bad_out[0] = nbad;  // label entries outside [0, C) other than ignore_index, over all raters
+  bad_out[1] = nnonfinite;  // non-finite p of used voxels (all C counted)
+  return o.tuple();
 }
 
 Tensor binned_stats_backward_cpu(const Tensor& grad_count, const Tensor& grad_sum_p, const Tensor& grad_sum_y,
-                                 const Tensor& input, const Tensor& target, const Tensor& edges, int64_t num_bins,
-                                 bool soft, int64_t activation, bool labels, std::optional<int64_t> ignore_index,
-                                 bool right) {
-  Prepared P = prepare(input, target, edges, num_bins, soft, activation, labels, ignore_index, right);
+                                 const Tensor& grad_sum_p2, const Tensor& grad_sum_py, const Tensor& input,
+                                 const Tensor& target, const Tensor& edges, int64_t num_bins, int64_t scheme,
+                                 int64_t activation, int64_t target_kind, int64_t mode, bool moments,
+                                 std::optional<int64_t> ignore_index, bool right) {
+  Prepared P = prepare(input, target, edges, num_bins, scheme, activation, target_kind, mode, moments, ignore_index,
+                       right);
   const Problem& pb = P.pb;
-  const int64_t B = pb.B, C = pb.C, M = pb.M;
-  const Tensor* grads[3] = {&grad_count, &grad_sum_p, &grad_sum_y};
-  const char* names[3] = {"grad_count", "grad_sum_p", "grad_sum_y"};
-  Tensor g[3];
-  for (int k = 0; k < 3; ++k) {
-    const Tensor& t = *grads[k];
-    TORCH_CHECK(t.device().is_cpu() && t.dim() == 3 && t.size(0) == B && t.size(1) == C && t.size(2) == M,
-                "calibops cpu: ", names[k], " must be a CPU tensor [B, C, M] = [", B, ", ", C, ", ", M, "], got ",
-                t.sizes());
-    g[k] = t.to(at::kFloat).contiguous();
-  }
-  Tensor grad = at::empty({B, C, pb.N}, P.input.options());
+  const Call& c = P.args.call;
+  const contract::Grads g =
+      contract::check_grads(c, input, grad_count, grad_sum_p, grad_sum_y, grad_sum_p2, grad_sum_py, kBackend);
+  Tensor grad = contract::alloc_grad_input(input, c);
   if (grad.numel() == 0) return grad;
+  if (contract::nothing_to_do(c)) return grad.zero_();
 
-  const KernelTable* K = select_kernels();
-  const int64_t ntask = B * P.chunks;
-  const size_t sf = K->scratch_floats(pb);
-  const float *gc = g[0].data_ptr<float>(), *gp = g[1].data_ptr<float>(), *gy = g[2].data_ptr<float>();
+  const KernelTable* KT = select_kernels();
+  const int64_t ntask = pb.B * P.chunks;
+  const size_t sf = KT->scratch_floats(pb);
+  const float *gc = g.count.data_ptr<float>(), *gp = g.sum_p.data_ptr<float>(), *gy = g.sum_y.data_ptr<float>();
+  const float* gp2 = pb.moments ? g.sum_p2.data_ptr<float>() : nullptr;
+  const float* gpy = pb.moments ? g.sum_py.data_ptr<float>() : nullptr;
   void* out = grad.data_ptr();
   run_tasks(ntask, sf, 0, [&](int64_t t, const Workspace& ws) {
     const int64_t b = t / P.chunks, k = t % P.chunks;
     const int64_t begin = k * P.chunk_len, end = std::min(pb.N, begin + P.chunk_len);
-    K->backward(pb, gc, gp, gy, out, b, begin, end, ws.scratch);
+    KT->backward(pb, gc, gp, gy, gp2, gpy, out, b, begin, end, ws.scratch);
   });
   return grad;
 }

@@ -1,0 +1,217 @@
+// The fused hard path (front end: fused_front.h). Forward with integer labels: sub-blocks of kSub voxels whose
+// float64 (1, q) pairs are scattered per statistic row, plus one integer count per voxel and rater for sum_y (the
+// rater's label class and bin); dense targets (marginal): the generic quads. Backward: gradient lookup per bin,
+// the chain rule through the activation, the mask and the store in one pass (non-temporal for large gradients).
+// Marginal and top-label, any number of raters; moments and dense top-label take the generic path.
+// Part of the per-ISA build (kernel_impl.h).
+#if !defined(CALIBOPS_ISA_NS)
+#error "included by kernel_impl.h only"
+#endif
+
+// Marginal forward front end of n voxels. src / ss: the class rows (stride ss) of the input (float32) or of the
+// converted tile; lab: the rater rows [R][T] or nullptr; bins (row stride T) gets the hard bins. PAIRS (labels): pk
+// (class stride pks doubles) gets the float64 (1, p) pairs, and each rater row of lab is overwritten with the
+// rater's label slot r * C * (M + 2) + l * (M + 2) + bin[l] (l its label; M for unused voxels: a discarded slot);
+// otherwise x (row stride T) gets p.
+template <int CC, bool PAIRS>
+static void hard_front_tile(const HardCtx& k, const Problem& pb, const float* src, i64 ss, i32* lab, float* x,
+                            i32* bins, double* pk, i64 pks, i64 n) {
+  const i64 T = pb.tile, C = CC > 0 ? CC : pb.C, R = pb.R;
+  const i32 M2 = static_cast<i32>(pb.M + 2), RS = static_cast<i32>(C) * M2;
+  constexpr int G = 2;
+  VF p[G][kMaxFusedC];
+  VI bn[G][kMaxFusedC];
+  auto emit = [&](int g, i64 i) {
+    for (i64 c = 0; c < C; ++c) {
+      if (PAIRS)
+        store_pairs(pk + c * pks + 2 * i, p[g][c]);
+      else
+        fstore(x + c * T + i, p[g][c]);
+      istore(bins + c * T + i, bn[g][c]);
+    }
+    if (PAIRS)
+      for (i64 r = 0; r < R; ++r) {
+        const VI lv = iload(lab + r * T + i);
+        VI yb = iset(k.M);
+        for (i64 c = 0; c < C; ++c)
+          yb = isel(ieq(lv, iset(static_cast<i32>(c))), iadd(bn[g][c], iset(static_cast<i32>(c) * M2)), yb);
+        istore(lab + r * T + i, r > 0 ? iadd(yb, iset(static_cast<i32>(r) * RS)) : yb);
+      }
+  };
+  i64 i = 0;
+  for (; i + G * VL <= n; i += G * VL) {
+    hard_front<CC, G>(k, C, src + i, ss, lab != nullptr ? lab + i : nullptr, p, bn);
+    for (int g = 0; g < G; ++g) emit(g, i + g * VL);
+  }
+  for (; i + VL <= n; i += VL) {
+    hard_front<CC, 1>(k, C, src + i, ss, lab != nullptr ? lab + i : nullptr, p, bn);
+    emit(0, i);
+  }
+  if (i < n) {  // tail: through zero-padded buffers
+    alignas(64) float xb[kMaxFusedC * VL];
+    alignas(64) i32 lb[VL], ib[kMaxFusedC * VL];
+    alignas(64) double pb2[kMaxFusedC * 2 * VL];
+    const i64 r = n - i;
+    for (i64 c = 0; c < C; ++c)
+      for (i64 v = 0; v < VL; ++v) xb[c * VL + v] = v < r ? src[c * ss + i + v] : 0.0f;
+    for (i64 v = 0; v < VL; ++v) lb[v] = (lab != nullptr && v < r) ? lab[i + v] : -1;
+    hard_front<CC, 1>(k, C, xb, VL, lb, p, bn);
+    for (i64 c = 0; c < C; ++c) {
+      if (PAIRS)
+        store_pairs(pb2 + c * 2 * VL, p[0][c]);
+      else
+        fstore(xb + c * VL, p[0][c]);
+      istore(ib + c * VL, bn[0][c]);
+    }
+    for (i64 c = 0; c < C; ++c)
+      for (i64 v = 0; v < r; ++v) {
+        if (PAIRS) {
+          pk[c * pks + 2 * (i + v)] = pb2[c * 2 * VL + 2 * v];
+          pk[c * pks + 2 * (i + v) + 1] = pb2[c * 2 * VL + 2 * v + 1];
+        } else {
+          x[c * T + i + v] = xb[c * VL + v];
+        }
+        bins[c * T + i + v] = ib[c * VL + v];
+      }
+    if (PAIRS)
+      for (i64 rr = 0; rr < R; ++rr)
+        for (i64 v = 0; v < r; ++v) {
+          const i32 lv = lab[rr * T + i + v];
+          lab[rr * T + i + v] = (lv >= 0 ? ib[lv * VL + v] + lv * M2 : k.M) + static_cast<i32>(rr) * RS;
+        }
+  }
+}
+
+// Top-label forward front end (labels): pk gets the (1, q) pairs, bins the bin of q, nf the number of non-finite p
+// per voxel, and each rater row of lab is overwritten with the rater's slot r * (M + 2) + (l == a ? bin : M).
+template <int CC>
+static void top_front_tile(const HardCtx& k, const Problem& pb, const float* src, i64 ss, i32* lab, i32* bins,
+                           double* pk, i32* nf, i64 n) {
+  const i64 T = pb.tile, C = CC > 0 ? CC : pb.C, R = pb.R;
+  const i32 M2 = static_cast<i32>(pb.M + 2);
+  constexpr int G = 2;
+  VF p[G][kMaxFusedC], q[G];
+  VI a[G], bn[G], nfc[G];
+  auto emit = [&](int g, i64 i) {
+    store_pairs(pk + 2 * i, q[g]);
+    istore(bins + i, bn[g]);
+    istore(nf + i, nfc[g]);
+    for (i64 r = 0; r < R; ++r) {
+      const VI yb = isel(ieq(iload(lab + r * T + i), a[g]), bn[g], iset(k.M));
+      istore(lab + r * T + i, r > 0 ? iadd(yb, iset(static_cast<i32>(r) * M2)) : yb);
+    }
+  };
+  i64 i = 0;
+  for (; i + G * VL <= n; i += G * VL) {
+    top_front<CC, G>(k, C, src + i, ss, lab + i, p, q, a, bn, nfc);
+    for (int g = 0; g < G; ++g) emit(g, i + g * VL);
+  }
+  for (; i + VL <= n; i += VL) {
+    top_front<CC, 1>(k, C, src + i, ss, lab + i, p, q, a, bn, nfc);
+    emit(0, i);
+  }
+  if (i < n) {  // tail: through zero-padded buffers
+    alignas(64) float xb[kMaxFusedC * VL];
+    alignas(64) i32 lb[VL], ab[VL], ib[VL], nb[VL];
+    alignas(64) double pb2[2 * VL];
+    const i64 r = n - i;
+    for (i64 c = 0; c < C; ++c)
+      for (i64 v = 0; v < VL; ++v) xb[c * VL + v] = v < r ? src[c * ss + i + v] : 0.0f;
+    for (i64 v = 0; v < VL; ++v) lb[v] = v < r ? lab[i + v] : -1;
+    top_front<CC, 1>(k, C, xb, VL, lb, p, q, a, bn, nfc);
+    store_pairs(pb2, q[0]);
+    istore(ab, a[0]);
+    istore(ib, bn[0]);
+    istore(nb, nfc[0]);
+    for (i64 v = 0; v < r; ++v) {
+      pk[2 * (i + v)] = pb2[2 * v];
+      pk[2 * (i + v) + 1] = pb2[2 * v + 1];
+      bins[i + v] = ib[v];
+      nf[i + v] = nb[v];
+      for (i64 rr = 0; rr < R; ++rr) {
+        const i32 lv = lab[rr * T + i + v];
+        lab[rr * T + i + v] = (lv == ab[v] ? ib[v] : k.M) + static_cast<i32>(rr) * M2;
+      }
+    }
+  }
+}
+
+// d loss / d p of one group (gg[c], from the per-bin gradient) -> d loss / d input: chain through the activation,
+// then 0 for unused voxels and non-finite p. The table gives 0 for non-finite p (bin M + 1), which activation 0
+// passes on as is; the chain rules would turn it into NaN (0 * NaN), so their result is masked. Softmax: p is NaN
+// for every class of the voxel or for none, so class 0 decides for the voxel.
+template <int CC>
+static CALIBOPS_INLINE void chain_mask(const HardCtx& k, i64 C_rt, const VF* p, const i32* lab, VF* gg) {
+  const i64 C = CC > 0 ? CC : C_rt;
+  if (k.act == 1) {
+    VF s = fset(0.0f);
+    for (i64 c = 0; c < C; ++c) s = fadd(s, fmul(p[c], gg[c]));
+    for (i64 c = 0; c < C; ++c) gg[c] = fmul(p[c], fsub(gg[c], s));
+    VM drop = fnonfinite(p[0]);
+    if (k.labels) drop = mor(drop, ilt(iload(lab), iset(0)));
+    for (i64 c = 0; c < C; ++c) gg[c] = fsel(drop, fset(0.0f), gg[c]);
+  } else {
+    if (k.act == 2)
+      for (i64 c = 0; c < C; ++c)
+        gg[c] = fsel(fnonfinite(p[c]), fset(0.0f), fmul(gg[c], fmul(p[c], fsub(fset(1.0f), p[c]))));
+    if (k.labels) {
+      const VM masked = ilt(iload(lab), iset(0));
+      for (i64 c = 0; c < C; ++c) gg[c] = fsel(masked, fset(0.0f), gg[c]);
+    }
+  }
+}
+
+// Backward of G groups: d loss / d input of the G * VL voxels, written to out + c * os. k0: per statistic row, the
+// gradient of sum_p per bin (0 in the discarded slots). Top-label: only the argmax class gets g_q.
+template <int CC, int G, bool TOP, bool NT = false>
+static CALIBOPS_INLINE void hard_back_group(const HardCtx& k, i64 C_rt, const Tab* k0, const float* x, i64 xs,
+                                            const i32* lab, float* out, i64 os) {
+  const i64 C = CC > 0 ? CC : C_rt;
+  VF p[G][kMaxFusedC];
+  VF gr[G][kMaxFusedC];
+  if (TOP) {
+    VF q[G];
+    VI a[G], bn[G], nfc[G];
+    top_front<CC, G>(k, C, x, xs, lab, p, q, a, bn, nfc);
+    for (int g = 0; g < G; ++g) {
+      const VF gq = look(k0[0], bn[g]);
+      for (i64 c = 0; c < C; ++c) gr[g][c] = fsel(ieq(a[g], iset(static_cast<i32>(c))), gq, fset(0.0f));
+    }
+  } else {
+    VI bn[G][kMaxFusedC];
+    hard_front<CC, G>(k, C, x, xs, lab, p, bn);
+    for (int g = 0; g < G; ++g)
+      for (i64 c = 0; c < C; ++c) gr[g][c] = look(k0[c], bn[g][c]);
+  }
+  for (int g = 0; g < G; ++g) chain_mask<CC>(k, C, p[g], lab != nullptr ? lab + g * VL : nullptr, gr[g]);
+  for (i64 c = 0; c < C; ++c)
+    for (int g = 0; g < G; ++g) {
+      if (NT)
+        fstore_nt(out + c * os + g * VL, gr[g][c]);
+      else
+        fstore(out + c * os + g * VL, gr[g][c]);
+    }
+}
+
+// NT: out + c * os is VL-float aligned for every c (non-temporal stores for the full groups).
+template <int CC, bool TOP, bool NT>
+static void hard_back_tile(const HardCtx& k, const Problem& pb, const Tab* k0, const float* src, i64 ss,
+                           const i32* lab, float* out, i64 os, i64 n) {
+  const i64 C = CC > 0 ? CC : pb.C;
+  i64 i = 0;
+  for (; i + 2 * VL <= n; i += 2 * VL)
+    hard_back_group<CC, 2, TOP, NT>(k, C, k0, src + i, ss, lab != nullptr ? lab + i : nullptr, out + i, os);
+  for (; i + VL <= n; i += VL)
+    hard_back_group<CC, 1, TOP>(k, C, k0, src + i, ss, lab != nullptr ? lab + i : nullptr, out + i, os);
+  if (i < n) {
+    alignas(64) float xb[kMaxFusedC * VL], gb[kMaxFusedC * VL];
+    alignas(64) i32 lb[VL];
+    const i64 r = n - i;
+    for (i64 c = 0; c < C; ++c)
+      for (i64 v = 0; v < VL; ++v) xb[c * VL + v] = v < r ? src[c * ss + i + v] : 0.0f;
+    for (i64 v = 0; v < VL; ++v) lb[v] = (lab != nullptr && v < r) ? lab[i + v] : -1;
+    hard_back_group<CC, 1, TOP>(k, C, k0, xb, VL, lb, gb, VL);
+    for (i64 c = 0; c < C; ++c)
+      for (i64 v = 0; v < r; ++v) out[c * os + i + v] = gb[c * VL + v];
+  }
+}
