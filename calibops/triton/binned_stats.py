@@ -149,7 +149,7 @@ def _triton_binned_stats(
     x = input.contiguous()
     t = _target_arg(target)
     e = edges.contiguous()
-    cfg = launch_config(B, C, N, M, x.device, mode=mode)
+    cfg = launch_config(B, C, N, M, x.device, mode=mode, raters=R, moments=moments)
     P = cfg["P"]
     grid = (B * P, cfg["GRID_CC"])
     S = 2 + R + (2 if moments else 0)  # planes: count, sum_p, sum_y of each rater, sum_p2, sum_py
@@ -202,7 +202,7 @@ def _triton_binned_stats_backward(
     x = input.contiguous()
     gc, gp, gy = (t.contiguous() for t in (grad_count, grad_sum_p, grad_sum_y))
     gp2, gpy = (t.contiguous() for t in (grad_sum_p2, grad_sum_py)) if moments else (gp, gp)  # unused when off
-    cfg = launch_config(B, C, N, M, x.device, backward=True, mode=mode)
+    cfg = launch_config(B, C, N, M, x.device, backward=True, mode=mode, raters=R, moments=moments)
     P = cfg["P"]
     _launch(_stats_bwd_kernel)[(B * P,)](
         gc,

@@ -391,31 +391,30 @@ def _grad_q(
             g += 2.0 * q * tl.load(gp2_ptr + grow + j, mask=valid, other=0.0)
             g += ybar * tl.load(gpy_ptr + grow + j, mask=valid, other=0.0)
     else:
-        v1 = valid & (j + 1 < NUM_BINS)
+        # bin j + 1 (clamped): where j == M - 1 its weight 1 - w and slope -dw are 0, so the value loaded there
+        # does not count (upstream gradients are finite)
         j1 = tl.minimum(j + 1, NUM_BINS - 1)
-        w1 = 1.0 - w
-        d1 = -dw
         if NUM_RATERS == 1:
-            gy0 = tl.load(gy_ptr + grow + j, mask=valid, other=0.0) * y
-            gy1 = tl.load(gy_ptr + grow + j1, mask=v1, other=0.0) * y
+            gyd = (
+                tl.load(gy_ptr + grow + j, mask=valid, other=0.0) - tl.load(gy_ptr + grow + j1, mask=valid, other=0.0)
+            ) * y
         else:
-            gy0 = tl.zeros(q.shape, tl.float32)
-            gy1 = tl.zeros(q.shape, tl.float32)
+            gyd = tl.zeros(q.shape, tl.float32)
             for r in tl.static_range(NUM_RATERS):
-                yr = rater(y, r, R_PAD)
                 base = grow * NUM_RATERS + r * NUM_BINS
-                gy0 += tl.load(gy_ptr + base + j, mask=valid, other=0.0) * yr
-                gy1 += tl.load(gy_ptr + base + j1, mask=v1, other=0.0) * yr
+                gy0 = tl.load(gy_ptr + base + j, mask=valid, other=0.0)
+                gyd += (gy0 - tl.load(gy_ptr + base + j1, mask=valid, other=0.0)) * rater(y, r, R_PAD)
         gc0 = tl.load(gc_ptr + grow + j, mask=valid, other=0.0)
-        gc1 = tl.load(gc_ptr + grow + j1, mask=v1, other=0.0)
+        gc1 = tl.load(gc_ptr + grow + j1, mask=valid, other=0.0)
         gp0 = tl.load(gp_ptr + grow + j, mask=valid, other=0.0)
-        gp1 = tl.load(gp_ptr + grow + j1, mask=v1, other=0.0)
-        g = (gc0 + gy0) * dw + gp0 * (w + q * dw) + (gc1 + gy1) * d1 + gp1 * (w1 + q * d1)
+        gp1 = tl.load(gp_ptr + grow + j1, mask=valid, other=0.0)
+        # sum over m in {j, j+1}: W = (w, 1 - w), D = (dw, -dw)
+        g = (gc0 - gc1 + gyd) * dw + gp0 * (w + q * dw) + gp1 * (1.0 - w - q * dw)
         if MOMENTS:
             g += tl.load(gp2_ptr + grow + j, mask=valid, other=0.0) * (2.0 * q * w + q * q * dw)
-            g += tl.load(gp2_ptr + grow + j1, mask=v1, other=0.0) * (2.0 * q * w1 + q * q * d1)
+            g += tl.load(gp2_ptr + grow + j1, mask=valid, other=0.0) * (2.0 * q * (1.0 - w) - q * q * dw)
             g += tl.load(gpy_ptr + grow + j, mask=valid, other=0.0) * ybar * (w + q * dw)
-            g += tl.load(gpy_ptr + grow + j1, mask=v1, other=0.0) * ybar * (w1 + q * d1)
+            g += tl.load(gpy_ptr + grow + j1, mask=valid, other=0.0) * ybar * (1.0 - w - q * dw)
     return tl.where(valid, g, 0.0)
 
 

@@ -10,7 +10,10 @@ compile the marginal, single-rater, moments-off configurations to the same code:
   registers and spilled). The per-bin loop is a runtime loop (an unrolled one spilled and compiled 30x
   slower). Programs: ~``PROGRAMS_PER_SM = 32`` per SM over the grid, each >= 4 and <= 256 tiles (the upper
   bound limits the sequential float32 accumulation length). Top-label uses the same probability tile and a
-  one-row histogram (``K_BLOCK = 1``), so it never needs more registers than the marginal kernel.
+  one-row histogram (``K_BLOCK = 1``), so it never needs more registers than the marginal kernel (123 vs 136
+  at C = 4, hard). Marginal with several raters or moments halves the tile (at C = 4, 1024-element tiles took
+  211-221 registers with R = 3 and 179-184 with moments; 512: 96-125); top-label keeps it (R = 3 and moments:
+  128).
 - Scatter forward (M > 64): ``BLOCK_N = prev_pow2(sqrt(SCATTER_PAIRS / K_BLOCK))`` clamped to [8, 32]
   (2048 pairs: 32-152 registers for C <= 40 with Triton 3.6, no spills; 4096 pairs took 161-168 at 16
   classes and 64 lanes for one class ~250), 4 warps; partial rows accumulate in float64, so tiles per
@@ -101,13 +104,16 @@ def launch_config(
     device: torch.device,
     backward: bool = False,
     mode: int = MODE_MARGINAL,
+    raters: int = 1,
+    moments: bool = False,
 ) -> dict:
     """Block sizes and grid for a ``[B, C, N]`` problem (see the module docstring for the heuristic).
 
     ``SCATTER`` (forward only) selects the scatter kernel (``num_bins > MAX_REGISTER_BINS``); ``M_PAD`` is the
     register histogram width of the other forward kernel. ``num_cc`` class chunks of ``C_BLOCK`` classes;
     ``GRID_CC`` programs per (image, voxel range) in the forward grid (``num_cc`` marginal, 1 top-label, whose
-    program loops over the chunks); ``K_BLOCK`` statistic rows per forward program."""
+    program loops over the chunks); ``K_BLOCK`` statistic rows per forward program. Several raters or moments
+    add histogram planes: the register kernel's tile is then halved (module docstring)."""
     c_block = min(triton.next_power_of_2(max(C, 1)), MAX_C_BLOCK)
     marginal = mode == MODE_MARGINAL
     k_block = c_block if marginal else 1
@@ -118,6 +124,8 @@ def launch_config(
         tile, num_warps = 1024, 4  # 8 elements per thread: ~80-95 registers
     else:
         tile, num_warps = 512, 4  # 4 elements per thread: ~70-110 registers for 16-32 classes
+    if not backward and marginal and (raters > 1 or moments):
+        tile //= 2  # more planes per row (R rater targets, moments): 1024-element tiles took 179-221 registers
     if scatter:
         block_n = _scatter_block_n(k_block)
         num_warps = _env_pow2("CALIBOPS_TRITON_WARPS_FWD", 4, 1)
