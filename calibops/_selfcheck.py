@@ -5,10 +5,11 @@ be right: its (backend, architecture) pair is in the record of :mod:`calibops._v
 passed in the current process for that (device, backend, input dtype). ``python -m calibops selfcheck`` runs
 the same check for every available backend and prints a table.
 
-What it runs: four small problems (:data:`CASES`) that together cover hard and soft binning, integer labels
+What it runs: five small problems (:data:`CASES`) that together cover hard and soft binning, integer labels
 (with ``ignore_index`` and out-of-range labels) and dense targets, softmax, sigmoid and probabilities, the
-chunked path for more than 32 classes, images in a batch, and both edge rules. Each runs forward and backward
-(random upstream gradients on all three statistics, so ``grad_output != 1``) through the candidate's op with
+chunked path for more than 32 classes, images in a batch, both edge rules, top-label statistics of three raters'
+label maps and the second moments. Each runs forward and backward (random upstream gradients on every statistic,
+so ``grad_output != 1``) through the candidate's op with
 its autograd formula, and through the reference on the CPU (pure PyTorch, float64 accumulation) from the very
 same input values. The input is read in the dtype under test (float32, float16 or bfloat16): a kernel can be
 right in float32 and wrong in bfloat16, so results are cached per (device, backend, dtype).
