@@ -1,6 +1,7 @@
 """``calibops evaluate``: calibration metrics and the dataset reliability histogram of saved predictions.
 
-    calibops evaluate --pred DIR --label DIR [--out DIR] [--num-bins 20] [--include-background] ...
+    calibops evaluate --pred DIR --label DIR [--label DIR2 ...] [--out DIR] [--num-bins 20] [--mode top_label]
+                      [--groups groups.csv] [--include-background] ...
     python -m calibops evaluate ...
 
 Reads probability maps and integer label maps (NIfTI ``.nii``/``.nii.gz`` through nibabel, MetaImage / NRRD
@@ -9,19 +10,33 @@ the ``.npz`` probabilities, with the ``.nii.gz`` next to them giving their geome
 ``--pred-suffix _seg``), accumulates them with :class:`calibops.metrics.DatasetCalibration`
 one case at a time (memory: one case plus O(C·M²)), and writes into ``--out``:
 
-- ``per_image.csv``: one row per case and class: ECE, ACE, MCE, voxels (and Dice with ``--dice``);
-- ``summary.csv``: per class macro (mean over cases) and micro (pooled) ECE/ACE/MCE, the spread of the
-  per-case values (std, median, quartiles, IQR), and their class mean;
+- ``per_image.csv``: one row per case and class (one ``top_label`` row per case with ``--mode top_label``): ECE,
+  ACE, MCE, L2, voxels (and Dice with ``--dice``; the group with ``--groups``; with several ``--label`` folders the
+  case's volume CRPS and consensus Dice, marginal mode);
+- ``summary.csv`` and ``summary.json`` (the same rows): per class macro (mean over cases) and micro (pooled)
+  ECE/ACE/MCE/L2, the spread of the per-case values (std, median, quartiles, IQR), and their class mean;
+- with ``--groups``: ``groups.csv`` (per group and class the macro / micro errors, the "all" row and the largest
+  between-group "gap", each macro value with its seeded bootstrap interval) and ``groups_reliability_<class>.png``
+  (the groups' pooled reliability diagrams side by side; not with ``--no-figures``);
 - ``dataset_histogram.png`` / ``.pdf``: the dataset reliability histogram figure (not with ``--no-figures``);
 - ``dataset_histogram.npz``: the histogram (C', M, M), pooled voxel counts (C', M) and class indices.
+
+Several ``--label`` folders are raters of the same cases (the CURVAS protocol): the macro values are the mean over
+cases of the mean over raters of the per-rater errors (the headline), the micro values and the histogram use the
+rater-mean soft label, and the voxel spacing for the volume CRPS comes from the label's (or, for NumPy labels,
+the prediction's sibling image's) NIfTI / SimpleITK header (1 per axis, voxel counts, without one). Everything
+is computed by :class:`calibops.metrics.DatasetCalibration` (``multi_rater=``, ``mode=``, ``groups=``).
 
 Everything is checked before anything is written. Every failure is one line on stderr,
 ``calibops evaluate: error: ...``, naming the file or option and the fix, and leaves no output file:
 
 - exit status 2 (usage): a bad option value, ``--pred``/``--label`` not a directory, ``--out`` naming an
   existing file, a backend that cannot run here, ``--class-names`` not matching the classes, matplotlib
-  missing without ``--no-figures`` (found before any case is read);
-- exit status 1 (data): a missing pair, a file that cannot be read (empty, truncated, corrupt, unreadable),
+  missing without ``--no-figures`` (found before any case is read), ``--groups`` not a file, ``--dice`` with
+  several raters or top-label;
+- exit status 1 (data): a missing pair (in any rater folder), a bad groups file (no ``case,group`` header, a case
+  without a group or twice, a group for a case not evaluated), rater label maps of one case differing in shape,
+  a file that cannot be read (empty, truncated, corrupt, unreadable),
   a shape mismatch, prediction and label on different grids (spacing / affine), values that are not
   probabilities, non-finite logits, labels out of range, outputs that cannot be written.
 """
@@ -30,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import sys
@@ -74,9 +90,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--label",
         required=True,
+        action="append",
         metavar="DIR",
-        help="directory of integer label maps (*spatial) with the same file names",
+        help="directory of integer label maps (*spatial) with the same file names; repeat it for several raters "
+        "(multi-rater evaluation: per-rater errors averaged, volume CRPS, consensus Dice)",
     )
+    p.add_argument(
+        "--mode",
+        default="marginal",
+        choices=("marginal", "top_label"),
+        help="marginal: per class; top_label: the confidence max_c p against [argmax = label], one row "
+        "(torchmetrics / CURVAS) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--groups",
+        default=None,
+        metavar="CSV",
+        help="CSV file with the columns case,group: per-group metrics, between-group gaps and bootstrap intervals",
+    )
+    p.add_argument(
+        "--bootstrap-samples",
+        type=int,
+        default=1000,
+        help="bootstrap resamples for the --groups intervals (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: %(default)s)")
     p.add_argument("--out", default="calibops_eval", metavar="DIR", help="output directory (default: %(default)s)")
     p.add_argument("--num-bins", type=int, default=20, help="confidence bins M (default: %(default)s)")
     p.add_argument("--include-background", action="store_true", help="also evaluate class 0")
@@ -291,6 +329,88 @@ def _check_geometry(name: str, pred_path: Path, label_path: Path, tol: float) ->
     )
 
 
+def _label_dirs(args: argparse.Namespace) -> list[str]:
+    """The ``--label`` folders (one per rater); a single string (a caller's own Namespace) is one folder."""
+    return [args.label] if isinstance(args.label, (str, os.PathLike)) else list(args.label)
+
+
+def read_groups(path: str | os.PathLike, cases: Sequence[str]) -> tuple[dict[str, str], tuple[str, ...]]:
+    """``({case: group}, group names in order of first appearance)`` from a CSV file with the columns
+    ``case,group`` (more columns are ignored), for exactly the evaluated ``cases``; raises
+    :class:`EvaluationError` naming the file, the row and the fix."""
+    where = f"--groups {os.fspath(path)!r}"
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields = [h.strip() for h in (reader.fieldnames or [])]
+            if "case" not in fields or "group" not in fields:
+                raise EvaluationError(
+                    f"{where}: the header is {fields or 'missing'}; the first line must name the columns case,group"
+                )
+            reader.fieldnames = fields
+            rows = list(reader)
+    except UnicodeDecodeError as exc:
+        raise EvaluationError(f"{where}: not a text CSV file ({exc}); save it as UTF-8 CSV with case,group") from exc
+    except OSError as exc:
+        raise EvaluationError(f"{where}: cannot read it ({exc}); make the file readable") from exc
+    mapping: dict[str, str] = {}
+    order: list[str] = []
+    for line, row in enumerate(rows, start=2):
+        case, group = (row.get("case") or "").strip(), (row.get("group") or "").strip()
+        if not case or not group:
+            raise EvaluationError(f"{where}, line {line}: empty case or group; give every row a case and a group")
+        if group in ("all", "gap"):
+            raise EvaluationError(f"{where}, line {line}: group name {group!r} is reserved for the report; rename it")
+        if case in mapping:
+            raise EvaluationError(f"{where}, line {line}: case {case!r} appears twice; give each case one group")
+        mapping[case] = group
+        if group not in order:
+            order.append(group)
+    from .io import _short
+
+    missing = [c for c in cases if c not in mapping]
+    unknown = sorted(set(mapping) - set(cases))
+    if missing:
+        raise EvaluationError(f"{where}: no group for {len(missing)} case(s): {_short(missing)}; add a row per case")
+    if unknown:
+        raise EvaluationError(
+            f"{where}: {len(unknown)} case(s) not in the evaluated folders: {_short(unknown)}; remove those rows "
+            "(or check the case names: file names without the suffix)"
+        )
+    return mapping, tuple(order)
+
+
+def _match_raters(args: argparse.Namespace) -> list[tuple[str, Path, list[Path]]]:
+    """``[(case, prediction, [label of each rater])]``: every rater folder must pair up with the predictions."""
+    from . import io
+
+    dirs = _label_dirs(args)
+    per_rater = []
+    for k, d in enumerate(dirs):
+        try:
+            per_rater.append(io.match_cases(args.pred, d, args.pred_suffix))
+        except (ValueError, FileNotFoundError) as exc:
+            if len(dirs) == 1:
+                raise EvaluationError(str(exc)) from exc
+            raise EvaluationError(
+                f"--label {d!r} (rater {k + 1} of {len(dirs)}): {exc}; every rater folder needs a label for every case"
+            ) from exc
+    return [(name, pred, [r[i][2] for r in per_rater]) for i, (name, pred, _) in enumerate(per_rater[0])]
+
+
+def _header_spacing(pred_path: Path, label_path: Path, ndim: int) -> list[float] | None:
+    """Voxel size per spatial axis from the label's header (else the prediction's image, or its nnU-Net sibling);
+    None (voxel counts) when no file has one."""
+    from . import io
+
+    for path in (label_path, pred_path, io.sibling_image(pred_path)):
+        if path is not None and io._suffix(path) in io.IMAGE_SUFFIXES:
+            affine = io.load_affine(path)
+            if affine is not None:
+                return [float(v) for v in io.spacing(affine)[:ndim]]
+    return None
+
+
 def check_usage(args: argparse.Namespace) -> None:
     """The checks of the command line that need no data file; raises :class:`UsageError` (exit status 2)."""
     from ._options import MAX_BINS
@@ -303,13 +423,27 @@ def check_usage(args: argparse.Namespace) -> None:
         raise UsageError(f"--geometry-tolerance must be a finite number >= 0, got {args.geometry_tolerance}")
     if not (math.isfinite(args.sum_tolerance) and args.sum_tolerance >= 0):
         raise UsageError(f"--sum-tolerance must be a finite number >= 0, got {args.sum_tolerance}")
-    for opt, d, what in (("--pred", args.pred, "prediction"), ("--label", args.label, "label")):
+    labels = _label_dirs(args)
+    if len(set(map(os.path.realpath, labels))) != len(labels):
+        raise UsageError(f"--label names one directory twice ({labels}); give each rater's folder once")
+    for opt, d, what in (("--pred", args.pred, "prediction"), *(("--label", d, "label") for d in labels)):
         if not os.path.exists(d):
             raise UsageError(f"{opt} {d!r}: directory not found; pass the directory holding the {what} files")
         if not os.path.isdir(d):
             raise UsageError(f"{opt} {d!r} is a file, not a directory; pass the directory holding the files")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out!r} names an existing file; pass a new or existing directory")
+    if args.groups is not None and not os.path.isfile(args.groups):
+        raise UsageError(f"--groups {args.groups!r}: file not found; pass a CSV file with the columns case,group")
+    if args.bootstrap_samples < 1:
+        raise UsageError(f"--bootstrap-samples must be >= 1, got {args.bootstrap_samples}")
+    if args.dice and len(labels) > 1:
+        raise UsageError(
+            "--dice compares with one label map: with several --label folders (raters) per_image.csv carries the "
+            "consensus Dice instead; drop --dice"
+        )
+    if args.dice and args.mode == "top_label":
+        raise UsageError("--dice reports Dice per class: drop it, or use --mode marginal")
     if args.class_names is not None and any(not n.strip() for n in args.class_names.split(",")):
         raise UsageError(f"--class-names {args.class_names!r} has an empty name; give one name per class")
     if args.backend != "auto":
@@ -339,22 +473,36 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from .metrics import DatasetCalibration
 
     check_usage(args)
-    try:
-        cases = io.match_cases(args.pred, args.label, args.pred_suffix)
-    except (ValueError, FileNotFoundError) as exc:
-        raise EvaluationError(str(exc)) from exc
+    cases = _match_raters(args)
+    multi = len(cases[0][2]) > 1
+    group_of, group_names = (None, None)
+    if args.groups is not None:
+        group_of, group_names = read_groups(args.groups, [c[0] for c in cases])
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
 
     metric: DatasetCalibration | None = None
     C = args.num_classes
     order = _AxisOrder(args.pred_axis_order)
-    for name, pred_path, label_path in _progress(cases, not args.no_progress):
+    for name, pred_path, label_paths in _progress(cases, not args.no_progress):
+        label_path = label_paths[0]
+        spacing = None
         try:
             probs = io.load_probabilities(pred_path, channel_dim=args.channel_dim, npz_key=args.npz_key)
-            label = io.load_label(label_path, spatial_ndim=probs.ndim - 1)
+            labels = [io.load_label(lp, spatial_ndim=probs.ndim - 1) for lp in label_paths]
+            label = labels[0]
+            for lp, lab in zip(label_paths[1:], labels[1:]):
+                if lab.shape != label.shape:
+                    raise ValueError(
+                        f"the raters' label maps differ in shape: {label_path} {label.shape}, {lp} {lab.shape}; "
+                        "every rater's label map of a case must be on the same grid (re-export it on that grid, or "
+                        "leave that rater's folder out)"
+                    )
             probs = order.apply(name, probs, label, pred_path, label_path, args.npz_key)
             if not args.no_geometry_check:
-                _check_geometry(name, pred_path, label_path, args.geometry_tolerance)
+                for lp in label_paths:
+                    _check_geometry(name, pred_path, lp, args.geometry_tolerance)
+            if multi:
+                spacing = _header_spacing(pred_path, label_path, probs.ndim - 1)
         except (ValueError, TypeError) as exc:  # io's messages name the file and the fix
             raise EvaluationError(f"case {name!r}: {exc}") from exc
         if probs.size == 0 or label.size == 0:
@@ -383,7 +531,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 )
         else:
             probs = _check_probabilities(name, pred_path, probs, args.multilabel, args.sum_tolerance)
-        _check_labels(name, label_path, label, C, args.ignore_index)
+        for lp, lab in zip(label_paths, labels):
+            _check_labels(name, lp, lab, C, args.ignore_index)
         if metric is None:
             if names is not None and len(names) != C:
                 raise UsageError(f"--class-names gives {len(names)} names for {C} classes; give one name per class")
@@ -397,23 +546,38 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 backend=args.backend,
                 keep_records=True,
                 dice=args.dice,
+                mode=args.mode,
+                multi_rater=multi,
+                groups=group_names,
             )
+        target = torch.from_numpy(np.stack(labels) if multi else label)[None]
         try:
-            metric.update(torch.from_numpy(probs)[None], torch.from_numpy(label)[None], image_ids=[name])
+            metric.update(
+                torch.from_numpy(probs)[None],
+                target,
+                image_ids=[name],
+                groups=[group_of[name]] if group_of is not None else None,
+                spacing=spacing,
+            )
         except (ValueError, TypeError) as exc:
-            raise EvaluationError(f"case {name!r} ({pred_path}, {label_path}): {exc}") from exc
+            raise EvaluationError(f"case {name!r} ({pred_path}, {', '.join(map(str, label_paths))}): {exc}") from exc
     assert metric is not None  # match_cases never returns an empty list
     if names is None:
         names = [f"class {c}" for c in range(metric.num_classes)]
-    return {
+    res: dict[str, Any] = {
         "metric": metric,
         "result": metric.compute(),
         "histogram": metric.histogram(),
         "counts": metric.pooled_counts(),
         "class_names": names,
         "num_cases": len(cases),
+        "raters": len(cases[0][2]),
+        "mode": args.mode,
         "spread": per_class_spread(metric),
     }
+    if group_names is not None:
+        res["group_rows"] = group_rows_with_intervals(metric, res["result"], args.bootstrap_samples, args.seed)
+    return res
 
 
 def _fmt(v: float) -> str:
@@ -421,6 +585,7 @@ def _fmt(v: float) -> str:
 
 
 _SPREAD = ("std", "median", "q1", "q3", "iqr")
+METRICS = ("ece", "ace", "mce", "l2")
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:
@@ -434,22 +599,113 @@ def spread(values: Sequence[float]) -> dict[str, float]:
     return {"mean": float(v.mean()), "std": std, "median": med, "q1": q1, "q3": q3, "iqr": q3 - q1}
 
 
-def per_class_spread(metric: Any) -> dict[int, dict[str, dict[str, float]]]:
-    """``{class: {"ece"|"ace"|"mce": spread(per-case values)}}`` from the metric's per-image records."""
-    out: dict[int, dict[str, dict[str, float]]] = {}
+def _row_keys(metric: Any) -> tuple[Any, ...]:
+    """The report rows: the used class indices (marginal) or ``("top_label",)``."""
+    return metric.classes or ("top_label",)
+
+
+def _row_name(key: Any, names: Sequence[str]) -> str:
+    return "top-label" if key == "top_label" else names[key]
+
+
+def _per_case_values(metric: Any) -> tuple[str, ...]:
+    extra = ("volume_crps", "consensus_dice") if (metric.multi_rater and metric.mode == "marginal") else ()
+    return ("ece", "ace", "mce", "l2", *extra)
+
+
+def per_class_spread(metric: Any) -> dict[Any, dict[str, dict[str, float]]]:
+    """``{class: {"ece"|"ace"|"mce"|"l2"[|"volume_crps"|"consensus_dice"]: spread(per-case values)}}`` from the
+    metric's per-image records (class ``"top_label"`` in top-label mode)."""
+    out: dict[Any, dict[str, dict[str, float]]] = {}
     recs = metric.records()
-    for c in metric.classes:
+    for c in _row_keys(metric):
         rows = [r for r in recs if r["class"] == c]
-        out[c] = {m: spread([r[m] for r in rows]) for m in ("ece", "ace", "mce")}
+        out[c] = {m: spread([r[m] for r in rows]) for m in _per_case_values(metric)}
     return out
+
+
+def group_rows_with_intervals(metric: Any, result: Any, num_samples: int, seed: int) -> list[dict[str, Any]]:
+    """:meth:`DatasetCalibration.group_rows` (per group and class, then the ``gap`` rows) with an ``all`` row per
+    class before the gaps, and every macro value's seeded bootstrap interval (``macro_<metric>_lower/upper``):
+    per group, over all cases, and of the gap (:meth:`DatasetCalibration.bootstrap`)."""
+    from ._dataset_results import METRICS
+
+    keys = _row_keys(metric)
+    boot = {m: metric.bootstrap(m, num_samples=num_samples, seed=seed) for m in METRICS}
+    rows = metric.group_rows()
+    per_group = [r for r in rows if r["group"] != "gap"]
+    gaps = [r for r in rows if r["group"] == "gap"]
+    everything = []
+    for k, c in enumerate(keys):
+        row: dict[str, Any] = {"group": "all", "class": c, "images": result.num_images}
+        for kind in ("macro", "micro"):
+            for m in METRICS:
+                row[f"{kind}_{m}"] = float(getattr(getattr(result, kind), m).reshape(-1)[k])
+        everything.append(row)
+    out = per_group + everything + gaps
+    for row in out:
+        k = keys.index(row["class"])
+        for m in METRICS:
+            b = boot[m]
+            ci = b["gap"] if row["group"] == "gap" else b["all"] if row["group"] == "all" else b["groups"][row["group"]]
+            row[f"macro_{m}_lower"] = float(ci.lower.reshape(-1)[k])
+            row[f"macro_{m}_upper"] = float(ci.upper.reshape(-1)[k])
+    return out
+
+
+_GROUP_FIELDS = (
+    ("group", "class", "images")
+    + tuple(f"macro_{m}{s}" for m in ("ece", "ace", "mce", "l2") for s in ("", "_lower", "_upper"))
+    + tuple(f"micro_{m}" for m in ("ece", "ace", "mce", "l2"))
+)
+
+
+def summary_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of ``summary.csv`` / ``summary.json``: one per class (or the top-label row), then the mean over
+    classes. Values are floats (NaN where undefined)."""
+    metric, r, names = res["metric"], res["result"], res["class_names"]
+    sp = res["spread"]
+    n, present = r.images_per_class.reshape(-1), r.images_with_class.reshape(-1)
+    cols = {f"{kind}_{m}": getattr(getattr(r, kind), m).reshape(-1) for kind in ("macro", "micro") for m in METRICS}
+    rows = []
+    for k, c in enumerate(_row_keys(metric)):
+        row: dict[str, Any] = {"class": c, "class_name": _row_name(c, names), "cases": int(n[k])}
+        row["cases_with_class"] = int(present[k])
+        row.update({col: float(v[k]) for col, v in cols.items()})
+        row.update({f"{m}_{q}": sp[c][m][q] for m in ("ece", "ace", "mce") for q in _SPREAD})
+        for m in _per_case_values(metric)[4:]:
+            row.update({f"{m}_{q}": sp[c][m][q] for q in ("mean", *_SPREAD)})
+        rows.append(row)
+    mean: dict[str, Any] = {"class": "mean", "class_name": "mean over classes", "cases": res["num_cases"]}
+    mean.update({col: float(v[~v.isnan()].mean()) if bool((~v.isnan()).any()) else math.nan for col, v in cols.items()})
+    rows.append(mean)
+    return rows
+
+
+def _summary_fields(metric: Any) -> list[str]:
+    fields = ["class", "class_name", "cases", "cases_with_class"]
+    fields += [f"{kind}_{m}" for kind in ("macro", "micro") for m in ("ece", "ace", "mce")]
+    fields += [f"{m}_{q}" for m in ("ece", "ace", "mce") for q in _SPREAD]
+    fields += ["macro_l2", "micro_l2"]
+    fields += [f"{m}_{q}" for m in _per_case_values(metric)[4:] for q in ("mean", *_SPREAD)]
+    return fields
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, float):
+        return None if math.isnan(v) else v
+    return v
+
+
+def _csv_value(v: Any) -> Any:
+    return _fmt(v) if isinstance(v, float) else v
 
 
 def _write_outputs(res: dict[str, Any], out: Path, dice: bool, figures: bool = True) -> list[Path]:
     """Write every output into a temporary directory next to ``out``, then move them in place."""
     metric = res["metric"]
-    r = res["result"]
     names = res["class_names"]
-    used = [names[c] for c in metric.classes]
+    used = [_row_name(c, names) for c in _row_keys(metric)]
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -462,60 +718,58 @@ def _write_outputs(res: dict[str, Any], out: Path, dice: bool, figures: bool = T
         ) from exc
     try:
         fields = ["case", "class", "class_name", "ece", "ace", "mce", "voxels"] + (["dice"] if dice else [])
+        fields += ["l2", *_per_case_values(metric)[4:]] + (["group"] if metric.groups is not None else [])
         with open(tmp / "per_image.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(fields)
             for rec in metric.records():
-                row = [
-                    rec["image"],
-                    rec["class"],
-                    names[rec["class"]],
-                    _fmt(rec["ece"]),
-                    _fmt(rec["ace"]),
-                    _fmt(rec["mce"]),
-                    rec["voxels"],
-                ]
-                if dice:
-                    row.append(_fmt(rec["dice"]))
-                w.writerow(row)
+                row = dict(rec, case=rec["image"], class_name=_row_name(rec["class"], names))
+                w.writerow([_csv_value(row[k]) for k in fields])
+        rows = summary_rows(res)
         with open(tmp / "summary.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(
-                [
-                    "class",
-                    "class_name",
-                    "cases",
-                    "cases_with_class",
-                    "macro_ece",
-                    "macro_ace",
-                    "macro_mce",
-                    "micro_ece",
-                    "micro_ace",
-                    "micro_mce",
-                    *(f"{m}_{k}" for m in ("ece", "ace", "mce") for k in _SPREAD),
-                ]
-            )
-            sp = res["spread"]
-            n, present = r.images_per_class, r.images_with_class
-            cols = [r.macro.ece, r.macro.ace, r.macro.mce, r.micro.ece, r.micro.ace, r.micro.mce]
-            for k, c in enumerate(metric.classes):
-                spreads = [_fmt(sp[c][m][q]) for m in ("ece", "ace", "mce") for q in _SPREAD]
-                w.writerow([c, names[c], int(n[k]), int(present[k]), *(_fmt(float(v[k])) for v in cols), *spreads])
-            means = [float(v[~v.isnan()].mean()) if bool((~v.isnan()).any()) else math.nan for v in cols]
-            w.writerow(["mean", "mean over classes", res["num_cases"], "", *(_fmt(m) for m in means)])
+            w = csv.DictWriter(f, fieldnames=_summary_fields(metric), extrasaction="ignore")
+            w.writeheader()
+            w.writerows({k: _csv_value(v) for k, v in row.items()} for row in rows)
+        report: dict[str, Any] = {
+            "cases": res["num_cases"],
+            "raters": res["raters"],
+            "mode": res["mode"],
+            "num_bins": metric.num_bins,
+            "summary": [{k: _json_value(v) for k, v in row.items()} for row in rows],
+        }
+        if "group_rows" in res:
+            with open(tmp / "groups.csv", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(_GROUP_FIELDS), extrasaction="ignore")
+                w.writeheader()
+                w.writerows({k: _csv_value(v) for k, v in row.items()} for row in res["group_rows"])
+            report["groups"] = [{k: _json_value(v) for k, v in row.items()} for row in res["group_rows"]]
+        with open(tmp / "summary.json", "w") as f:
+            json.dump(report, f, indent=1, allow_nan=False)
+            f.write("\n")
+        hist, counts = res["histogram"], res["counts"]
+        if hist.dim() == 2:  # top-label: one row
+            hist = hist[None]
         np.savez(
             tmp / "dataset_histogram.npz",
-            histogram=res["histogram"].cpu().numpy(),
-            counts=res["counts"].cpu().numpy(),
-            classes=np.asarray(metric.classes),
+            histogram=hist.cpu().numpy(),
+            counts=counts.cpu().numpy(),
+            classes=np.asarray(metric.classes, dtype=np.int64),  # empty for top-label
             class_names=np.asarray(used),
         )
         if figures:
             from .plot import dataset_reliability_histogram
 
-            fig = dataset_reliability_histogram(res["histogram"], counts=res["counts"], class_names=used)
+            fig = dataset_reliability_histogram(hist, counts=counts, class_names=used)
             fig.savefig(tmp / "dataset_histogram.png", dpi=200)
             fig.savefig(tmp / "dataset_histogram.pdf")
+            if "group_rows" in res:
+                import matplotlib.pyplot as plt
+
+                plt.close(fig)
+                for k, c in enumerate(_row_keys(metric)):
+                    fig = metric.plot_groups(k, title=_row_name(c, names))
+                    fig.savefig(tmp / f"groups_reliability_{'top_label' if c == 'top_label' else f'class{c}'}.png")
+                    plt.close(fig)
         written = []
         for f in sorted(tmp.iterdir()):
             os.replace(f, out / f.name)
@@ -534,22 +788,32 @@ def _write_outputs(res: dict[str, Any], out: Path, dice: bool, figures: bool = T
 
 
 def _print_summary(res: dict[str, Any]) -> None:
-    metric, r, names = res["metric"], res["result"], res["class_names"]
-    print(f"{res['num_cases']} cases, {metric.num_bins} bins")
+    metric, names = res["metric"], res["class_names"]
+    raters = f", {res['raters']} raters (macro: mean over raters)" if res["raters"] > 1 else ""
+    print(f"{res['num_cases']} cases, {metric.num_bins} bins, {res['mode']}{raters}")
     print(
         f"{'class':<16} {'macro ECE':>10} {'macro ACE':>10} {'macro MCE':>10} "
         f"{'micro ECE':>10} {'micro ACE':>10} {'micro MCE':>10}"
     )
-    for k, c in enumerate(metric.classes):
-        vals = [r.macro.ece, r.macro.ace, r.macro.mce, r.micro.ece, r.micro.ace, r.micro.mce]
-        print(f"{names[c][:16]:<16} " + " ".join(f"{float(v[k]):>10.4f}" for v in vals))
+    rows = summary_rows(res)
+    cols = [f"{kind}_{m}" for kind in ("macro", "micro") for m in ("ece", "ace", "mce")]
+    for row in rows[:-1]:
+        print(f"{row['class_name'][:16]:<16} " + " ".join(f"{row[k]:>10.4f}" for k in cols))
     print("per case (mean ± std, median [IQR]):")
-    for c in metric.classes:
+    for c in _row_keys(metric):
         parts = []
-        for m in ("ece", "ace", "mce"):
+        for m in _per_case_values(metric):
+            if m == "l2":
+                continue
             d = res["spread"][c][m]
             parts.append(f"{m.upper()} {d['mean']:.4f} ± {d['std']:.4f}, {d['median']:.4f} [{d['iqr']:.4f}]")
-        print(f"{names[c][:16]:<16} " + "; ".join(parts))
+        print(f"{_row_name(c, names)[:16]:<16} " + "; ".join(parts))
+    for row in res.get("group_rows", []):
+        if row["group"] == "gap":
+            print(
+                f"{_row_name(row['class'], names)[:16]:<16} largest between-group macro ECE gap {row['macro_ece']:.4f} "
+                f"[{row['macro_ece_lower']:.4f}, {row['macro_ece_upper']:.4f}]"
+            )
 
 
 def _one_line(exc: BaseException) -> str:
