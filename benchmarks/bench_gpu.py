@@ -14,8 +14,10 @@ keeps everything measured before (scripts/gpu_check.sh relies on it).
     python benchmarks/bench_gpu.py                    # the issue's shapes, hard + soft, writes
                                                       # benchmarks/results/gpu_<card>.csv
     python benchmarks/bench_gpu.py --device cpu --dry-run   # tiny shapes on CPU (interpreter): checks the script
-    python benchmarks/bench_gpu.py --registers        # no GPU: compile the Triton kernels for sm_90, print
-                                                      # registers / spills
+    python benchmarks/bench_gpu.py --registers        # no GPU: compile every Triton kernel variant (marginal,
+                                                      # top-label, R=3, moments; hard/soft; fwd/bwd; fp32/bf16)
+                                                      # for sm_90, print registers / stack
+    python benchmarks/bench_gpu.py --registers --shapes 2x4x224x224x144 --engine top_label --modes fwd --dtype bfloat16
     python benchmarks/bench_gpu.py --cuda-registers   # no GPU: nvcc --resource-usage of every CUDA kernel variant
     python benchmarks/bench_gpu.py --sweep-tiles fwd:512:4,fwd:1024:4,bwd:1024:8   # block-size settings
 
@@ -134,7 +136,12 @@ def parse_args(argv=None):
     ap.add_argument("--modes", default="fwd,bwd,fwd+bwd")
     ap.add_argument("--backends", default=",".join(BACKENDS))
     ap.add_argument("--num-bins", type=int, default=20)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="input dtype (default float32; --registers: float32 and bfloat16)",
+    )
     ap.add_argument("--label-dtype", default="int64", choices=["int64", "int32", "uint8"])
     ap.add_argument(
         "--budget-s",
@@ -146,7 +153,8 @@ def parse_args(argv=None):
     ap.add_argument(
         "--registers",
         action="store_true",
-        help="no GPU needed: compile the Triton kernels for --arch and print registers / stack per variant",
+        help="no GPU needed: compile the Triton kernels for --arch and print registers / stack per variant "
+        "(--engine variants x --binning x fwd/bwd of --modes x --dtype, class counts of --shapes, --num-bins)",
     )
     ap.add_argument(
         "--cuda-registers",
@@ -252,7 +260,12 @@ def kernel_resources() -> list[str]:
 
         tb = importlib.import_module("calibops.triton.binned_stats")  # the module (the package exports the op)
 
-        for kname, kern in (("fwd", tb._stats_fwd_kernel), ("bwd", tb._stats_bwd_kernel)):
+        kernels = (
+            ("fwd", tb._stats_fwd_kernel),
+            ("fwd-scatter", tb._stats_fwd_scatter_kernel),
+            ("bwd", tb._stats_bwd_kernel),
+        )
+        for kname, kern in kernels:
             caches = getattr(kern, "device_caches", None) or {}
             for entry in caches.values():
                 cache = entry[0] if isinstance(entry, tuple) else entry
@@ -270,16 +283,20 @@ def kernel_resources() -> list[str]:
     return lines
 
 
-def register_report(arch: int) -> int:
+def register_report(args) -> int:
     """Compile the forward/backward kernels for sm_<arch> (no GPU needed) and print ptxas register use.
 
-    Each variant is compiled with the specialisation Triton's JIT gives a real launch: the JIT's own binder
-    (``create_function_from_signature``) and argument packing (``JITFunction._pack_args``) turn the launch
-    arguments the op passes for the issue's shapes (contiguous tensors, N = 224*224*144, the grid of
-    ``launch_config``) into the signature, the constexprs and the run-time divisibility hints (pointers
-    16-byte aligned, integers divisible by 16, integers equal to 1). Without those hints ptxas sees other code
-    and under-reports registers (93 instead of 119 for the soft bf16 forward at C = 2). Registers and stack
-    bytes come from ``cuobjdump -res-usage`` on the cubin."""
+    Variants: every ``--engine`` variant (``marginal``: the v1 configuration, ``top_label``, ``raters3``,
+    ``moments``) x ``--binning`` x kernel (``fwd`` / ``bwd`` from ``--modes``) x input dtype (``--dtype``, or
+    float32 and bfloat16 when it is not given), for the class counts of ``--shapes`` (default C = 1, 2, 4, 8,
+    16, 32, 40 on 2 x 224*224*144 voxels), ``--num-bins`` bins (above 64 the forward is the scatter kernel) and
+    ``--label-dtype`` labels. Each variant is compiled with the specialisation Triton's JIT gives a real launch:
+    the JIT's own binder (``create_function_from_signature``) and argument packing (``JITFunction._pack_args``)
+    turn the launch arguments the op passes (contiguous tensors, the grid of ``launch_config`` on a 132-SM card)
+    into the signature, the constexprs and the run-time divisibility hints (pointers 16-byte aligned, integers
+    divisible by 16, integers equal to 1). Without those hints ptxas sees other code and under-reports registers
+    (93 instead of 119 for the v1 soft bf16 forward at C = 2). Registers and stack bytes come from
+    ``cuobjdump -res-usage`` on the cubin. Returns 1 when any variant fails to compile."""
     import importlib
     import shutil
 
@@ -287,58 +304,83 @@ def register_report(arch: int) -> int:
     from triton.backends.compiler import GPUTarget
 
     tb = importlib.import_module("calibops.triton.binned_stats")
+    launch = importlib.import_module("calibops.triton.launch")
     if tb.INTERPRETED:
         print("--registers needs TRITON_INTERPRET unset")
         return 2
+    variants = [v.strip() for v in args.engine.split(",") if v.strip()] or ["marginal"]
+    unknown = sorted(set(variants) - set(ENGINE_VARIANTS))
+    if unknown:
+        raise SystemExit(f"bench_gpu: unknown --engine variant(s) {unknown}; choose from {list(ENGINE_VARIANTS)}")
+    if args.shapes:
+        problems = []
+        for s in args.shapes.split(","):
+            dims = [int(v) for v in s.split("x")]
+            problems.append((dims[0], dims[1], math.prod(dims[2:])))
+    else:
+        problems = [(2, C, 224 * 224 * 144) for C in (1, 2, 4, 8, 16, 32, 40)]
+    binnings = [b.strip() for b in args.binning.split(",") if b.strip()]
+    kernels = [k for k in ("fwd", "bwd") if any(k in m.split("+") for m in args.modes.split(","))]
+    xdts = [args.dtype] if args.dtype else ["float32", "bfloat16"]
     nvbin = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     cuobjdump = os.path.join(nvbin, "cuobjdump")
     if not os.path.exists(cuobjdump):
         cuobjdump = shutil.which("cuobjdump") or cuobjdump
-    failures = 0
     print(
-        f"Triton {triton.__version__}, target sm_{arch}: registers / stack bytes per kernel variant "
-        "(the JIT's specialisation of the op's launch arguments)"
+        f"Triton {triton.__version__}, target sm_{args.arch}: registers / stack bytes per kernel variant "
+        f"(the JIT's specialisation of the op's launch arguments; softmax, {args.label_dtype} labels, "
+        f"M={args.num_bins}, 132 SMs)"
     )
-    target = GPUTarget("cuda", arch, 32)
-    tb_sms = tb._num_sms
-    tb._num_sms = lambda device: 132
+    target = GPUTarget("cuda", args.arch, 32)
+    failures = 0
+    saved_sms = launch._num_sms  # launch_config looks _num_sms up in calibops.triton.launch
+    launch._num_sms = lambda device: 132
     try:
-        for C in (1, 2, 4, 8, 16, 32, 40):
-            for soft, xdt, kernel in itertools.product((False, True), ("fp32", "bf16"), ("fwd", "bwd")):
-                failures += _compile_one(tb, triton, target, cuobjdump, C, soft, xdt, kernel)
+        for B, C, N in problems:
+            for variant, binning, xdt, kernel in itertools.product(variants, binnings, xdts, kernels):
+                failures += _compile_one(
+                    tb, launch, triton, target, cuobjdump, args, B, C, N, variant, binning, xdt, kernel
+                )
     finally:
-        tb._num_sms = tb_sms
+        launch._num_sms = saved_sms
+    print(f"{'all variants compiled' if not failures else f'{failures} variant(s) failed to compile'}")
     return 1 if failures else 0
 
 
-def jit_launch_args(tb, C: int, soft: bool, xdt: str, kernel: str, N: int = 224 * 224 * 144, B: int = 2):
+def jit_launch_args(tb, launch, B: int, C: int, N: int, M: int, variant: str, binning: str, xdt, ldt, kernel: str):
     """(kernel function, keyword launch arguments, num_warps, config) as the op launches the kernel for a
-    [B, C, N] softmax + int64-labels problem with 20 bins: the op's own ``launch_config`` (forward kernel chosen
-    as the op does) and constexpr flags (``_flags``); small CPU tensors stand in for the device buffers (only
-    their dtype and 16-byte alignment matter to the specialisation, as for torch's CUDA allocations)."""
+    [B, C, N] softmax + integer-labels problem with M bins and an ``ENGINE_VARIANTS`` variant: the op's own
+    ``launch_config`` (forward kernel chosen as the op does) and constexpr ``flags``; small CPU tensors stand in
+    for the device buffers (only their dtype and 16-byte alignment matter to the specialisation, as for torch's
+    CUDA allocations)."""
     import torch
 
-    M = 20
-    cfg = tb.launch_config(B, C, N, M, torch.device("cuda"), backward=kernel == "bwd")
-    cfg["M"] = M
-    if kernel == "bwd":
+    from calibops._contract import SCHEME_HARD, SCHEME_SOFT, TARGET_LABELS
+
+    mode, R, moments = ENGINE_VARIANTS[variant]
+    scheme = SCHEME_SOFT if binning == "soft" else SCHEME_HARD
+    backward = kernel == "bwd"
+    cfg = launch.launch_config(
+        B, C, N, M, torch.device("cuda"), backward=backward, mode=mode, raters=R, moments=moments
+    )
+    if backward:
         fn = tb._stats_bwd_kernel
-    elif cfg.get("SCATTER"):
+    elif cfg["SCATTER"]:
         fn = tb._stats_fwd_scatter_kernel
     else:
         fn = tb._stats_fwd_kernel
-    xt = torch.float32 if xdt == "fp32" else torch.bfloat16
-    part = torch.float64 if "scatter" in fn.__name__ else torch.float32
     dtypes = {
-        "x_ptr": xt,
-        "gx_ptr": xt,
-        "t_ptr": torch.int64,
+        "x_ptr": xdt,
+        "gx_ptr": xdt,
+        "t_ptr": ldt,
         "e_ptr": torch.float32,
-        "part_ptr": part,
+        "part_ptr": torch.float64 if cfg["SCATTER"] else torch.float32,
         "cnt_ptr": torch.int64,
         "gc_ptr": torch.float32,
         "gp_ptr": torch.float32,
         "gy_ptr": torch.float32,
+        "gp2_ptr": torch.float32,
+        "gpy_ptr": torch.float32,
     }
     ints = {
         "C": C,
@@ -349,7 +391,7 @@ def jit_launch_args(tb, C: int, soft: bool, xdt: str, kernel: str, N: int = 224 
         "has_ignore": 0,
         "right": 0,
     }
-    consts = dict(tb._flags(soft, 1, True, cfg))
+    consts = launch.flags(cfg, M, scheme, 1, TARGET_LABELS, mode, moments, R, backward=backward)
     num_warps = consts.pop("num_warps")
     kwargs = {}
     for name in fn.arg_names:
@@ -359,25 +401,38 @@ def jit_launch_args(tb, C: int, soft: bool, xdt: str, kernel: str, N: int = 224 
             kwargs[name] = ints[name]
         elif name in consts:
             kwargs[name] = consts[name]
-        elif name in cfg:  # e.g. M_PAD
-            kwargs[name] = cfg[name]
         else:
             raise KeyError(f"bench_gpu --registers does not know the argument {name!r} of {fn.__name__}; add it")
     return fn, kwargs, num_warps, cfg
 
 
-def _compile_one(tb, triton, target, cuobjdump, C, soft, xdt, kernel) -> int:
+def _compile_one(tb, launch, triton, target, cuobjdump, args, B, C, N, variant, binning, xdt, kernel) -> int:
     import subprocess
     import tempfile
 
+    import torch
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    label = f"{kernel} C={C:<3d} {'soft' if soft else 'hard'} {xdt:<4s}"
+    short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[xdt]
+    label = f"{kernel} C={C:<3d} {variant:<9s} {binning:<4s} {short:<4s}"
     try:
-        fn, kwargs, num_warps, cfg = jit_launch_args(tb, C, soft, xdt, kernel)
-        label += f" {fn.__name__.strip('_')}" if "scatter" in fn.__name__ else ""
-        label += f" C_BLOCK={cfg['C_BLOCK']:<3d} BLOCK_N={cfg['BLOCK_N']:<5d} warps={num_warps}"
+        fn, kwargs, num_warps, cfg = jit_launch_args(
+            tb,
+            launch,
+            B,
+            C,
+            N,
+            args.num_bins,
+            variant,
+            binning,
+            getattr(torch, xdt),
+            getattr(torch, args.label_dtype),
+            kernel,
+        )
+        label += " scatter" if "scatter" in fn.__name__ else ""
+        label += f" C_BLOCK={cfg['C_BLOCK']:<3d} K_BLOCK={kwargs.get('K_BLOCK', '-')!s:<3s}"
+        label += f" BLOCK_N={cfg['BLOCK_N']:<5d} warps={num_warps}"
         t0 = time.perf_counter()
         backend = make_backend(target)
         binder = create_function_from_signature(fn.signature, fn.params, backend)
@@ -395,11 +450,12 @@ def _compile_one(tb, triton, target, cuobjdump, C, soft, xdt, kernel) -> int:
         hinted = ",".join(fn.arg_names[path[0]] for path, value in sorted(attrs.items()) if value)
         print(
             f"  {label}: registers={reg.group(1) if reg else '?'} stack={stack.group(1) if stack else '?'} "
-            f"compile={time.perf_counter() - t0:.1f}s hints[{hinted}]"
+            f"compile={time.perf_counter() - t0:.1f}s hints[{hinted}]",
+            flush=True,
         )
         return 0
     except Exception as exc:  # noqa: BLE001
-        print(f"  {label}: COMPILE FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        print(f"  {label}: COMPILE FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
         return 1
 
 
@@ -407,9 +463,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.registers:
         os.environ.pop("TRITON_INTERPRET", None)
-        return register_report(args.arch)
+        return register_report(args)
     if args.cuda_registers:
         return cuda_register_report(args.arch)
+    args.dtype = args.dtype or "float32"
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
     import torch
