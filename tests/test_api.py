@@ -46,9 +46,21 @@ def test_weight_buffer_follows_module_and_scales():
 def test_defaults_follow_the_spec():
     m = MarginalL1ACELoss()
     assert (m.num_bins, m.binning, m.include_background, m.to_onehot_y, m.softmax, m.sigmoid) == (
-        20, "hard", True, False, False, False)
+        20,
+        "hard",
+        True,
+        False,
+        False,
+        False,
+    )
     assert (m.ignore_empty_classes, m.reduction, m.empty_weight, m.right, m.ignore_index, m.backend) == (
-        True, "mean", 0.01, False, None, "auto")
+        True,
+        "mean",
+        0.01,
+        False,
+        None,
+        "auto",
+    )
 
 
 def test_named_tuples():

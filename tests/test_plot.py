@@ -31,8 +31,7 @@ def _metric(C=4, M=10, seed=0):
 
 def _heat_axes(fig):
     return [
-        ax for ax in fig.axes
-        if ax.get_label() != "<colorbar>" and any(isinstance(c, QuadMesh) for c in ax.collections)
+        ax for ax in fig.axes if ax.get_label() != "<colorbar>" and any(isinstance(c, QuadMesh) for c in ax.collections)
     ]
 
 
@@ -41,9 +40,7 @@ def _mesh(ax) -> QuadMesh:
 
 
 def _has_diagonal(ax) -> bool:
-    return any(
-        np.allclose(line.get_xdata(), [0, 1]) and np.allclose(line.get_ydata(), [0, 1]) for line in ax.lines
-    )
+    return any(np.allclose(line.get_xdata(), [0, 1]) and np.allclose(line.get_ydata(), [0, 1]) for line in ax.lines)
 
 
 def test_dataset_histogram_figure_content(tmp_path):
