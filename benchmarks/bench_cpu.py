@@ -278,9 +278,17 @@ def op_timing_child(torch, which: str, shapes, reps: int, num_bins: int) -> None
     import json
 
     if which == "current":
-        import calibops  # noqa: F401 - loads this checkout's extension
-    else:
-        torch.ops.load_library(which)
+        # The bare extension file, not ``import calibops``: the package also registers a Python autograd kernel on
+        # the op and imports numpy & co., so both sides would no longer run the same raw C++ op in a like process.
+        import importlib.util
+
+        spec = importlib.util.find_spec("calibops")
+        pkg = os.path.dirname(spec.origin)
+        built = sorted(f for f in os.listdir(pkg) if f.startswith("_C.") and f.endswith((".so", ".pyd")))
+        if not built:
+            raise SystemExit(f"no compiled calibops extension in {pkg}: build it first")
+        which = os.path.join(pkg, built[0])
+    torch.ops.load_library(which)
     op, bop = torch.ops.calibops.binned_stats, torch.ops.calibops.binned_stats_backward
     v1 = "bool soft" in str(op.default._schema)
 
