@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from calibops._contract import TARGET_LABELS, Geometry, check_args, check_grads
+from calibops._contract import TARGET_LABELS, Geometry, check_args, check_grads, empty_outputs
 
 __all__ = [
     "CUDA_DIR",
@@ -199,14 +199,9 @@ def _check_cpu(*tensors: torch.Tensor) -> None:
 
 
 def _outputs(g: Geometry, moments: bool, fill: float) -> tuple[torch.Tensor, ...]:
-    stat, mom = (g.B, g.K, g.M), ((g.B, g.K, g.M) if moments else (0,))
-    return (
-        torch.full(stat, fill),
-        torch.full(stat, fill),
-        torch.full((g.B, g.K, g.R, g.M), fill),
-        torch.full(mom, fill),
-        torch.full(mom, fill),
-    )
+    """The five float32 statistics of the contract's shapes (calibops/_contract.py), filled with ``fill``."""
+    like = torch.empty(0, dtype=torch.float32)
+    return tuple(o.fill_(fill) for o in empty_outputs(like, g, moments)[:5])
 
 
 def forward(
