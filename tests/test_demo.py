@@ -97,6 +97,42 @@ def test_training_is_deterministic_and_uses_the_ace_term() -> None:
     assert not a.training  # returned in eval mode
 
 
+@pytest.mark.parametrize("binning", [None, "hard", "soft"])
+def test_shared_start_then_train_equals_training_from_step_zero(binning: str | None) -> None:
+    """The demo trains the shared Dice + CE steps once per seed and continues the three configurations from that
+    checkpoint: the result must be bit-identical to one uninterrupted training (weights, BatchNorm buffers)."""
+    data = demo.make_dataset(12, seed=2)
+    cpu = torch.device("cpu")
+    recipe = demo.Recipe(steps=6, batch_size=4, width=4, ace_start=0.5)
+    assert recipe.shared_steps == 3
+    reports: list[float] = []
+    start = demo.shared_start(data, recipe, seed=7, device=cpu, report=reports.append)
+    assert start.step == 3 and len(reports) == 3
+    resumed = demo.train_model(data, binning, recipe, seed=7, device=cpu, report=reports.append, start=start)
+    assert len(reports) == 6  # the continuation reports only the steps it trains
+    whole = demo.train_model(data, binning, recipe, seed=7, device=cpu)
+    for (ka, va), (kb, vb) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb), ka
+    # the shared steps are Dice + CE for every configuration: the checkpoint does not depend on the binning,
+    # and the calibration term acts only after it (different weights at the end)
+    if binning is not None:
+        base = demo.train_model(data, None, recipe, seed=7, device=cpu, start=start)
+        assert any(not torch.equal(a, b) for a, b in zip(base.parameters(), resumed.parameters(), strict=True))
+
+
+def test_shared_steps_follow_ace_start() -> None:
+    assert demo.Recipe(steps=600, ace_start=2 / 3).shared_steps == 400
+    assert demo.Recipe(steps=600, ace_start=0.0).shared_steps == 0
+    assert demo.Recipe(steps=1, ace_start=0.9).shared_steps == 0  # the calibration term keeps at least one step
+    assert demo.DEFAULT_RECIPE.shared_steps < demo.DEFAULT_RECIPE.steps
+    data = demo.make_dataset(8, seed=0)
+    start = demo.shared_start(data, demo.Recipe(steps=4, batch_size=2, width=4, ace_start=0.5), 0, torch.device("cpu"))
+    with pytest.raises(ValueError, match="start"):
+        demo.train_model(
+            data, "hard", demo.Recipe(steps=6, batch_size=2, width=4, ace_start=0.5), 0, "cpu", start=start
+        )
+
+
 def test_training_loss_is_equal_thirds() -> None:
     logits = torch.randn(2, demo.NUM_CLASSES, 16, 16)
     labels = torch.randint(0, demo.NUM_CLASSES, (2, 16, 16))
@@ -180,6 +216,8 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) ->
             assert math.isfinite(value), (row["loss"], col, row[col])
             assert 0.0 <= value <= 1.0, (row["loss"], col, value)
         assert int(row["steps"]) == demo.QUICK_RECIPE.steps and row["device"] == "cpu"
+        assert int(row["shared_steps"]) == demo.QUICK_RECIPE.shared_steps > 0
+        assert float(row["shared_seconds"]) > 0
         assert float(row["train_seconds"]) > 0
         assert float(row["mce"]) >= float(row["ace"]) - 1e-6  # per image MCE >= ACE, so also on average
     for seed in (2, 3, 4):
@@ -199,6 +237,11 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     for ra, rb in zip(rows[:3], _read_results(again / "results.csv"), strict=True):
         for col in ("seed", "loss", *METRIC_COLUMNS):
             assert ra[col] == rb[col], (ra["loss"], col)
+    # --ace-start 0: no shared steps, the calibration term from the first step (the papers' protocol)
+    scratch = tmp_path / "scratch"
+    argv = ["--quick", "--out", str(scratch), "--num-seeds", "1", "--ace-start", "0", "--no-progress"]
+    assert demo.demo_main(argv) == 0
+    assert {int(r["shared_steps"]) for r in _read_results(scratch / "results.csv")} == {0}
     printed = capsys.readouterr().out
     printed = printed[: printed.index("total time") + 10]  # the 3-seed run's output
     assert printed.count("\nseed ") == 3
@@ -222,6 +265,8 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) ->
         ["--test-images", "0"],
         ["--num-seeds", "0"],
         ["--jobs", "0"],
+        ["--ace-start", "1"],
+        ["--ace-start", "-0.1"],
         ["--bogus"],
     ],
 )
@@ -241,6 +286,8 @@ def test_run_demo_rejects_bad_arguments(tmp_path: Path) -> None:
         demo.run_demo(str(tmp_path), recipe=tiny, device="meta")
     with pytest.raises(ValueError, match="num_test"):
         demo.run_demo(str(tmp_path), recipe=demo.Recipe(steps=1, num_test=0))
+    with pytest.raises(ValueError, match="ace_start"):
+        demo.run_demo(str(tmp_path), recipe=demo.Recipe(steps=2, ace_start=1.0))
     with pytest.raises(ValueError, match="seeds"):
         demo.run_demo(str(tmp_path), seeds=[], recipe=tiny)
     with pytest.raises(ValueError, match="seeds"):

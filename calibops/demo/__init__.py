@@ -23,13 +23,14 @@ Run ``python -m calibops demo --help`` for the options; :func:`demo_main` is the
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from queue import Empty
 
@@ -52,6 +53,7 @@ __all__ = [
     "DemoData",
     "Recipe",
     "TinyUNet",
+    "TrainState",
     "ace_loss",
     "demo_main",
     "dice_ce_loss",
@@ -59,6 +61,7 @@ __all__ = [
     "make_dataset",
     "run_demo",
     "save_figure",
+    "shared_start",
     "train_model",
     "training_loss",
 ]
@@ -133,17 +136,29 @@ def save_figure(calib: DatasetCalibration, path: str, title: str) -> None:
 
 @dataclass(frozen=True)
 class Recipe:
-    """How each network is trained: steps of Adam with a one-cycle learning rate (linear warm-up to ``lr``
+    """How each network is trained: ``steps`` of Adam with a one-cycle learning rate (linear warm-up to ``lr``
     over ``warmup`` of the steps, then cosine decay to zero), batches of ``batch_size`` random training images
-    with random flips, a :class:`TinyUNet` of ``width`` base channels, and data set sizes."""
+    with random flips, a :class:`TinyUNet` of ``width`` base channels, and data set sizes.
 
-    steps: int = 450
+    ``ace_start``: the fraction of the steps after which the mL1-ACE term joins the loss. The first
+    ``shared_steps`` steps are Dice + CE for all three configurations (bit-identical, so they are trained once per
+    seed and the three trainings continue from the same checkpoint); the calibration term is then added for the
+    rest of the schedule. ``0`` trains with the calibration term from the first step, as the papers do.
+    """
+
+    steps: int = 900
     batch_size: int = 16
     lr: float = 3e-3
     warmup: float = 0.1
     width: int = 16
     num_train: int = 192
-    num_test: int = 64
+    num_test: int = 256
+    ace_start: float = 2 / 3
+
+    @property
+    def shared_steps(self) -> int:
+        """The number of Dice + CE steps before the mL1-ACE term joins the loss (at least one step keeps it)."""
+        return min(int(round(self.ace_start * self.steps)), self.steps - 1)
 
     def lr_factor(self, step: int) -> float:
         """The learning rate at ``step`` as a fraction of ``lr``."""
@@ -153,10 +168,79 @@ class Recipe:
         return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, self.steps - warm)))
 
 
-#: the default: 3 seeds x 3 losses in a few minutes on 2 CPU cores; why this recipe: docs/demo_results.md
+#: the default: 3 seeds x 3 losses in under 5 minutes on 2 CPU cores; why this recipe: docs/demo_results.md
 DEFAULT_RECIPE = Recipe()
 #: ``--quick``: a smoke run (well under a minute), far from convergence
-QUICK_RECIPE = Recipe(steps=20, batch_size=16, width=8, num_train=32, num_test=16)
+QUICK_RECIPE = Recipe(steps=24, batch_size=16, width=8, num_train=32, num_test=16)
+
+
+@dataclass
+class TrainState:
+    """A training stopped after ``step`` steps: everything needed to continue it bit-identically (the network's,
+    optimiser's and schedule's state dicts and the batch generator's state)."""
+
+    step: int
+    model: dict
+    optimizer: dict
+    scheduler: dict
+    generator: torch.Tensor
+
+
+def _new_training(recipe: Recipe, seed: int, device: torch.device, start: TrainState | None):
+    """The network (channels-last: faster convolutions on CPU), Adam, the schedule and the batch generator, at
+    step 0 (initial weights from ``seed``) or restored from ``start``."""
+    torch.manual_seed(seed)
+    model = TinyUNet(width=recipe.width).to(device=device, memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, recipe.lr_factor)
+    gen = torch.Generator().manual_seed(seed + 1)
+    if start is not None:
+        model.load_state_dict(start.model)
+        opt.load_state_dict(copy.deepcopy(start.optimizer))  # Adam updates its loaded state in place
+        sched.load_state_dict(start.scheduler)
+        gen.set_state(start.generator)
+    return model, opt, sched, gen
+
+
+def _train_steps(model, opt, sched, gen, data: DemoData, ace, recipe: Recipe, steps: range, report) -> None:  # noqa: ANN001
+    """Steps ``steps`` of the training: a batch of random images with random flips, the loss, one Adam step."""
+    device = next(model.parameters()).device
+    images, labels = data.images.to(device), data.labels.to(device)
+    model.train()
+    for _ in steps:
+        idx = torch.randint(0, len(data), (recipe.batch_size,), generator=gen).to(device)
+        x, y = images[idx], labels[idx]
+        if torch.rand((), generator=gen) < 0.5:  # same flip for the batch: cheap, deterministic augmentation
+            x, y = x.flip(-1), y.flip(-1)
+        if torch.rand((), generator=gen) < 0.5:
+            x, y = x.flip(-2), y.flip(-2)
+        loss = training_loss(model(x.contiguous(memory_format=torch.channels_last)), y, ace)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if report is not None:
+            report(float(loss.detach()))
+
+
+def shared_start(
+    data: DemoData,
+    recipe: Recipe,
+    seed: int,
+    device: torch.device,
+    report: Callable[[float], None] | None = None,
+) -> TrainState:
+    """Train the first ``recipe.shared_steps`` steps (Dice + CE, the same for every configuration) and return the
+    checkpoint :func:`train_model` continues from."""
+    model, opt, sched, gen = _new_training(recipe, seed, device, None)
+    _train_steps(model, opt, sched, gen, data, None, recipe, range(recipe.shared_steps), report)
+    return TrainState(
+        step=recipe.shared_steps,
+        model={k: v.detach().clone() for k, v in model.state_dict().items()},
+        optimizer=copy.deepcopy(opt.state_dict()),
+        scheduler=sched.state_dict(),
+        generator=gen.get_state(),
+    )
 
 
 def train_model(
@@ -166,35 +250,24 @@ def train_model(
     seed: int,
     device: torch.device,
     report: Callable[[float], None] | None = None,
+    start: TrainState | None = None,
 ) -> TinyUNet:
-    """Train a :class:`TinyUNet` on ``data`` with :func:`training_loss`; returned in eval mode.
+    """Train a :class:`TinyUNet` on ``data`` for ``recipe.steps`` steps; returned in eval mode.
 
-    Deterministic for a given ``seed``: the initial weights, the batches and the flips are drawn from
-    generators seeded with it, so every configuration sees exactly the same data in the same order.
-    ``report(loss)`` is called after every step (the progress display).
+    The loss is :func:`training_loss`: Dice + CE for the first ``recipe.shared_steps`` steps, then with the
+    mL1-ACE term of ``binning`` (none for the baseline). ``start`` (from :func:`shared_start` with the same data,
+    recipe and seed) skips the shared steps; the result is bit-identical to training from step 0. Deterministic
+    for a given ``seed``: the initial weights, the batches and the flips are drawn from generators seeded with
+    it, so every configuration sees exactly the same data in the same order. ``report(loss)`` is called after
+    every step this call trains (the progress display).
     """
-    torch.manual_seed(seed)
-    model = TinyUNet(width=recipe.width).to(device)
+    if start is not None and start.step != recipe.shared_steps:
+        raise ValueError(f"start is a checkpoint after {start.step} steps, the recipe shares {recipe.shared_steps}")
+    model, opt, sched, gen = _new_training(recipe, seed, device, start)
     ace = ace_loss(binning) if binning is not None else None
-    opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, recipe.lr_factor)
-    gen = torch.Generator().manual_seed(seed + 1)
-    images, labels = data.images.to(device), data.labels.to(device)
-    model.train()
-    for _ in range(recipe.steps):
-        idx = torch.randint(0, len(data), (recipe.batch_size,), generator=gen).to(device)
-        x, y = images[idx], labels[idx]
-        if torch.rand((), generator=gen) < 0.5:  # same flip for the batch: cheap, deterministic augmentation
-            x, y = x.flip(-1), y.flip(-1)
-        if torch.rand((), generator=gen) < 0.5:
-            x, y = x.flip(-2), y.flip(-2)
-        loss = training_loss(model(x), y, ace)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if report is not None:
-            report(float(loss.detach()))
+    if start is None:
+        _train_steps(model, opt, sched, gen, data, None, recipe, range(recipe.shared_steps), report)
+    _train_steps(model, opt, sched, gen, data, ace, recipe, range(recipe.shared_steps, recipe.steps), report)
     model.eval()
     return model
 
@@ -217,6 +290,23 @@ def _nanmean(t: torch.Tensor) -> float:
     return float(t.float().nanmean()) if t.numel() else float("nan")
 
 
+def _split(recipe: Recipe, seed: int) -> tuple[DemoData, DemoData]:
+    """One seed's data set: (training images, held-out test images)."""
+    data = make_dataset(recipe.num_train + recipe.num_test, seed)
+    train = DemoData(data.images[: recipe.num_train], data.labels[: recipe.num_train])
+    return train, DemoData(data.images[recipe.num_train :], data.labels[recipe.num_train :])
+
+
+def _run_shared(
+    seed: int, recipe: Recipe, device: str, threads: int, report: Callable[[float], None] | None
+) -> tuple[TrainState, float]:
+    """The shared Dice + CE steps of one seed: (checkpoint, seconds)."""
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    state = shared_start(_split(recipe, seed)[0], recipe, seed, torch.device(device), report=report)
+    return state, time.perf_counter() - t0
+
+
 def _run_one(
     seed: int,
     name: str,
@@ -225,15 +315,17 @@ def _run_one(
     threads: int,
     figure: str | None,
     report: Callable[[float], None] | None,
+    start: tuple[TrainState, float] | None,
 ) -> dict:
-    """Train and evaluate one configuration on one seed's data set; the row of results (no relative change)."""
+    """Train (from ``start``, the seed's shared checkpoint and its seconds, when given) and evaluate one
+    configuration on one seed's data set; the row of results (no relative change)."""
     torch.set_num_threads(threads)
     device_ = torch.device(device)
-    data = make_dataset(recipe.num_train + recipe.num_test, seed)
-    train = DemoData(data.images[: recipe.num_train], data.labels[: recipe.num_train])
-    test = DemoData(data.images[recipe.num_train :], data.labels[recipe.num_train :])
+    train, test = _split(recipe, seed)
     t0 = time.perf_counter()
-    model = train_model(train, CONFIGS[name], recipe, seed, device_, report=report)
+    model = train_model(
+        train, CONFIGS[name], recipe, seed, device_, report=report, start=None if start is None else start[0]
+    )
     train_seconds = time.perf_counter() - t0
     dsc, calib = evaluate_model(model, test, device_)
     macro, micro = (res := calib.compute()).macro, res.micro
@@ -251,13 +343,15 @@ def _run_one(
         **{f"dsc_{c}": float(v) for c, v in zip(CLASS_NAMES[1:], dsc)},
         **{f"ace_{c}": float(v) for c, v in zip(CLASS_NAMES[1:], macro.ace.float().cpu())},
         "train_seconds": train_seconds,
+        "shared_seconds": 0.0 if start is None else start[1],
         "steps": recipe.steps,
+        "shared_steps": recipe.shared_steps,
         "device": device_.type,
         "threads": threads,
     }
 
 
-# worker processes: the queue on which train_model's per-step reports travel to the parent's progress bar
+# worker processes: the queue on which the per-step reports travel to the parent's progress bar
 _QUEUE = None
 
 
@@ -266,11 +360,16 @@ def _init_worker(queue) -> None:  # noqa: ANN001  (a multiprocessing queue)
     _QUEUE = queue
 
 
-def _run_in_worker(seed: int, name: str, recipe: Recipe, device: str, threads: int, figure: str | None) -> dict:
-    def report(loss: float) -> None:
-        _QUEUE.put((seed, name, loss))
+def _report_to_queue(seed: int, name: str) -> Callable[[float], None]:
+    return lambda loss: _QUEUE.put((seed, name, loss))
 
-    return _run_one(seed, name, recipe, device, threads, figure, report)
+
+def _shared_in_worker(seed: int, recipe: Recipe, device: str, threads: int) -> tuple[TrainState, float]:
+    return _run_shared(seed, recipe, device, threads, _report_to_queue(seed, "dice_ce (shared steps)"))
+
+
+def _one_in_worker(seed: int, name: str, recipe: Recipe, device: str, threads: int, figure, start) -> dict:  # noqa: ANN001
+    return _run_one(seed, name, recipe, device, threads, figure, _report_to_queue(seed, name), start)
 
 
 def _tasks(seeds: list[int], out: str) -> list[tuple[int, str, str | None]]:
@@ -285,25 +384,51 @@ def _tasks(seeds: list[int], out: str) -> list[tuple[int, str, str | None]]:
 def _run_all(
     seeds: list[int], recipe: Recipe, device: str, jobs: int, threads: int, out: str, bar: Progress
 ) -> Iterator[dict]:
-    """Yield the result row of every (seed, configuration), in the order of :func:`_tasks`."""
+    """Yield the result row of every (seed, configuration), in the order of :func:`_tasks`.
+
+    Per seed the shared steps run once, then the three configurations continue from that checkpoint; with
+    ``jobs > 1`` in worker processes: every seed's shared steps are queued first, and each seed's three
+    trainings as soon as its checkpoint is there.
+    """
     tasks = _tasks(seeds, out)
+    shared = recipe.shared_steps > 0
     if jobs == 1:  # in this process
+        starts: dict[int, tuple[TrainState, float]] = {}
         for seed, name, figure in tasks:
+            if shared and seed not in starts:
+                bar.set_description(f"seed {seed} shared Dice+CE steps")
+                starts[seed] = _run_shared(seed, recipe, device, threads, lambda loss: bar.update(loss=loss))
             bar.set_description(f"seed {seed} {name}")
-            yield _run_one(seed, name, recipe, device, threads, figure, lambda loss: bar.update(loss=loss))
+            yield _run_one(
+                seed, name, recipe, device, threads, figure, lambda loss: bar.update(loss=loss), starts.get(seed)
+            )
         return
     ctx = multiprocessing.get_context("spawn")  # fork is unsafe with torch's thread pools
     queue = ctx.Queue()
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
-        futures = [pool.submit(_run_in_worker, seed, name, recipe, device, threads, fig) for seed, name, fig in tasks]
+        waiting = (
+            {seed: pool.submit(_shared_in_worker, seed, recipe, device, threads) for seed in seeds} if shared else {}
+        )
+        runs: dict[tuple[int, str], Future] = {}
+
+        def submit(seed: int, start: tuple[TrainState, float] | None) -> None:
+            for s, name, fig in tasks:
+                if s == seed:
+                    runs[s, name] = pool.submit(_one_in_worker, s, name, recipe, device, threads, fig, start)
+
+        if not shared:
+            for seed in seeds:
+                submit(seed, None)
         next_index = 0
-        while next_index < len(futures):
-            running = [f for f in futures[next_index:] if not f.done()]
+        while next_index < len(tasks):
+            for seed in [s for s, f in waiting.items() if f.done()]:
+                submit(seed, waiting.pop(seed).result())  # re-raises a worker's exception here
+            running = [f for f in (*waiting.values(), *runs.values()) if not f.done()]
             if running:
                 wait(running, timeout=0.25, return_when=FIRST_COMPLETED)
             _drain(queue, bar, timeout=0.0 if running else 0.5)
-            while next_index < len(futures) and futures[next_index].done():
-                yield futures[next_index].result()  # re-raises a worker's exception here
+            while next_index < len(tasks) and (key := tasks[next_index][:2]) in runs and runs[key].done():
+                yield runs[key].result()  # re-raises a worker's exception here
                 next_index += 1
 
 
@@ -316,6 +441,15 @@ def _drain(queue, bar: Progress, timeout: float) -> None:  # noqa: ANN001  (a mu
             return
         bar.set_description(f"seed {seed} {name}")
         bar.update(loss=loss)
+
+
+def _schedule_line(recipe: Recipe) -> str:
+    if recipe.shared_steps == 0:
+        return "the mL1-ACE term in the loss from the first step"
+    return (
+        f"the first {recipe.shared_steps} steps Dice+CE, shared by the three networks (trained once per seed), "
+        f"the mL1-ACE term in the loss for the last {recipe.steps - recipe.shared_steps}"
+    )
 
 
 def run_demo(
@@ -341,6 +475,8 @@ def run_demo(
         value = getattr(recipe, arg)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{arg} must be a positive int, got {value!r}")
+    if not isinstance(recipe.ace_start, (int, float)) or not 0.0 <= recipe.ace_start < 1.0:
+        raise ValueError(f"ace_start must be a fraction in [0, 1), got {recipe.ace_start!r}")
     for arg, value in (("jobs", jobs), ("threads", threads)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{arg} must be a positive int, got {value!r}")
@@ -369,12 +505,12 @@ def run_demo(
         f"data: {recipe.num_train} training / {recipe.num_test} test images {IMAGE_SIZE}x{IMAGE_SIZE} per seed, "
         f"classes {', '.join(CLASS_NAMES)}; seeds {', '.join(map(str, seeds))}; per network {recipe.steps} "
         f"Adam steps of batch {recipe.batch_size}, one-cycle lr peak {recipe.lr:g}, U-Net width {recipe.width}; "
-        f"calibops backend {backend_for(torch.empty(0, device=device))!r}",
+        f"{_schedule_line(recipe)}; calibops backend {backend_for(torch.empty(0, device=device))!r}",
         flush=True,
     )
     rows: list[dict] = []
     previous_threads = torch.get_num_threads()
-    total_steps = recipe.steps * len(CONFIGS) * len(seeds)
+    total_steps = (recipe.shared_steps + (recipe.steps - recipe.shared_steps) * len(CONFIGS)) * len(seeds)
     try:
         with Progress(total_steps, unit="step", enabled=progress) as bar:
             seed_rows: list[dict] = []

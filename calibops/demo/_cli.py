@@ -19,6 +19,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {text}")
+    return value
+
+
 def _default_jobs() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
@@ -46,6 +53,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--steps", type=_positive_int, default=None, help=f"training steps per network (default: {d.steps})"
+    )
+    parser.add_argument(
+        "--ace-start",
+        type=_fraction,
+        default=None,
+        help=f"fraction of the steps trained with Dice+CE alone before the mL1-ACE term joins the loss (default: "
+        f"{d.ace_start:.3g}; those steps are shared by the three networks and trained once per seed; 0: the "
+        "calibration term from the first step, as in the papers, a longer run)",
     )
     parser.add_argument("--seed", type=int, default=0, help="first seed (data, weights, batches; default: 0)")
     parser.add_argument(
@@ -98,7 +113,12 @@ def demo_main(argv: list[str] | None = None) -> int:
         )
         return 2
     recipe = QUICK_RECIPE if args.quick else DEFAULT_RECIPE
-    overrides = {"steps": args.steps, "num_train": args.train_images, "num_test": args.test_images}
+    overrides = {
+        "steps": args.steps,
+        "num_train": args.train_images,
+        "num_test": args.test_images,
+        "ace_start": args.ace_start,
+    }
     recipe = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
     seeds = list(range(args.seed, args.seed + args.num_seeds))
     jobs = args.jobs or (1 if args.device == "cuda" else _default_jobs())

@@ -27,7 +27,9 @@ CSV_COLUMNS = (
     "ace_change_pct",
     "mce_change_pct",
     "train_seconds",
+    "shared_seconds",
     "steps",
+    "shared_steps",
     "device",
     "threads",
 )
