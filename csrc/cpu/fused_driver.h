@@ -101,7 +101,10 @@ static i64 forward_hard_fused_t(const Problem& pb, i64 b, i64 begin, i64 end, do
           scatter_pairs(pb, pk, bins + s0, hp, ns);
           for (i64 v = 0; v < ns; ++v) nf_top += nfrow[s0 + v];
         } else {
-          hard_front_tile<CC, true>(k, pb, src + s0, ss, lab + s0, nullptr, bins + s0, pk, 2 * kSub, ns);
+          if (CC > 0 && R == 1)  // (C = 16 at run time measured more instructions with R = 1 compiled in)
+            hard_front_tile<CC, true, true>(k, pb, src + s0, ss, lab + s0, nullptr, bins + s0, pk, 2 * kSub, ns);
+          else
+            hard_front_tile<CC, true>(k, pb, src + s0, ss, lab + s0, nullptr, bins + s0, pk, 2 * kSub, ns);
           for (i64 c = 0; c < C; ++c) scatter_pairs(pb, pk + c * 2 * kSub, bins + c * T + s0, hp + c * Q * M2 * 2, ns);
         }
         for (i64 r = 0; r < R; ++r) count_labels(pb, lab + r * T + s0, hy, ns);

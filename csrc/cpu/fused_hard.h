@@ -13,10 +13,11 @@
 // (class stride pks doubles) gets the float64 (1, p) pairs, and each rater row of lab is overwritten with the
 // rater's label slot r * C * (M + 2) + l * (M + 2) + bin[l] (l its label; M for unused voxels: a discarded slot);
 // otherwise x (row stride T) gets p.
-template <int CC, bool PAIRS>
+// R1: one rater (compile-time R = 1).
+template <int CC, bool PAIRS, bool R1 = false>
 static void hard_front_tile(const HardCtx& k, const Problem& pb, const float* src, i64 ss, i32* lab, float* x,
                             i32* bins, double* pk, i64 pks, i64 n) {
-  const i64 T = pb.tile, C = CC > 0 ? CC : pb.C, R = pb.R;
+  const i64 T = pb.tile, C = CC > 0 ? CC : pb.C, R = R1 ? 1 : pb.R;
   const i32 M2 = static_cast<i32>(pb.M + 2), RS = static_cast<i32>(C) * M2;
   constexpr int G = 2;
   VF p[G][kMaxFusedC];

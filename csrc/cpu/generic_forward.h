@@ -87,10 +87,11 @@ template <int NQ>
 static inline void soft_one(double* hc, i32 lo, float wl, const double* v, i64 nq) {
   const i64 Q = NQ > 0 ? NQ : nq;
   const double w = static_cast<double>(wl);
+  double* h = hc + lo * Q * 4;  // bin lo; bin lo + 1 at h + 4 Q (one address for both, no 32-bit lo + 1)
   for (i64 k = 0; k < Q; ++k) {
     const v4d pv = *reinterpret_cast<const v4d*>(v + 4 * k);
-    *reinterpret_cast<v4d*>(hc + (lo * Q + k) * 4) += pv * w;
-    *reinterpret_cast<v4d*>(hc + ((lo + 1) * Q + k) * 4) += pv * (1.0 - w);  // "the rest" of the unit weight
+    *reinterpret_cast<v4d*>(h + 4 * k) += pv * w;
+    *reinterpret_cast<v4d*>(h + 4 * (Q + k)) += pv * (1.0 - w);  // "the rest" of the unit weight
   }
 }
 #else
@@ -103,8 +104,9 @@ template <int NQ>
 static inline void soft_one(double* hc, i32 lo, float wl, const double* v, i64 nq) {
   const i64 W = 4 * (NQ > 0 ? NQ : nq);
   const double w = static_cast<double>(wl);
-  for (i64 k = 0; k < W; ++k) hc[lo * W + k] += v[k] * w;
-  for (i64 k = 0; k < W; ++k) hc[(lo + 1) * W + k] += v[k] * (1.0 - w);
+  double* h = hc + lo * W;
+  for (i64 k = 0; k < W; ++k) h[k] += v[k] * w;
+  for (i64 k = 0; k < W; ++k) h[W + k] += v[k] * (1.0 - w);
 }
 #endif
 
@@ -114,7 +116,8 @@ static inline void soft_one(double* hc, i32 lo, float wl, const double* v, i64 n
 template <bool SOFT, int NQ>
 static void scatter_row(const Problem& pb, const double* __restrict pk, const i32* __restrict idx,
                         const float* __restrict wl, double* __restrict h, i64 n) {
-  const i64 W = pb.W, nq = W / 4, stride = (pb.M + 2) * W;
+  // W compile-time for the usual entry width (NQ = 1): the per-voxel entry address pk + W k is then a constant offset.
+  const i64 W = NQ > 0 ? 4 * NQ : pb.W, nq = W / 4, stride = (pb.M + 2) * W;
   i64 i = 0;
 #define CALIBOPS_ONE(hc, k)                                   \
   if (SOFT)                                                   \
