@@ -196,7 +196,9 @@ def _new_training(recipe: Recipe, seed: int, device: torch.device, start: TrainS
     gen = torch.Generator().manual_seed(seed + 1)
     if start is not None:
         model.load_state_dict(start.model)
-        opt.load_state_dict(copy.deepcopy(start.optimizer))  # Adam updates its loaded state in place
+        # load_state_dict keeps the checkpoint's tensors, which Adam then updates in place; and a checkpoint sent
+        # to worker processes shares its storage between them (torch's shared-memory pickling): copy first
+        opt.load_state_dict(copy.deepcopy(start.optimizer))
         sched.load_state_dict(start.scheduler)
         gen.set_state(start.generator)
     return model, opt, sched, gen
