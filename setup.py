@@ -159,7 +159,7 @@ def _extensions_and_cmdclass():
             except Exception as exc:  # noqa: BLE001 - any compiler failure must not break install
                 if _flag("CALIBOPS_REQUIRE_EXT"):
                     raise
-                # calibops/_ops.py warns at import when this file is there (pip hides this build's output)
+                # calibops/backends/extension.py warns at import when this file is there (pip hides this build's output)
                 marker = os.path.join(os.path.dirname(self.get_ext_fullpath("calibops._C")), "_build_failed.txt")
                 os.makedirs(os.path.dirname(marker), exist_ok=True)
                 with open(marker, "w") as f:

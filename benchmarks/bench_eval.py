@@ -37,9 +37,9 @@ import torch  # noqa: E402
 
 import calibops.functional as F  # noqa: E402
 from benchmarks._common import environment, median_time, print_table, write_csv  # noqa: E402
-from calibops._backends import resolve_backend  # noqa: E402
+from calibops.backends.resolve import resolve_backend  # noqa: E402
 from calibops.evaluation import crps_gaussian, pool_stats  # noqa: E402
-from calibops.reference import calibration_errors_from_stats  # noqa: E402
+from calibops.results import calibration_errors_from_stats  # noqa: E402
 
 
 def _plain_volume_crps(x: torch.Tensor, raters: torch.Tensor) -> torch.Tensor:

@@ -258,7 +258,7 @@ def kernel_resources() -> list[str]:
     try:
         import importlib
 
-        tb = importlib.import_module("calibops.triton.binned_stats")  # the module (the package exports the op)
+        tb = importlib.import_module("calibops.backends.triton.binned_stats")  # the module (the package exports the op)
 
         kernels = (
             ("fwd", tb._stats_fwd_kernel),
@@ -303,8 +303,8 @@ def register_report(args) -> int:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    tb = importlib.import_module("calibops.triton.binned_stats")
-    launch = importlib.import_module("calibops.triton.launch")
+    tb = importlib.import_module("calibops.backends.triton.binned_stats")
+    launch = importlib.import_module("calibops.backends.triton.launch")
     if tb.INTERPRETED:
         print("--registers needs TRITON_INTERPRET unset")
         return 2
@@ -333,7 +333,7 @@ def register_report(args) -> int:
     )
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
-    saved_sms = launch._num_sms  # launch_config looks _num_sms up in calibops.triton.launch
+    saved_sms = launch._num_sms  # launch_config looks _num_sms up in calibops.backends.triton.launch
     launch._num_sms = lambda device: 132
     try:
         for B, C, N in problems:
@@ -355,7 +355,7 @@ def jit_launch_args(tb, launch, B: int, C: int, N: int, M: int, variant: str, bi
     CUDA allocations)."""
     import torch
 
-    from calibops._contract import SCHEME_HARD, SCHEME_SOFT, TARGET_LABELS
+    from calibops.contract import SCHEME_HARD, SCHEME_SOFT, TARGET_LABELS
 
     mode, R, moments = ENGINE_VARIANTS[variant]
     scheme = SCHEME_SOFT if binning == "soft" else SCHEME_HARD
@@ -507,7 +507,7 @@ def main(argv=None) -> int:
         if b == "torch-vectorised":
             backends.append(b)
             continue
-        why = calibops._backends._why_unavailable(b, device) if b in avail else f"unknown backend {b!r}"
+        why = calibops.backends.registry.why_unavailable(b, device) if b in avail else f"unknown backend {b!r}"
         if why is None:
             backends.append(b)
         else:
@@ -680,7 +680,7 @@ def sweep_tiles(args, device, shapes, binnings, dtype, label_dtype, timer, card,
 
     from calibops.reference import bin_centres, bin_edges
 
-    importlib.import_module("calibops.triton.binned_stats")  # registers calibops::triton_binned_stats
+    importlib.import_module("calibops.backends.triton.binned_stats")  # registers calibops::triton_binned_stats
     settings = []
     for item in args.sweep_tiles.split(","):
         kernel, tile, warps = item.strip().split(":")

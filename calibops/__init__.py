@@ -1,10 +1,15 @@
-"""calibops: fused, exact calibration losses and metrics for image segmentation in PyTorch."""
+"""calibops: fused, exact calibration losses and metrics for image segmentation in PyTorch.
 
-from ._backends import available_backends, backend_for
-from ._selfcheck import SelfCheckWarning
-from .functional import BinnedStats, CalibrationErrors
+Layers: :mod:`calibops.backends` (kernels and their selection), :mod:`calibops.engine` (the one pipeline),
+:mod:`calibops.functional` / :mod:`calibops.losses` (the API), :mod:`calibops.metrics` (data-set evaluation),
+:mod:`calibops.integrations` (MONAI, torchmetrics), :mod:`calibops.cli` (the command line).
+"""
+
+from .backends import SelfCheckWarning, available_backends, backend_for
 from .losses import HardL1ACELoss, MarginalL1ACELoss, SoftL1ACELoss
 from .metrics import DatasetCalibration
+from .options import Options
+from .results import BinnedStats, CalibrationErrors
 
 __version__ = "0.1.0"
 
@@ -14,6 +19,7 @@ __all__ = [
     "DatasetCalibration",
     "HardL1ACELoss",
     "MarginalL1ACELoss",
+    "Options",
     "SelfCheckWarning",
     "SoftL1ACELoss",
     "__version__",

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from .reference import BinnedStats, BinnedStatsMoments, CalibrationErrors, calibration_errors_from_stats
+from .results import BinnedStats, BinnedStatsMoments, CalibrationErrors, calibration_errors_from_stats
 
 __all__ = [
     "BrierDecomposition",
@@ -187,26 +187,40 @@ def crps_curvas(value: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> t
 class ConsensusMasks(NamedTuple):
     """Per (image, class) regions of R raters' label maps, each bool (B, C, *spatial).
 
-    ``foreground``: every rater gives the class; ``background``: no rater gives it; ``dissensus``: the raters
-    disagree (neither of the two). The three partition the voxels.
+    ``foreground``: every rater that labelled the voxel gives the class; ``background``: none of them gives it;
+    ``dissensus``: they disagree; ``unlabelled``: no rater labelled the voxel (every rater's label is
+    ``ignore_index``), so it is neither agreed foreground nor agreed background. The four partition the voxels.
     """
 
     foreground: torch.Tensor
     background: torch.Tensor
     dissensus: torch.Tensor
+    unlabelled: torch.Tensor
 
 
-def consensus_masks(target: torch.Tensor, num_classes: int) -> ConsensusMasks:
-    """Consensus and dissensus regions of ``target`` (B, R, *spatial) integer label maps, per class 0..C-1."""
+def consensus_masks(target: torch.Tensor, num_classes: int, ignore_index: int | None = None) -> ConsensusMasks:
+    """Consensus and dissensus regions of ``target`` (B, R, *spatial) integer label maps, per class 0..C-1.
+
+    A rater whose label at a voxel is ``ignore_index`` does not vote there; the raters that labelled it decide.
+    """
     if not isinstance(target, torch.Tensor) or target.dim() < 2 or target.is_floating_point():
         raise TypeError("target must be an integer tensor of R rater label maps (B, R, *spatial)")
-    if not isinstance(num_classes, int) or num_classes < 1:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
     classes = torch.arange(num_classes, device=target.device).view(1, 1, num_classes, *([1] * (target.dim() - 2)))
-    hit = target.long().unsqueeze(2) == classes  # (B, R, C, *spatial)
-    fg = hit.all(1)
-    bg = (~hit).all(1)
-    return ConsensusMasks(fg, bg, ~(fg | bg))
+    lab = target.long().unsqueeze(2)  # (B, R, 1, *spatial)
+    hit = lab == classes  # (B, R, C, *spatial)
+    if ignore_index is None:
+        fg = hit.all(1)
+        bg = (~hit).all(1)
+        none = torch.zeros_like(fg)
+    else:
+        voting = lab != ignore_index  # (B, R, 1, *spatial)
+        labelled = voting.any(1).expand_as(hit[:, 0])
+        fg = (hit | ~voting).all(1) & labelled
+        bg = (~hit | ~voting).all(1) & labelled
+        none = ~labelled
+    return ConsensusMasks(fg, bg, ~(fg | bg | none), none)
 
 
 def adaptive_calibration_errors(fine: BinnedStats, num_bins: int) -> tuple[CalibrationErrors, torch.Tensor]:

@@ -266,7 +266,7 @@ def reliability_diagram(
     _import_matplotlib()
     from matplotlib.figure import Figure
 
-    from .reference import BinnedStats, calibration_errors_from_stats
+    from .results import BinnedStats, calibration_errors_from_stats
 
     if all(hasattr(stats, a) for a in ("count", "sum_p", "sum_y")):
         count, sum_p, sum_y = stats.count, stats.sum_p, stats.sum_y

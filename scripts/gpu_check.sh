@@ -19,7 +19,7 @@
 #                   top-label, R = 3 raters, moments: issue 10's targets); every row is appended to the CSV as
 #                   it is measured
 #    5 selfcheck    python -m calibops selfcheck --record (only after the quick tests passed; without --record
-#                   otherwise): adds the (backend, arch) pairs that pass to calibops/_verified.py
+#                   otherwise): adds the (backend, arch) pairs that pass to calibops/backends/verified.py
 #    6 memcheck_cuda    compute-sanitizer memcheck of scripts/sanitize_case.py (PYTORCH_NO_CUDA_MEMORY_CACHING=1:
 #    7 memcheck_triton  every tensor its own allocation, so small overruns are not hidden inside pooled blocks)
 #    8 tests_slow   the GPU tests marked slow (more Triton variants)
@@ -37,7 +37,7 @@
 #    gpu_check_logs.tar.gz   every step's log, the environment and the step table
 #    gpu_bench.csv           benchmark rows (card, versions and environment in every row)
 #    gpu_tiles.csv           block-size sweep rows
-#    verified.diff           the change `selfcheck --record` made to calibops/_verified.py (review, commit)
+#    verified.diff           the change `selfcheck --record` made to calibops/backends/verified.py (review, commit)
 #    summary.txt             the step table
 # Knobs: PYTHON (default python3), GPU_CHECK_BUDGET_S, CALIBOPS_CUDA_ARCH (default: this GPU's compute
 # capability), MAX_JOBS (default 16), CUDA_HOME (default: found, see step 1), GPU_CHECK_DRY_RUN=1 (= --dry-run),
@@ -205,7 +205,7 @@ fi
 # --- 2. build + install; fails unless the kernels are registered ----------------------------------------------
 CHECK_KERNELS="\$PY - <<EOF
 import sys, torch
-from calibops import _ops
+from calibops.backends import extension as _ops
 try:
     ok = torch._C._dispatch_has_kernel_for_dispatch_key('calibops::binned_stats', '$KEY')
 except RuntimeError as exc:
@@ -248,7 +248,7 @@ fi
 run_step bench 150 10 "$BENCH"
 
 # --- 5. self-check, and the record of verified architectures -------------------------------------------------
-cp calibops/_verified.py "$LOG_DIR/_verified.before.py" 2>/dev/null || : > "$LOG_DIR/_verified.before.py"
+cp calibops/backends/verified.py "$LOG_DIR/_verified.before.py" 2>/dev/null || : > "$LOG_DIR/_verified.before.py"
 if (( DRY )); then  # the Triton kernels through the interpreter; nothing is recorded
   SELFCHECK="\$PY -m calibops selfcheck --device cpu --backends triton --dtypes float32"
 elif (( QUICK_OK )); then
@@ -257,8 +257,8 @@ else
   SELFCHECK="\$PY -m calibops selfcheck"  # the quick tests failed: check, record nothing
 fi
 run_step selfcheck 90 10 "$SELFCHECK"
-diff -u --label a/calibops/_verified.py --label b/calibops/_verified.py \
-  "$LOG_DIR/_verified.before.py" calibops/_verified.py > "$OUT_DIR/verified.diff" 2>/dev/null
+diff -u --label a/calibops/backends/verified.py --label b/calibops/backends/verified.py \
+  "$LOG_DIR/_verified.before.py" calibops/backends/verified.py > "$OUT_DIR/verified.diff" 2>/dev/null
 cp "$OUT_DIR/verified.diff" "$LOG_DIR/verified.diff"
 echo "verified.diff: $(grep -c '^+[^+]' "$OUT_DIR/verified.diff") added line(s)"
 
@@ -272,7 +272,7 @@ cat > "$LOG_DIR/sanitize_triton.py" <<'EOF'
 """Every Triton launch path once, small and odd shapes, every mode / rater count / moments, for memcheck."""
 import torch
 
-import calibops.triton  # noqa: F401 - registers calibops::triton_binned_stats
+import calibops.backends.triton  # noqa: F401 - registers calibops::triton_binned_stats
 from calibops.reference import bin_centres, bin_edges
 
 op = torch.ops.calibops.triton_binned_stats

@@ -24,7 +24,7 @@ def main() -> int:
         print("sanitize_case: no CUDA device", file=sys.stderr)
         return 2
     import calibops.functional as F
-    from calibops import _ops
+    from calibops.backends import extension as _ops
     from calibops.reference import bin_centres, bin_edges
 
     if not _ops.has_cuda_kernels():

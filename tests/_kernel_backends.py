@@ -111,7 +111,7 @@ def _on(device: torch.device, fwd: Callable, bwd: Callable) -> tuple[Callable, C
 
 
 def _cpu() -> KernelBackend | None:
-    from calibops import _ops
+    from calibops.backends import extension as _ops
 
     if not _ops.has_cpu_kernels():
         reason_missing["cpu"] = f"calibops._C not built: {_ops.EXTENSION_ERROR}"
@@ -121,7 +121,7 @@ def _cpu() -> KernelBackend | None:
 
 def _triton() -> KernelBackend | None:
     try:
-        tb = importlib.import_module("calibops.triton.binned_stats")  # the module (the package re-exports the op)
+        tb = importlib.import_module("calibops.backends.triton.binned_stats")  # the module (the package re-exports the op)
     except Exception as exc:  # noqa: BLE001 - any import failure means "not available here"
         reason_missing["triton"] = f"{type(exc).__name__}: {exc}"
         return None
@@ -134,7 +134,7 @@ def _triton() -> KernelBackend | None:
 
 
 def _cuda() -> KernelBackend | None:
-    from calibops import _ops
+    from calibops.backends import extension as _ops
 
     if not torch.cuda.is_available():
         reason_missing["cuda"] = "no CUDA device on this machine"

@@ -25,7 +25,7 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True, scope="session")
 def _require_extension():
     if os.environ.get("CALIBOPS_TEST_REQUIRE_EXT", "0") == "1":
-        from calibops import _ops
+        from calibops.backends import extension as _ops
 
         assert _ops.extension_loaded(), f"compiled extension required but not loaded: {_ops.EXTENSION_ERROR}"
     yield

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from calibops.cli import evaluate_main
+from calibops.cli.evaluate import evaluate_main
 from calibops.metrics import DatasetCalibration
 
 nib = pytest.importorskip("nibabel")
@@ -130,7 +130,7 @@ def test_nifti_dataset(tmp_path, capsys):
 
 
 def test_numpy_dataset_and_main_dispatch(tmp_path, capsys):
-    from calibops.__main__ import main
+    from calibops.cli.main import main
 
     cases = _cases(seed=1, sizes=[(12, 10), (9, 7), (5, 13), (8, 8)])
     pred, label = _write_numpy(tmp_path, cases)
@@ -359,7 +359,7 @@ def test_out_not_writable(tmp_path, capsys, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("calibops.cli.tempfile.mkdtemp", refuse)
+    monkeypatch.setattr("calibops.cli.evaluate.tempfile.mkdtemp", refuse)
     assert "writable" in _fails(tmp_path, capsys, pred, label, match=str(out), out=out)
     assert not out.exists()  # the directory made for the outputs is removed again
 
@@ -424,8 +424,8 @@ def test_unexpected_errors_are_one_line_too(tmp_path, capsys, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyError("surprise")
 
-    monkeypatch.setattr("calibops.cli._print_summary", boom)
-    monkeypatch.setattr("calibops.cli.evaluate", boom)
+    monkeypatch.setattr("calibops.cli.evaluate._print_summary", boom)
+    monkeypatch.setattr("calibops.cli.evaluate.evaluate", boom)
     _fails(tmp_path, capsys, pred, label, match="unexpected KeyError")
     monkeypatch.setenv("CALIBOPS_DEBUG", "1")
     with pytest.raises(KeyError):

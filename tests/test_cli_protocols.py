@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from calibops import functional as F
-from calibops.cli import evaluate_main
+from calibops.cli.evaluate import evaluate_main
 from calibops.metrics import DatasetCalibration
 
 nib = pytest.importorskip("nibabel")

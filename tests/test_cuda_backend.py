@@ -216,7 +216,7 @@ def describe(B, C, N, M, soft, act, labels, mode, moments, R, dtype, t, ignore_i
 def _cuda_skip_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device"
-    from calibops import _ops
+    from calibops.backends import extension as _ops
 
     if not _ops.has_cuda_kernels():
         return f"calibops._C has no CUDA kernels (extension error: {_ops.EXTENSION_ERROR})"

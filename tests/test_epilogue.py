@@ -26,7 +26,7 @@ import torch
 
 import calibops
 from calibops import functional as F
-from calibops.reference import BinnedStats, ace_from_stats
+from calibops.results import BinnedStats, ace_from_stats
 
 BAND = 2.0**-23
 GRAD_BUDGET = 2.0**-20

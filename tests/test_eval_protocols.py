@@ -25,7 +25,7 @@ from calibops.evaluation import (
     crps_gaussian,
     pool_stats,
 )
-from calibops.reference import CalibrationErrors, calibration_errors_from_stats
+from calibops.results import CalibrationErrors, calibration_errors_from_stats
 
 BACKENDS = [b for b in ("reference", "cpu", "triton") if calibops.available_backends()[b] is None]
 EPS32 = float(np.finfo(np.float32).eps)

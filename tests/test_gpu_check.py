@@ -96,7 +96,7 @@ def test_dry_run_passes_every_step_in_order(dry):
     table = (out / "summary.txt").read_text()
     found = steps(table)
     assert [name for name, *_ in found] == ORDER, table
-    from calibops import _ops
+    from calibops.backends import extension as _ops
 
     # the dry run's build step checks that the kernels are registered (CPU ones here): without the compiled
     # extension it must fail, and the run with it

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from calibops import _ops
+from calibops.backends import extension as _ops
 
 
 def test_message_rules():

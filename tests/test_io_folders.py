@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from calibops.cli import evaluate_main, spread
+from calibops.cli.evaluate import evaluate_main, spread
 from calibops.metrics import DatasetCalibration
 
 nib = pytest.importorskip("nibabel")
@@ -245,7 +245,7 @@ def test_pred_suffix_picks_files_and_duplicate_message(tmp_path, capsys):
 
 
 def test_top_level_help_lists_subcommands(capsys):
-    from calibops.__main__ import main
+    from calibops.cli.main import main
 
     assert main(["--help"]) == 0
     out = capsys.readouterr().out

@@ -18,7 +18,7 @@ import torch
 
 import calibops.functional as F
 from calibops import DatasetCalibration, MarginalL1ACELoss
-from calibops._backends import available_backends
+from calibops.backends.resolve import available_backends
 
 BACKENDS = [b for b, why in available_backends().items() if why is None and b != "cuda"]
 
@@ -175,7 +175,7 @@ def test_dataset_calibration_top_label(backend):
     assert m.histogram().shape == (20, 20)
     stats = F.binned_stats(x, t, to_onehot_y=True, softmax=True, mode="top_label", backend=backend)
     pooled = F.BinnedStats(*(s.double().sum(0) for s in stats))
-    from calibops.reference import calibration_errors_from_stats
+    from calibops.results import calibration_errors_from_stats
 
     for u, v in zip(res.micro, calibration_errors_from_stats(pooled)):
         _close(u, v)

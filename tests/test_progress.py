@@ -1,4 +1,4 @@
-"""Tests of calibops._progress, the package's one progress display (tqdm when installed, else a fallback)."""
+"""Tests of calibops.cli.progress, the package's one progress display (tqdm when installed, else a fallback)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from calibops._progress import Progress, track
+from calibops.cli.progress import Progress, track
 
 
 class _Tty(io.StringIO):

@@ -25,15 +25,15 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import calibops.functional as F  # noqa: E402
-from calibops import _backends, _selfcheck  # noqa: E402
-from calibops.__main__ import main  # noqa: E402
+from calibops.backends import resolve as _backends, selfcheck as _selfcheck  # noqa: E402
+from calibops.cli.main import main  # noqa: E402
 from calibops.reference import bin_centres, bin_edges, binned_stats_prepared  # noqa: E402
 
 DEVICE = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 ARCH = "sm_test"
-TRITON_WHY = _backends._why_unavailable("triton", DEVICE)
+TRITON_WHY = _backends.why_unavailable("triton", DEVICE)
 needs_triton = pytest.mark.skipif(TRITON_WHY is not None, reason=f"triton backend unavailable: {TRITON_WHY}")
-CPU_WHY = _backends._why_unavailable("cpu", torch.device("cpu"))
+CPU_WHY = _backends.why_unavailable("cpu", torch.device("cpu"))
 needs_cpu_ext = pytest.mark.skipif(CPU_WHY is not None, reason=f"cpu backend unavailable: {CPU_WHY}")
 
 
@@ -465,7 +465,7 @@ def test_record_writer_produces_an_importable_sorted_record(tmp_path, monkeypatc
     assert _selfcheck.read_record(_selfcheck.RECORD_PATH) == _load(_selfcheck.RECORD_PATH).VERIFIED
     with pytest.raises(ValueError, match="lacks"):
         _selfcheck.write_record([dict(e1, card="")], path)
-    # a new file starts from the package's record: a drop-in replacement of calibops/_verified.py
+    # a new file starts from the package's record: a drop-in replacement of calibops/backends/verified.py
     monkeypatch.setattr(_selfcheck._verified, "VERIFIED", (e2,))
     assert _selfcheck.write_record([e1], tmp_path / "new.py") == (e2, e1)
 
@@ -528,7 +528,7 @@ def test_selfcheck_command_runs_triton_and_reports_a_table(monkeypatch, capsys):
 
 def test_gpu_table_and_auto_line(monkeypatch, capsys):
     # the printing of `python -m calibops` on a GPU, with made-up results (the check itself is tested above)
-    from calibops import __main__ as cli
+    from calibops.cli.evaluate import main as cli
 
     good = _selfcheck.SelfCheckResult(
         "triton",

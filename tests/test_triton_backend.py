@@ -47,8 +47,8 @@ from . import _oracle  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRET = DEVICE.type == "cpu"
 
-pytest.importorskip("calibops.triton")
-tb = importlib.import_module("calibops.triton.binned_stats")  # the module (the package exports the op)
+pytest.importorskip("calibops.backends.triton")
+tb = importlib.import_module("calibops.backends.triton.binned_stats")  # the module (the package exports the op)
 
 # Every distinct constexpr/dtype combination is a separate Triton compile on a GPU (~1 s each on a fresh
 # machine); the interpreter has no such cost. Parameter sets marked with this run on CPU always and on a GPU
@@ -68,7 +68,7 @@ NAMES = ("count", "sum_p", "sum_y", "sum_p2", "sum_py")
 def test_kernels_are_interpreted_on_cpu_and_compiled_on_gpu():
     # On a CPU-only machine the kernels only run if triton was imported with TRITON_INTERPRET=1.
     assert tb.INTERPRETED == INTERPRET, (
-        "calibops.triton was imported before TRITON_INTERPRET was set (or set on a GPU machine); "
+        "calibops.backends.triton was imported before TRITON_INTERPRET was set (or set on a GPU machine); "
         "set it in tests/conftest.py before anything imports triton"
     )
 
@@ -535,8 +535,8 @@ import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
-tb = importlib.import_module("calibops.triton.binned_stats")
-L = importlib.import_module("calibops.triton.launch")
+tb = importlib.import_module("calibops.backends.triton.binned_stats")
+L = importlib.import_module("calibops.backends.triton.launch")
 assert not tb.INTERPRETED
 N, target = 224 * 224 * 144, GPUTarget("cuda", 90, 32)
 for C, scheme, mode, moments, R, kernel, M, kind in VARIANTS:
@@ -588,7 +588,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# bad arguments (calibops/_contract.py: the real op and its fake check alike)
+# bad arguments (calibops/contract.py: the real op and its fake check alike)
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -661,7 +661,7 @@ def test_invalid_probabilities_stay_in_bounds(value, scheme):
 
 
 def test_dispatcher_uses_registered_op():
-    from calibops import _backends
+    from calibops.backends import resolve as _backends
 
     assert _backends.stats_function("triton") is torch.ops.calibops.triton_binned_stats
     assert _backends.resolve_backend("triton", DEVICE) == "triton"

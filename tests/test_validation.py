@@ -351,7 +351,7 @@ def test_string_options_of_the_wrong_type():
 
 
 def test_num_bins_cap():
-    from calibops._options import MAX_BINS, check_options
+    from calibops.options import MAX_BINS, check_options
 
     assert MAX_BINS == 2**24 and check_options(num_bins=2**24).num_bins == 2**24
     with pytest.raises(ValueError, match="num_bins"):

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from calibops import MarginalL1ACELoss
-from calibops._progress import Progress
+from calibops.cli.progress import Progress
 from calibops.metrics import DatasetCalibration
 
 from ._data import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, DemoData, make_dataset

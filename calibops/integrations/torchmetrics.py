@@ -23,7 +23,7 @@ require("torchmetrics", "torchmetrics", "calibops.integrations.torchmetrics")
 from torchmetrics import Metric  # noqa: E402
 
 from ..metrics import DatasetCalibration  # noqa: E402
-from ..reference import BinnedStats, calibration_errors_from_stats  # noqa: E402
+from ..results import BinnedStats, calibration_errors_from_stats  # noqa: E402
 
 __all__ = ["DatasetCalibrationMetric"]
 

@@ -5,7 +5,7 @@
 same fixed-order reduction) into a shared library, built once per session and cached by content hash in the temp
 folder. :func:`forward` / :func:`backward` take exactly the arguments of ``calibops::binned_stats`` /
 ``calibops::binned_stats_backward`` (docs/kernel_contract.md) on CPU tensors, check them with
-``calibops._contract`` like every Python-side implementation, and return what the CUDA binding returns.
+``calibops.contract`` like every Python-side implementation, and return what the CUDA binding returns.
 
 Needs a host C++ compiler and the CUDA headers (``cuda_fp16.h``, ``cuda_bf16.h``); :func:`why_unavailable` says
 what is missing. Used by tests/test_cuda_compile.py and, as the ``cuda-emu`` backend, by the cross-backend tests.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from calibops._contract import TARGET_LABELS, Geometry, check_args, check_grads, empty_outputs
+from calibops.contract import TARGET_LABELS, Geometry, check_args, check_grads, empty_outputs
 
 __all__ = [
     "CUDA_DIR",
@@ -199,7 +199,7 @@ def _check_cpu(*tensors: torch.Tensor) -> None:
 
 
 def _outputs(g: Geometry, moments: bool, fill: float) -> tuple[torch.Tensor, ...]:
-    """The five float32 statistics of the contract's shapes (calibops/_contract.py), filled with ``fill``."""
+    """The five float32 statistics of the contract's shapes (calibops/contract.py), filled with ``fill``."""
     like = torch.empty(0, dtype=torch.float32)
     return tuple(o.fill_(fill) for o in empty_outputs(like, g, moments)[:5])
 

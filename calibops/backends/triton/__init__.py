@@ -2,7 +2,7 @@
 
 ``binned_stats`` is the registered op ``calibops::triton_binned_stats`` (kernel-contract signature, autograd
 attached); ``binned_stats_backward`` is ``calibops::triton_binned_stats_backward``. Importing this package
-needs triton; :mod:`calibops._backends` imports it lazily and reports any failure as the reason the backend
+needs triton; :mod:`calibops.backends.resolve` imports it lazily and reports any failure as the reason the backend
 is unavailable.
 """
 

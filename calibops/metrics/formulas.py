@@ -14,19 +14,18 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._records import ImageRecords
-from .evaluation import (
+from ..evaluation import (
     BrierDecomposition,
     ConfidenceInterval,
     adaptive_calibration_errors,
     bootstrap_ci,
     brier_decomposition,
 )
-from .reference import BinnedStats, BinnedStatsMoments, CalibrationErrors, calibration_errors_from_stats
+from ..options import METRICS
+from ..results import BinnedStats, BinnedStatsMoments, CalibrationErrors, calibration_errors_from_stats
+from .records import ImageRecords
 
 __all__ = ["DatasetCalibrationResult", "GroupGap", "GroupResult"]
-
-METRICS = ("ece", "ace", "mce", "l2")
 
 State = dict[str, torch.Tensor]
 

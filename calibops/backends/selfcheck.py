@@ -1,7 +1,7 @@
 """The one-time self-check of a kernel backend against the reference on a device it has not been verified on.
 
 ``backend="auto"`` on a CUDA tensor uses a GPU kernel backend (``cuda``, ``triton``) only where it is known to
-be right: its (backend, architecture) pair is in the record of :mod:`calibops._verified`, or this self-check
+be right: its (backend, architecture) pair is in the record of ``calibops/backends/verified.json``, or this self-check
 passed in the current process for that (device, backend, input dtype). ``python -m calibops selfcheck`` runs
 the same check for every available backend and prints a table.
 
@@ -40,7 +40,6 @@ saved-tensor hooks, dispatch modes) reaches it; it synchronises the device once,
 
 from __future__ import annotations
 
-import ast
 import datetime
 import json
 import math
@@ -51,9 +50,9 @@ from pathlib import Path
 
 import torch
 
-from . import _verified
-from ._contract import MODES, SCHEME_HARD, SCHEME_SOFT, TARGET_DENSE, TARGET_LABELS
-from .reference import ACT_NONE, ACT_SIGMOID, ACT_SOFTMAX, bin_centres, bin_edges, binned_stats_prepared
+from ..contract import MODES, SCHEME_HARD, SCHEME_SOFT, TARGET_DENSE, TARGET_LABELS
+from ..reference import ACT_NONE, ACT_SIGMOID, ACT_SOFTMAX, bin_centres, bin_edges, binned_stats_prepared
+from .registry import stats_function
 
 __all__ = [
     "CASES",
@@ -255,8 +254,8 @@ def device_name(device: torch.device | str) -> str:
 
 
 def is_verified(backend: str, arch: str, record: tuple[dict[str, str], ...] | None = None) -> bool:
-    """True when (backend, arch) is in the record of verified GPU architectures (:mod:`calibops._verified`)."""
-    entries = _verified.VERIFIED if record is None else record
+    """True when (backend, arch) is in the record of verified GPU architectures (``verified.json``)."""
+    entries = verified_record() if record is None else record
     return any(e.get("backend") == backend and e.get("arch") == arch for e in entries)
 
 
@@ -471,8 +470,6 @@ def run_selfcheck(
 ) -> SelfCheckResult:
     """Run the self-check of ``backend`` on ``device`` for ``dtype`` inputs now (no cache); ``cases``
     defaults to :data:`CASES`."""
-    from . import _backends
-
     cases = CASES if cases is None else cases
 
     device = normalize_device(device)
@@ -482,7 +479,7 @@ def run_selfcheck(
     try:
         arch = device_arch(device) if arch is None else arch
         card = device_name(device)
-        fn = _backends.stats_function(backend)
+        fn = stats_function(backend)
 
         def work() -> tuple[CaseResult, ...]:
             out = []
@@ -556,7 +553,7 @@ def failure_message(failed: list[SelfCheckResult], chosen: str) -> str:
 # ------------------------------------------------------------------------------------------------------------
 
 _RECORD_KEYS = ("backend", "arch", "card", "torch", "triton", "cuda", "date")
-RECORD_PATH = Path(__file__).with_name("_verified.py")
+RECORD_PATH = Path(__file__).with_name("verified.json")
 
 
 def record_entry(backend: str, device: torch.device | str, date: str | None = None) -> dict[str, str]:
@@ -580,32 +577,40 @@ def record_entry(backend: str, device: torch.device | str, date: str | None = No
     }
 
 
-def read_record(path: Path | str) -> tuple[dict[str, str], ...]:
-    """The ``VERIFIED`` entries of a record file (empty if the file does not exist)."""
+def read_record(path: Path | str = RECORD_PATH) -> tuple[dict[str, str], ...]:
+    """The entries of a record file (JSON, like the package's ``verified.json``); empty if it does not exist."""
     path = Path(path)
     if not path.exists():
         return ()
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    for node in tree.body:
-        target = (
-            node.target
-            if isinstance(node, ast.AnnAssign)
-            else (node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
-        )
-        if isinstance(target, ast.Name) and target.id == "VERIFIED" and node.value is not None:
-            return tuple(dict(e) for e in ast.literal_eval(node.value))
-    raise ValueError(f"{path} has no VERIFIED = (...) assignment")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        entries = data["verified"]
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise TypeError("'verified' must be a list of objects")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a calibops record of verified GPUs ({exc})") from None
+    return tuple({str(k): str(v) for k, v in e.items()} for e in entries)
+
+
+_RECORD: list[tuple[dict[str, str], ...]] = []  # the package's record, read once
+
+
+def verified_record() -> tuple[dict[str, str], ...]:
+    """The package's record of verified (backend, architecture) pairs (``calibops/backends/verified.json``)."""
+    if not _RECORD:
+        _RECORD.append(read_record(RECORD_PATH))
+    return _RECORD[0]
 
 
 def write_record(entries: list[dict[str, str]], path: Path | str = RECORD_PATH) -> tuple[dict[str, str], ...]:
     """Add or update ``entries`` (by (backend, arch)) in the record file at ``path``; return the new record.
 
     A file that does not exist yet starts from the package's record (so it is a drop-in replacement of
-    calibops/_verified.py). The file is rewritten whole: the module docstring of :mod:`calibops._verified` and
-    ``VERIFIED`` sorted by (backend, arch), one key per line, so the diff of a new entry is a few added lines.
+    ``calibops/backends/verified.json``). The file is rewritten whole, entries sorted by (backend, arch), one key
+    per line, so the diff of a new entry is a few added lines.
     """
     path = Path(path)
-    base = read_record(path) if path.exists() else _verified.VERIFIED
+    base = read_record(path) if path.exists() else verified_record()
     merged = {(e["backend"], e["arch"]): dict(e) for e in base}
     for e in entries:
         missing = [k for k in _RECORD_KEYS if not isinstance(e.get(k), str) or not e.get(k)]
@@ -613,17 +618,11 @@ def write_record(entries: list[dict[str, str]], path: Path | str = RECORD_PATH) 
             raise ValueError(f"record entry {e!r} lacks {missing}")
         merged[(e["backend"], e["arch"])] = {k: e[k] for k in _RECORD_KEYS}
     record = tuple(merged[k] for k in sorted(merged))
-    body = "".join(
-        "    {\n" + "".join(f"        {json.dumps(k)}: {json.dumps(v[k])},\n" for k in _RECORD_KEYS) + "    },\n"
-        for v in record
-    )
-    doc = _verified.__doc__.strip("\n")
-    text = (
-        f'"""{doc}\n"""\n\nVERIFIED: tuple[dict[str, str], ...] = (\n{body})\n'
-        if record
-        else (f'"""{doc}\n"""\n\nVERIFIED: tuple[dict[str, str], ...] = ()\n')
-    )
+    about = json.loads(RECORD_PATH.read_text(encoding="utf-8")).get("about", "") if RECORD_PATH.exists() else ""
+    text = json.dumps({"about": about, "verified": list(record)}, indent=2) + "\n"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+    if path.resolve() == RECORD_PATH.resolve():
+        _RECORD.clear()
     return record

@@ -1,10 +1,11 @@
 """The kernel contract's argument checks and output shapes, written once for Python (docs/kernel_contract.md).
 
 Used by the reference op (:func:`calibops.reference.binned_stats_prepared`), the fake kernels
-(``calibops/_ops.py``) and the Triton launcher, so every Python-side implementation of the two ops accepts and
-rejects exactly the same arguments and produces the same shapes. The C++ bindings use ``csrc/contract.h``, which
-states the same rules; the public API (``calibops/functional.py``) checks user-facing arguments before any op runs,
-so these checks guard the op boundary itself (direct ``torch.ops`` calls, wrong glue code).
+(``calibops/backends/extension.py``) and the Triton launcher, so every Python-side implementation of the two ops
+accepts and rejects exactly the same arguments and produces the same shapes. The C++ bindings use
+``csrc/contract.h``, which states the same rules; the engine (``calibops/engine.py``) checks user-facing
+arguments before any op runs, so these checks guard the op boundary itself (direct ``torch.ops`` calls, wrong
+glue code). Also the one definition of the backend names, the bin cap and the dtypes each op reads.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 __all__ = [
     "ACT_NONE",
+    "BACKENDS",
     "ACT_SIGMOID",
     "ACT_SOFTMAX",
     "DENSE_DTYPES",
@@ -33,6 +35,9 @@ __all__ = [
     "check_grads",
     "empty_outputs",
 ]
+
+#: Every backend name (``backend=`` in the API, besides ``"auto"``).
+BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 ACT_NONE, ACT_SOFTMAX, ACT_SIGMOID = 0, 1, 2
 SCHEME_HARD, SCHEME_SOFT = 0, 1

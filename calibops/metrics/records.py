@@ -2,7 +2,7 @@
 
 The only part of :class:`calibops.DatasetCalibration` whose memory grows with the data set (O(images · C')),
 kept only when asked (``keep_records=True``). Bootstrap confidence intervals and per-group intervals resample
-these records; the pooled sums (:mod:`calibops._state`) never need them.
+these records; the pooled sums (:mod:`calibops.metrics.state`) never need them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ._state import dist_ready
+from .state import dist_ready
 
 __all__ = ["ImageRecords"]
 

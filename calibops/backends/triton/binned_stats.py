@@ -1,14 +1,14 @@
 """The Triton backend's statistics ops (docs/kernel_contract.md, v2): launchers and registration.
 
 Two ops, registered with :func:`torch.library.triton_op` so ``torch.compile(fullgraph=True)`` traces into
-them, with the shared autograd formula of :mod:`calibops._ops` attached to the forward:
+them, with the shared autograd formula of :mod:`calibops.backends.extension` attached to the forward:
 
 - ``calibops::triton_binned_stats(input, target, edges, num_bins, scheme, activation, target_kind, mode, moments,
   ignore_index, right) -> (count, sum_p, sum_y, sum_p2, sum_py, bad)``
 - ``calibops::triton_binned_stats_backward(grad_count, grad_sum_p, grad_sum_y, grad_sum_p2, grad_sum_py, input,
   target, edges, ...) -> grad_input``
 
-Arguments are checked by :mod:`calibops._contract` (the same checks as the reference op and the fake kernels).
+Arguments are checked by :mod:`calibops.contract` (the same checks as the reference op and the fake kernels).
 The package is split by job: :mod:`.schemes` (one membership function per binning scheme), :mod:`.tiles`
 (loads, activations, targets, the contract's entries), :mod:`.kernels` (the kernels), :mod:`.launch` (block
 sizes, grid, constexpr flags), and this module (launchers, registration).
@@ -58,7 +58,7 @@ indices are clamped before any gather, so NaN/inf inputs cannot read out of boun
 Launching: compiled kernels go through :func:`torch.library.wrap_triton` (so torch.compile sees them inside the
 ``triton_op``); under ``TRITON_INTERPRET=1`` the kernels are launched directly, because ``wrap_triton`` rejects
 interpreted kernels on torch <= 2.12. The interpreter also gets its integer arguments as 0-d scalar tensors
-(:func:`calibops.triton.launch.interpreter_scalars`): Triton <= 3.6's interpreter turns an int argument into a
+(:func:`calibops.backends.triton.launch.interpreter_scalars`): Triton <= 3.6's interpreter turns an int argument into a
 one-element array and calls ``int()`` on it for ``range(C)``, which numpy >= 2.4 refuses.
 """
 
@@ -70,8 +70,8 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
-from .. import _ops
-from .._contract import TARGET_LABELS, check_args, check_grads, empty_outputs
+from ...contract import TARGET_LABELS, check_args, check_grads, empty_outputs
+from .. import extension as _ops
 from .kernels import _stats_bwd_kernel, _stats_fwd_kernel, _stats_fwd_scatter_kernel
 from .launch import (
     MAX_BLOCK_N,
@@ -117,7 +117,7 @@ def _launch(kernel):
 
 
 def _interpreter_scalars(*values: int) -> tuple:
-    """:func:`calibops.triton.launch.interpreter_scalars` for this process (0-d scalars only when interpreted)."""
+    """:func:`.launch.interpreter_scalars` for this process (0-d scalars only when interpreted)."""
     return interpreter_scalars(INTERPRETED, *values)
 
 
@@ -224,7 +224,7 @@ def _register(name: str, impl, fake) -> None:
     """Register ``impl`` as ``calibops::<name>`` with the fake kernel ``fake``.
 
     Compiled Triton (GPU): :func:`torch.library.triton_op`, so torch.compile traces into the kernels; the fake
-    still checks the arguments like the real op (calibops/_contract.py) when torch.compile traces with fake
+    still checks the arguments like the real op (calibops/contract.py) when torch.compile traces with fake
     tensors. Under ``TRITON_INTERPRET=1`` the kernels are plain Python functions that ``wrap_triton`` cannot trace
     (it would run them on fake tensors), so the same implementation is registered as an opaque
     :func:`torch.library.custom_op` with that fake kernel instead: identical schema and results, and torch.compile

@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _progress(items: Sequence[Any], enabled: bool) -> Iterable[Any]:
     # the package's one progress display: tqdm when installed, else a dependency-free fallback on stderr
-    from calibops._progress import track
+    from .progress import track
 
     return track(items, desc="evaluate", unit="case", enabled=enabled)
 
@@ -248,7 +248,7 @@ class _AxisOrder:
         return np.ascontiguousarray(np.transpose(probs, [0, *range(nd - 1, 0, -1)]))
 
     def apply(self, name, probs, label, pred_path, label_path, npz_key) -> np.ndarray:
-        from . import io
+        from .. import io
 
         mixed = (io._suffix(pred_path) in io.ARRAY_SUFFIXES) != (io._suffix(label_path) in io.ARRAY_SUFFIXES)
         if not mixed or probs.ndim < 3:
@@ -286,7 +286,7 @@ class _AxisOrder:
         return self._reverse(probs) if choice == "reversed" else probs
 
     def _by_segmentation(self, probs, pred_path, shape) -> tuple[str | None, str]:
-        from . import io
+        from .. import io
 
         seg_path = io.sibling_image(pred_path)
         if seg_path is None:
@@ -305,7 +305,7 @@ class _AxisOrder:
 def _check_geometry(name: str, pred_path: Path, label_path: Path, tol: float) -> None:
     """Prediction and label on one grid: the same spacing and affine (within ``tol`` mm), when both are known
     (a NumPy prediction takes the affine of the image file next to it, as nnU-Net writes)."""
-    from . import io
+    from .. import io
 
     geo_path = pred_path if io._suffix(pred_path) in io.IMAGE_SUFFIXES else io.sibling_image(pred_path)
     if geo_path is None or io._suffix(label_path) not in io.IMAGE_SUFFIXES:
@@ -366,7 +366,7 @@ def read_groups(path: str | os.PathLike, cases: Sequence[str]) -> tuple[dict[str
         mapping[case] = group
         if group not in order:
             order.append(group)
-    from .io import _short
+    from ..io import _short
 
     missing = [c for c in cases if c not in mapping]
     unknown = sorted(set(mapping) - set(cases))
@@ -382,7 +382,7 @@ def read_groups(path: str | os.PathLike, cases: Sequence[str]) -> tuple[dict[str
 
 def _match_raters(args: argparse.Namespace) -> list[tuple[str, Path, list[Path]]]:
     """``[(case, prediction, [label of each rater])]``: every rater folder must pair up with the predictions."""
-    from . import io
+    from .. import io
 
     dirs = _label_dirs(args)
     per_rater = []
@@ -401,7 +401,7 @@ def _match_raters(args: argparse.Namespace) -> list[tuple[str, Path, list[Path]]
 def _header_spacing(pred_path: Path, label_path: Path, ndim: int) -> list[float] | None:
     """Voxel size per spatial axis from the label's header (else the prediction's image, or its nnU-Net sibling);
     None (voxel counts) when no file has one."""
-    from . import io
+    from .. import io
 
     for path in (label_path, pred_path, io.sibling_image(pred_path)):
         if path is not None and io._suffix(path) in io.IMAGE_SUFFIXES:
@@ -413,7 +413,7 @@ def _header_spacing(pred_path: Path, label_path: Path, ndim: int) -> list[float]
 
 def check_usage(args: argparse.Namespace) -> None:
     """The checks of the command line that need no data file; raises :class:`UsageError` (exit status 2)."""
-    from ._options import MAX_BINS
+    from ..options import MAX_BINS
 
     if not 1 <= args.num_bins <= MAX_BINS:
         raise UsageError(f"--num-bins must be between 1 and 2**24 = {MAX_BINS}, got {args.num_bins}")
@@ -469,8 +469,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Run the evaluation described by parsed ``args``; returns the results, writes nothing."""
     import torch
 
-    from . import io
-    from .metrics import DatasetCalibration
+    from .. import io
+    from ..metrics import DatasetCalibration
 
     check_usage(args)
     cases = _match_raters(args)
@@ -539,7 +539,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             metric = DatasetCalibration(
                 C,
                 num_bins=args.num_bins,
-                include_background=args.include_background,
+                include_background=args.include_background or args.mode == "top_label",
                 to_onehot_y=True,
                 softmax=args.softmax,
                 ignore_index=args.ignore_index,
@@ -628,7 +628,7 @@ def group_rows_with_intervals(metric: Any, result: Any, num_samples: int, seed: 
     """:meth:`DatasetCalibration.group_rows` (per group and class, then the ``gap`` rows) with an ``all`` row per
     class before the gaps, and every macro value's seeded bootstrap interval (``macro_<metric>_lower/upper``):
     per group, over all cases, and of the gap (:meth:`DatasetCalibration.bootstrap`)."""
-    from ._dataset_results import METRICS
+    from ..metrics.formulas import METRICS
 
     keys = _row_keys(metric)
     boot = {m: metric.bootstrap(m, num_samples=num_samples, seed=seed) for m in METRICS}
@@ -790,7 +790,16 @@ def _write_outputs(res: dict[str, Any], out: Path, dice: bool, figures: bool = T
 def _print_summary(res: dict[str, Any]) -> None:
     metric, names = res["metric"], res["class_names"]
     raters = f", {res['raters']} raters (macro: mean over raters)" if res["raters"] > 1 else ""
-    print(f"{res['num_cases']} cases, {metric.num_bins} bins, {res['mode']}{raters}")
+    background = (
+        ""
+        if res["mode"] == "top_label"
+        else (
+            ", background class included"
+            if metric.include_background
+            else ", background class 0 left out (--include-background keeps it)"
+        )
+    )
+    print(f"{res['num_cases']} cases, {metric.num_bins} bins, {res['mode']}{raters}{background}")
     print(
         f"{'class':<16} {'macro ECE':>10} {'macro ACE':>10} {'macro MCE':>10} "
         f"{'micro ECE':>10} {'micro ACE':>10} {'micro MCE':>10}"

@@ -3,13 +3,14 @@
 :class:`DatasetCalibration` consumes batches of predictions and labels, runs the fused statistics kernel
 (``calibops.functional.binned_stats``, hard bins, no gradient) and keeps only sums. It is split by job:
 
-- :mod:`calibops._state` (:class:`~calibops._state.SumState`): the named sum tensors, their device, the **one**
-  all-reduce that sums them over ``torch.distributed`` ranks (gloo and nccl) and the checks of a loaded state;
-- :mod:`calibops._dataset_results`: the dataset formulas on the summed state (macro / micro errors, groups and
+- :mod:`calibops.metrics.state` (:class:`~calibops.metrics.state.SumState`): the named sum tensors, their device,
+  the **one** all-reduce that sums them over ``torch.distributed`` ranks (gloo and nccl) and the checks of a
+  loaded state;
+- :mod:`calibops.metrics.formulas`: the dataset formulas on the summed state (macro / micro errors, groups and
   gaps, bootstrap, Brier, adaptive bins), built on the per-bin formulas of :mod:`calibops.reference` and
   :mod:`calibops.evaluation` — never repeated here;
-- :mod:`calibops._records`: the optional per-(image, class) records (CSV, gathering, Dice);
-- :mod:`calibops._report` / :mod:`calibops.plot`: figures.
+- :mod:`calibops.metrics.records`: the optional per-(image, class) records (CSV, gathering, Dice);
+- :mod:`calibops.metrics.report` / :mod:`calibops.plot`: figures.
 
 The sums (all O(C'·M²) whatever the number of images or voxels):
 
@@ -54,22 +55,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import _dataset_results as R
-from . import functional as F
-from ._dataset_results import DatasetCalibrationResult, GroupGap, GroupResult
-from ._options import as_bool, as_int, check_options
-from ._records import ImageRecords, hard_dice
-from ._state import SumState, dist_ready
-from .evaluation import BrierDecomposition, brier_decomposition
-from .reference import (
-    ACT_NONE,
-    ACT_SIGMOID,
-    ACT_SOFTMAX,
-    BinnedStats,
-    CalibrationErrors,
-    bin_edges,
-    calibration_errors_from_stats,
-)
+from .. import engine
+from .. import functional as F
+from ..evaluation import BrierDecomposition, brier_decomposition
+from ..options import METRICS, Options, as_bool, as_int
+from ..reference import ACT_NONE, ACT_SIGMOID, ACT_SOFTMAX, bin_edges
+from ..results import BinnedStats, CalibrationErrors, calibration_errors_from_stats
+from . import formulas as R
+from .formulas import DatasetCalibrationResult, GroupGap, GroupResult
+from .records import ImageRecords, hard_dice
+from .state import SumState
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -83,13 +78,7 @@ __all__ = [
 ]
 
 _NONFINITE = ("raise", "skip")
-_METRICS = ("ece", "ace", "mce")
-R.METRICS = ("ece", "ace", "mce", "l2")
 _NAN_OK = ("macro_l2", "group_macro_l2")  # unknown (NaN) after loading a checkpoint written before L2 existed
-
-
-def _dist_ready(process_group: Any) -> bool:  # kept for callers of the old private name
-    return dist_ready(process_group)
 
 
 def reliability_histogram_counts(stats: BinnedStats, right: bool = False, per_image: bool = False) -> torch.Tensor:
@@ -125,8 +114,8 @@ class DatasetCalibration:
         num_classes: C, the number of channels of the predictions.
         num_bins: M, hard confidence bins (the edges of README "Semantics"), also used for the accuracy axis
             of the histogram.
-        include_background: keep class 0 (default False, like the papers' evaluation). C' = C - 1 without it
-            (C' = C = 1 for a single-channel prediction).
+        include_background: keep class 0 (default True, as everywhere in calibops and in MONAI; the papers'
+            evaluation passes False). C' = C - 1 without it (C' = C = 1 for a single-channel prediction).
         to_onehot_y: targets are integer label maps (B, 1, *spatial) or (B, *spatial).
         softmax / sigmoid: the predictions are logits; apply this activation first.
         ignore_index: label value left out of every statistic (needs ``to_onehot_y``).
@@ -182,7 +171,7 @@ class DatasetCalibration:
         self,
         num_classes: int,
         num_bins: int = 20,
-        include_background: bool = False,
+        include_background: bool = True,
         to_onehot_y: bool = False,
         softmax: bool = False,
         sigmoid: bool = False,
@@ -209,7 +198,7 @@ class DatasetCalibration:
             raise TypeError(f"{exc}; num_classes must be an int >= 1") from None
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        o = check_options(
+        o = Options(
             num_bins=num_bins,
             include_background=include_background,
             to_onehot_y=to_onehot_y,
@@ -251,9 +240,9 @@ class DatasetCalibration:
                 raise ValueError(
                     f"adaptive_bins must be >= 1 and fine_bins >= adaptive_bins, got {adaptive_bins}, {fine_bins}"
                 )
-            check_options(num_bins=fine_bins)
+            Options(num_bins=fine_bins)
         # the statistics keep the background; it is dropped in update (a one-channel input keeps its class)
-        self._opts = o._replace(include_background=True, binning="hard", moments=False)
+        self._opts = o.replace(include_background=True, binning="hard", moments=False)
         self.num_classes = num_classes
         self.num_bins = o.num_bins
         self.mode = o.mode
@@ -275,7 +264,7 @@ class DatasetCalibration:
         if self.brier_score and not (o.to_onehot_y or classification):
             raise ValueError("brier=True needs integer labels (to_onehot_y=True), whose squares are themselves")
         if self.brier_score:
-            self._opts = self._opts._replace(moments=True)
+            self._opts = self._opts.replace(moments=True)
         if self.multi_rater and dice:
             raise ValueError(
                 "dice=True compares with one label map: with multi_rater=True the records carry consensus_dice"
@@ -509,7 +498,7 @@ class DatasetCalibration:
             raise ValueError(f"image_ids has {len(image_ids)} entries for a batch of {B} images")
         gidx = self._group_index(groups, B)
         input = input.detach()
-        run = F._stats(input, target, self._opts, raise_nonfinite=False)
+        run = engine.run(input, target, self._opts, raise_nonfinite=False)
         if run.counts is not None:  # validated: the counts are on the host already (one synchronisation)
             nonfinite: int | torch.Tensor = run.counts[1]
             if nonfinite > 0:
@@ -523,14 +512,14 @@ class DatasetCalibration:
             stats = BinnedStats(stats.count, stats.sum_p, stats.sum_y.mean(-2))
         fine = None
         if self.adaptive_bins is not None:  # the same entries over fine bins (values already checked)
-            opts = self._opts._replace(num_bins=self.fine_bins, validate=False, moments=False)
-            fine = self._rows(F._stats(input, target, opts, raise_nonfinite=False).stats)
+            opts = self._opts.replace(num_bins=self.fine_bins, validate=False, moments=False)
+            fine = self._rows(engine.run(input, target, opts, raise_nonfinite=False).stats)
             if self.multi_rater:
                 fine = BinnedStats(fine.count, fine.sum_p, fine.sum_y.mean(-2))
         if stats.count.device != self._device:
             self.to(stats.count.device)
         if self.multi_rater:  # per rater, then the mean over raters (every rater shares the image's voxels)
-            errs = calibration_errors_from_stats(F.per_rater_stats(rated)).map(lambda e: e.mean(1))
+            errs = calibration_errors_from_stats(engine.per_rater_stats(rated)).map(lambda e: e.mean(1))
         else:
             errs = calibration_errors_from_stats(stats)  # (B, C') each, NaN where undefined, l2 included
         per_image = torch.stack([e.double() for e in errs])  # [3, B, C']
@@ -583,7 +572,7 @@ class DatasetCalibration:
     @staticmethod
     def _brier_per_image(rated: BinnedStats, moments: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Brier score per (image, row), float64, NaN without voxels; several raters: the mean over raters."""
-        from .reference import BinnedStatsMoments
+        from ..results import BinnedStatsMoments
 
         return brier_decomposition(BinnedStatsMoments(*rated, *moments)).brier
 
@@ -600,14 +589,21 @@ class DatasetCalibration:
         computed (Σ p and the raters' label counts over the bins) and the consensus Dice."""
         if self.mode != "marginal":
             return {}
-        from .evaluation import crps_gaussian
+        from ..evaluation import crps_gaussian
 
         B, D = input.shape[0], input.dim() - 2
-        vox = F._voxel_volume(spacing, B, D, rated.count.device).view(B, 1)
+        vox = engine.voxel_volume(spacing, B, D, rated.count.device).view(B, 1)
         v = rated.sum_p.double().sum(-1) * vox  # (B, C')
         vols = rated.sum_y.double().sum(-1) * vox.unsqueeze(-1)  # (B, C', R)
         crps = crps_gaussian(v, vols.mean(-1), vols.var(-1, unbiased=False).sqrt())
-        dice = F.consensus_dice(input, target, include_background=True, softmax=self.softmax, sigmoid=self.sigmoid)
+        dice = F.consensus_dice(
+            input,
+            target,
+            to_onehot_y=True,
+            softmax=self.softmax,
+            sigmoid=self.sigmoid,
+            ignore_index=self.ignore_index,
+        )
         return {"volume_crps": crps, "consensus_dice": dice[:, self.classes[0] :]}
 
     def _update_classification(self, input: torch.Tensor, target: Any, groups: Sequence[Hashable] | None) -> None:
@@ -617,18 +613,19 @@ class DatasetCalibration:
             )
         B = input.shape[0]
         gidx = self._group_index(groups, B)
-        x, t, labels = F._classification_layout(input.detach(), target)
+        labels = self.to_onehot_y
+        x, t = engine.classification_layout(input.detach(), target, labels)
         if self.brier_score and not labels:
             raise ValueError("brier=True needs class indices (B,) as target (binary targets: y² = y)")
-        opts = self._opts._replace(to_onehot_y=labels)
+        opts = self._opts
         parts = [(None, x, t)]
         if gidx is not None:  # one pooled population per group: the samples of each group present
             gdev = gidx.to(x.device)
             parts += [(int(g), x[:, :, gdev == g], t[..., gdev == g]) for g in gidx.unique().tolist()]
         found = []
         for g, xs, ts in parts:
-            run = F._stats(
-                xs, ts, opts if g is None else opts._replace(validate=False), raise_nonfinite=self.nonfinite == "raise"
+            run = engine.run(
+                xs, ts, opts if g is None else opts.replace(validate=False), raise_nonfinite=self.nonfinite == "raise"
             )
             if g is None and run.counts is not None and run.counts[1] > 0:  # nonfinite="skip": left out, counted
                 warnings.warn(
@@ -639,8 +636,8 @@ class DatasetCalibration:
                 )
             fine = None
             if self.adaptive_bins is not None and g is None:
-                fopts = opts._replace(num_bins=self.fine_bins, validate=False, moments=False)
-                fine = self._rows(F._stats(xs, ts, fopts).stats)
+                fopts = opts.replace(num_bins=self.fine_bins, validate=False, moments=False)
+                fine = self._rows(engine.run(xs, ts, fopts).stats)
             moments = self._moment_rows(run.stats) if (self.brier_score and g is None) else None
             found.append((g, self._rows(run.stats), fine, run.bad[1], moments))
         dev = found[0][1].count.device
@@ -667,8 +664,8 @@ class DatasetCalibration:
     def _report_nonfinite(self, input: torch.Tensor, target: torch.Tensor, image_ids: Sequence[Any] | None) -> None:
         """Slow path, taken only when a batch holds non-finite probabilities: find the images (one statistics
         call per image, same backend and rule) and raise (``nonfinite="raise"``) or warn (``"skip"``)."""
-        opts = self._opts._replace(validate=False)
-        per_image = [int(F._stats(input[b : b + 1], target[b : b + 1], opts).bad[1]) for b in range(input.shape[0])]
+        opts = self._opts.replace(validate=False)
+        per_image = [int(engine.run(input[b : b + 1], target[b : b + 1], opts).bad[1]) for b in range(input.shape[0])]
         seen = int(self.num_images)
         found = [(image_ids[b] if image_ids is not None else seen + b, b, n) for b, n in enumerate(per_image) if n > 0]
         act = {ACT_SOFTMAX: "softmax", ACT_SIGMOID: "sigmoid", ACT_NONE: "no activation"}[
@@ -816,7 +813,7 @@ class DatasetCalibration:
         """Write :meth:`records` to a CSV file (one row per image and class; columns image, class, ece, ace,
         mce, voxels[, dice], l2[, group])."""
         recs = self.records(gather=gather)
-        fields = ["image", "class", *_METRICS, "voxels"] + (["dice"] if self.dice else []) + ["l2"]
+        fields = ["image", "class", *METRICS[:3], "voxels"] + (["dice"] if self.dice else []) + ["l2"]
         fields += ["group"] if self.groups is not None else []
         fields += ["volume_crps", "consensus_dice"] if (self.multi_rater and self.mode == "marginal") else []
         ImageRecords.write_csv(path, recs, fields)
@@ -836,7 +833,7 @@ class DatasetCalibration:
     def plot_groups(self, class_index: int = 0, *, title: str | None = None) -> Figure:
         """The groups' pooled reliability diagrams side by side (one panel per group) for one used class
         (``class_index`` into :attr:`classes`; ignored for top-label). A collective when distributed."""
-        from ._report import reliability_panels
+        from .report import reliability_panels
 
         names = self._need_groups()
         s = self._synced()
@@ -864,7 +861,7 @@ class DatasetCalibration:
         the bars below show pooled voxels per confidence bin. ``class_names``: one name per used class
         (C'), or per input class (C, the background name is then dropped). A collective when distributed.
         Classification: the reliability diagram of the pooled samples, one panel per class (or one, top-label)."""
-        from .plot import dataset_reliability_histogram
+        from ..plot import dataset_reliability_histogram
 
         s = self._synced()
         if self.classification:
@@ -892,7 +889,7 @@ class DatasetCalibration:
         )
 
     def _plot_pooled(self, s: dict[str, torch.Tensor], class_names: Sequence[str] | None) -> Figure:
-        from ._report import reliability_panels
+        from .report import reliability_panels
 
         if self.mode == "top_label":
             titles = ["top-label"]

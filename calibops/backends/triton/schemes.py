@@ -2,14 +2,14 @@
 
 A scheme maps a finite confidence ``q`` (a float32 tile) to ``(j, w, dw)``: weight ``w`` in bin ``j`` and
 ``1 - w`` in bin ``j + 1`` (when ``j + 1 < M``; ``j`` is always in ``[0, M - 1]``), with ``dw = dw/dq`` (bin
-``j + 1`` has slope ``-dw``). The kernels (calibops/triton/kernels.py) call :func:`membership` and never look
+``j + 1`` has slope ``-dw``). The kernels (calibops/backends/triton/kernels.py) call :func:`membership` and never look
 at a scheme's internals, except for one compile-time property: a scheme listed in :data:`ONE_BIN` always puts
 the whole entry in bin ``j`` (``w == 1``, ``dw == 0``), which lets the kernels skip the second bin and the
 weights entirely (the hard scheme's fast path).
 
 Adding a scheme here: write ``_<name>_membership`` with the signature below, add a branch to
 :func:`membership`, and list its id in :data:`ONE_BIN` only if it never splits an entry. Its id lives in
-``calibops/_contract.py``; its edges in ``calibops/reference.py``.
+``calibops/contract.py``; its edges in ``calibops/reference.py``.
 
 Callers pass ``q`` already made finite (entries that are left out get ``q = 0`` and a mask), so no NaN reaches a
 bin computation; every bin index is clamped into ``[0, M - 1]`` before any load from ``e_ptr``.
@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._contract import SCHEME_HARD, SCHEME_SOFT
+from ...contract import SCHEME_HARD, SCHEME_SOFT
 
 __all__ = ["ONE_BIN", "membership"]
 

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._contract import MODE_MARGINAL, TARGET_LABELS
+from ...contract import MODE_MARGINAL, TARGET_LABELS
 from .schemes import ONE_BIN
 
 __all__ = [
@@ -179,7 +179,7 @@ def flags(
     raters: int,
     backward: bool = False,
 ) -> dict:
-    """The kernels' constexpr arguments (and ``num_warps``) for one call; see calibops/triton/kernels.py."""
+    """The kernels' constexpr arguments (and ``num_warps``) for one call; see calibops/backends/triton/kernels.py."""
     labels = target_kind == TARGET_LABELS
     one_bin = scheme in ONE_BIN
     out = {

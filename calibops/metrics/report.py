@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .reference import BinnedStats, calibration_errors_from_stats
+from ..results import BinnedStats, calibration_errors_from_stats
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -36,7 +36,7 @@ def reliability_panels(
     ``rows`` x ceil(n / rows) grid sharing the axes: bin accuracy against mean confidence (bars at the bin
     centres), the gap shaded, the diagonal, the pooled count per bin as bar opacity, ECE / L2 / MCE in the corner.
     """
-    from .plot import _import_matplotlib
+    from ..plot import _import_matplotlib
 
     _import_matplotlib()
     from matplotlib.figure import Figure

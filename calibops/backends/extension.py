@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from ._contract import check_args, check_grads, empty_outputs
+from ..contract import check_args, check_grads, empty_outputs
 
 __all__ = [
     "EXTENSION_ERROR",
@@ -55,7 +55,7 @@ def _warn_if_extension_missing() -> None:
     import os
     import warnings
 
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # calibops/, where _C is built
     marker = os.path.join(here, "_build_failed.txt")
     try:
         failure = None
@@ -124,7 +124,7 @@ def has_cpu_kernels() -> bool:
 
 def stats_fake(input, target, edges, num_bins, scheme, activation, target_kind, mode, moments, ignore_index, right):
     """Fake (meta) forward of every backend's statistics op: checks its arguments like the real kernels
-    (calibops/_contract.py) and returns outputs of the contract's shapes."""
+    (calibops/contract.py) and returns outputs of the contract's shapes."""
     g = check_args(input, target, edges, num_bins, scheme, activation, target_kind, mode, moments, ignore_index, right)
     return empty_outputs(input, g, moments)
 

@@ -5,9 +5,10 @@ Rules (README "Backends"):
 - ``"cpu"``: the fused C++ kernel (calibops._C), CPU tensors.
 - ``"cuda"``: the fused CUDA C++ kernel (calibops._C built with CUDA), CUDA tensors.
 - ``"triton"``: the Triton kernels, CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1`` (tests).
-- ``"auto"``: CPU tensor -> cpu if built, else reference. CUDA tensor -> the first of cuda, triton that is
-  available *and* known to be right on this GPU: its (backend, architecture) pair is in the record of
-  :mod:`calibops._verified`, or the one-time self-check of :mod:`calibops._selfcheck` passed for this
+- ``"auto"``: float64 tensor -> reference (float64 in, float64 out). CPU tensor -> cpu if built, else
+  reference. CUDA tensor -> the first of cuda, triton that is available *and* known to be right on this GPU: its
+  (backend, architecture) pair is in the record of
+  ``calibops/backends/verified.json``, or the one-time self-check of :mod:`calibops.backends.selfcheck` passed for this
   (device, backend, input dtype); else reference. A failed self-check gives one ``SelfCheckWarning`` saying
   what disagreed. The decision is cached per (device, dtype): after the first call it is a dict lookup, no
   device synchronisation. While ``torch.compile`` traces (or a CUDA graph is captured) nothing is checked: a
@@ -21,90 +22,24 @@ Rules (README "Backends"):
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import threading
 import warnings
-from collections.abc import Callable
 
 import torch
 
-from . import _ops
+from . import selfcheck as _selfcheck
+from .registry import BACKENDS, available_backends, stats_function, triton_interpret, why_unavailable
 
-__all__ = ["BACKENDS", "available_backends", "backend_for", "resolve_backend", "stats_function"]
-
-BACKENDS = ("reference", "cpu", "cuda", "triton")
-
-
-def _triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-_TRITON_ERROR: list[str | None] = []  # filled on first use: [None] or [reason]
-
-
-def _triton_import_error() -> str | None:
-    """Why the Triton backend cannot be imported (None if it can); decided once, then a plain lookup."""
-    if not _TRITON_ERROR:
-        if torch.compiler.is_compiling():
-            # importing cannot be traced; a first call outside torch.compile decides it for good
-            mod = sys.modules.get("calibops.triton")
-            if mod is not None and callable(getattr(mod, "binned_stats", None)):
-                return None
-            return "calibops.triton is not imported yet: call the loss once outside torch.compile first"
-        if importlib.util.find_spec("triton") is None:
-            err = "triton is not installed (pip install triton)"
-        else:
-            try:
-                mod = importlib.import_module("calibops.triton")
-                err = None if callable(getattr(mod, "binned_stats", None)) else "calibops.triton has no kernel"
-            except Exception as exc:  # noqa: BLE001
-                err = f"calibops.triton failed to import: {type(exc).__name__}: {exc}"
-        _TRITON_ERROR.append(err)
-    return _TRITON_ERROR[0]
-
-
-def _why_unavailable(name: str, device: torch.device | None) -> str | None:
-    """None if backend ``name`` can run on ``device`` (None: on some device of this machine), else why not."""
-    if name == "reference":
-        return None
-    if name == "cpu":
-        if not _ops.extension_loaded():
-            return f"the compiled extension calibops._C is not loaded ({_ops.EXTENSION_ERROR})"
-        if not _ops.has_cpu_kernels():
-            return "calibops._C has no CPU kernels"
-        if device is not None and device.type != "cpu":
-            return f"the cpu backend runs on CPU tensors, got a {device.type} tensor"
-        return None
-    if name == "cuda":
-        if not _ops.extension_loaded():
-            return f"the compiled extension calibops._C is not loaded ({_ops.EXTENSION_ERROR})"
-        if not _ops.has_cuda_kernels():
-            return "calibops._C was built without CUDA kernels (torch without CUDA, or no nvcc at build time)"
-        if device is not None and device.type != "cuda":
-            return f"the cuda backend runs on CUDA tensors, got a {device.type} tensor"
-        if device is None and not torch.cuda.is_available():
-            return "no CUDA device is available"
-        return None
-    if name == "triton":
-        err = _triton_import_error()
-        if err is not None:
-            return err
-        if device is not None and device.type == "cpu" and not _triton_interpret():
-            return "Triton runs CPU tensors only under TRITON_INTERPRET=1 (set before triton is imported)"
-        if device is not None and device.type not in ("cpu", "cuda"):
-            return f"the triton backend runs on CUDA tensors, got a {device.type} tensor"
-        if device is None and not (torch.cuda.is_available() or _triton_interpret()):
-            return "no CUDA device is available (and TRITON_INTERPRET is not set)"
-        return None
-    raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {name!r}")
-
-
-def available_backends() -> dict[str, str | None]:
-    """Every backend name mapped to ``None`` if it can run on this machine, else the reason it cannot."""
-    return {name: _why_unavailable(name, None) for name in BACKENDS}
-
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "backend_for",
+    "resolve_backend",
+    "stats_function",
+    "triton_interpret",
+    "why_unavailable",
+]
 
 GPU_CANDIDATES = ("cuda", "triton")  # auto's order on a CUDA tensor
 
@@ -129,11 +64,9 @@ def _decide_gpu(
     """Auto's choice for a GPU tensor (no cache): the first available candidate whose (backend, ``arch``) is in
     the record or whose self-check passes on ``device`` for ``dtype``, else reference; and the failed checks.
     ``arch`` defaults to the device's; tests pass a made-up one with a CPU device (Triton interpreter)."""
-    from . import _selfcheck
-
     failed = []
     for name in candidates:
-        if _why_unavailable(name, device) is not None:
+        if why_unavailable(name, device) is not None:
             continue
         if arch is None:
             arch = _selfcheck.device_arch(device)
@@ -173,8 +106,6 @@ def _auto_gpu(
         name, failed = _decide_gpu(device, key[2], arch, candidates)
         _AUTO_GPU[key] = name
     if failed:
-        from . import _selfcheck
-
         warnings.warn(_selfcheck.failure_message(failed, name), _selfcheck.SelfCheckWarning, stacklevel=3)
     return name
 
@@ -182,7 +113,9 @@ def _auto_gpu(
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The backend that will run for a tensor on ``device`` (of ``dtype``) when ``backend`` is requested.
 
-    ``dtype`` matters only to ``auto`` on a GPU (the self-check is per input dtype; None means float32)."""
+    ``dtype`` matters to ``auto``: float64 input runs on the reference (computed and returned in float64, so
+    ``gradcheck`` passes with default arguments; the kernels accumulate in float32), and on a GPU the
+    self-check is per input dtype (None means float32)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
@@ -190,14 +123,16 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
         if env and env != "auto":
             backend = env
         else:
+            if dtype == torch.float64:
+                return "reference"
             if device.type == "cuda":
                 return _auto_gpu(device, dtype)
-            if device.type == "cpu" and _why_unavailable("cpu", device) is None:
+            if device.type == "cpu" and why_unavailable("cpu", device) is None:
                 return "cpu"
             return "reference"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
-    why = _why_unavailable(backend, device)
+    why = why_unavailable(backend, device)
     if why is not None:
         raise RuntimeError(f"calibops backend {backend!r} is not available: {why}")
     return backend
@@ -206,18 +141,3 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
 def backend_for(tensor: torch.Tensor, backend: str = "auto") -> str:
     """The backend that ``backend`` (default auto) resolves to for ``tensor`` (its device and dtype)."""
     return resolve_backend(backend, tensor.device, tensor.dtype)
-
-
-def stats_function(name: str) -> Callable:
-    """The statistics forward (with autograd) of a resolved backend, kernel-contract signature."""
-    if name == "reference":
-        from .reference import binned_stats_prepared
-
-        return binned_stats_prepared
-    if name in ("cpu", "cuda"):
-        return torch.ops.calibops.binned_stats
-    if name == "triton":
-        from . import triton as triton_backend
-
-        return triton_backend.binned_stats
-    raise ValueError(f"unknown backend {name!r}")

@@ -3,7 +3,7 @@
 Every kernel has one body for every option; the options are ``tl.constexpr`` so each configuration compiles
 to its own specialised code (an option that is off costs nothing):
 
-- ``SCHEME`` / ``ONE_BIN``: the binning scheme (calibops/triton/schemes.py); ``ONE_BIN`` schemes (hard) never
+- ``SCHEME`` / ``ONE_BIN``: the binning scheme (calibops/backends/triton/schemes.py); ``ONE_BIN`` schemes (hard) never
   split an entry, so the second bin and the weights drop out at compile time.
 - ``MODE``: 0 marginal (rows k = c, one program axis per class chunk), 1 top-label (one row per voxel).
 - ``MOMENTS``: also accumulate ``sum_p2`` and ``sum_py``.

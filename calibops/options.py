@@ -1,9 +1,9 @@
-"""Type and range checks of the options every public entry point shares; the one place they are written.
+"""One frozen :class:`Options`: every shared option's type, default and check, written once.
 
-:func:`check_options` is called by :mod:`calibops.functional` (every call), by the loss modules and by
-:class:`calibops.DatasetCalibration` (at construction). It checks only what it is given (option values,
-never tensor data, so it is free and traces under ``torch.compile``) and returns the options normalised to
-plain Python values, which is what the kernels' schemas take.
+Public functions build one ``Options`` per call, the loss modules and :class:`calibops.DatasetCalibration` one
+at construction; it is handed inward (engine, kernels) and never checked again. Checks look only at option
+values, never tensor data, so they are free and trace under ``torch.compile``; values are normalised to plain
+Python values, which is what the kernels' schemas take.
 
 Rules:
 
@@ -12,34 +12,48 @@ Rules:
 - Flags (``include_background``, ``to_onehot_y``, ``softmax``, ``sigmoid``, ``ignore_empty_classes``,
   ``right``, ``validate``, ``multi_rater``, ``moments``): ``bool`` or ``numpy.bool_``; anything else is a
   ``TypeError`` (``softmax="yes"`` would otherwise be truthy).
-- Choices: ``binning`` in hard / soft, ``mode`` in marginal / top_label, ``reduction``, ``backend``;
-  ``multi_rater=True`` needs ``to_onehot_y=True`` (it reads R integer label maps).
+- Choices: ``binning`` in hard / soft, ``mode`` in marginal / top_label, ``reduction``, ``backend``.
+- Rules between options: ``softmax`` and ``sigmoid`` exclude each other; ``multi_rater`` and ``ignore_index``
+  need ``to_onehot_y=True`` (they read integer label maps); ``include_background=False`` does not apply to
+  ``mode="top_label"`` and is an error there.
 - Caps: ``1 <= num_bins <= 2**24`` (:data:`MAX_BINS`, the same on every backend); ``ignore_index`` within
-  int64 (the label dtype's own range is checked where the labels are seen, in ``functional._prepare``).
+  int64 (the label dtype's own range is checked where the labels are seen, in :mod:`calibops.engine`).
 - Wrong type: ``TypeError``; wrong value: ``ValueError``; both name the option and say what is accepted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
-from typing import Any, NamedTuple
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
 
-from ._backends import BACKENDS
+from .contract import BACKENDS, MAX_BINS
 
-__all__ = ["MAX_BINS", "Options", "as_bool", "as_float", "as_int", "check_options", "check_weight_values"]
+__all__ = [
+    "BINNINGS",
+    "DEFAULTS",
+    "MAX_BINS",
+    "METRICS",
+    "MODES",
+    "REDUCTIONS",
+    "Options",
+    "as_bool",
+    "as_float",
+    "as_int",
+    "check_options",
+    "check_weight_values",
+]
 
-#: The largest ``num_bins`` any backend accepts (the float32 bin index stays exact below 2**24).
-MAX_BINS = 2**24
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 BINNINGS = ("hard", "soft")
 REDUCTIONS = ("mean", "sum", "none")
-
-_UNSET: Any = object()
+MODES = ("marginal", "top_label")
 
 _NP_BOOL = (np.bool_,)
 
@@ -94,8 +108,62 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
-class Options(NamedTuple):
-    """The checked, normalised options (plain Python values); unset ones keep their defaults."""
+#: The metric names every dataset report uses (per image and pooled), in this order.
+METRICS = ("ece", "ace", "mce", "l2")
+
+
+def _flag(name: str, value: Any) -> bool:
+    return as_bool(name, value)
+
+
+def _num_bins(name: str, value: Any) -> int:
+    m = as_int(name, value)
+    if m < 1:
+        raise ValueError(f"{name} must be >= 1, got {m}")
+    if m > MAX_BINS:
+        raise ValueError(f"{name} must be <= 2**24 = {MAX_BINS} (the limit of every backend), got {m}")
+    return m
+
+
+def _empty_weight(name: str, value: Any) -> float:
+    try:
+        ew = as_float(name, value)
+    except TypeError as exc:
+        raise TypeError(f"{exc}; {name} must be a finite number >= 0") from None
+    if not (math.isfinite(ew) and ew >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {ew!r}")
+    return ew
+
+
+def _ignore_index(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    try:
+        ii = as_int(name, value)
+    except TypeError as exc:
+        raise TypeError(f"{exc}; {name} must be an integer label value or None") from None
+    if not INT64_MIN <= ii <= INT64_MAX:
+        raise ValueError(
+            f"{name} must fit in int64 (and in the labels' dtype), got {ii}: pass the label value to leave out, "
+            "e.g. 255"
+        )
+    return ii
+
+
+def _choices(*choices: str):
+    return lambda name, value: _choice(name, value, choices)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every option the statistics, losses and metrics share: its type, default and check, written once.
+
+    Construction checks and normalises every field (plain Python values: ``num_bins=np.int64(10)`` becomes
+    ``10``) and the rules between fields; a wrong type is a ``TypeError`` and a wrong value a ``ValueError``, both
+    naming the option. Public functions build one per call, the loss modules and ``DatasetCalibration`` one at
+    construction; it is then handed inward and never checked again. :meth:`replace` checks the changed copy. The
+    defaults below are the library's one default per option (docs/options.md).
+    """
 
     num_bins: int = 20
     binning: str = "hard"
@@ -114,98 +182,63 @@ class Options(NamedTuple):
     multi_rater: bool = False
     moments: bool = False
 
-
-_FLAGS = (
-    "include_background",
-    "to_onehot_y",
-    "softmax",
-    "sigmoid",
-    "ignore_empty_classes",
-    "right",
-    "validate",
-    "multi_rater",
-    "moments",
-)
-MODES = ("marginal", "top_label")
-
-
-def check_options(
-    *,
-    num_bins: Any = _UNSET,
-    binning: Any = _UNSET,
-    include_background: Any = _UNSET,
-    to_onehot_y: Any = _UNSET,
-    softmax: Any = _UNSET,
-    sigmoid: Any = _UNSET,
-    ignore_empty_classes: Any = _UNSET,
-    reduction: Any = _UNSET,
-    empty_weight: Any = _UNSET,
-    right: Any = _UNSET,
-    ignore_index: Any = _UNSET,
-    backend: Any = _UNSET,
-    validate: Any = _UNSET,
-    mode: Any = _UNSET,
-    multi_rater: Any = _UNSET,
-    moments: Any = _UNSET,
-) -> Options:
-    """Check the given options (see the module docstring) and return them normalised.
-
-    ``weight`` is checked by :func:`check_weight_values` and ``functional._check_weight`` (it needs the
-    number of classes); everything else of the 14 shared options is checked here.
-    """
-    given = {k: v for k, v in locals().items() if v is not _UNSET}
-    out: dict[str, Any] = {}
-    for flag in _FLAGS:
-        if flag in given:
-            out[flag] = as_bool(flag, given[flag])
-    if "num_bins" in given:
-        m = as_int("num_bins", given["num_bins"])
-        if m < 1:
-            raise ValueError(f"num_bins must be >= 1, got {m}")
-        if m > MAX_BINS:
-            raise ValueError(f"num_bins must be <= 2**24 = {MAX_BINS} (the limit of every backend), got {m}")
-        out["num_bins"] = m
-    if "binning" in given:
-        out["binning"] = _choice("binning", given["binning"], BINNINGS)
-    if "mode" in given:
-        out["mode"] = _choice("mode", given["mode"], MODES)
-    if out.get("multi_rater") and not out.get("to_onehot_y", False):
-        raise ValueError(
-            "multi_rater=True reads R integer label maps (B, R, *spatial): pass to_onehot_y=True with them"
-        )
-    if "reduction" in given:
-        out["reduction"] = _choice("reduction", given["reduction"], REDUCTIONS)
-    if "backend" in given:
-        out["backend"] = _choice("backend", given["backend"], ("auto", *BACKENDS))
-    if out.get("softmax") and out.get("sigmoid"):
-        raise ValueError("softmax=True and sigmoid=True are mutually exclusive: pick one activation")
-    if "empty_weight" in given:
-        ew = given["empty_weight"]
-        try:
-            ew = as_float("empty_weight", ew)
-        except TypeError as exc:
-            raise TypeError(f"{exc}; empty_weight must be a finite number >= 0") from None
-        if not (math.isfinite(ew) and ew >= 0):
-            raise ValueError(f"empty_weight must be a finite number >= 0, got {ew!r}")
-        out["empty_weight"] = ew
-    if "ignore_index" in given and given["ignore_index"] is not None:
-        ii = given["ignore_index"]
-        try:
-            ii = as_int("ignore_index", ii)
-        except TypeError as exc:
-            raise TypeError(f"{exc}; ignore_index must be an integer label value or None") from None
-        if not INT64_MIN <= ii <= INT64_MAX:
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            checked = _CHECKS[f.name](f.name, value)
+            if checked is not value:
+                object.__setattr__(self, f.name, checked)
+        if self.softmax and self.sigmoid:
+            raise ValueError("softmax=True and sigmoid=True are mutually exclusive: pick one activation")
+        if self.multi_rater and not self.to_onehot_y:
             raise ValueError(
-                f"ignore_index must fit in int64 (and in the labels' dtype), got {ii}: pass the label value "
-                "to leave out, e.g. 255"
+                "multi_rater=True reads R integer label maps (B, R, *spatial): pass to_onehot_y=True with them"
             )
-        out["ignore_index"] = ii
-        if not out.get("to_onehot_y", False):
+        if self.ignore_index is not None and not self.to_onehot_y:
             raise ValueError(
                 "ignore_index applies to integer label maps: pass to_onehot_y=True with labels, "
                 "or drop ignore_index for one-hot/soft targets"
             )
-    return Options(**out)
+        if self.mode == "top_label" and not self.include_background:
+            raise ValueError(
+                "include_background=False does not apply to mode='top_label' (the argmax runs over every class, "
+                "so no class can be dropped): leave include_background at its default True"
+            )
+
+    def replace(self, **changes: Any) -> Options:
+        """A checked copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+
+_CHECKS: dict[str, Any] = {
+    "num_bins": _num_bins,
+    "binning": _choices(*BINNINGS),
+    "include_background": _flag,
+    "to_onehot_y": _flag,
+    "softmax": _flag,
+    "sigmoid": _flag,
+    "ignore_empty_classes": _flag,
+    "reduction": _choices(*REDUCTIONS),
+    "empty_weight": _empty_weight,
+    "right": _flag,
+    "ignore_index": _ignore_index,
+    "backend": _choices("auto", *BACKENDS),
+    "validate": _flag,
+    "mode": _choices(*MODES),
+    "multi_rater": _flag,
+    "moments": _flag,
+}
+
+#: The default of every option (the one table: docs/options.md).
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Options)}
+
+
+def check_options(**given: Any) -> Options:
+    """An :class:`Options` from the given options (unset ones keep their defaults); checks them all."""
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; the options are {sorted(DEFAULTS)}")
+    return Options(**given)
 
 
 def check_weight_values(weight: Any) -> torch.Tensor | None:

@@ -1,0 +1,292 @@
+"""``python -m calibops`` / ``calibops``: version, backends, and a cross-backend check; subcommands.
+
+calibops               version, available backends (and why others are missing), a loss on a small
+                       synthetic 3D volume with every available backend, checked to agree
+calibops demo ...      train a small network three ways and compare calibration (calibops.demo)
+calibops evaluate ...  calibration metrics and dataset reliability histograms of saved predictions
+calibops selfcheck [--device cuda:0] [--record]
+                       run the GPU kernel backends' self-check against the reference (float32, float16,
+                       bfloat16) and print a table; exit status 0 if all pass. --record adds the passing
+                       (backend, GPU architecture) pairs to calibops/backends/verified.py (the diff to commit)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+
+def check_backends() -> int:
+    """Print version and backends; run the loss with each available backend and check they agree."""
+    import torch
+
+    import calibops
+    from calibops import functional as F
+
+    print(f"calibops {calibops.__version__} (torch {torch.__version__})")
+    avail = calibops.available_backends()
+    for name, why in avail.items():
+        print(f"  {name:<10} {'available' if why is None else 'unavailable: ' + why}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 16, 16, 12, generator=gen)
+    labels = torch.randint(0, 4, (2, 1, 16, 16, 12), generator=gen)
+    ok = True
+    for binning in ("hard", "soft"):
+        results = {}
+        for dev in devices:
+            x = logits.to(dev).requires_grad_(True)
+            y = labels.to(dev)
+            for name, why in avail.items():
+                if why is not None:
+                    continue
+                try:
+                    if calibops.backend_for(x, name) != name:
+                        continue
+                except RuntimeError:
+                    continue
+                loss = F.marginal_l1_ace(x, y, binning=binning, to_onehot_y=True, softmax=True, backend=name)
+                (grad,) = torch.autograd.grad(loss, x)
+                results[f"{name}@{dev}"] = (loss.item(), grad.cpu())
+        ref_loss, ref_grad = results["reference@cpu"]
+        for key, (val, grad) in results.items():
+            dv = abs(val - ref_loss) / max(abs(ref_loss), 1e-12)
+            dg = (grad - ref_grad).abs().max().item() / max(ref_grad.abs().max().item(), 1e-12)
+            agree = dv < 1e-5 and dg < 1e-2
+            ok &= agree
+            print(
+                f"  {binning:<4} {key:<16} loss={val:.7f}  rel.diff={dv:.1e}  max grad diff={dg:.1e}  "
+                f"{'ok' if agree else 'DISAGREES'}"
+            )
+    print("all available backends agree" if ok else "BACKENDS DISAGREE")
+    if torch.cuda.is_available():
+        ok &= gpu_selfcheck(torch.device("cuda", torch.cuda.current_device()))
+    else:
+        print("GPU self-check: runs only on CUDA devices (none here); see `python -m calibops selfcheck --help`")
+    return 0 if ok else 1
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def print_selfcheck_table(results, unavailable: dict[str, str]) -> None:
+    """One row per (backend, dtype) self-check result, then one line per backend that could not run."""
+    from calibops.backends import selfcheck as _selfcheck
+
+    head = ("backend", "device", "arch", "dtype", "record", "self-check", "max err/budget", "worst case", "time")
+    rows = []
+    for r in results:
+        worst = r.worst
+        ratio = "-" if worst is None else ("inf" if worst.ratio == float("inf") else f"{worst.ratio:.3g}")
+        where = r.error or ("-" if worst is None else f"{worst.name} {worst.quantity}".strip())
+        rows.append(
+            (
+                r.backend,
+                r.device,
+                r.arch,
+                _dtype_name(r.dtype),
+                "verified" if _selfcheck.is_verified(r.backend, r.arch) else "-",
+                "pass" if r.ok else "FAIL",
+                ratio,
+                where,
+                f"{r.seconds * 1e3:.0f} ms",
+            )
+        )
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    for row in (head, *rows):
+        print("  " + "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+    for name, why in unavailable.items():
+        print(f"  {name}: not checked ({why})")
+    for r in results:
+        if not r.ok:
+            print(f"  {r.backend} {_dtype_name(r.dtype)}: {r.describe()}")
+
+
+def gpu_selfcheck(device) -> bool:
+    """``python -m calibops`` on a GPU: self-check every available GPU kernel backend on ``device`` for every
+    kernel dtype (cached, so auto reuses it), print the table and what auto picks; True if all pass."""
+    from calibops.backends import resolve as _backends
+    from calibops.backends import selfcheck as _selfcheck
+
+    print(f"GPU self-check on {device} ({_selfcheck.device_name(device)}, {_selfcheck.device_arch(device)}):")
+    results, unavailable = [], {}
+    for name in _backends.GPU_CANDIDATES:
+        why = _backends.why_unavailable(name, device)
+        if why is not None:
+            unavailable[name] = why
+            continue
+        results += [_selfcheck.check(name, device, dt) for dt in _selfcheck.DTYPES]
+    print_selfcheck_table(results, unavailable)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", _selfcheck.SelfCheckWarning)  # the table above says what disagreed
+        picks = [f"{_dtype_name(dt)} -> {_backends.resolve_backend('auto', device, dt)}" for dt in _selfcheck.DTYPES]
+    print(f"  backend='auto' on {device}: " + ", ".join(picks))
+    return all(r.ok for r in results)
+
+
+def selfcheck_main(argv: list[str]) -> int:
+    """``calibops selfcheck``: the kernel backends' self-check on one device, a table, optionally recorded."""
+    parser = argparse.ArgumentParser(
+        prog="calibops selfcheck",
+        description="Run the GPU kernel backends' self-check against the reference and print a table. Exit "
+        "status 0 if every checked backend passes for every dtype, 1 otherwise (or if nothing could be "
+        "checked), 2 for a usage error or a refused --record.",
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="device to check (default: the current CUDA device); 'cpu' runs the Triton kernels "
+        "through the interpreter when TRITON_INTERPRET=1 (tests, dry runs)",
+    )
+    parser.add_argument(
+        "--backends", default="cuda,triton", help="comma-separated kernel backends to check (default: cuda,triton)"
+    )
+    parser.add_argument(
+        "--dtypes",
+        default="float32,float16,bfloat16",
+        help="comma-separated input dtypes (default: float32,float16,bfloat16)",
+    )
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="add or update the passing (backend, architecture) pairs in the record of verified "
+        "GPU architectures (needs a real GPU run of every dtype)",
+    )
+    parser.add_argument(
+        "--record-file",
+        default=None,
+        help="record file to write (default: the package's calibops/backends/verified.py)",
+    )
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+    import torch
+
+    from calibops.backends import resolve as _backends
+    from calibops.backends import selfcheck as _selfcheck
+
+    dtypes_by_name = {_dtype_name(dt): dt for dt in _selfcheck.DTYPES}
+    try:
+        dtypes = [dtypes_by_name[d.strip()] for d in args.dtypes.split(",") if d.strip()]
+    except KeyError as exc:
+        print(f"calibops selfcheck: --dtypes must name some of {', '.join(dtypes_by_name)}, got {exc}", file=sys.stderr)
+        return 2
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    allowed = [b for b in _backends.BACKENDS if b != "reference"]
+    if not backends or not dtypes or any(b not in allowed for b in backends):
+        print(
+            f"calibops selfcheck: --backends must name some of {', '.join(allowed)} (the reference is what "
+            f"they are checked against), got {args.backends!r}; --dtypes must not be empty",
+            file=sys.stderr,
+        )
+        return 2
+    if args.device is None:
+        if not torch.cuda.is_available():
+            print(
+                "calibops selfcheck: no CUDA device here; the GPU self-check runs on CUDA devices (on a "
+                "CPU-only machine `--device cpu` with TRITON_INTERPRET=1 runs the Triton kernels through the "
+                "interpreter)",
+                file=sys.stderr,
+            )
+            return 1
+        args.device = "cuda"
+    try:
+        device = _selfcheck.normalize_device(args.device)
+    except (RuntimeError, ValueError) as exc:
+        print(f"calibops selfcheck: --device {args.device!r} is not a usable device: {exc}", file=sys.stderr)
+        return 2
+    if args.record:
+        interpreted = "triton" in backends and _backends.triton_interpret()
+        if device.type != "cuda" or interpreted:
+            print(
+                f"calibops selfcheck: refusing to --record a run on {device}"
+                + (" through the Triton interpreter" if interpreted else "")
+                + ": the record lists GPU architectures verified on real hardware",
+                file=sys.stderr,
+            )
+            return 2
+        if set(dtypes) != set(_selfcheck.DTYPES):
+            print("calibops selfcheck: --record needs every dtype checked (drop --dtypes)", file=sys.stderr)
+            return 2
+
+    where = f" ({_selfcheck.device_name(device)}, {_selfcheck.device_arch(device)})" if device.type == "cuda" else ""
+    print(f"calibops self-check on {device}{where}, torch {torch.__version__}")
+    results, unavailable = [], {}
+    for name in backends:
+        why = _backends.why_unavailable(name, device)
+        if why is not None:
+            unavailable[name] = why
+            continue
+        results += [_selfcheck.run_selfcheck(name, device, dt) for dt in dtypes]
+    print_selfcheck_table(results, unavailable)
+    ok = bool(results) and all(r.ok for r in results)
+    if not results:
+        print("nothing was checked: no requested backend can run on this device")
+    if args.record:
+        passed = [b for b in backends if b not in unavailable and all(r.ok for r in results if r.backend == b)]
+        if passed:
+            path = args.record_file or _selfcheck.RECORD_PATH
+            _selfcheck.write_record([_selfcheck.record_entry(b, device) for b in passed], path)
+            print(
+                f"recorded {', '.join(passed)} on {_selfcheck.device_arch(device)} in {path} "
+                "(review the diff and commit it)"
+            )
+        else:
+            print("nothing recorded: no backend passed")
+    print("self-check passed" if ok else "SELF-CHECK FAILED")
+    return 0 if ok else 1
+
+
+COMMANDS = {
+    "check": "version, available backends (and why others are missing), a cross-backend check (the default)",
+    "evaluate": "calibration metrics, per-class spread and the dataset reliability histogram of saved "
+    "predictions (NIfTI, MHA/NRRD, NumPy; nnU-Net and MONAI SaveImage folders)",
+    "demo": "train a small network three ways and compare calibration",
+    "selfcheck": "the GPU kernel backends' self-check against the reference (table; --record)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: one ``--help`` listing every subcommand (each has its own ``--help``)."""
+    p = argparse.ArgumentParser(
+        prog="calibops",
+        description="calibops: fused calibration losses and metrics for image segmentation.",
+        epilog="Run `calibops COMMAND --help` for a command's options.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, text in COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``calibops`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":
+        from calibops.demo import demo_main
+
+        return demo_main(argv[1:])
+    if argv and argv[0] == "evaluate":
+        from calibops.cli.evaluate import evaluate_main
+
+        return evaluate_main(argv[1:])
+    if argv and argv[0] == "selfcheck":
+        return selfcheck_main(argv[1:])
+    if argv and argv[0] in ("-h", "--help", "help"):
+        build_parser().print_help()
+        return 0
+    if argv and argv[0] not in ("check", "info"):
+        print(
+            f"calibops: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)} (see calibops --help)",
+            file=sys.stderr,
+        )
+        return 2
+    return check_backends()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
