@@ -71,7 +71,7 @@ def test_named_tuples():
     assert all(t.dtype == torch.float32 for t in s)
     e = F.calibration_errors(logits, labels, to_onehot_y=True, softmax=True)
     assert isinstance(e, calibops.CalibrationErrors)
-    assert e.ece.shape == (2, 3) and not e.ece.requires_grad
+    assert e.ece.shape == (2, 4) and not e.ece.requires_grad
     s2 = F.binned_stats(logits, labels, to_onehot_y=True, softmax=True, include_background=False)
     assert s2.count.shape == (2, 3, 20)
 

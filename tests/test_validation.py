@@ -381,7 +381,7 @@ def test_meta_tensors_with_validation_on(to_onehot_y, act):
     s = F.binned_stats(x, y, to_onehot_y=to_onehot_y, num_bins=7, **act)
     assert s.count.shape == (2, 3, 7)
     e = F.calibration_errors(x, y, to_onehot_y=to_onehot_y, **act)
-    assert e.ece.shape == (2, 2)
+    assert e.ece.shape == (2, 3)
 
 
 @pytest.mark.parametrize("binning", ["hard", "soft"])
