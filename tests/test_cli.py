@@ -61,6 +61,8 @@ def _write_numpy(root, cases):
 
 
 def _expected(cases, **kw):
+    if kw.get("mode") != "top_label":
+        kw.setdefault("include_background", False)  # the CLI's own default: class 0 left out
     m = DatasetCalibration(C, to_onehot_y=True, keep_records=True, **kw)
     for name, p, lab in cases:
         m.update(torch.from_numpy(p)[None], torch.from_numpy(lab.astype(np.int64))[None], image_ids=[name])

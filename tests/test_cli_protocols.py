@@ -81,7 +81,7 @@ def test_raters_match_the_library(tmp_path, capsys):
     assert "3 raters" in capsys.readouterr().out
     assert {"per_image.csv", "summary.csv", "summary.json", "dataset_histogram.npz"} == set(os.listdir(out))
 
-    m = DatasetCalibration(C, to_onehot_y=True, multi_rater=True, keep_records=True)
+    m = DatasetCalibration(C, to_onehot_y=True, multi_rater=True, keep_records=True, include_background=False)
     for name, p, labs in cases:
         x, t = torch.from_numpy(p)[None], torch.from_numpy(np.stack(labs).astype(np.int64))[None]
         m.update(x, t, image_ids=[name], spacing=SPACING)
@@ -90,10 +90,11 @@ def test_raters_match_the_library(tmp_path, capsys):
     for k, (name, p, labs) in enumerate(cases):
         x, t = torch.from_numpy(p)[None], torch.from_numpy(np.stack(labs).astype(np.int64))[None]
         # the functional calls, independently of the records: spacing must come from the NIfTI header
-        crps = F.volume_crps(x, t, spacing=SPACING)[0]
-        dice = F.consensus_dice(x, t)[0]
+        kw = dict(to_onehot_y=True, include_background=False)
+        crps = F.volume_crps(x, t, spacing=SPACING, **kw)[0]
+        dice = F.consensus_dice(x, t, **kw)[0]
         # the CURVAS headline: per-rater errors, then the mean over raters
-        per_rater = F.calibration_errors(x, t, num_bins=20, to_onehot_y=True, multi_rater=True)
+        per_rater = F.calibration_errors(x, t, num_bins=20, multi_rater=True, **kw)
         for j in range(C - 1):
             row, rec = rows[k * (C - 1) + j], recs[k * (C - 1) + j]
             assert row["case"] == name and int(row["class"]) == j + 1
@@ -103,7 +104,7 @@ def test_raters_match_the_library(tmp_path, capsys):
             _close(_num(row["consensus_dice"]), dice[j])
             _close(_num(row["ece"]), per_rater.ece[0, :, j].mean())
     # volume CRPS in physical units differs from voxel counts: the header was read
-    assert not torch.allclose(F.volume_crps(x, t), F.volume_crps(x, t, spacing=SPACING))
+    assert not torch.allclose(F.volume_crps(x, t, **kw), F.volume_crps(x, t, spacing=SPACING, **kw))
 
     res = m.compute()
     summary = _read_csv(out / "summary.csv")

@@ -141,7 +141,7 @@ def test_classification_groups_pool_each_groups_samples():
     res = m.compute_groups()
     for name in ("a", "b"):
         sel = torch.tensor([v == name for v in gs])
-        want = F.classification_calibration_errors(X[sel], Y[sel], num_bins=M, mode="marginal", softmax=True)
+        want = F.classification_calibration_errors(X[sel], Y[sel], num_bins=M, to_onehot_y=True, softmax=True)
         torch.testing.assert_close(res[name].micro.ece, want.ece, atol=1e-6, rtol=0)
         assert res[name].num_images == int(sel.sum())
 
@@ -337,9 +337,9 @@ def test_multi_rater_dataset_macro_is_curvas_mean_and_micro_is_soft_label(backen
     t = torch.randint(0, C, (2, R, 6, 7), generator=g2)
     t[torch.rand(t.shape, generator=g2) < 0.05] = 255
     used = (t != 255).all(1, keepdim=True).expand_as(t)
-    crps = F.volume_crps(x, torch.where(used, t, torch.full_like(t, 99)), spacing=spacing, softmax=True, validate=False)
+    crps = F.volume_crps(x, torch.where(used, t, torch.full_like(t, 99)), spacing=spacing, to_onehot_y=True, include_background=False, softmax=True, validate=False)
     assert [r["volume_crps"] for r in recs[:3]] == pytest.approx(crps[0].tolist(), rel=1e-6)
-    dice = F.consensus_dice(x, t, softmax=True)
+    dice = F.consensus_dice(x, t, to_onehot_y=True, include_background=False, softmax=True)
     assert [r["consensus_dice"] for r in recs[:3]] == pytest.approx(dice[0].tolist(), nan_ok=True)
     with pytest.raises(ValueError, match="consensus_dice"):
         DatasetCalibration(C, multi_rater=True, keep_records=True, dice=True, **CFG)
@@ -363,7 +363,7 @@ def test_multi_rater_top_label_and_classification_nonfinite_skip():
     with pytest.warns(RuntimeWarning, match="non-finite"):
         skip.update(xs, ys)
     keep = torch.arange(10) != 4
-    want = F.classification_calibration_errors(xs[keep], ys[keep], num_bins=20, mode="marginal", softmax=True)
+    want = F.classification_calibration_errors(xs[keep], ys[keep], num_bins=20, to_onehot_y=True, softmax=True)
     torch.testing.assert_close(skip.compute().micro.ece, want.ece, atol=1e-6, rtol=0)
     assert skip.compute().nonfinite == 3
     with pytest.raises(ValueError, match="non-finite"):
@@ -452,10 +452,10 @@ def test_protocols_on_cuda_inputs_match_cpu():
     t = torch.randint(0, 4, (2, 3, 6, 5), generator=g)
     kw = {"backend": "reference"}
     for fn in (
-        lambda a, b: F.volume_crps(a, b, softmax=True, spacing=(0.5, 2.0), **kw),
-        lambda a, b: F.volume_crps(a, b, softmax=True, method="curvas", **kw),
+        lambda a, b: F.volume_crps(a, b, to_onehot_y=True, include_background=False, softmax=True, spacing=(0.5, 2.0), **kw),
+        lambda a, b: F.volume_crps(a, b, to_onehot_y=True, include_background=False, softmax=True, method="curvas", **kw),
         lambda a, b: F.brier_score(a, b, to_onehot_y=True, softmax=True, multi_rater=True, **kw),
-        lambda a, b: F.consensus_dice(a, b, softmax=True),
+        lambda a, b: F.consensus_dice(a, b, to_onehot_y=True, include_background=False, softmax=True),
     ):
         torch.testing.assert_close(fn(x.cuda(), t.cuda()).cpu(), fn(x, t), atol=1e-5, rtol=1e-5, equal_nan=True)
     opts = {"to_onehot_y": True, "softmax": True, "backend": "reference", "multi_rater": True, "brier": True}

@@ -318,7 +318,7 @@ def test_volume_crps_closed_form_matches_properscoring(backend):
     x, t = _problem(B=3, C=4, S=(6, 7, 5), R=3, seed=11)
     t[1] = t[1, :1]  # image 1: the raters agree, sigma = 0
     spacing = torch.tensor([[1.0, 0.5, 2.0], [0.8, 0.8, 3.0], [1.2, 1.0, 1.0]], dtype=torch.float64)
-    got = F.volume_crps(x, t, spacing=spacing, softmax=True, backend=backend)
+    got = F.volume_crps(x, t, spacing=spacing, to_onehot_y=True, include_background=False, softmax=True, backend=backend)
     p = torch.softmax(x.float(), 1).double().numpy()
     vox = spacing.prod(1).numpy()
     v, counts = _np_volumes(p, t.numpy(), 4, np.ones(3))
@@ -337,18 +337,18 @@ def test_volume_crps_closed_form_matches_properscoring(backend):
 
 def test_volume_crps_spacing_forms_and_gradient():
     x, t = _problem(B=2, C=3, S=(5, 6), R=2, seed=12)
-    base = F.volume_crps(x, t, softmax=True, backend="reference")
+    base = F.volume_crps(x, t, to_onehot_y=True, include_background=False, softmax=True, backend="reference")
     # crps scales with the voxel volume: spacing (2, 3) = volume 6 everywhere
-    torch.testing.assert_close(F.volume_crps(x, t, spacing=(2.0, 3.0), softmax=True, backend="reference"), 6 * base)
-    torch.testing.assert_close(F.volume_crps(x, t, spacing=2.0, softmax=True, backend="reference"), 4 * base)
+    torch.testing.assert_close(F.volume_crps(x, t, spacing=(2.0, 3.0), to_onehot_y=True, include_background=False, softmax=True, backend="reference"), 6 * base)
+    torch.testing.assert_close(F.volume_crps(x, t, spacing=2.0, to_onehot_y=True, include_background=False, softmax=True, backend="reference"), 4 * base)
     # one rater map (B, *spatial) = R = 1: |v - V|
-    one = F.volume_crps(x, t[:, 0], softmax=True, backend="reference")
+    one = F.volume_crps(x, t[:, 0], to_onehot_y=True, include_background=False, softmax=True, backend="reference")
     p = torch.softmax(x.double(), 1)
     V = torch.stack([(t[:, 0] == c).double().flatten(1).sum(1) for c in range(3)], 1)
     torch.testing.assert_close(one, (p.flatten(2).sum(2) - V)[:, 1:].abs(), rtol=1e-6, atol=1e-5)
     # differentiable (a volume loss): against autograd of the closed form on directly computed volumes
     xd = x.double().requires_grad_(True)
-    got = F.volume_crps(xd, t, softmax=True, backend="reference").sum()
+    got = F.volume_crps(xd, t, to_onehot_y=True, include_background=False, softmax=True, backend="reference").sum()
     (g1,) = torch.autograd.grad(got, xd)
     xd2 = x.double().requires_grad_(True)
     v = torch.softmax(xd2, 1).flatten(2).sum(2)[:, 1:]
@@ -358,7 +358,7 @@ def test_volume_crps_spacing_forms_and_gradient():
     torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-12)
     for bad, exc in (((1.0,), ValueError), ((1.0, -1.0), ValueError), ("a", TypeError)):
         with pytest.raises(exc, match="spacing"):
-            F.volume_crps(x, t, spacing=bad, softmax=True)
+            F.volume_crps(x, t, spacing=bad, to_onehot_y=True, include_background=False, softmax=True)
     with pytest.raises(ValueError, match="method"):
         F.volume_crps(x, t, method="quad")
 
@@ -393,7 +393,7 @@ def test_crps_curvas_matches_scipy_quad_of_the_interpolated_cdf():
 
 def test_volume_crps_curvas_method_uses_the_same_volumes():
     x, t = _problem(B=2, C=3, S=(8, 8), R=3, seed=13)
-    got = F.volume_crps(x, t, softmax=True, method="curvas", backend="reference")
+    got = F.volume_crps(x, t, to_onehot_y=True, include_background=False, softmax=True, method="curvas", backend="reference")
     p = torch.softmax(x.float(), 1).double().numpy()
     v, V = _np_volumes(p, t.numpy(), 3, np.ones(2))
     for b in range(2):
@@ -409,7 +409,7 @@ def test_consensus_masks_and_dice_match_numpy_loop():
         2, 2, 9, 10
     )[torch.rand(2, 2, 9, 10, generator=torch.Generator().manual_seed(1)) < 0.6]  # raters agree often
     masks = consensus_masks(t, 4)
-    got = F.consensus_dice(x, t, softmax=True)
+    got = F.consensus_dice(x, t, to_onehot_y=True, include_background=False, softmax=True)
     lab = t.numpy()
     pred = x.argmax(1).numpy()
     for b in range(2):
@@ -448,22 +448,22 @@ def test_classification_errors_pooled_match_torchmetrics_and_numpy(backend):
     B, C, M = 300, 5, 15
     p = torch.randint(1, 1024, (B, C), generator=g).float() / 1024
     y = torch.randint(0, C, (B,), generator=g)
-    e = F.classification_calibration_errors(p, y, num_bins=M, backend=backend)
+    e = F.classification_calibration_errors(p, y, num_bins=M, to_onehot_y=True, mode="top_label", backend=backend)
     assert e.ece.shape == ()
     for norm, ours in (("l1", e.ece), ("l2", e.l2), ("max", e.mce)):
         ref = tm.MulticlassCalibrationError(num_classes=C, n_bins=M, norm=norm)(p, y)
         assert abs(float(ours) - float(ref)) <= 1e-6
-    em = F.classification_calibration_errors(p, y, num_bins=M, mode="marginal", backend=backend)
+    em = F.classification_calibration_errors(p, y, num_bins=M, to_onehot_y=True, mode="marginal", backend=backend)
     assert em.ece.shape == (C,)
     for c in range(C):
         want = _np_errors(p[:, c].numpy(), (y == c).numpy(), M)
         np.testing.assert_allclose([float(v[c]) for v in (*em, em.l2)], want, atol=1e-6, rtol=0)
     # one-hot targets give the same as labels
     oh = torch.nn.functional.one_hot(y, C).float()
-    e2 = F.classification_calibration_errors(p, oh, num_bins=M, backend=backend)
+    e2 = F.classification_calibration_errors(p, oh, num_bins=M, mode="top_label", backend=backend)
     assert float(e2.ece) == pytest.approx(float(e.ece), abs=1e-7)
     with pytest.raises(ValueError, match=r"\(B,\)"):
-        F.classification_calibration_errors(p, y[:-1])
+        F.classification_calibration_errors(p, y[:-1], to_onehot_y=True)
 
 
 def test_classification_loss_pools_the_batch():
@@ -473,7 +473,7 @@ def test_classification_loss_pools_the_batch():
     y = torch.randint(0, C, (B,), generator=g)
     for binning in ("hard", "soft"):
         loss = F.classification_marginal_l1_ace(
-            x, y, num_bins=M, binning=binning, softmax=True, reduction="none", backend="reference"
+            x, y, num_bins=M, binning=binning, to_onehot_y=True, softmax=True, reduction="none", backend="reference"
         )  # float64 end to end (the kernel backends compute in float32), so the oracle can be held to 1e-12
         # independent: per class, the mean over non-empty bins of |mean p - mean y| over the *samples*
         p = torch.softmax(x, 1)
@@ -504,7 +504,7 @@ def test_classification_loss_pools_the_batch():
                 backend="reference",
             )[0]
             torch.testing.assert_close(loss, ref)
-    mean = F.classification_marginal_l1_ace(x, y, num_bins=M, softmax=True)
+    mean = F.classification_marginal_l1_ace(x, y, num_bins=M, to_onehot_y=True, softmax=True)
     assert mean.dim() == 0
 
 

@@ -63,6 +63,8 @@ def _nnunet_folder(tmp_path, shapes, seed=0, seg_spacing=(1.0, 1.0, 2.0)):
 
 
 def _expected(truth, **kw):
+    if kw.get("mode") != "top_label":
+        kw.setdefault("include_background", False)  # the CLI's own default: class 0 left out
     m = DatasetCalibration(C, keep_records=True, to_onehot_y=True, **kw)
     for name, p, lab in truth:
         m.update(torch.from_numpy(p)[None], torch.from_numpy(lab.astype(np.int64))[None], image_ids=[name])

@@ -86,7 +86,8 @@ API_BACKENDS = [b for b in ("cpu", "triton") if b in kb.backend_names()]
 def api_problems(draw):
     """A public-API problem [B, C, *spatial] with a non-contiguous input layout and the API's target forms."""
     B = draw(st.integers(1, 2))
-    C = draw(st.integers(1, 4))
+    # C >= 2: one channel follows MONAI's binary rule in the public API (tests/test_options.py), not the op's C = 1
+    C = draw(st.integers(2, 4))
     spatial = tuple(draw(st.lists(st.integers(1, 5), min_size=1, max_size=3)))
     act = draw(st.sampled_from(["none", "softmax", "sigmoid"]))
     onehot = draw(st.booleans())
@@ -107,16 +108,17 @@ def api_problems(draw):
     x = (base * 3) if act != "none" else (torch.softmax(base * 3, 1) if C > 1 else torch.sigmoid(base))
     x = x.to(dtype)
     target = torch.randint(0, C, (B, R, *spatial), generator=g) if onehot else torch.rand(*shape, generator=g)
+    mode = draw(st.sampled_from(["marginal", "top_label"]))
     opts = dict(
         num_bins=draw(st.sampled_from([1, 5, 20])),
         binning=draw(st.sampled_from(["hard", "soft"])),
-        include_background=draw(st.booleans()),
+        include_background=draw(st.booleans()) if mode == "marginal" else True,
         to_onehot_y=onehot,
         softmax=act == "softmax",
         sigmoid=act == "sigmoid",
         right=draw(st.booleans()),
         ignore_index=draw(st.sampled_from([None, 0])) if onehot else None,
-        mode=draw(st.sampled_from(["marginal", "top_label"])),
+        mode=mode,
         multi_rater=multi_rater,
         moments=draw(st.booleans()),
     )

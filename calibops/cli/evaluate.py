@@ -757,7 +757,7 @@ def _write_outputs(res: dict[str, Any], out: Path, dice: bool, figures: bool = T
             class_names=np.asarray(used),
         )
         if figures:
-            from .plot import dataset_reliability_histogram
+            from ..plot import dataset_reliability_histogram
 
             fig = dataset_reliability_histogram(hist, counts=counts, class_names=used)
             fig.savefig(tmp / "dataset_histogram.png", dpi=200)
