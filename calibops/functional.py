@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from . import engine
-from .options import Options
+from .options import DEFAULTS, Options
 from .results import (
     BinnedStats,
     BinnedStatsMoments,
@@ -40,6 +40,11 @@ __all__ = [
 ]
 
 Weight = torch.Tensor | list[float] | tuple[float, ...] | float | None
+
+
+def _options(scope: dict[str, Any], **fixed: Any) -> Options:
+    """The one ``Options`` of a call: the function's own option arguments (its ``locals()``) plus ``fixed``."""
+    return Options(**{k: v for k, v in scope.items() if k in DEFAULTS}, **fixed)
 
 
 def binned_stats(
@@ -69,21 +74,7 @@ def binned_stats(
     shape (``sum_py`` against the rater mean). ``sum_p`` (and, for soft binning, ``count``; and the moments) are
     differentiable w.r.t. ``input``. float64 input gives float64 statistics.
     """
-    o = Options(
-        num_bins=num_bins,
-        binning=binning,
-        include_background=include_background,
-        to_onehot_y=to_onehot_y,
-        softmax=softmax,
-        sigmoid=sigmoid,
-        ignore_index=ignore_index,
-        right=right,
-        backend=backend,
-        validate=validate,
-        mode=mode,
-        multi_rater=multi_rater,
-        moments=moments,
-    )
+    o = _options(locals())
     return engine.run(input, target, o).stats
 
 
@@ -116,22 +107,7 @@ def marginal_l1_ace(
     the reference, so ``torch.autograd.gradcheck`` passes with default arguments). ``weight``: one finite value
     >= 0 per class used (or one number for all). With B = 0 the mean (like the sum) is 0.
     """
-    o = Options(
-        num_bins=num_bins,
-        binning=binning,
-        include_background=include_background,
-        to_onehot_y=to_onehot_y,
-        softmax=softmax,
-        sigmoid=sigmoid,
-        ignore_empty_classes=ignore_empty_classes,
-        reduction=reduction,
-        empty_weight=empty_weight,
-        right=right,
-        ignore_index=ignore_index,
-        backend=backend,
-        validate=validate,
-        multi_rater=multi_rater,
-    )
+    o = _options(locals())
     return engine.loss(input, target, o, weight)
 
 
@@ -158,19 +134,7 @@ def calibration_errors(
     no (non-ignored) voxel, never a silent 0. The papers' evaluation leaves the background out: pass
     ``include_background=False`` for their numbers.
     """
-    o = Options(
-        num_bins=num_bins,
-        include_background=include_background,
-        to_onehot_y=to_onehot_y,
-        softmax=softmax,
-        sigmoid=sigmoid,
-        ignore_index=ignore_index,
-        right=right,
-        backend=backend,
-        validate=validate,
-        mode=mode,
-        multi_rater=multi_rater,
-    )
+    o = _options(locals())
     with torch.no_grad():
         stats = engine.run(input, target, o).stats
         if o.multi_rater:
@@ -205,19 +169,7 @@ def brier_score(
     mean disagreement variance``). Dense soft targets: ``Σ y²`` is read from the target directly (top-label: at
     the argmax of the input probabilities). Differentiable w.r.t. ``input``; float32 (float64 for float64 input).
     """
-    o = Options(
-        num_bins=1,
-        include_background=include_background,
-        to_onehot_y=to_onehot_y,
-        softmax=softmax,
-        sigmoid=sigmoid,
-        ignore_index=ignore_index,
-        backend=backend,
-        validate=validate,
-        mode=mode,
-        multi_rater=multi_rater,
-        moments=True,
-    )
+    o = _options(locals(), num_bins=1, moments=True)
     run = engine.run(input, target, o)
     s = run.stats
     n = s.count[..., 0]
@@ -278,17 +230,7 @@ def volume_crps(
 
     if not isinstance(method, str) or method not in _CRPS_METHODS:
         raise ValueError(f"method must be one of {_CRPS_METHODS}, got {method!r}")
-    o = Options(
-        num_bins=1,
-        include_background=include_background,
-        to_onehot_y=to_onehot_y,
-        softmax=softmax,
-        sigmoid=sigmoid,
-        ignore_index=ignore_index,
-        backend=backend,
-        validate=validate,
-        multi_rater=to_onehot_y,
-    )
+    o = _options(locals(), num_bins=1, multi_rater=to_onehot_y)
     if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError("input and target must be torch.Tensors")
     if input.dim() < 3:
@@ -331,14 +273,7 @@ def consensus_dice(
     """
     from .evaluation import consensus_masks
 
-    o = Options(
-        include_background=include_background,
-        to_onehot_y=to_onehot_y,
-        softmax=softmax,
-        sigmoid=sigmoid,
-        ignore_index=ignore_index,
-        multi_rater=to_onehot_y,
-    )
+    o = _options(locals(), multi_rater=to_onehot_y)
     if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError("input and target must be torch.Tensors")
     if input.dim() < 3:
@@ -400,18 +335,7 @@ def classification_calibration_errors(
     compute one value per image). ``mode="marginal"``: (C',) per class; ``"top_label"`` (torchmetrics'
     ``MulticlassCalibrationError``): 0-d values. ``l2`` attribute included. NaN when no sample is used.
     """
-    o = Options(
-        num_bins=num_bins,
-        include_background=include_background,
-        to_onehot_y=to_onehot_y,
-        softmax=softmax,
-        sigmoid=sigmoid,
-        ignore_index=ignore_index,
-        right=right,
-        backend=backend,
-        validate=validate,
-        mode=mode,
-    )
+    o = _options(locals())
     x, t = engine.classification_layout(input, target, o.to_onehot_y)
     with torch.no_grad():
         return calibration_errors_from_stats(engine.run(x, t, o).stats).map(lambda e: e[0])
@@ -442,21 +366,7 @@ def classification_marginal_l1_ace(
     binned entries. Returns a scalar (``"mean"`` over classes / ``"sum"``) or (C',) (``"none"``); differentiable
     w.r.t. ``input``. ``target``: (B,) class indices with ``to_onehot_y=True``, else (B, C) one-hot / soft labels.
     """
-    o = Options(
-        num_bins=num_bins,
-        binning=binning,
-        include_background=include_background,
-        to_onehot_y=to_onehot_y,
-        softmax=softmax,
-        sigmoid=sigmoid,
-        ignore_empty_classes=ignore_empty_classes,
-        reduction=reduction,
-        empty_weight=empty_weight,
-        right=right,
-        ignore_index=ignore_index,
-        backend=backend,
-        validate=validate,
-    )
+    o = _options(locals())
     x, t = engine.classification_layout(input, target, o.to_onehot_y)
     per_class = engine.loss(x, t, o.replace(reduction="none"), weight)[0]
     return reduce_loss(per_class, o.reduction)

@@ -140,7 +140,8 @@ class MarginalL1ACELoss(nn.Module):
 
 
 def _option_property(name: str) -> property:
-    return property(lambda self: getattr(self.options, name), doc=f"The ``{name}`` option (read-only: see ``options``).")
+    doc = f"The ``{name}`` option (read-only: see ``options``)."
+    return property(lambda self: getattr(self.options, name), doc=doc)
 
 
 for _name in DEFAULTS:  # loss.num_bins, loss.binning, ...: read-only views of the one Options

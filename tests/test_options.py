@@ -86,7 +86,8 @@ def test_top_label_refuses_include_background_false_instead_of_ignoring_it():
     x = torch.rand(1, 3, 4, 4)
     y = torch.randint(0, 3, (1, 4, 4))
     with pytest.raises(ValueError, match="include_background=False does not apply to mode='top_label'"):
-        F.calibration_errors(x / x.sum(1, keepdim=True), y, to_onehot_y=True, mode="top_label", include_background=False)
+        p = x / x.sum(1, keepdim=True)
+        F.calibration_errors(p, y, to_onehot_y=True, mode="top_label", include_background=False)
     with pytest.raises(ValueError, match="include_background"):
         DatasetCalibration(3, to_onehot_y=True, mode="top_label", include_background=False)
 

@@ -199,7 +199,8 @@ def test_calibration_errors_by_hand():
     assert e.ace[0].tolist() == pytest.approx([sum(g0) / 2, sum(g1) / 2], rel=1e-6)
     assert e.mce[0].tolist() == pytest.approx([max(g0), max(g1)], rel=1e-6)
     default = F.calibration_errors(x, labels, num_bins=2, to_onehot_y=True, backend="reference")
-    assert default.ece.shape == (1, 1)  # include_background=False by default
+    assert default.ece.shape == (1, 2)  # include_background=True by default, as everywhere
+    torch.testing.assert_close(default.ece, e.ece)
 
 
 # ---------------------------------------------------------------------------------------------------------

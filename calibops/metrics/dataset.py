@@ -69,13 +69,7 @@ from .state import SumState
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-__all__ = [
-    "DatasetCalibration",
-    "DatasetCalibrationResult",
-    "GroupGap",
-    "GroupResult",
-    "reliability_histogram_counts",
-]
+__all__ = ["DatasetCalibration", "reliability_histogram_counts"]
 
 _NONFINITE = ("raise", "skip")
 _NAN_OK = ("macro_l2", "group_macro_l2")  # unknown (NaN) after loading a checkpoint written before L2 existed
