@@ -50,11 +50,14 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
+
+from .distributed import add_arguments as add_scale_arguments
 
 __all__ = ["build_parser", "evaluate", "evaluate_main"]
 
@@ -188,14 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="statistics backend (default: %(default)s)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_scale_arguments(p)  # --device, --prefetch, --dist-timeout (calibops/cli/distributed.py)
     return p
-
-
-def _progress(items: Sequence[Any], enabled: bool) -> Iterable[Any]:
-    # the package's one progress display: tqdm when installed, else a dependency-free fallback on stderr
-    from .progress import track
-
-    return track(items, desc="evaluate", unit="case", enabled=enabled)
 
 
 def _check_probabilities(name: str, path: Path, probs: np.ndarray, multilabel: bool, tol: float) -> np.ndarray:
@@ -452,7 +449,7 @@ def check_usage(args: argparse.Namespace) -> None:
         import calibops
 
         try:
-            calibops.backend_for(torch.empty(0), args.backend)  # the CLI computes on CPU tensors
+            calibops.backend_for(torch.empty(0, device=getattr(args, "device", "cpu")), args.backend)
         except RuntimeError as exc:
             raise UsageError(f"--backend {args.backend}: {exc}; use --backend auto") from exc
     if not args.no_figures:
@@ -465,103 +462,171 @@ def check_usage(args: argparse.Namespace) -> None:
             ) from exc
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the evaluation described by parsed ``args``; returns the results, writes nothing."""
+def _read_case(args: argparse.Namespace, case: tuple[str, Path, list[Path]]) -> tuple[Any, list[Any], Any]:
+    """Read one case and check what needs no other case: ``(probs, label maps, spacing)``. Runs in the prefetch
+    thread (:mod:`calibops.cli.prefetch`); its errors are raised at the case's turn."""
+    from .. import io
+
+    name, pred_path, label_paths = case
+    label_path = label_paths[0]
+    probs = io.load_probabilities(pred_path, channel_dim=args.channel_dim, npz_key=args.npz_key)
+    labels = [io.load_label(lp, spatial_ndim=probs.ndim - 1) for lp in label_paths]
+    label = labels[0]
+    for lp, lab in zip(label_paths[1:], labels[1:]):
+        if lab.shape != label.shape:
+            raise ValueError(
+                f"the raters' label maps differ in shape: {label_path} {label.shape}, {lp} {lab.shape}; "
+                "every rater's label map of a case must be on the same grid (re-export it on that grid, or "
+                "leave that rater's folder out)"
+            )
+    if not args.no_geometry_check:
+        for lp in label_paths:
+            _check_geometry(name, pred_path, lp, args.geometry_tolerance)
+    spacing = _header_spacing(pred_path, label_path, probs.ndim - 1) if len(label_paths) > 1 else None
+    return probs, labels, spacing
+
+
+def evaluate(args: argparse.Namespace, session: Any = None) -> dict[str, Any] | None:
+    """Run the evaluation described by parsed ``args``; returns the results, writes nothing.
+
+    ``session`` (:class:`calibops.cli.distributed.Session`, default: a plain run) is this process's rank under
+    ``torchrun``: the rank evaluates its share of the cases, and only rank 0 gets the results (the others None).
+    """
     import torch
 
-    from .. import io
     from ..metrics import DatasetCalibration
+    from .distributed import Session, case_bytes, fingerprint, shard_by_size
+    from .prefetch import Prefetcher
+    from .progress import Progress
 
-    check_usage(args)
-    cases = _match_raters(args)
-    multi = len(cases[0][2]) > 1
-    group_of, group_names = (None, None)
-    if args.groups is not None:
-        group_of, group_names = read_groups(args.groups, [c[0] for c in cases])
+    started = time.perf_counter()
+    if session is None:
+        session = Session()
+        session.start(args)
+    with session.together() as step:  # a bad option or file list on any rank stops every rank
+        check_usage(args)
+        cases = _match_raters(args)
+        multi = len(cases[0][2]) > 1
+        group_of, group_names = (None, None)
+        if args.groups is not None:
+            group_of, group_names = read_groups(args.groups, [c[0] for c in cases])
+        sizes = [case_bytes(pred, labels) for _, pred, labels in cases]
+        step["payload"]["files"] = fingerprint(cases, sizes)
+    if len({p["files"] for p in step["all"]}) > 1:
+        session.fail(
+            1,
+            "the ranks see different files in --pred / --label (names or sizes differ): every node must read the "
+            "same folders (a shared file system)",
+        )
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
+    index = {c[0]: i for i, c in enumerate(cases)}
+    mine = shard_by_size(sizes, session.world_size)[session.rank]
 
     metric: DatasetCalibration | None = None
     C = args.num_classes
     order = _AxisOrder(args.pred_axis_order)
-    for name, pred_path, label_paths in _progress(cases, not args.no_progress):
-        label_path = label_paths[0]
-        spacing = None
-        try:
-            probs = io.load_probabilities(pred_path, channel_dim=args.channel_dim, npz_key=args.npz_key)
-            labels = [io.load_label(lp, spatial_ndim=probs.ndim - 1) for lp in label_paths]
-            label = labels[0]
-            for lp, lab in zip(label_paths[1:], labels[1:]):
-                if lab.shape != label.shape:
-                    raise ValueError(
-                        f"the raters' label maps differ in shape: {label_path} {label.shape}, {lp} {lab.shape}; "
-                        "every rater's label map of a case must be on the same grid (re-export it on that grid, or "
-                        "leave that rater's folder out)"
-                    )
-            probs = order.apply(name, probs, label, pred_path, label_path, args.npz_key)
-            if not args.no_geometry_check:
-                for lp in label_paths:
-                    _check_geometry(name, pred_path, lp, args.geometry_tolerance)
-            if multi:
-                spacing = _header_spacing(pred_path, label_path, probs.ndim - 1)
-        except (ValueError, TypeError) as exc:  # io's messages name the file and the fix
-            raise EvaluationError(f"case {name!r}: {exc}") from exc
-        if probs.size == 0 or label.size == 0:
-            raise EvaluationError(
-                f"case {name!r}: {pred_path} (shape {probs.shape}) or {label_path} (shape {label.shape}) holds no "
-                "voxel; remove the case or re-write its files"
-            )
-        if C is None:
-            C = probs.shape[0]
-        if probs.shape[0] != C:
-            raise EvaluationError(
-                f"case {name!r}: prediction {pred_path} has {probs.shape[0]} channels, expected {C} "
-                f"(shape {probs.shape} with the channel axis first); every case needs the same classes "
-                "(see --num-classes, --channel-dim)"
-            )
-        if label.shape != probs.shape[1:]:
-            raise EvaluationError(
-                f"case {name!r}: label map shape {label.shape} does not match the prediction's spatial shape "
-                f"{probs.shape[1:]} (prediction {pred_path}, label {label_path}); pair each label with its own "
-                "prediction (check --channel-dim)"
-            )
-        if args.softmax:
-            if not np.all(np.isfinite(probs)):
+
+    def new_metric(C: int) -> DatasetCalibration:
+        if names is not None and len(names) != C:
+            raise UsageError(f"--class-names gives {len(names)} names for {C} classes; give one name per class")
+        return DatasetCalibration(
+            C,
+            num_bins=args.num_bins,
+            include_background=args.include_background or args.mode == "top_label",
+            to_onehot_y=True,
+            softmax=args.softmax,
+            ignore_index=args.ignore_index,
+            backend=args.backend,
+            keep_records=True,
+            dice=args.dice,
+            mode=args.mode,
+            multi_rater=multi,
+            groups=group_names,
+        )
+
+    bar = Progress(len(cases), desc="evaluate", unit="case", enabled=session.writer and not args.no_progress)
+
+    def show(done: int) -> None:  # the cases done over all ranks
+        bar.update(done - bar.done)
+
+    depth = getattr(args, "prefetch", 1)
+    own = [cases[i] for i in mine]
+    with (
+        bar,
+        session.together(wait=True, on_poll=show) as step,
+        Prefetcher(own, lambda case: _read_case(args, case), depth) as reader,
+    ):
+        for (name, pred_path, label_paths), got in reader:
+            if session.stopped():  # another rank failed: stop after the case computed last
+                break
+            step["payload"]["at"] = index[name]
+            label_path = label_paths[0]
+            try:
+                probs, labels, spacing = got.get()
+                label = labels[0]
+                probs = order.apply(name, probs, label, pred_path, label_path, args.npz_key)
+            except (ValueError, TypeError) as exc:  # io's messages name the file and the fix
+                raise EvaluationError(f"case {name!r}: {exc}") from exc
+            if probs.size == 0 or label.size == 0:
                 raise EvaluationError(
-                    f"case {name!r} ({pred_path}): the logits hold NaN or infinite values; fix the predictions"
+                    f"case {name!r}: {pred_path} (shape {probs.shape}) or {label_path} (shape {label.shape}) holds no "
+                    "voxel; remove the case or re-write its files"
                 )
-        else:
-            probs = _check_probabilities(name, pred_path, probs, args.multilabel, args.sum_tolerance)
-        for lp, lab in zip(label_paths, labels):
-            _check_labels(name, lp, lab, C, args.ignore_index)
-        if metric is None:
-            if names is not None and len(names) != C:
-                raise UsageError(f"--class-names gives {len(names)} names for {C} classes; give one name per class")
-            metric = DatasetCalibration(
-                C,
-                num_bins=args.num_bins,
-                include_background=args.include_background or args.mode == "top_label",
-                to_onehot_y=True,
-                softmax=args.softmax,
-                ignore_index=args.ignore_index,
-                backend=args.backend,
-                keep_records=True,
-                dice=args.dice,
-                mode=args.mode,
-                multi_rater=multi,
-                groups=group_names,
-            )
-        target = torch.from_numpy(np.stack(labels) if multi else label)[None]
-        try:
-            metric.update(
-                torch.from_numpy(probs)[None],
-                target,
-                image_ids=[name],
-                groups=[group_of[name]] if group_of is not None else None,
-                spacing=spacing,
-            )
-        except (ValueError, TypeError) as exc:
-            raise EvaluationError(f"case {name!r} ({pred_path}, {', '.join(map(str, label_paths))}): {exc}") from exc
-    assert metric is not None  # match_cases never returns an empty list
+            if C is None:
+                C = probs.shape[0]
+            if probs.shape[0] != C:
+                raise EvaluationError(
+                    f"case {name!r}: prediction {pred_path} has {probs.shape[0]} channels, expected {C} "
+                    f"(shape {probs.shape} with the channel axis first); every case needs the same classes "
+                    "(see --num-classes, --channel-dim)"
+                )
+            if label.shape != probs.shape[1:]:
+                raise EvaluationError(
+                    f"case {name!r}: label map shape {label.shape} does not match the prediction's spatial shape "
+                    f"{probs.shape[1:]} (prediction {pred_path}, label {label_path}); pair each label with its own "
+                    "prediction (check --channel-dim)"
+                )
+            if args.softmax:
+                if not np.all(np.isfinite(probs)):
+                    raise EvaluationError(
+                        f"case {name!r} ({pred_path}): the logits hold NaN or infinite values; fix the predictions"
+                    )
+            else:
+                probs = _check_probabilities(name, pred_path, probs, args.multilabel, args.sum_tolerance)
+            for lp, lab in zip(label_paths, labels):
+                _check_labels(name, lp, lab, C, args.ignore_index)
+            if metric is None:
+                metric = new_metric(C)
+            target = torch.from_numpy(np.stack(labels) if multi else label)[None].to(session.device)
+            try:
+                metric.update(
+                    torch.from_numpy(probs)[None].to(session.device),
+                    target,
+                    image_ids=[name],
+                    groups=[group_of[name]] if group_of is not None else None,
+                    spacing=spacing,
+                )
+            except (ValueError, TypeError) as exc:
+                files = ", ".join(map(str, label_paths))
+                raise EvaluationError(f"case {name!r} ({pred_path}, {files}): {exc}") from exc
+            del probs, labels, label, target  # the reader may hold the next case meanwhile
+            show(session.done())
+        step["payload"].update(
+            C=C,
+            axis=order.decided if args.pred_axis_order == "auto" else None,
+            reason=order.reason,
+            cases=[c[0] for c in own],
+            bytes=sum(sizes[i] for i in mine),
+            seconds=round(time.perf_counter() - started, 3),
+        )
+    ranks = step["all"]
+    if session.distributed:
+        _agree_across_ranks(session, ranks, cases, index)
+    if metric is None:  # a rank without cases (more ranks than cases)
+        metric = new_metric(next(p["C"] for p in ranks if p["cases"]))
+    metric = session.merge(metric, index)
+    if metric is None:  # not rank 0: rank 0 reports and writes
+        return None
     if names is None:
         names = [f"class {c}" for c in range(metric.num_classes)]
     res: dict[str, Any] = {
@@ -577,7 +642,39 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     }
     if group_names is not None:
         res["group_rows"] = group_rows_with_intervals(metric, res["result"], args.bootstrap_samples, args.seed)
+    res["run"] = {
+        "world_size": session.world_size,
+        "prefetch": depth,
+        "wall_time_s": round(time.perf_counter() - started, 3),
+        "ranks": [
+            {"rank": r, "cases": p["cases"], "bytes": p["bytes"], "seconds": p["seconds"]} for r, p in enumerate(ranks)
+        ],
+    }
     return res
+
+
+def _agree_across_ranks(session: Any, ranks: list[dict[str, Any]], cases: Sequence[Any], index: dict[str, int]) -> None:
+    """What one process decides from its first case must hold on every rank: the number of classes and the
+    axis order of NumPy predictions (raises the same error on every rank otherwise)."""
+    busy = [(r, p) for r, p in enumerate(ranks) if p["cases"]]
+    r0, ref = min(busy, key=lambda rp: index[rp[1]["cases"][0]])
+    for _, p in busy:
+        if p["C"] != ref["C"]:
+            first = cases[index[p["cases"][0]]]
+            session.fail(
+                1,
+                f"case {first[0]!r}: prediction {first[1]} has {p['C']} channels, expected {ref['C']} (those of case "
+                f"{ref['cases'][0]!r} on rank {r0}); every case needs the same classes (see --num-classes, "
+                "--channel-dim)",
+            )
+    decided = {(r, p["axis"], p["reason"]) for r, p in busy if p["axis"] is not None}
+    if len({d[1] for d in decided}) > 1:
+        what = "; ".join(f"rank {r}: {axis} ({reason})" for r, axis, reason in sorted(decided))
+        session.fail(
+            1,
+            f"the ranks took the NumPy prediction axes in different orders against the labels ({what}); say which "
+            "with --pred-axis-order same or reversed",
+        )
 
 
 def _fmt(v: float) -> str:
@@ -735,6 +832,7 @@ def _write_outputs(res: dict[str, Any], out: Path, dice: bool, figures: bool = T
             "raters": res["raters"],
             "mode": res["mode"],
             "num_bins": metric.num_bins,
+            **res.get("run", {}),  # world_size, prefetch, wall_time_s, the cases of each rank
             "summary": [{k: _json_value(v) for k, v in row.items()} for row in rows],
         }
         if "group_rows" in res:
@@ -834,11 +932,24 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
     Every failure prints one line ``calibops evaluate: error: ...`` on stderr and writes no output file.
     An unexpected exception (a bug) is reported the same way; ``CALIBOPS_DEBUG=1`` re-raises it instead.
+    Under ``torchrun`` every rank runs this (:mod:`calibops.cli.distributed`): rank 0 alone prints and writes,
+    and every rank returns the same status.
     """
+    from .distributed import Session
+
+    session = Session.from_env()
+    with session.quiet():
+        return session.end(_evaluate_main(argv, session))
+
+
+def _evaluate_main(argv: list[str] | None, session: Any) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        res = evaluate(args)
+        session.start(args)
+        res = evaluate(args, session)
+        if res is None:  # a rank other than 0: rank 0 writes the outputs
+            return 0
         written = _write_outputs(res, Path(args.out), args.dice, figures=not args.no_figures)
     except SystemExit as exc:  # argparse exits only for --help (0)
         return int(exc.code) if isinstance(exc.code, int) else 2
@@ -858,6 +969,10 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         )
         return 1
     _print_summary(res)
+    run = res["run"]
+    ranks = f" on {run['world_size']} ranks" if run["world_size"] > 1 else ""
+    rate = res["num_cases"] / max(run["wall_time_s"], 1e-9)
+    print(f"evaluated {res['num_cases']} cases in {run['wall_time_s']:.1f} s ({rate:.3g} cases/s){ranks}")
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
