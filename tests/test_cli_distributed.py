@@ -45,13 +45,13 @@ def _case(rng, shape):
     return p, rng.integers(0, C, shape).astype(np.int16)
 
 
-def _write(root: Path, numpy_preds: bool, raters: int = 1, seed: int = 0) -> tuple[Path, list[Path]]:
+def _write(root: Path, numpy_preds: bool, raters: int = 1, seed: int = 0, n: int = len(SIZES)):
     rng = np.random.default_rng(seed)
     pred = root / "pred"
     labels = [root / f"rater{k}" for k in range(raters)]
     for d in (pred, *labels):
         d.mkdir(parents=True)
-    for i, shape in enumerate(SIZES):
+    for i, shape in enumerate(SIZES[:n]):
         name = f"case{i:02d}"
         p, lab = _case(rng, shape)
         if numpy_preds:  # nnU-Net: (C, z, y, x) against a NIfTI (x, y, z) label
@@ -91,7 +91,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _by_hand(args: list[str], world: int = 2) -> list[tuple[int, str, str]]:
+def _by_hand(args: list[str], world: int = 2) -> list[tuple[int | None, str, str]]:
     """The environment torchrun sets, by hand (no elastic agent: rank 0 hosts the store)."""
     port = str(_free_port())
     procs = []
@@ -135,15 +135,15 @@ def _close(a, b, where: str) -> None:
         assert a == b, where
 
 
-def _same_outputs(one: Path, two: Path, groups: bool = False) -> dict:
+def _same_outputs(one: Path, two: Path, groups: bool = False, world: int = 2) -> dict:
     assert (one / "per_image.csv").read_bytes() == (two / "per_image.csv").read_bytes()
     with np.load(one / "dataset_histogram.npz") as a, np.load(two / "dataset_histogram.npz") as b:
         assert sorted(a.files) == sorted(b.files)
         for k in a.files:
             np.testing.assert_array_equal(a[k], b[k])
     s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
-    assert s1["world_size"] == 1 and s2["world_size"] == 2
-    assert s1["ranks"][0]["cases"] == [f"case{i:02d}" for i in range(len(SIZES))]
+    assert s1["world_size"] == 1 and s2["world_size"] == world
+    assert s1["ranks"][0]["cases"] == [f"case{i:02d}" for i in range(s1["cases"])]
     run = ("world_size", "ranks", "wall_time_s")
     _close({k: v for k, v in s1.items() if k not in run}, {k: v for k, v in s2.items() if k not in run}, "summary")
     if groups:
@@ -201,14 +201,24 @@ def test_groups_and_raters_two_ranks_equal_one_process(tmp_path, capsys):
     groups = tmp_path / "groups.csv"
     groups.write_text("case,group\n" + "".join(f"case{i:02d},{'AB'[i % 2]}\n" for i in range(len(SIZES))))
     extra = ["--groups", str(groups), "--bootstrap-samples", "200", "--no-progress"]
-    _one_process(_args(pred, labels, tmp_path / "one", *extra), capsys)
-    results = _by_hand(_args(pred, labels, tmp_path / "two", *extra))
+    _one_process(_args(pred, labels, tmp_path / "one", *extra, "--no-figures"), capsys)
+    results = _by_hand(_args(pred, labels, tmp_path / "two", *extra))  # figures: plot_groups after the merge
     assert [r[0] for r in results] == [0, 0], results
     assert results[1][1] == results[1][2] == ""  # rank 1 prints nothing
     _same_outputs(tmp_path / "one", tmp_path / "two", groups=True)
     assert {"volume_crps", "consensus_dice"} <= set(_csv(tmp_path / "two" / "per_image.csv")[0])
-    pngs = sorted(p.name for p in (tmp_path / "two").glob("groups_reliability_*.png"))
-    assert pngs == sorted(p.name for p in (tmp_path / "one").glob("groups_reliability_*.png")) and pngs
+    pngs = sorted(p.name for p in (tmp_path / "two").glob("*.png"))
+    assert pngs == ["dataset_histogram.png", *(f"groups_reliability_class{c}.png" for c in (1, 2, 3))]
+
+
+def test_more_ranks_than_cases(tmp_path, capsys):
+    pred, labels = _write(tmp_path, numpy_preds=True, n=2)
+    extra = ["--no-figures", "--no-progress", "--mode", "top_label"]
+    _one_process(_args(pred, labels, tmp_path / "one", *extra), capsys)
+    results = _by_hand(_args(pred, labels, tmp_path / "three", *extra), world=3)
+    assert [r[0] for r in results] == [0, 0, 0], results
+    s3 = _same_outputs(tmp_path / "one", tmp_path / "three", world=3)
+    assert [r["cases"] for r in s3["ranks"]] == [["case00"], ["case01"], []]  # rank 2 has none, and still joins
 
 
 # ------------------------------------------------------------------------------------------------ in-process

@@ -40,7 +40,7 @@ __all__ = ["Session", "add_arguments", "case_bytes", "fingerprint", "shard_by_si
 
 #: Variables ``torchrun`` sets for every worker that a run needs (``LOCAL_RANK`` defaults to ``RANK``).
 ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-_POLL_S = 0.05
+_POLL_S = 0.2  # seconds between looks at the store while waiting (every rank polls)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -135,6 +135,8 @@ class Session:
         self.store: Any = None
         self._control: Any = None  # the group of the status all-gathers (gloo, also under nccl)
         self._started = False
+        self._waits = 0
+        self._done = 0
         self.timeout_s = 300.0
 
     # ------------------------------------------------------------------ setup
@@ -191,11 +193,13 @@ class Session:
 
         if self.problem is not None:
             raise UsageError(f"torch.distributed environment: {self.problem}")
-        if args.prefetch < 0:
-            raise UsageError(f"--prefetch must be >= 0 (cases read ahead), got {args.prefetch}")
-        if not (args.dist_timeout > 0 and args.dist_timeout < float("inf")):
-            raise UsageError(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
-        if args.device == "cuda":
+        prefetch = getattr(args, "prefetch", 1)
+        dist_timeout = getattr(args, "dist_timeout", 300.0)
+        if prefetch < 0:
+            raise UsageError(f"--prefetch must be >= 0 (cases read ahead), got {prefetch}")
+        if not (dist_timeout > 0 and dist_timeout < float("inf")):
+            raise UsageError(f"--dist-timeout must be a positive number of seconds, got {dist_timeout}")
+        if getattr(args, "device", "cpu") == "cuda":
             if not torch.cuda.is_available():
                 raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
             n = torch.cuda.device_count()
@@ -216,8 +220,8 @@ class Session:
             raise UsageError("torchrun started several ranks but this torch has no torch.distributed")
         if dist.is_initialized():
             raise UsageError("torch.distributed is already initialised in this process; run calibops on its own")
-        self.timeout_s = float(args.dist_timeout)
-        timeout = datetime.timedelta(seconds=args.dist_timeout)
+        self.timeout_s = float(dist_timeout)
+        timeout = datetime.timedelta(seconds=dist_timeout)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         kw: dict[str, Any] = {"device_id": self.device} if backend == "nccl" else {}
         dist.init_process_group(
@@ -267,8 +271,10 @@ class Session:
             if wait:
                 self.store.add("errors", 1)
         if wait:
-            self.store.add("stopped", 1)
-            while self.store.add("stopped", 0) < self.world_size:
+            self._waits += 1
+            key = f"stopped/{self._waits}"  # one counter per waiting block
+            self.store.add(key, 1)
+            while self.store.add(key, 0) < self.world_size:
                 if on_poll is not None:
                     on_poll(self.done(0))
                 time.sleep(_POLL_S)
@@ -294,7 +300,7 @@ class Session:
     def done(self, n: int = 1) -> int:
         """Count ``n`` more cases done by this rank; returns the cases done over all ranks."""
         if not self.distributed:
-            self._done = getattr(self, "_done", 0) + n
+            self._done += n
             return self._done
         return int(self.store.add("done", n))
 

@@ -8,7 +8,7 @@ Reads probability maps and integer label maps (NIfTI ``.nii``/``.nii.gz`` throug
 ``.mha``/``.nrrd`` through SimpleITK, or NumPy ``.npy``/``.npz``) paired by file name (nnU-Net output folders:
 the ``.npz`` probabilities, with the ``.nii.gz`` next to them giving their geometry; MONAI SaveImage folders:
 ``--pred-suffix _seg``), accumulates them with :class:`calibops.metrics.DatasetCalibration`
-one case at a time (memory: one case plus O(C·M²)), and writes into ``--out``:
+one case at a time (memory: one case, the ``--prefetch`` cases read ahead, and O(C·M²)), and writes into ``--out``:
 
 - ``per_image.csv``: one row per case and class (one ``top_label`` row per case with ``--mode top_label``): ECE,
   ACE, MCE, L2, voxels (and Dice with ``--dice``; the group with ``--groups``; with several ``--label`` folders the
@@ -26,6 +26,12 @@ cases of the mean over raters of the per-rater errors (the headline), the micro 
 rater-mean soft label, and the voxel spacing for the volume CRPS comes from the label's (or, for NumPy labels,
 the prediction's sibling image's) NIfTI / SimpleITK header (1 per axis, voxel counts, without one). Everything
 is computed by :class:`calibops.metrics.DatasetCalibration` (``multi_rater=``, ``mode=``, ``groups=``).
+
+Under ``torchrun`` (``torchrun --nproc-per-node N -m calibops evaluate ...``; :mod:`calibops.cli.distributed`)
+each rank reads and evaluates its share of the cases (split by file size), the sums are all-reduced and the
+per-image records gathered in case order, and rank 0 alone shows progress and writes: the same outputs as one
+process, plus ``world_size``, the cases of each rank and the wall time in ``summary.json``. A failure on any
+rank ends every rank with the same one line (naming the file and the rank) and writes nothing.
 
 Everything is checked before anything is written. Every failure is one line on stderr,
 ``calibops evaluate: error: ...``, naming the file or option and the fix, and leaves no output file:
@@ -547,7 +553,8 @@ def evaluate(args: argparse.Namespace, session: Any = None) -> dict[str, Any] | 
     bar = Progress(len(cases), desc="evaluate", unit="case", enabled=session.writer and not args.no_progress)
 
     def show(done: int) -> None:  # the cases done over all ranks
-        bar.update(done - bar.done)
+        if done > bar.done:
+            bar.update(done - bar.done)
 
     depth = getattr(args, "prefetch", 1)
     own = [cases[i] for i in mine]
