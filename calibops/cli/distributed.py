@@ -327,8 +327,9 @@ class Session:
         return local
 
     def end(self, code: int) -> int:
-        """The exit status of every rank: rank 0 publishes its own (its outputs are written or failed); a rank
-        that finished its share waits for it. Closes the process group if still open."""
+        """The exit status of every rank: rank 0 publishes its own once it has written the outputs or printed the
+        error, and keeps the store up until every rank has read it; the other ranks wait for it and exit with it
+        (after a collective failure, with their own, the same). Closes the process group if still open."""
         if self._started:
             import torch.distributed as dist
 
@@ -345,16 +346,19 @@ class Session:
                 while self.store.add("exit_read", 0) < self.world_size - 1 and time.monotonic() < deadline:
                     time.sleep(_POLL_S)
             return code
-        if code != 0:
-            return code  # a collective failure: rank 0 fails with the same error
+        # wait for rank 0's status, also after a collective failure (the same error there): a rank that exits
+        # first makes torchrun stop the others, which must not happen before rank 0 has printed the error
+        deadline = None if code == 0 else time.monotonic() + self.timeout_s
         try:
             while not self.store.check(["exit"]):
+                if deadline is not None and time.monotonic() > deadline:
+                    return code
                 time.sleep(_POLL_S)
-            code = int(self.store.get("exit").decode())
+            status = int(self.store.get("exit").decode())
             self.store.add("exit_read", 1)
-            return code
+            return status if code == 0 else code
         except Exception:  # noqa: BLE001 - rank 0 (and the store) gone: it did not report success
-            return 1
+            return code or 1
 
 
 def _rebuild_kwargs(metric: Any) -> dict[str, Any]:
