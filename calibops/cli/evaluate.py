@@ -634,6 +634,7 @@ def evaluate(args: argparse.Namespace, session: Any = None) -> dict[str, Any] | 
     metric = session.merge(metric, index)
     if metric is None:  # not rank 0: rank 0 reports and writes
         return None
+    metric.to("cpu")  # O(C'·M²): the summary, figures and files are made on the CPU (--device cuda)
     if names is None:
         names = [f"class {c}" for c in range(metric.num_classes)]
     res: dict[str, Any] = {
