@@ -302,3 +302,44 @@ def test_bad_environment_and_options_are_usage_errors(tmp_path, capsys, monkeypa
     assert evaluate_main(_args(pred, labels, tmp_path / "o", "--prefetch", "-1")) == 2
     assert "--prefetch" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+class _Store:
+    """The few calls Session makes on torch.distributed's key-value store, in a dict."""
+
+    def __init__(self) -> None:
+        self.kv: dict[str, object] = {}
+
+    def add(self, key: str, n: int) -> int:
+        self.kv[key] = int(self.kv.get(key, 0)) + n
+        return int(self.kv[key])
+
+
+def test_together_gives_every_rank_the_error_of_the_first_failing_case():
+    from calibops.cli.evaluate import EvaluationError, UsageError
+
+    s = Session(rank=0, world_size=2)
+    s.store = _Store()
+    others: list[dict] = []
+    s._gather = lambda mine: [mine, *others]  # rank 1's status as the all-gather would bring it
+
+    # rank 1 failed at case 2; rank 0 fails later (case 5): every rank reports rank 1's error
+    others[:] = [{"rank": 1, "error": (1, "case 'b': cannot read 'b.npz'"), "payload": {"at": 2}}]
+    s.store.kv["stopped/1"] = 1  # rank 1 has stopped
+    with pytest.raises(EvaluationError, match=r"^case 'b': cannot read 'b.npz' \[rank 1 of 2\]$"):
+        with s.together(wait=True) as step:
+            step["payload"]["at"] = 5
+            raise ValueError("case 'e': bad labels")
+    assert s.store.kv["errors"] == 1  # the flag that stops the other ranks after their current case
+    assert s.stopped()
+
+    # nothing failed here, but on rank 1: the same error here; a usage error keeps its exit status 2
+    others[:] = [{"rank": 1, "error": (2, "--num-bins must be between 1 and 2**24"), "payload": {}}]
+    with pytest.raises(UsageError, match=r"\[rank 1 of 2\]"):
+        with s.together():
+            pass
+    # no error anywhere: every rank's payload
+    others[:] = [{"rank": 1, "error": None, "payload": {"C": 4}}]
+    with s.together({"C": 4}) as step:
+        pass
+    assert step["all"] == [{"C": 4}, {"C": 4}]
