@@ -315,18 +315,14 @@ def run(input: Any, target: Any, o: Options, *, raise_nonfinite: bool = True, we
         if w_bad is not None and counts[2] > 0:
             raise ValueError(f"weight must be finite and >= 0, got {w.tolist()}")
         counts = counts[:2]
+    parts = [count, sum_p, sum_y] + ([sum_p2, sum_py] if o.moments else [])
     if top:  # one statistic row per image: drop the row axis
-        rows = slice(0, 1)
-    else:
-        rows = slice(1, None) if drop_background else slice(None)
-    moments = (sum_p2, sum_py) if o.moments else (None, None)
-    parts = [count, sum_p, sum_y, *moments]
-    parts = [None if t is None else t[:, rows] for t in parts]
-    if top:
-        parts = [None if t is None else t[:, 0] for t in parts]
+        parts = [t.select(1, 0) for t in parts]
+    elif drop_background:
+        parts = [t[:, 1:] for t in parts]
     if not o.multi_rater:
         parts[2] = parts[2].select(-2, 0)  # the one rater
-    stats = BinnedStats(*parts[:3]) if not o.moments else BinnedStatsMoments(*parts)
+    stats = BinnedStatsMoments(*parts) if o.moments else BinnedStats(*parts)
     return Run(stats, bad, counts, w, prep.C)
 
 
