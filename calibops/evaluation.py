@@ -9,6 +9,7 @@ functional API, :class:`calibops.DatasetCalibration`, the CLI and the integratio
 - :func:`crps_gaussian` / :func:`crps_curvas`: the CRPS of a value against a Gaussian, in closed form and as the
   CURVAS 2024 evaluation's truncated integral of an interpolated CDF.
 - :func:`consensus_masks`: consensus / dissensus regions of several raters' label maps.
+- :func:`rater_label_counts`: exact (int64) per-rater class volumes of label maps, in voxels.
 - :func:`adaptive_calibration_errors`: equal-mass (adaptive) binning from a fine pooled histogram.
 - :func:`bootstrap_ci`: seeded percentile bootstrap over images.
 """
@@ -33,6 +34,7 @@ __all__ = [
     "crps_curvas",
     "crps_gaussian",
     "pool_stats",
+    "rater_label_counts",
 ]
 
 
@@ -221,6 +223,67 @@ def consensus_masks(target: torch.Tensor, num_classes: int, ignore_index: int | 
         bg = (~hit | ~voting).all(1) & labelled
         none = ~labelled
     return ConsensusMasks(fg, bg, ~(fg | bg | none), none)
+
+
+_COUNT_CHUNK = 1 << 22  # label entries read per step by rater_label_counts (bounded temporaries)
+
+
+def rater_label_counts(
+    target: torch.Tensor,
+    num_classes: int,
+    ignore_index: int | None = None,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact voxel counts ``#{i : label_r(i) = c}`` of R raters' label maps, int64 (B, C, R).
+
+    ``target``: (B, R, *spatial) integer (or bool, or integer-valued float) label maps. A voxel is counted only
+    where *every* rater's label lies in [0, C) and is not ``ignore_index`` (the statistics' rule for several
+    raters, docs/statistics.md). ``keep`` (optional, bool (B, C, N) with N the voxels per map): a per-class voxel
+    mask; a rater's label ``c`` at voxel ``i`` is counted only where ``keep[b, c, i]`` (the statistics leave out
+    non-finite probability entries this way). Counted with ``bincount`` over (rater, label) in chunks of the
+    voxels: no (B, R, C, N) one-hot and no float rounding, whatever the volume (float32 sums stop counting exactly
+    above 2**24 voxels).
+    """
+    if not isinstance(target, torch.Tensor) or target.dim() < 2 or target.is_complex():
+        raise TypeError("target must be a tensor of R rater label maps (B, R, *spatial)")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    B, R = target.shape[0], target.shape[1]
+    C = num_classes
+    t = target.reshape(B, R, -1)
+    N = t.shape[-1]
+    if keep is not None and tuple(keep.shape) != (B, C, N):
+        raise ValueError(f"keep must be a bool mask (B, C, N) = ({B}, {C}, {N}), got {tuple(keep.shape)}")
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    elif t.dtype not in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+        t = t.to(torch.int64)  # float labels (integer-valued): truncated like the statistics do
+    lo, hi = int(torch.iinfo(t.dtype).min), int(torch.iinfo(t.dtype).max)
+    # the label dtype is kept (a uint8 chunk is read as uint8): converting 10^8 labels to int64 costs more than
+    # counting them; the slot C of left-out voxels needs C <= the dtype's max, else the chunk is widened
+    work = t.dtype if C <= hi else torch.int32 if C < 2**31 - 1 else torch.int64
+    ignore = ignore_index if (ignore_index is not None and lo <= ignore_index <= hi) else None
+    out = torch.zeros(B, R, C + 1, dtype=torch.int64, device=target.device)
+    step = max(1, _COUNT_CHUNK // max(R, 1))
+    for b in range(B):
+        for s in range(0, N, step):
+            lab = t[b, :, s : s + step]  # (R, n)
+            ok = lab < C if C <= hi else torch.ones_like(lab, dtype=torch.bool)
+            if lo < 0:
+                ok &= lab >= 0
+            if ignore is not None:
+                ok &= lab != ignore
+            counted = ok.all(0)  # (n,): every rater's label valid
+            if keep is not None:
+                kb = keep[b, :, s : s + step]  # (C, n)
+            for r in range(R):
+                lr = lab[r].to(work)
+                lr = torch.where(counted, lr, torch.full((), C, dtype=work, device=lr.device))
+                if keep is not None:  # keep the entry at the rater's label
+                    at_label = kb.gather(0, lr.clamp(max=C - 1).to(torch.int64).unsqueeze(0))[0]
+                    lr = torch.where(at_label, lr, torch.full((), C, dtype=work, device=lr.device))
+                out[b, r] += torch.bincount(lr, minlength=C + 1)[: C + 1]
+    return out[..., :C].transpose(1, 2).contiguous()
 
 
 def adaptive_calibration_errors(fine: BinnedStats, num_bins: int) -> tuple[CalibrationErrors, torch.Tensor]:
