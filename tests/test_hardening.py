@@ -140,3 +140,74 @@ def test_volume_crps_refuses_a_bool_spacing(spacing):
     torch.testing.assert_close(
         F.volume_crps(x, t, to_onehot_y=True, spacing=2), 4 * F.volume_crps(x, t, to_onehot_y=True)
     )
+
+
+# ------------------------------------------------------------------ bootstrap: arguments, limits, bounded memory
+def _small_metric(n=12, groups=("a", "b")):
+    from calibops.metrics import DatasetCalibration
+
+    torch.manual_seed(3)
+    m = DatasetCalibration(3, to_onehot_y=True, keep_records=True, groups=groups)
+    for i in range(n):
+        x = torch.softmax(torch.randn(1, 3, 6, 5), 1)
+        t = torch.randint(0, 3, (1, 6, 5))
+        m.update(x, t, image_ids=[f"c{i}"], groups=[groups[i % len(groups)]])
+    return m
+
+
+def test_bootstrap_accepts_numpy_integers_and_refuses_bad_seeds_with_a_clear_error():
+    m = _small_metric()
+    a = m.bootstrap("ece", num_samples=np.int64(10), seed=np.int64(4))
+    b = m.bootstrap("ece", num_samples=10, seed=4)
+    torch.testing.assert_close(a["gap"].lower, b["gap"].lower)
+    for seed, err, match in [
+        (2**64, ValueError, r"seed must be an int in \[0, 2\*\*63 - 1\], got 18446744073709551616"),
+        (-1, ValueError, "seed must be an int in"),
+        (1.5, TypeError, "seed must be an int"),
+        (True, TypeError, "seed must be an int"),
+    ]:
+        with pytest.raises(err, match=match):
+            m.bootstrap("ece", num_samples=10, seed=seed)
+    with pytest.raises(ValueError, match="num_samples must be between 1 and 100000"):
+        m.bootstrap("ece", num_samples=100_001)
+    with pytest.raises(TypeError, match="num_samples must be an int"):
+        m.bootstrap("ece", num_samples=10.0)
+
+
+def test_bootstrap_resamples_in_bounded_chunks_with_the_same_draws(monkeypatch):
+    import calibops.evaluation as E
+
+    torch.manual_seed(4)
+    v = torch.randn(50, 7, dtype=torch.float64)
+    v[3, 2] = float("nan")
+    whole = E.bootstrap_ci(v, num_samples=300, seed=9)
+    calls = []
+    real = torch.randint
+
+    def counting(*args, **kwargs):
+        calls.append(args[-1] if isinstance(args[-1], tuple) else kwargs.get("size"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(E, "_BOOTSTRAP_CHUNK", 50 * 7 * 16)  # 16 resamples at a time
+    monkeypatch.setattr(E.torch, "randint", counting)
+    chunked = E.bootstrap_ci(v, num_samples=300, seed=9)
+    assert len(calls) == 19 and max(c[0] for c in calls) == 16  # never more than a chunk of resamples at once
+    for a, b in zip(whole, chunked, strict=True):
+        assert torch.equal(a, b)  # the same draws as one (num_samples, n) call
+
+
+def test_bootstrap_interval_carries_its_number_of_images_and_warns_below_the_minimum():
+    from calibops.evaluation import MIN_BOOTSTRAP_IMAGES, BootstrapWarning, bootstrap_ci
+
+    v = torch.randn(30, 3, dtype=torch.float64)
+    v[:25, 1] = float("nan")  # class 1 has 5 images
+    with pytest.warns(BootstrapWarning, match="from 5 image"):
+        ci = bootstrap_ci(v, num_samples=50)
+    assert ci.num_images.tolist() == [30, 5, 30]
+    est, lo, hi = ci  # still three fields
+    with pytest.warns(BootstrapWarning, match="zero-width"):
+        one = bootstrap_ci(v[:1, [0]], num_samples=50)
+    assert float(one.lower) == float(one.upper)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bootstrap_ci(v[:MIN_BOOTSTRAP_IMAGES, [0]], num_samples=20)  # at the minimum: no warning
