@@ -20,6 +20,7 @@ from ..evaluation import (
     adaptive_calibration_errors,
     bootstrap_ci,
     brier_decomposition,
+    check_bootstrap_args,
 )
 from ..options import METRICS
 from ..results import BinnedStats, BinnedStatsMoments, CalibrationErrors, calibration_errors_from_stats
@@ -176,6 +177,7 @@ def bootstrap(
     :meth:`calibops.DatasetCalibration.bootstrap`)."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    num_samples, level, seed = check_bootstrap_args(num_samples, level, seed)
     _, values, groups = ImageRecords.table(recs, classes, metric)
     if values.shape[0] == 0:
         raise ValueError("bootstrap needs at least one image")
