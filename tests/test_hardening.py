@@ -211,3 +211,21 @@ def test_bootstrap_interval_carries_its_number_of_images_and_warns_below_the_min
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bootstrap_ci(v[:MIN_BOOTSTRAP_IMAGES, [0]], num_samples=20)  # at the minimum: no warning
+
+
+def test_group_gap_bootstrap_resamples_in_bounded_chunks_with_the_same_draws(monkeypatch):
+    import calibops.evaluation as E
+
+    m = _small_metric(n=24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", E.BootstrapWarning)
+        whole = m.bootstrap("ece", num_samples=200, seed=5)
+        sizes = []
+        real = torch.randint
+        monkeypatch.setattr(E, "_BOOTSTRAP_CHUNK", 12 * 2 * 8)  # 8 resamples of a 12-image group at a time
+        monkeypatch.setattr(E.torch, "randint", lambda *a, **k: sizes.append(a[2][0]) or real(*a, **k))
+        chunked = m.bootstrap("ece", num_samples=200, seed=5)
+    assert sizes and max(sizes) <= 16
+    for key in ("all", "gap"):
+        for a, b in zip(whole[key], chunked[key], strict=True):
+            assert torch.equal(a, b), key

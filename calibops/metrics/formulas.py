@@ -19,6 +19,7 @@ from ..evaluation import (
     ConfidenceInterval,
     adaptive_calibration_errors,
     bootstrap_ci,
+    bootstrap_means,
     brier_decomposition,
     check_bootstrap_args,
 )
@@ -204,7 +205,7 @@ def bootstrap(
     means = []
     for k in present:
         m = members[k]
-        means.append(values[m[torch.randint(0, m.numel(), (num_samples, m.numel()), generator=gen)]].nanmean(1))
+        means.append(bootstrap_means(values[m], num_samples, gen))  # bounded chunks, the same draws
     present_names = [names[k] for k in present]
     draws = gap(torch.stack(means), present_names).gap  # (num_samples, C')
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
