@@ -5,6 +5,9 @@ Every test here failed on v0.2 (commit bb71170) and states the wrong behaviour i
 
 from __future__ import annotations
 
+import csv
+import json
+import os
 import warnings
 
 import numpy as np
@@ -229,3 +232,206 @@ def test_group_gap_bootstrap_resamples_in_bounded_chunks_with_the_same_draws(mon
     for key in ("all", "gap"):
         for a, b in zip(whole[key], chunked[key], strict=True):
             assert torch.equal(a, b), key
+
+
+# ------------------------------------------------------------------ calibops evaluate
+def _cli_set(root, n=4, C=3, seed=0):
+    """n NumPy cases (C, 6, 5, 4) probabilities and labels in root/pred, root/label."""
+    rng = np.random.default_rng(seed)
+    (root / "pred").mkdir()
+    (root / "label").mkdir()
+    for i in range(n):
+        z = rng.normal(size=(C, 6, 5, 4))
+        np.save(root / "pred" / f"case{i:02d}.npy", (np.exp(z) / np.exp(z).sum(0)).astype(np.float32))
+        np.save(root / "label" / f"case{i:02d}.npy", rng.integers(0, C, (6, 5, 4)).astype(np.int16))
+    return root / "pred", root / "label"
+
+
+def _cli(pred, label, out, *extra):
+    from calibops.cli.evaluate import evaluate_main
+
+    return evaluate_main(["--pred", str(pred), "--label", str(label), "--out", str(out), "--no-progress", *extra])
+
+
+def _one_line_error(capsys, rc, got, *match):
+    cap = capsys.readouterr()
+    assert got == rc, cap.err
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("calibops evaluate: error: "), cap.err
+    assert "Traceback" not in cap.err + cap.out
+    for m in match:
+        assert m in lines[0], lines[0]
+    return lines[0]
+
+
+def _no_temporaries(folder):
+    assert not [p for p in os.listdir(folder) if ".calibops-" in p]
+
+
+def test_cli_groups_csv_duplicated_group_column_is_an_error(tmp_path, capsys):
+    pred, label = _cli_set(tmp_path)
+    g = tmp_path / "g.csv"
+    g.write_text("case,group,group\ncase00,a,x\ncase01,a,x\ncase02,b,y\ncase03,b,y\n")
+    got = _cli(pred, label, tmp_path / "out", "--groups", str(g), "--no-figures")
+    _one_line_error(capsys, 1, got, "'group' 2 times", str(g))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_groups_csv_saved_by_excel_with_a_bom_reads(tmp_path, capsys):
+    pred, label = _cli_set(tmp_path)
+    g = tmp_path / "g.csv"
+    g.write_bytes("case,group\r\ncase00,a\r\ncase01,a\r\ncase02,b\r\ncase03,b\r\n".encode("utf-8-sig"))
+    assert _cli(pred, label, tmp_path / "out", "--groups", str(g), "--no-figures") == 0, capsys.readouterr().err
+    with open(tmp_path / "out" / "groups.csv", newline="") as f:
+        assert [r["group"] for r in csv.DictReader(f)][:2] == ["a", "a"]
+
+
+@pytest.mark.parametrize("name", ["all", "gap"])
+def test_cli_group_names_of_report_rows_are_refused(tmp_path, capsys, name):
+    pred, label = _cli_set(tmp_path)
+    g = tmp_path / "g.csv"
+    g.write_text(f"case,group\ncase00,{name}\ncase01,a\ncase02,a\ncase03,a\n")
+    _one_line_error(capsys, 1, _cli(pred, label, tmp_path / "out", "--groups", str(g)), "reserved", repr(name))
+
+
+def test_cli_bootstrap_intervals_carry_their_images_and_warn_for_small_groups(tmp_path, capsys):
+    pred, label = _cli_set(tmp_path, n=4)
+    g = tmp_path / "g.csv"
+    g.write_text("case,group\ncase00,solo\ncase01,trio\ncase02,trio\ncase03,trio\n")
+    out = tmp_path / "out"
+    assert _cli(pred, label, out, "--groups", str(g), "--no-figures", "--bootstrap-samples", "50") == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(e.startswith("calibops evaluate: warning: ") for e in err), err
+    assert "group 'solo'" in err[0] and "zero-width" in err[0] and "fewer than 10" in err[0]
+    assert "group 'trio'" in err[1] and "from 3 image(s)" in err[1]
+    assert "group 'all'" in err[2] and "from 4 image(s)" in err[2]
+    with open(out / "groups.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    got = {(r["group"], r["class"]): int(r["bootstrap_images"]) for r in rows}
+    assert {got[("solo", c)] for c in "12"} == {1}
+    assert {got[("trio", c)] for c in "12"} == {3}
+    assert {got[("all", c)] for c in "12"} == {4}
+    assert {got[("gap", c)] for c in "12"} == {1}  # the smallest group
+    solo = [r for r in rows if r["group"] == "solo"]
+    assert all(r["macro_ece_lower"] == r["macro_ece_upper"] for r in solo)  # the zero-width interval, warned
+    report = json.loads((out / "summary.json").read_text())
+    assert all("bootstrap_images" in r for r in report["groups"])
+
+
+def test_cli_bootstrap_samples_and_seed_limits(tmp_path, capsys):
+    pred, label = _cli_set(tmp_path, n=2)
+    out = tmp_path / "out"
+    _one_line_error(capsys, 2, _cli(pred, label, out, "--bootstrap-samples", "100001"), "--bootstrap-samples", "100000")
+    _one_line_error(capsys, 2, _cli(pred, label, out, "--seed", str(2**64)), "--seed", "2**63 - 1")
+    _one_line_error(capsys, 2, _cli(pred, label, out, "--seed", "-1"), "--seed")
+    assert not out.exists()
+
+
+def test_cli_num_bins_bounded_by_the_histogram_memory(tmp_path, capsys, monkeypatch):
+    import calibops.io
+
+    pred, label = _cli_set(tmp_path, n=2)
+    out = tmp_path / "out"
+    real = calibops.io.load_probabilities
+    read = []
+    monkeypatch.setattr(calibops.io, "load_probabilities", lambda *a, **k: read.append(a) or real(*a, **k))
+    # hopeless for any class count: refused before any case is read
+    line = _one_line_error(capsys, 2, _cli(pred, label, out, "--num-bins", "100000"), "--num-bins 100000", "GiB")
+    assert "74.51 GiB" in line and "--num-bins 11585 or fewer" in line and not read
+    # one class would fit, the two classes used do not: refused once the classes are known, before the metric
+    line = _one_line_error(capsys, 2, _cli(pred, label, out, "--num-bins", "9000"), "2 class(es)", "1.21 GiB")
+    assert "--num-bins 8192 or fewer" in line
+    assert not out.exists()
+
+
+def test_cli_out_inside_an_input_folder_is_refused_before_any_case(tmp_path, capsys, monkeypatch):
+    import calibops.io
+
+    pred, label = _cli_set(tmp_path, n=2)
+    monkeypatch.setattr(calibops.io, "load_probabilities", lambda *a, **k: pytest.fail("a case was read"))
+    before = sorted(os.listdir(pred))
+    _one_line_error(capsys, 2, _cli(pred, label, pred / "results"), "inside --pred", "next run")
+    _one_line_error(capsys, 2, _cli(pred, label, pred), "inside --pred")
+    _one_line_error(capsys, 2, _cli(pred, label, label / "x" / "y"), "inside --label")
+    _one_line_error(capsys, 2, _cli(pred, label, tmp_path), "holds --pred")
+    assert sorted(os.listdir(pred)) == before
+
+
+def test_cli_out_holding_foreign_files_or_read_only_is_refused_before_any_case(tmp_path, capsys, monkeypatch):
+    import calibops.cli.outputs
+    import calibops.io
+
+    pred, label = _cli_set(tmp_path, n=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.setattr(calibops.io, "load_probabilities", lambda *a, **k: pytest.fail("a case was read"))
+    _one_line_error(capsys, 2, _cli(pred, label, out), "'notes.txt'", "did not write")
+    assert os.listdir(out) == ["notes.txt"]
+    os.remove(out / "notes.txt")
+    real_access = os.access
+    monkeypatch.setattr(
+        calibops.cli.outputs.os, "access", lambda p, m: False if os.fspath(p) == str(out) else real_access(p, m)
+    )
+    _one_line_error(capsys, 1, _cli(pred, label, out), "writable", str(out))
+
+
+def test_cli_rerun_into_the_same_out_leaves_no_stale_file(tmp_path, capsys):
+    pred, label = _cli_set(tmp_path)
+    g = tmp_path / "g.csv"
+    g.write_text("case,group\ncase00,a\ncase01,a\ncase02,b\ncase03,b\n")
+    out = tmp_path / "out"
+    assert _cli(pred, label, out, "--groups", str(g), "--no-figures", "--bootstrap-samples", "20") == 0
+    assert "groups.csv" in os.listdir(out)
+    assert _cli(pred, label, out, "--no-figures", "--num-bins", "7") == 0, capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["dataset_histogram.npz", "per_image.csv", "summary.csv", "summary.json"]
+    assert json.loads((out / "summary.json").read_text())["num_bins"] == 7
+    _no_temporaries(tmp_path)
+
+
+def test_cli_failure_or_ctrl_c_while_writing_leaves_the_previous_outputs(tmp_path, capsys, monkeypatch):
+    pred, label = _cli_set(tmp_path)
+    out = tmp_path / "out"
+    assert _cli(pred, label, out, "--no-figures") == 0
+    before = {p: (out / p).read_bytes() for p in os.listdir(out)}
+    capsys.readouterr()
+    for exc, rc in [(OSError(28, "No space left on device"), 1), (KeyboardInterrupt(), 130)]:
+
+        def broken(*a, exc=exc, **k):
+            raise exc
+
+        with monkeypatch.context() as m:
+            m.setattr(np, "savez", broken)  # the last file written: the others are already in the temporary dir
+            try:
+                got = _cli(pred, label, out, "--no-figures", "--num-bins", "5")
+            except KeyboardInterrupt:
+                pytest.fail("Ctrl-C escaped as a traceback")
+        line = _one_line_error(capsys, rc, got)
+        assert ("No space left" in line) if rc == 1 else ("interrupted" in line)
+        assert {p: (out / p).read_bytes() for p in os.listdir(out)} == before  # untouched: no partial result
+        _no_temporaries(tmp_path)
+
+
+def test_cli_ctrl_c_while_reading_exits_130_with_one_line(tmp_path, capsys, monkeypatch):
+    import calibops.io
+
+    pred, label = _cli_set(tmp_path, n=2)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibops.io, "load_probabilities", interrupted)
+    try:
+        got = _cli(pred, label, tmp_path / "out")
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped as a traceback")
+    assert "Ctrl-C" in _one_line_error(capsys, 130, got)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_dangling_symlink_is_reported_as_such(tmp_path, capsys):
+    pred, label = _cli_set(tmp_path, n=2)
+    os.remove(pred / "case01.npy")
+    os.symlink(tmp_path / "gone" / "case01.npy", pred / "case01.npy")
+    line = _one_line_error(capsys, 1, _cli(pred, label, tmp_path / "out"), str(pred / "case01.npy"), "dangling")
+    assert "without a prediction" not in line

@@ -906,7 +906,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         res = evaluate(args)
         written = _write_outputs(res, Path(args.out), args.dice, figures=not args.no_figures)
     except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT, --out left as it was
-        print("calibops evaluate: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
+        print("calibops evaluate: error: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
         return 130
     except SystemExit as exc:  # argparse exits only for --help (0)
         return int(exc.code) if isinstance(exc.code, int) else 2
