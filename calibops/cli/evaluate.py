@@ -27,18 +27,27 @@ rater-mean soft label, and the voxel spacing for the volume CRPS comes from the 
 the prediction's sibling image's) NIfTI / SimpleITK header (1 per axis, voxel counts, without one). Everything
 is computed by :class:`calibops.metrics.DatasetCalibration` (``multi_rater=``, ``mode=``, ``groups=``).
 
-Everything is checked before anything is written. Every failure is one line on stderr,
-``calibops evaluate: error: ...``, naming the file or option and the fix, and leaves no output file:
+``--out`` is checked before any case is read (:func:`calibops.cli.outputs.check_output_dir`: not inside or
+holding an input folder, nothing in it that calibops did not write, writable) and replaced as a whole at the end
+(:func:`calibops.cli.outputs.replace_output_dir`: written into a temporary directory next to it, then renamed),
+so no earlier run's file survives and a failure leaves it as it was. Bootstrap rows carry ``bootstrap_images``;
+fewer than :data:`calibops.evaluation.MIN_BOOTSTRAP_IMAGES` give one warning line per group on stderr.
 
-- exit status 2 (usage): a bad option value, ``--pred``/``--label`` not a directory, ``--out`` naming an
-  existing file, a backend that cannot run here, ``--class-names`` not matching the classes, matplotlib
-  missing without ``--no-figures`` (found before any case is read), ``--groups`` not a file, ``--dice`` with
-  several raters or top-label;
-- exit status 1 (data): a missing pair (in any rater folder), a bad groups file (no ``case,group`` header, a case
-  without a group or twice, a group for a case not evaluated), rater label maps of one case differing in shape,
+Everything is checked before anything is written. Every failure is one line on stderr,
+``calibops evaluate: error: ...``, naming the file or option and the fix, and leaves no output file; Ctrl-C
+prints one such line and exits with status 130:
+
+- exit status 2 (usage): a bad option value (``--bootstrap-samples`` above 100,000, ``--seed`` outside
+  [0, 2**63), a ``--num-bins`` whose histograms would pass :data:`HISTOGRAM_MEMORY_LIMIT`),
+  ``--pred``/``--label`` not a directory, an unusable ``--out``, a backend that cannot run here,
+  ``--class-names`` not matching the classes, matplotlib missing without ``--no-figures`` (found before any case
+  is read), ``--groups`` not a file, ``--dice`` with several raters or top-label;
+- exit status 1 (data): a missing pair (in any rater folder), a dangling symbolic link, a bad groups file (no
+  ``case,group`` header, a column named twice, a reserved name ``all``/``gap``, a case without a group or twice,
+  a group for a case not evaluated; a UTF-8 BOM is fine), rater label maps of one case differing in shape,
   a file that cannot be read (empty, truncated, corrupt, unreadable),
   a shape mismatch, prediction and label on different grids (spacing / affine), values that are not
-  probabilities, non-finite logits, labels out of range, outputs that cannot be written.
+  probabilities, non-finite logits, labels out of range, an ``--out`` where nothing can be written.
 """
 
 from __future__ import annotations
@@ -114,11 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--bootstrap-samples",
         type=int,
         default=1000,
-        help="bootstrap resamples for the --groups intervals (default: %(default)s)",
+        help="bootstrap resamples for the --groups intervals, at most 100000 (default: %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: %(default)s)")
-    p.add_argument("--out", default="calibops_eval", metavar="DIR", help="output directory (default: %(default)s)")
-    p.add_argument("--num-bins", type=int, default=20, help="confidence bins M (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap, 0 to 2**63-1 (default: %(default)s)")
+    p.add_argument(
+        "--out",
+        default="calibops_eval",
+        metavar="DIR",
+        help="output directory, replaced as a whole (outside --pred/--label, holding nothing but a previous run's "
+        "outputs) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--num-bins",
+        type=int,
+        default=20,
+        help="confidence bins M; the (classes, M, M) histograms must fit in 1 GiB (default: %(default)s)",
+    )
     p.add_argument("--include-background", action="store_true", help="also evaluate class 0")
     p.add_argument("--ignore-index", type=int, default=None, help="label value left out of every statistic")
     p.add_argument(
