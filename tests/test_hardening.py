@@ -340,8 +340,13 @@ def test_cli_num_bins_bounded_by_the_histogram_memory(tmp_path, capsys, monkeypa
     assert "74.51 GiB" in line and "--num-bins 11585 or fewer" in line and not read
     # one class would fit, the two classes used do not: refused once the classes are known, before the metric
     line = _one_line_error(capsys, 2, _cli(pred, label, out, "--num-bins", "9000"), "2 class(es)", "1.21 GiB")
-    assert "--num-bins 8192 or fewer" in line
-    assert not out.exists()
+    assert "--num-bins 8192 or fewer" in line and len(read) == 1  # the first case told the classes
+    # with --num-classes (and groups) the real need is known before any case is read
+    g = tmp_path / "g.csv"
+    g.write_text("case,group\ncase00,a\ncase01,b\n")
+    extra = ["--num-bins", "5000", "--num-classes", "3", "--groups", str(g)]
+    line = _one_line_error(capsys, 2, _cli(pred, label, out, *extra), "2 class(es) and 2 group(s)", "1.12 GiB")
+    assert len(read) == 1 and not out.exists()
 
 
 def test_cli_out_inside_an_input_folder_is_refused_before_any_case(tmp_path, capsys, monkeypatch):

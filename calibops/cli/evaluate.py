@@ -458,6 +458,11 @@ def check_histogram_memory(num_bins: int, classes: int, groups: int) -> None:
         )
 
 
+def _used_classes(args: argparse.Namespace, C: int) -> int:
+    """The histogram rows of C channels: one for top-label or one channel, else the classes evaluated."""
+    return 1 if (args.mode == "top_label" or C == 1) else C - (0 if args.include_background else 1)
+
+
 def check_usage(args: argparse.Namespace) -> None:
     """The checks of the command line that need no data file; raises :class:`UsageError` (exit status 2)."""
     from ..options import MAX_BINS
@@ -536,6 +541,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.groups is not None:
         group_of, group_names = read_groups(args.groups, [c[0] for c in cases])
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
+    if args.num_classes is not None:  # the classes are known: the histogram memory is checked before any case
+        check_histogram_memory(args.num_bins, _used_classes(args, args.num_classes), len(group_names or ()))
 
     metric: DatasetCalibration | None = None
     C = args.num_classes
@@ -593,8 +600,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         if metric is None:
             if names is not None and len(names) != C:
                 raise UsageError(f"--class-names gives {len(names)} names for {C} classes; give one name per class")
-            used = 1 if (args.mode == "top_label" or C == 1) else C - (0 if args.include_background else 1)
-            check_histogram_memory(args.num_bins, used, len(group_names or ()))
+            check_histogram_memory(args.num_bins, _used_classes(args, C), len(group_names or ()))
             metric = DatasetCalibration(
                 C,
                 num_bins=args.num_bins,
