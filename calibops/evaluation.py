@@ -273,23 +273,33 @@ def rater_label_counts(
     ignore = ignore_index if (ignore_index is not None and lo <= ignore_index <= hi) else None
     out = torch.zeros(B, R, C + 1, dtype=torch.int64, device=target.device)
     step = max(1, _COUNT_CHUNK // max(R, 1))
+    slot = None  # the left-out slot C as a 0-d tensor of the working dtype
     for b in range(B):
         for s in range(0, N, step):
             lab = t[b, :, s : s + step]  # (R, n)
-            ok = lab < C if C <= hi else torch.ones_like(lab, dtype=torch.bool)
-            if lo < 0:
-                ok &= lab >= 0
-            if ignore is not None:
-                ok &= lab != ignore
-            counted = ok.all(0)  # (n,): every rater's label valid
-            if keep is not None:
-                kb = keep[b, :, s : s + step]  # (C, n)
+            counted = None  # (n,): every rater's label valid (None: all are), row by row (contiguous reads)
+            for r in range(R):
+                row = lab[r]
+                valid = row < C if C <= hi else None
+                if lo < 0:
+                    valid = row >= 0 if valid is None else valid.logical_and_(row >= 0)
+                if ignore is not None:
+                    valid = row != ignore if valid is None else valid.logical_and_(row != ignore)
+                if valid is not None:
+                    counted = valid if counted is None else counted.logical_and_(valid)
+            if counted is not None and bool(counted.all()):
+                counted = None  # the common case: no label to leave out, no masking pass
+            kb = keep[b, :, s : s + step] if keep is not None else None  # (C, n)
             for r in range(R):
                 lr = lab[r].to(work)
-                lr = torch.where(counted, lr, torch.full((), C, dtype=work, device=lr.device))
-                if keep is not None:  # keep the entry at the rater's label
-                    at_label = kb.gather(0, lr.clamp(max=C - 1).to(torch.int64).unsqueeze(0))[0]
-                    lr = torch.where(at_label, lr, torch.full((), C, dtype=work, device=lr.device))
+                if counted is not None or kb is not None:
+                    if slot is None:
+                        slot = torch.full((), C, dtype=work, device=lr.device)
+                    if counted is not None:  # left-out voxels go to the extra slot C
+                        lr = torch.where(counted, lr, slot)
+                    if kb is not None:  # keep the entry at the rater's label
+                        at_label = kb.gather(0, lr.clamp(max=C - 1).to(torch.int64).unsqueeze(0))[0]
+                        lr = torch.where(at_label, lr, slot)
                 out[b, r] += torch.bincount(lr, minlength=C + 1)[: C + 1]
     return out[..., :C].transpose(1, 2).contiguous()
 
