@@ -380,11 +380,23 @@ def per_rater_stats(stats: BinnedStats) -> BinnedStats:
     return BinnedStats(rep(stats.count), rep(stats.sum_p), sum_y)
 
 
+def _is_bool_like(v: Any) -> bool:
+    """A bool, a NumPy bool, a bool array / tensor, or a sequence holding one."""
+    if isinstance(v, bool) or type(v).__name__ == "bool_" or str(getattr(v, "dtype", "")) in ("bool", "torch.bool"):
+        return True
+    return isinstance(v, (list, tuple)) and any(_is_bool_like(e) for e in v)
+
+
 def voxel_volume(spacing: Any, B: int, D: int, device: torch.device) -> torch.Tensor:
     """Voxel volume per image, float64 (B,): the product of the spacing along the D spatial axes."""
     if spacing is None:
         return torch.ones(B, dtype=torch.float64, device=device)
-    if isinstance(spacing, (int, float)) and not isinstance(spacing, bool):
+    if _is_bool_like(spacing):  # True would silently be a spacing of 1
+        raise TypeError(
+            f"spacing must be None, a number, a sequence of {D} numbers or a (B, {D}) tensor, got {spacing!r}: a "
+            "bool is not a voxel size"
+        )
+    if isinstance(spacing, (int, float)):
         s = torch.full((D,), float(spacing), dtype=torch.float64)
     else:
         try:
