@@ -220,21 +220,6 @@ class _MonaiL1ACELoss(_Loss):
     """
 
     _BINNING = "hard"
-    # torch.jit.script works on the substitute of __prepare_scriptable__; these stay out of its view
-    __jit_unused_properties__ = [
-        "num_bins",
-        "include_background",
-        "to_onehot_y",
-        "sigmoid",
-        "softmax",
-        "right",
-        "ignore_empty_classes",
-        "reduction",
-        "backend",
-        "validate",
-        "binning",
-        "empty_weight",
-    ]
     class_weight: torch.Tensor | None
 
     def _setup(
@@ -485,7 +470,6 @@ class SoftL1ACELoss(_MonaiL1ACELoss):
     """
 
     _BINNING = "soft"
-    __jit_unused_properties__ = _MonaiL1ACELoss.__jit_unused_properties__
 
     def __init__(
         self,
