@@ -239,17 +239,10 @@ class _MonaiL1ACELoss(_Loss):
         validate: Any,
     ) -> None:
         nn.Module.__init__(self)  # not _Loss.__init__: ``reduction`` is a property over the one Options
-        if isinstance(num_bins, bool) and not isinstance(include_background, bool):
+        if isinstance(num_bins, bool):
             raise TypeError(
                 f"num_bins must be an integer, got a bool ({num_bins!r}): the first positional argument is "
                 "num_bins (MONAI 1.7's order: num_bins, include_background, to_onehot_y, sigmoid, softmax, ...)"
-            )
-        if other_act is not None and not callable(other_act):
-            raise TypeError(f"other_act must be None or callable (e.g. torch.tanh), got {type(other_act).__name__}")
-        if int(bool(sigmoid)) + int(bool(softmax)) + int(other_act is not None) > 1:
-            raise ValueError(
-                "Incompatible values: more than 1 of [sigmoid=True, softmax=True, other_act is not None]; "
-                "pick one activation"
             )
         self._build(
             Options(
@@ -266,7 +259,14 @@ class _MonaiL1ACELoss(_Loss):
                 backend=backend,
                 validate=validate,
             )
-        )
+        )  # option types and values first (sigmoid=True with softmax=True is refused there)
+        if other_act is not None and not callable(other_act):
+            raise TypeError(f"other_act must be None or callable (e.g. torch.tanh), got {type(other_act).__name__}")
+        if other_act is not None and (self.options.sigmoid or self.options.softmax):
+            raise ValueError(
+                "Incompatible values: more than 1 of [sigmoid=True, softmax=True, other_act is not None]; "
+                "pick one activation"
+            )
         self.other_act = other_act
         self.register_buffer("class_weight", _class_weight(weight))
 
