@@ -188,6 +188,12 @@ def test_torchscript_matches_eager(binning, tmp_path):
         scripted(a, target).sum().backward()
         eager(b, target).sum().backward()
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    eager = LOSSES[binning](to_onehot_y=True, softmax=True)
+    scripted = torch.jit.script(eager)
+    for dtype in (torch.float16, torch.bfloat16):  # the kernel activates low-precision logits in float32, both ways
+        out = scripted(x.to(dtype), y)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, eager(x.to(dtype), y), rtol=1e-6, atol=1e-7)
     with pytest.raises(RuntimeError, match="other_act"):
         torch.jit.script(LOSSES[binning](other_act=torch.tanh))
     with pytest.raises(torch.jit.Error, match="different shape"):
