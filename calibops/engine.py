@@ -95,14 +95,19 @@ class Prepared(NamedTuple):
     binary: bool  # one channel with a label map: binned as {background, foreground}, the background row dropped
 
 
-def _single_channel_warnings(o: Options) -> None:
-    """MONAI's warnings for a one-channel prediction (C = 1): the options that do not apply there."""
+def _single_channel_warnings(o: Options, stacklevel: int = 4) -> None:
+    """MONAI's warnings for a one-channel prediction (C = 1): the options that do not apply there, each once.
+
+    ``stacklevel`` points the warning at the user's call (4: the public function calling :func:`run`); the
+    MONAI-signature losses (:mod:`calibops.losses`) call this themselves and hand :func:`run` options without
+    the ignored flags, so a forward warns each message exactly once.
+    """
     if o.softmax:
-        warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=4)
+        warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=stacklevel)
     if o.to_onehot_y:
-        warnings.warn("single channel prediction, `to_onehot_y=True` ignored.", stacklevel=4)
+        warnings.warn("single channel prediction, `to_onehot_y=True` ignored.", stacklevel=stacklevel)
     if not o.include_background and o.mode == "marginal":
-        warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=4)
+        warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=stacklevel)
 
 
 def prepare(input: torch.Tensor, target: Any, o: Options, backend_name: str, check_values: bool) -> Prepared:

@@ -73,7 +73,8 @@ def binned_stats(
     ``to_onehot_y=True``): ``target`` holds R rater label maps (B, R, *spatial) and ``sum_y`` gets a rater axis,
     (B, C', R, M) / (B, R, M). ``moments=True``: the result also carries ``sum_p2`` and ``sum_py`` of ``sum_p``'s
     shape (``sum_py`` against the rater mean). ``sum_p`` (and, for soft binning, ``count``; and the moments) are
-    differentiable w.r.t. ``input``. float64 input gives float64 statistics.
+    differentiable w.r.t. ``input``. float64 input gives float64 statistics under ``backend="auto"`` /
+    ``"reference"`` (an explicitly named kernel backend computes float32).
     """
     o = _options(locals())
     return engine.run(input, target, o).stats
@@ -104,9 +105,13 @@ def marginal_l1_ace(
     ``multi_rater=True`` (with ``to_onehot_y``): ``target`` holds R rater label maps (B, R, *spatial) and the loss
     trains on the rater mean ``y = mean_r [label_r == c]`` (computed from the statistics; no (B, C, N) target is
     materialised). Returns a scalar (``reduction="mean"``/``"sum"``) or (B, C') for ``"none"``. The result is
-    float32 for float32/float16/bfloat16 input and float64 for float64 input (``backend="auto"`` runs float64 on
-    the reference, so ``torch.autograd.gradcheck`` passes with default arguments). ``weight``: one finite value
-    >= 0 per class used (or one number for all). With B = 0 the mean (like the sum) is 0.
+    float32 for float32/float16/bfloat16 input. float64 input: ``backend="auto"`` (and ``"reference"``) computes
+    it in float64 on the reference and returns float64, so ``torch.autograd.gradcheck`` passes with default
+    arguments; a kernel backend named explicitly (``"cpu"``, ``"cuda"``, ``"triton"``) takes the input as float32
+    and returns float32. The bin edges / centres are the contract's float32 values on every backend (also for
+    float64 input), so float64 results differ from code that builds ``linspace(0, 1 + eps32)`` in float64
+    (MONAI 1.7's losses) by ~1e-8. ``weight``: one finite value >= 0 per class used (or one number for all).
+    With B = 0 the mean (like the sum) is 0.
     """
     o = _options(locals())
     return engine.loss(input, target, o, weight)
@@ -326,7 +331,9 @@ def consensus_dice(
     agreed background. The reference is the voxels every labelling rater gives the class. The prediction is the
     argmax over classes (``p > 0.5`` per channel with ``sigmoid`` or one channel). NaN where the consensus
     reference is empty (MONAI's ``ignore_empty=True``). This is the Dice over the whole volume; the CURVAS 2024
-    challenge's evaluation code averages per-slice Dice instead, so the numbers differ (docs/evaluation.md).
+    challenge's evaluation code averages the Dice of each (slice, row) line and leaves out row 0 of every slice
+    (its masks reach MONAI's ``DiceMetric(include_background=False)`` without batch and channel axes), so the
+    numbers differ (docs/evaluation.md).
     """
     from .evaluation import consensus_masks
 
