@@ -302,7 +302,7 @@ class CalibrationLocalLogger(_logger_mod.LocalLogger):
 
         ax = axes[1]
         for key, colour in zip(CALIBRATION_KEYS, ("tab:purple", "tab:orange", "tab:brown")):
-            ax.plot(x, log[key][:epochs], color=colour, label=key.replace("val_", "val ").upper(), linewidth=2)
+            ax.plot(x, log[key][:epochs], color=colour, label=f"val {key[4:].upper()}", linewidth=2)
         ax.set_xlabel("epoch")
         ax.set_ylabel("calibration error (validation patches, macro)")
         ax.set_ylim(bottom=0)
