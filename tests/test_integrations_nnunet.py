@@ -319,3 +319,49 @@ def test_loss_regions(binning: str) -> None:
     (g_got,) = torch.autograd.grad(masked.calibration_term(out, target), out)
     (g_want,) = torch.autograd.grad(want, out)
     torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
+
+
+def _macro_means(metric: DatasetCalibration) -> tuple[float, ...]:
+    r = metric.compute().macro
+    return tuple(float(getattr(r, f)[~getattr(r, f).isnan()].mean()) for f in ("ece", "ace", "mce"))
+
+
+def test_validation_calibration_labels_and_regions() -> None:
+    g = torch.Generator().manual_seed(4)
+    out = torch.randn(3, 3, 9, 8, generator=g)
+    lab = torch.randint(0, 4, (3, 1, 9, 8), generator=g).to(torch.int16)  # 3 = ignore label
+
+    vc = cn._ValidationCalibration(20, regions=False, ignore_label=3)
+    vc.update(out[:2], lab[:2])
+    vc.update(out[2:], lab[2:])
+    ref = DatasetCalibration(3, 20, to_onehot_y=True, softmax=True, ignore_index=3, backend="reference")
+    ref.update(out, lab.long())
+    assert vc.compute() == pytest.approx(_macro_means(ref), rel=1e-5)
+
+    regions = torch.cat([lab >= 1, lab == 2], dim=1)
+    vc = cn._ValidationCalibration(20, regions=True, ignore_label=None)
+    vc.update(out[:, :2], regions)
+    ref = DatasetCalibration(2, 20, include_background=True, sigmoid=True, backend="reference")
+    ref.update(out[:, :2], regions.float())
+    assert vc.compute() == pytest.approx(_macro_means(ref), rel=1e-5)
+
+    # regions with an ignore label: per region and image, only the kept voxels count
+    ignore = lab == 3
+    vc = cn._ValidationCalibration(20, regions=True, ignore_label=3)
+    vc.update(out[:, :2], torch.cat([regions, ignore], dim=1))
+    ref = DatasetCalibration(2, 20, include_background=True, sigmoid=True, backend="reference")
+    for b in range(3):
+        keep = (~ignore[b, 0]).reshape(-1)
+        ref.update(out[b, :2].reshape(2, -1)[:, keep][None], regions[b].reshape(2, -1)[:, keep][None].float())
+    assert vc.compute() == pytest.approx(_macro_means(ref), rel=1e-5)
+    assert all(math.isnan(v) for v in cn._ValidationCalibration(20, False, None).compute())  # no patch: NaN
+
+
+def test_logger_restores_old_checkpoints() -> None:
+    log = cn.CalibrationLocalLogger()
+    old = {k: [1.0, 2.0] for k in ("mean_fg_dice", "ema_fg_dice", "train_losses", "val_losses", "lrs")}
+    old.update(dice_per_class_or_region=[[1.0], [2.0]], epoch_start_timestamps=[0, 1], epoch_end_timestamps=[1, 2])
+    log.load_checkpoint(old)  # a plain nnUNetTrainer checkpoint: no calibration values yet
+    assert all(math.isnan(v) for v in log.get_value("val_ece", None)) and len(log.get_value("val_mce", None)) == 2
+    log.log("val_ace", 0.1, 2)
+    assert log.get_value("val_ace", 2) == 0.1
