@@ -81,7 +81,7 @@ def _write_dataset(raw: Path, n_train: int = 8, n_test: int = 2) -> Path:
     return base
 
 
-def _run(cmd: list[str], env: dict[str, str], timeout: float = 150) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], env: dict[str, str], timeout: float = 400) -> subprocess.CompletedProcess:
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     return r
@@ -166,7 +166,7 @@ def test_train_predict_evaluate_end_to_end(tmp_path: Path) -> None:
     assert summary["cases"] == 2
 
     # the same arrays straight into DatasetCalibration: nnU-Net's (C, z, y, x) probabilities against the labels
-    metric = DatasetCalibration(3, 20, to_onehot_y=True)
+    metric = DatasetCalibration(3, 20, include_background=False, to_onehot_y=True)  # evaluate's default
     for case in cases:
         probs = np.load(pred / f"{case}.npz")["probabilities"]  # (3, 1, 64, 64), float32
         assert probs.shape == (3, 1, 64, 64) and probs.dtype == np.float32
@@ -334,7 +334,7 @@ def test_validation_calibration_labels_and_regions() -> None:
     vc = cn._ValidationCalibration(20, regions=False, ignore_label=3)
     vc.update(out[:2], lab[:2])
     vc.update(out[2:], lab[2:])
-    ref = DatasetCalibration(3, 20, to_onehot_y=True, softmax=True, ignore_index=3, backend="reference")
+    ref = DatasetCalibration(3, 20, include_background=False, to_onehot_y=True, softmax=True, ignore_index=3)
     ref.update(out, lab.long())
     assert vc.compute() == pytest.approx(_macro_means(ref), rel=1e-5)
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from calibops.__main__ import main
+from calibops.cli import main
 
 
 def _without_nnunet(monkeypatch):

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..functional import marginal_l1_ace
 from ..losses import MarginalL1ACELoss
 from ..metrics import DatasetCalibration
 from ._common import require
@@ -199,18 +200,26 @@ class _PairL1ACELoss(MarginalL1ACELoss):
     """:class:`MarginalL1ACELoss` that also computes region terms from (1 - p, p) pairs (ignore label, regions)."""
 
     def pair_loss(self, pair_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        rows = self._call(
+        """The mean (or sum, per this loss's reduction) over rows of the foreground channel's mL1-ACE of
+        ``pair_logits`` (N, 2, *spatial) (softmax) against ``labels`` (N, 1, *spatial) in {0, 1, 2 = left out}."""
+        o = self.options
+        rows = marginal_l1_ace(
             pair_logits,
             labels,
-            softmax=True,
-            sigmoid=False,
-            to_onehot_y=True,
+            num_bins=o.num_bins,
+            binning=o.binning,
             include_background=False,
-            ignore_index=2,
-            weight=None,
+            to_onehot_y=True,
+            softmax=True,
+            ignore_empty_classes=o.ignore_empty_classes,
             reduction="none",
-        )  # (B * R, 1)
-        return rows.mean() if self.reduction == "mean" else rows.sum()
+            empty_weight=o.empty_weight,
+            right=o.right,
+            ignore_index=2,
+            backend=o.backend,
+            validate=o.validate,
+        )  # (N, 1)
+        return rows.mean() if o.reduction == "mean" else rows.sum()
 
 
 class _ValidationCalibration:
@@ -226,7 +235,12 @@ class _ValidationCalibration:
             if self.metrics is None:
                 self.metrics = [
                     DatasetCalibration(
-                        C, self.num_bins, to_onehot_y=True, softmax=True, ignore_index=self.ignore_label
+                        C,
+                        self.num_bins,
+                        include_background=False,  # foreground classes, as nnU-Net's pseudo-Dice
+                        to_onehot_y=True,
+                        softmax=True,
+                        ignore_index=self.ignore_label,
                     ).to(output.device)
                 ]
             self.metrics[0].update(output, target)
@@ -239,7 +253,9 @@ class _ValidationCalibration:
         else:  # one accumulator per region: (1 - p, p) against {0, 1}, ignored voxels = 2
             if self.metrics is None:
                 self.metrics = [
-                    DatasetCalibration(2, self.num_bins, to_onehot_y=True, ignore_index=2).to(output.device)
+                    DatasetCalibration(2, self.num_bins, include_background=False, to_onehot_y=True, ignore_index=2).to(
+                        output.device
+                    )
                     for _ in range(C)
                 ]
             ignore = target[:, -1:].bool()
