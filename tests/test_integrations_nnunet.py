@@ -365,3 +365,34 @@ def test_logger_restores_old_checkpoints() -> None:
     assert all(math.isnan(v) for v in log.get_value("val_ece", None)) and len(log.get_value("val_mce", None)) == 2
     log.log("val_ace", 0.1, 2)
     assert log.get_value("val_ace", 2) == 0.1
+
+
+def test_install_trainers_is_found_by_nnunet_and_uninstalls(tmp_path: Path, capsys) -> None:
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from calibops.integrations import nnunet_cli
+
+    path = Path(nnunet_cli.shim_path())
+    had = path.read_text() if path.exists() else None
+    try:
+        path.unlink(missing_ok=True)
+        assert nnunet_cli.main(["install-trainers"]) == 0
+        assert "calibops nnunet uninstall" in capsys.readouterr().out
+        # nnU-Net's own lookup by name (what nnUNetv2_train -tr / nnUNetv2_predict -tr use) finds calibops' classes
+        assert recursive_find_trainer_class_by_name("nnUNetTrainerSoftL1ACE") is cn.nnUNetTrainerSoftL1ACE
+        assert recursive_find_trainer_class_by_name("nnUNetTrainerHardL1ACE") is cn.nnUNetTrainerHardL1ACE
+        assert nnunet_cli.main(["install-trainers"]) == 0  # again: rewrites its own file
+        assert nnunet_cli.main(["uninstall"]) == 0
+        assert not path.exists()
+        assert not any(p.name.startswith("calibops_trainers.") for p in (path.parent / "__pycache__").glob("*"))
+        assert nnunet_cli.main(["uninstall"]) == 0  # nothing left: says so
+        # a file calibops did not write is neither overwritten nor removed
+        path.write_text("# someone else's trainers\n")
+        assert nnunet_cli.main(["install-trainers"]) == 2
+        assert nnunet_cli.main(["uninstall"]) == 2
+        assert path.read_text() == "# someone else's trainers\n"
+        assert "not written by calibops" in capsys.readouterr().err
+    finally:
+        path.unlink(missing_ok=True)
+        if had is not None:
+            path.write_text(had)

@@ -16,6 +16,14 @@ directly: nnU-Net looks trainers up by name only inside its own package. ``predi
 predictor does, and the folds' checkpoints are ensembled). nnU-Net's environment variables ``nnUNet_raw``,
 ``nnUNet_preprocessed`` and ``nnUNet_results`` say where the data and models are.
 
+Opt-in, reversible: ``calibops nnunet install-trainers`` writes one small module,
+``nnunetv2/training/nnUNetTrainer/calibops_trainers.py``, into the installed nnU-Net package. It only imports
+``nnUNetTrainerHardL1ACE`` and ``nnUNetTrainerSoftL1ACE`` from calibops, so that nnU-Net's own commands find them
+by name (``nnUNetv2_train DATASET CONFIGURATION FOLD -tr nnUNetTrainerSoftL1ACE``, ``nnUNetv2_predict ... -tr
+nnUNetTrainerSoftL1ACE``; the other loss options need ``calibops nnunet train``). ``calibops nnunet uninstall``
+removes exactly that file (and its compiled cache), and refuses to touch a file it did not write. Reinstalling
+nnunetv2 removes it as well.
+
 Errors are one line, ``calibops nnunet: error: ...``, exit status 2.
 """
 
@@ -27,7 +35,7 @@ import os
 import sys
 from typing import Any, NoReturn
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "install_trainers", "main", "shim_path", "uninstall_trainers"]
 
 PROG = "calibops nnunet"
 
@@ -119,7 +127,82 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"), help="device (default: cuda)")
     g.add_argument("--disable_progress_bar", action="store_true", help="no progress bar")
     g.add_argument("--verbose", action="store_true", help="nnU-Net's verbose output")
+
+    sub.add_parser(
+        "install-trainers",
+        help="opt-in: let nnUNetv2_train/-predict find -tr nnUNetTrainerHardL1ACE / nnUNetTrainerSoftL1ACE",
+        description="Write one module, calibops_trainers.py, into the installed nnunetv2's trainer folder; it "
+        "imports the two calibops trainers so that nnU-Net's commands find them by name. Reversible: "
+        "calibops nnunet uninstall.",
+    )
+    sub.add_parser(
+        "uninstall",
+        help="remove the module install-trainers wrote",
+        description="Remove calibops_trainers.py from nnunetv2's trainer folder (only if calibops wrote it).",
+    )
     return top
+
+
+SHIM_NAME = "calibops_trainers.py"
+SHIM_MARKER = "# written by `calibops nnunet install-trainers`; `calibops nnunet uninstall` removes it"
+SHIM_TEXT = f"""{SHIM_MARKER}
+# nnU-Net finds trainers by name inside its own package: this module makes the calibops trainers visible there.
+from calibops.integrations.nnunet import nnUNetTrainerHardL1ACE, nnUNetTrainerSoftL1ACE  # noqa: F401
+"""
+
+
+def shim_path() -> str:
+    """Where ``install-trainers`` writes its module: the installed nnunetv2's trainer folder."""
+    import nnunetv2
+
+    return os.path.join(nnunetv2.__path__[0], "training", "nnUNetTrainer", SHIM_NAME)
+
+
+def _ours(path: str) -> bool:
+    try:
+        with open(path) as f:
+            return f.readline().rstrip("\n") == SHIM_MARKER
+    except OSError:
+        return False
+
+
+def install_trainers(args: argparse.Namespace) -> int:
+    """``calibops nnunet install-trainers``: write the shim module into nnU-Net's trainer folder."""
+    path = shim_path()
+    if os.path.exists(path) and not _ours(path):
+        raise _UsageError(f"{path} exists and was not written by calibops: not overwriting it")
+    try:
+        with open(path, "w") as f:
+            f.write(SHIM_TEXT)
+    except OSError as exc:
+        raise _UsageError(f"cannot write {path}: {exc} (is the nnunetv2 installation writable?)") from None
+    print(
+        f"calibops nnunet: wrote {path}\n"
+        "  nnUNetv2_train / nnUNetv2_predict now find -tr nnUNetTrainerHardL1ACE and -tr nnUNetTrainerSoftL1ACE\n"
+        "  undo with: calibops nnunet uninstall"
+    )
+    return 0
+
+
+def uninstall_trainers(args: argparse.Namespace) -> int:
+    """``calibops nnunet uninstall``: remove the shim module written by ``install-trainers`` (and its cache)."""
+    path = shim_path()
+    if not os.path.exists(path):
+        print(f"calibops nnunet: nothing to remove ({path} does not exist)")
+        return 0
+    if not _ours(path):
+        raise _UsageError(f"{path} was not written by calibops: not removing it")
+    try:
+        os.remove(path)
+        cache = os.path.join(os.path.dirname(path), "__pycache__")
+        stem = SHIM_NAME[: -len(".py")] + "."
+        for name in os.listdir(cache) if os.path.isdir(cache) else []:
+            if name.startswith(stem):
+                os.remove(os.path.join(cache, name))
+    except OSError as exc:
+        raise _UsageError(f"cannot remove {path}: {exc}") from None
+    print(f"calibops nnunet: removed {path}")
+    return 0
 
 
 def _device(name: str) -> Any:
@@ -360,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
                 "nnU-Net v2 is not installed: pip install 'calibops[nnunet]' (on a CPU-only machine see "
                 "docs/integrations.md: keep torch pinned and remove torchvision/timm afterwards)"
             ) from None
-        return train(args) if args.action == "train" else predict(args)
+        actions = {"train": train, "predict": predict, "install-trainers": install_trainers}
+        return actions.get(args.action, uninstall_trainers)(args)
     except _UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
