@@ -6,7 +6,7 @@ Layers: :mod:`calibops.backends` (kernels and their selection), :mod:`calibops.e
 """
 
 from .backends import SelfCheckWarning, available_backends, backend_for
-from .losses import HardL1ACELoss, MarginalL1ACELoss, SoftL1ACELoss
+from .losses import HardL1ACELoss, MarginalL1ACELoss, MonaiShapeError, SoftL1ACELoss
 from .metrics import DatasetCalibration
 from .options import Options
 from .results import BinnedStats, CalibrationErrors
@@ -19,6 +19,7 @@ __all__ = [
     "DatasetCalibration",
     "HardL1ACELoss",
     "MarginalL1ACELoss",
+    "MonaiShapeError",
     "Options",
     "SelfCheckWarning",
     "SoftL1ACELoss",

@@ -95,14 +95,19 @@ class Prepared(NamedTuple):
     binary: bool  # one channel with a label map: binned as {background, foreground}, the background row dropped
 
 
-def _single_channel_warnings(o: Options) -> None:
-    """MONAI's warnings for a one-channel prediction (C = 1): the options that do not apply there."""
+def _single_channel_warnings(o: Options, stacklevel: int = 4) -> None:
+    """MONAI's warnings for a one-channel prediction (C = 1): the options that do not apply there, each once.
+
+    ``stacklevel`` points the warning at the user's call (4: the public function calling :func:`run`); the
+    MONAI-signature losses (:mod:`calibops.losses`) call this themselves and hand :func:`run` options without
+    the ignored flags, so a forward warns each message exactly once.
+    """
     if o.softmax:
-        warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=4)
+        warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=stacklevel)
     if o.to_onehot_y:
-        warnings.warn("single channel prediction, `to_onehot_y=True` ignored.", stacklevel=4)
+        warnings.warn("single channel prediction, `to_onehot_y=True` ignored.", stacklevel=stacklevel)
     if not o.include_background and o.mode == "marginal":
-        warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=4)
+        warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=stacklevel)
 
 
 def prepare(input: torch.Tensor, target: Any, o: Options, backend_name: str, check_values: bool) -> Prepared:
@@ -315,18 +320,14 @@ def run(input: Any, target: Any, o: Options, *, raise_nonfinite: bool = True, we
         if w_bad is not None and counts[2] > 0:
             raise ValueError(f"weight must be finite and >= 0, got {w.tolist()}")
         counts = counts[:2]
+    parts = [count, sum_p, sum_y] + ([sum_p2, sum_py] if o.moments else [])
     if top:  # one statistic row per image: drop the row axis
-        rows = slice(0, 1)
-    else:
-        rows = slice(1, None) if drop_background else slice(None)
-    moments = (sum_p2, sum_py) if o.moments else (None, None)
-    parts = [count, sum_p, sum_y, *moments]
-    parts = [None if t is None else t[:, rows] for t in parts]
-    if top:
-        parts = [None if t is None else t[:, 0] for t in parts]
+        parts = [t.select(1, 0) for t in parts]
+    elif drop_background:
+        parts = [t[:, 1:] for t in parts]
     if not o.multi_rater:
         parts[2] = parts[2].select(-2, 0)  # the one rater
-    stats = BinnedStats(*parts[:3]) if not o.moments else BinnedStatsMoments(*parts)
+    stats = BinnedStatsMoments(*parts) if o.moments else BinnedStats(*parts)
     return Run(stats, bad, counts, w, prep.C)
 
 
@@ -384,11 +385,23 @@ def per_rater_stats(stats: BinnedStats) -> BinnedStats:
     return BinnedStats(rep(stats.count), rep(stats.sum_p), sum_y)
 
 
+def _is_bool_like(v: Any) -> bool:
+    """A bool, a NumPy bool, a bool array / tensor, or a sequence holding one."""
+    if isinstance(v, bool) or type(v).__name__ == "bool_" or str(getattr(v, "dtype", "")) in ("bool", "torch.bool"):
+        return True
+    return isinstance(v, (list, tuple)) and any(_is_bool_like(e) for e in v)
+
+
 def voxel_volume(spacing: Any, B: int, D: int, device: torch.device) -> torch.Tensor:
     """Voxel volume per image, float64 (B,): the product of the spacing along the D spatial axes."""
     if spacing is None:
         return torch.ones(B, dtype=torch.float64, device=device)
-    if isinstance(spacing, (int, float)) and not isinstance(spacing, bool):
+    if _is_bool_like(spacing):  # True would silently be a spacing of 1
+        raise TypeError(
+            f"spacing must be None, a number, a sequence of {D} numbers or a (B, {D}) tensor, got {spacing!r}: a "
+            "bool is not a voxel size"
+        )
+    if isinstance(spacing, (int, float)):
         s = torch.full((D,), float(spacing), dtype=torch.float64)
     else:
         try:

@@ -9,6 +9,7 @@ functional API, :class:`calibops.DatasetCalibration`, the CLI and the integratio
 - :func:`crps_gaussian` / :func:`crps_curvas`: the CRPS of a value against a Gaussian, in closed form and as the
   CURVAS 2024 evaluation's truncated integral of an interpolated CDF.
 - :func:`consensus_masks`: consensus / dissensus regions of several raters' label maps.
+- :func:`rater_label_counts`: exact (int64) per-rater class volumes of label maps, in voxels.
 - :func:`adaptive_calibration_errors`: equal-mass (adaptive) binning from a fine pooled histogram.
 - :func:`bootstrap_ci`: seeded percentile bootstrap over images.
 """
@@ -16,23 +17,32 @@ functional API, :class:`calibops.DatasetCalibration`, the CLI and the integratio
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from .results import BinnedStats, BinnedStatsMoments, CalibrationErrors, calibration_errors_from_stats
 
 __all__ = [
+    "MAX_BOOTSTRAP_SAMPLES",
+    "MIN_BOOTSTRAP_IMAGES",
+    "BootstrapWarning",
     "BrierDecomposition",
+    "ConfidenceInterval",
     "ConsensusMasks",
     "adaptive_calibration_errors",
     "bootstrap_ci",
+    "bootstrap_means",
+    "check_bootstrap_args",
     "brier_decomposition",
     "consensus_masks",
     "crps_curvas",
     "crps_gaussian",
     "pool_stats",
+    "rater_label_counts",
 ]
 
 
@@ -223,6 +233,77 @@ def consensus_masks(target: torch.Tensor, num_classes: int, ignore_index: int | 
     return ConsensusMasks(fg, bg, ~(fg | bg | none), none)
 
 
+_COUNT_CHUNK = 1 << 22  # label entries read per step by rater_label_counts (bounded temporaries)
+
+
+def rater_label_counts(
+    target: torch.Tensor,
+    num_classes: int,
+    ignore_index: int | None = None,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact voxel counts ``#{i : label_r(i) = c}`` of R raters' label maps, int64 (B, C, R).
+
+    ``target``: (B, R, *spatial) integer (or bool, or integer-valued float) label maps. A voxel is counted only
+    where *every* rater's label lies in [0, C) and is not ``ignore_index`` (the statistics' rule for several
+    raters, docs/statistics.md). ``keep`` (optional, bool (B, C, N) with N the voxels per map): a per-class voxel
+    mask; a rater's label ``c`` at voxel ``i`` is counted only where ``keep[b, c, i]`` (the statistics leave out
+    non-finite probability entries this way). Counted with ``bincount`` over (rater, label) in chunks of the
+    voxels: no (B, R, C, N) one-hot and no float rounding, whatever the volume (float32 sums stop counting exactly
+    above 2**24 voxels).
+    """
+    if not isinstance(target, torch.Tensor) or target.dim() < 2 or target.is_complex():
+        raise TypeError("target must be a tensor of R rater label maps (B, R, *spatial)")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    B, R = target.shape[0], target.shape[1]
+    C = num_classes
+    t = target.reshape(B, R, -1)
+    N = t.shape[-1]
+    if keep is not None and tuple(keep.shape) != (B, C, N):
+        raise ValueError(f"keep must be a bool mask (B, C, N) = ({B}, {C}, {N}), got {tuple(keep.shape)}")
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    elif t.dtype not in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+        t = t.to(torch.int64)  # float labels (integer-valued): truncated like the statistics do
+    lo, hi = int(torch.iinfo(t.dtype).min), int(torch.iinfo(t.dtype).max)
+    # the label dtype is kept (a uint8 chunk is read as uint8): converting 10^8 labels to int64 costs more than
+    # counting them; the slot C of left-out voxels needs C <= the dtype's max, else the chunk is widened
+    work = t.dtype if C <= hi else torch.int32 if C < 2**31 - 1 else torch.int64
+    ignore = ignore_index if (ignore_index is not None and lo <= ignore_index <= hi) else None
+    out = torch.zeros(B, R, C + 1, dtype=torch.int64, device=target.device)
+    step = max(1, _COUNT_CHUNK // max(R, 1))
+    slot = None  # the left-out slot C as a 0-d tensor of the working dtype
+    for b in range(B):
+        for s in range(0, N, step):
+            lab = t[b, :, s : s + step]  # (R, n)
+            counted = None  # (n,): every rater's label valid (None: all are), row by row (contiguous reads)
+            for r in range(R):
+                row = lab[r]
+                valid = row < C if C <= hi else None
+                if lo < 0:
+                    valid = row >= 0 if valid is None else valid.logical_and_(row >= 0)
+                if ignore is not None:
+                    valid = row != ignore if valid is None else valid.logical_and_(row != ignore)
+                if valid is not None:
+                    counted = valid if counted is None else counted.logical_and_(valid)
+            if counted is not None and bool(counted.all()):
+                counted = None  # the common case: no label to leave out, no masking pass
+            kb = keep[b, :, s : s + step] if keep is not None else None  # (C, n)
+            for r in range(R):
+                lr = lab[r].to(work)
+                if counted is not None or kb is not None:
+                    if slot is None:
+                        slot = torch.full((), C, dtype=work, device=lr.device)
+                    if counted is not None:  # left-out voxels go to the extra slot C
+                        lr = torch.where(counted, lr, slot)
+                    if kb is not None:  # keep the entry at the rater's label
+                        at_label = kb.gather(0, lr.clamp(max=C - 1).to(torch.int64).unsqueeze(0))[0]
+                        lr = torch.where(at_label, lr, slot)
+                out[b, r] += torch.bincount(lr, minlength=C + 1)[: C + 1]
+    return out[..., :C].transpose(1, 2).contiguous()
+
+
 def adaptive_calibration_errors(fine: BinnedStats, num_bins: int) -> tuple[CalibrationErrors, torch.Tensor]:
     """Calibration errors over ``num_bins`` equal-mass (adaptive) bins built from fine pooled statistics.
 
@@ -258,12 +339,80 @@ def adaptive_calibration_errors(fine: BinnedStats, num_bins: int) -> tuple[Calib
     return calibration_errors_from_stats(stats), upper
 
 
-class ConfidenceInterval(NamedTuple):
-    """A percentile bootstrap interval: the estimate on all images and the (lower, upper) quantiles."""
+MAX_BOOTSTRAP_SAMPLES = 100_000
+"""Upper limit of ``num_samples`` (the CLI's ``--bootstrap-samples``): the percentile interval settles long before."""
 
+MIN_BOOTSTRAP_IMAGES = 10
+"""Fewer images than this behind an interval draw a :class:`BootstrapWarning`: a percentile bootstrap over n images
+can only reshuffle n values (one image gives a zero-width interval, two give [min, max]), so its coverage is far
+below the nominal level."""
+
+_BOOTSTRAP_CHUNK = 1 << 23  # resampled values held in memory at once (64 MiB of float64)
+
+
+class BootstrapWarning(UserWarning):
+    """A bootstrap interval rests on fewer than :data:`MIN_BOOTSTRAP_IMAGES` images."""
+
+
+def check_bootstrap_args(num_samples: Any, level: Any, seed: Any) -> tuple[int, float, int]:
+    """``(num_samples, level, seed)`` checked and as Python numbers: ``num_samples`` an integer (NumPy integers
+    too) in [1, :data:`MAX_BOOTSTRAP_SAMPLES`], ``level`` a number in (0, 1), ``seed`` an integer in [0, 2**63)
+    (group ``k`` of a stratified bootstrap draws with ``seed + 1 + k``, which must stay a valid 64-bit seed).
+    Raises ``TypeError`` / ``ValueError`` naming the argument."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
+        raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__} {num_samples!r}")
+    if not 1 <= int(num_samples) <= MAX_BOOTSTRAP_SAMPLES:
+        raise ValueError(f"num_samples must be between 1 and {MAX_BOOTSTRAP_SAMPLES}, got {int(num_samples)}")
+    if isinstance(level, bool) or not isinstance(level, numbers.Real) or not 0 < float(level) < 1:
+        raise ValueError(f"level must be a number in (0, 1), got {level!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+    if not 0 <= int(seed) < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63 - 1], got {int(seed)}")
+    return int(num_samples), float(level), int(seed)
+
+
+def bootstrap_means(values: torch.Tensor, num_samples: int, generator: torch.Generator) -> torch.Tensor:
+    """``num_samples`` resampled NaN-skipping means over the first axis of ``values``, float64
+    ``(num_samples, *values.shape[1:])``. Each resample draws ``n`` image indices with replacement from
+    ``generator`` (on the CPU), in chunks of resamples so that at most about ``2**23`` resampled values are held
+    at once; the draws are those of one ``torch.randint(0, n, (num_samples, n))`` call, chunked or not."""
+    n = values.shape[0]
+    per = n * max(1, math.prod(values.shape[1:]))
+    rows = max(1, _BOOTSTRAP_CHUNK // max(per, 1))
+    out = []
+    for start in range(0, num_samples, rows):
+        k = min(rows, num_samples - start)
+        idx = torch.randint(0, n, (k, n), generator=generator)
+        out.append(values[idx.to(values.device)].double().nanmean(1))
+    return torch.cat(out)
+
+
+class _ConfidenceIntervalFields(NamedTuple):
     estimate: torch.Tensor
     lower: torch.Tensor
     upper: torch.Tensor
+
+
+class ConfidenceInterval(_ConfidenceIntervalFields):
+    """A percentile bootstrap interval: the estimate on all images and the (lower, upper) quantiles.
+
+    Also carries ``num_images``, int64: the images behind each entry (those where the value is not NaN; for a
+    custom statistic, all images), as an *attribute*, so ``estimate, lower, upper = ci`` keeps working. None when
+    the producer did not count them.
+    """
+
+    num_images: torch.Tensor | None = None
+
+    def __new__(
+        cls, estimate: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, num_images: torch.Tensor | None = None
+    ):
+        self = super().__new__(cls, estimate, lower, upper)
+        self.num_images = num_images
+        return self
+
+    def __getnewargs__(self):
+        return (self.estimate, self.lower, self.upper, self.num_images)
 
 
 def bootstrap_ci(
@@ -279,24 +428,44 @@ def bootstrap_ci(
     ``statistic`` maps a resampled ``values`` (same shape) to a tensor; default: the mean over images ignoring
     NaN. The ``num_samples`` resamples draw image indices with replacement from ``torch.Generator`` seeded with
     ``seed`` on the CPU, so the interval is reproducible on any machine. Returns the estimate on all images and the
-    ``(1 - level)/2`` and ``(1 + level)/2`` quantiles of the resampled statistics.
+    ``(1 - level)/2`` and ``(1 + level)/2`` quantiles of the resampled statistics, with ``num_images`` (the images
+    behind each entry). Arguments are checked by :func:`check_bootstrap_args` (``num_samples`` at most
+    :data:`MAX_BOOTSTRAP_SAMPLES`); the default statistic resamples in bounded chunks (:func:`bootstrap_means`).
+    Fewer than :data:`MIN_BOOTSTRAP_IMAGES` images behind an entry give a :class:`BootstrapWarning`.
     """
-    if not 0 < level < 1:
-        raise ValueError(f"level must lie in (0, 1), got {level}")
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    num_samples, level, seed = check_bootstrap_args(num_samples, level, seed)
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
     default = statistic is None
     if statistic is None:
         statistic = lambda v: v.nanmean(0)  # noqa: E731
-    n = values.shape[0]
+    n = values.shape[0] if values.dim() > 0 else 0
     if n == 0:
         raise ValueError("bootstrap_ci needs at least one image")
-    g = torch.Generator().manual_seed(int(seed))
-    idx = torch.randint(0, n, (num_samples, n), generator=g)
-    if default:  # vectorised: (num_samples, n, ...) resamples at once
-        draws = values[idx.to(values.device)].double().nanmean(1)
+    g = torch.Generator().manual_seed(seed)
+    if default:  # vectorised, in bounded chunks of resamples
+        draws = bootstrap_means(values, num_samples, g)
+        images = (~torch.isnan(values)).sum(0) if values.is_floating_point() else torch.full(values.shape[1:], n)
     else:
-        draws = torch.stack([statistic(values[i.to(values.device)]) for i in idx]).double()
+        draws = torch.stack(
+            [statistic(values[i.to(values.device)]) for i in torch.randint(0, n, (num_samples, n), generator=g)]
+        ).double()
+        images = torch.tensor(n)
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64, device=draws.device)
     lo, hi = torch.nanquantile(draws, q, dim=0)
-    return ConfidenceInterval(statistic(values).double(), lo, hi)
+    fewest = int(images.min()) if images.numel() else n
+    if fewest < MIN_BOOTSTRAP_IMAGES:
+        what = (
+            "no value, a NaN interval"
+            if fewest == 0
+            else "a zero-width interval"
+            if fewest == 1
+            else "an interval far narrower than its nominal level"
+        )
+        warnings.warn(
+            f"bootstrap interval from {fewest} image(s) (fewer than {MIN_BOOTSTRAP_IMAGES}): {what}; report it with "
+            "its number of images, or pool more images",
+            BootstrapWarning,
+            stacklevel=2,
+        )
+    return ConfidenceInterval(statistic(values).double(), lo, hi, images.to(torch.int64))

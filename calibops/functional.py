@@ -11,6 +11,7 @@ default per option (docs/options.md). ``input`` is (B, C, *spatial) probabilitie
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -72,7 +73,8 @@ def binned_stats(
     ``to_onehot_y=True``): ``target`` holds R rater label maps (B, R, *spatial) and ``sum_y`` gets a rater axis,
     (B, C', R, M) / (B, R, M). ``moments=True``: the result also carries ``sum_p2`` and ``sum_py`` of ``sum_p``'s
     shape (``sum_py`` against the rater mean). ``sum_p`` (and, for soft binning, ``count``; and the moments) are
-    differentiable w.r.t. ``input``. float64 input gives float64 statistics.
+    differentiable w.r.t. ``input``. float64 input gives float64 statistics under ``backend="auto"`` /
+    ``"reference"`` (an explicitly named kernel backend computes float32).
     """
     o = _options(locals())
     return engine.run(input, target, o).stats
@@ -103,9 +105,13 @@ def marginal_l1_ace(
     ``multi_rater=True`` (with ``to_onehot_y``): ``target`` holds R rater label maps (B, R, *spatial) and the loss
     trains on the rater mean ``y = mean_r [label_r == c]`` (computed from the statistics; no (B, C, N) target is
     materialised). Returns a scalar (``reduction="mean"``/``"sum"``) or (B, C') for ``"none"``. The result is
-    float32 for float32/float16/bfloat16 input and float64 for float64 input (``backend="auto"`` runs float64 on
-    the reference, so ``torch.autograd.gradcheck`` passes with default arguments). ``weight``: one finite value
-    >= 0 per class used (or one number for all). With B = 0 the mean (like the sum) is 0.
+    float32 for float32/float16/bfloat16 input. float64 input: ``backend="auto"`` (and ``"reference"``) computes
+    it in float64 on the reference and returns float64, so ``torch.autograd.gradcheck`` passes with default
+    arguments; a kernel backend named explicitly (``"cpu"``, ``"cuda"``, ``"triton"``) takes the input as float32
+    and returns float32. The bin edges / centres are the contract's float32 values on every backend (also for
+    float64 input), so float64 results differ from code that builds ``linspace(0, 1 + eps32)`` in float64
+    (MONAI 1.7's losses) by ~1e-8. ``weight``: one finite value >= 0 per class used (or one number for all).
+    With B = 0 the mean (like the sum) is 0.
     """
     o = _options(locals())
     return engine.loss(input, target, o, weight)
@@ -178,15 +184,22 @@ def brier_score(
         sy = sy.mean(-1)  # (B, C', R) -> mean over raters: Σ y_r² = Σ y_r for binary labels
     if o.to_onehot_y:
         y2 = sy
-    else:  # dense targets may be soft: Σ y² from the target itself
+    else:  # dense targets may be soft: Σ y² from the target itself, over the voxels the moments used
         B, C = input.shape[0], input.shape[1]
         t = target.detach().reshape(B, C, -1).to(s.count.dtype)
+        zero = torch.zeros((), dtype=t.dtype, device=t.device)
+        # a non-finite probability entry is left out of the moments (validate=False): leave its y² out too
+        kept = _kept_entries(input, o, C if o.mode == "marginal" else 1) if _nonfinite_seen(run) else None
         if o.mode == "top_label":
             p = input.detach().reshape(B, C, -1).to(torch.float32)
             p = torch.softmax(p, 1) if (softmax and C > 1) else torch.sigmoid(p) if sigmoid else p
             t = t.gather(1, p.argmax(1, keepdim=True))[:, 0]
+            if kept is not None:
+                t = torch.where(kept[:, 0], t, zero)
             y2 = t.square().sum(-1)
         else:
+            if kept is not None:
+                t = torch.where(kept, t, zero)
             y2 = t.square().sum(-1)
             if not o.include_background and C > 1:
                 y2 = y2[:, 1:]
@@ -196,6 +209,52 @@ def brier_score(
 
 
 _CRPS_METHODS = ("closed_form", "curvas")
+_EXACT_FLOAT32_COUNT = 2**24  # every integer up to 2**24 is a float32: a float32 sum of 0/1 values up to it is exact
+
+
+def _kept_entries(input: torch.Tensor, o: Options, num_classes: int) -> torch.Tensor:
+    """Which (image, class, voxel) probability entries the statistics used: finite after the activation (the
+    non-finite rule of :mod:`calibops.engine`), bool (B, num_classes, N). Only needed when some entry was not."""
+    B, C = input.shape[0], input.shape[1]
+    x = input.detach().reshape(B, C, -1)
+    x = x if x.dtype == torch.float64 else x.float()
+    if o.softmax and C > 1:
+        x = torch.softmax(x, 1)
+    elif o.sigmoid:
+        x = torch.sigmoid(x)
+    finite = torch.isfinite(x)
+    if o.mode == "top_label":
+        finite = finite.all(1, keepdim=True)
+    return finite.expand(B, num_classes, x.shape[-1]) if finite.shape[1] != num_classes else finite
+
+
+def _nonfinite_seen(run: engine.Run) -> bool:
+    """Whether the statistics left out a non-finite probability entry (always assumed while compiling)."""
+    if torch.compiler.is_compiling():
+        return True
+    return (run.counts[1] if run.counts is not None else int(run.bad[1])) > 0
+
+
+def _rater_volumes(input: torch.Tensor, target: torch.Tensor, o: Options, run: engine.Run) -> torch.Tensor:
+    """Exact rater volumes in voxels of the used rows, (B, C', R): int64 counts from label maps
+    (:func:`calibops.evaluation.rater_label_counts`), float64 sums of a dense target; the voxels the statistics
+    leave out (a label outside [0, C) or ``ignore_index`` in any rater map, non-finite probabilities) are left out
+    here too. The kernels' float32 ``sum_y`` stops counting exactly above 2**24 voxels."""
+    from .evaluation import rater_label_counts
+
+    B, C = input.shape[0], input.shape[1]
+    if o.to_onehot_y:
+        classes = 2 if C == 1 else C  # MONAI's binary rule: labels {0, 1} of the one channel
+        keep = _kept_entries(input, o, classes) if _nonfinite_seen(run) else None
+        vols = rater_label_counts(target, classes, o.ignore_index, keep)  # (B, classes, R)
+    else:
+        t = target.detach().reshape(B, C, -1).double()
+        if _nonfinite_seen(run):
+            t = torch.where(_kept_entries(input, o, C), t, torch.zeros((), dtype=t.dtype, device=t.device))
+        vols = t.sum(-1, keepdim=True)  # (B, C, 1): one rater
+    if C == 1 and o.to_onehot_y:
+        return vols[:, 1:]
+    return vols[:, 1:] if (not o.include_background and C > 1) else vols
 
 
 def volume_crps(
@@ -239,10 +298,13 @@ def volume_crps(
     if o.to_onehot_y and target.dim() == input.dim() - 1:
         target = target.unsqueeze(1)  # one rater
     vox = engine.voxel_volume(spacing, B, D, input.device)
-    s = engine.run(input, target, o).stats
-    v = s.sum_p[..., 0].double() * vox.view(B, 1)  # (B, C')
-    sum_y = s.sum_y[..., 0] if o.multi_rater else s.sum_y  # (B, C', R)
-    vols = sum_y.double() * vox.view(B, 1, 1)
+    run = engine.run(input, target, o)
+    v = run.stats.sum_p[..., 0].double() * vox.view(B, 1)  # (B, C')
+    if math.prod(input.shape[2:]) <= _EXACT_FLOAT32_COUNT:  # float32 sums of 0/1 up to 2**24 are exact counts
+        vols = (run.stats.sum_y[..., 0] if o.multi_rater else run.stats.sum_y).double()
+    else:
+        vols = _rater_volumes(input, target, o, run).double()
+    vols = vols * vox.view(B, 1, 1)  # (B, C', R)
     mu = vols.mean(-1)
     sd = vols.var(-1, unbiased=False).sqrt()
     if method == "closed_form":
@@ -269,7 +331,9 @@ def consensus_dice(
     agreed background. The reference is the voxels every labelling rater gives the class. The prediction is the
     argmax over classes (``p > 0.5`` per channel with ``sigmoid`` or one channel). NaN where the consensus
     reference is empty (MONAI's ``ignore_empty=True``). This is the Dice over the whole volume; the CURVAS 2024
-    challenge's evaluation code averages per-slice Dice instead, so the numbers differ (docs/evaluation.md).
+    challenge's evaluation code averages the Dice of each (slice, row) line and leaves out row 0 of every slice
+    (its masks reach MONAI's ``DiceMetric(include_background=False)`` without batch and channel axes), so the
+    numbers differ (docs/evaluation.md).
     """
     from .evaluation import consensus_masks
 

@@ -120,14 +120,31 @@ def case_name(path: str | os.PathLike) -> str:
     return name[: -len(s)]
 
 
+def _check_link(p: Path) -> None:
+    """A supported file name that is a symbolic link to nothing: say so (it is neither a case nor absent)."""
+    if _suffix(p) is not None and p.is_symlink() and not p.exists():
+        raise ValueError(
+            f"{os.fspath(p)!r} is a symbolic link to {os.fspath(p.readlink())!r}, which does not exist (a dangling "
+            "link); point it at the file, or remove it"
+        )
+
+
 def _case_files(d: Path) -> list[Path]:
-    files = [p for p in sorted(d.iterdir()) if p.is_file() and _suffix(p) is not None]
+    entries = sorted(d.iterdir())
+    for p in entries:
+        _check_link(p)
+    files = [p for p in entries if p.is_file() and _suffix(p) is not None]
     if files:
         return files
     # MONAI SaveImage (separate_folder=True): one folder per case, the file inside
-    return [
-        p for sub in sorted(d.iterdir()) if sub.is_dir() for p in sorted(sub.iterdir()) if p.is_file() and _suffix(p)
-    ]
+    out = []
+    for sub in entries:
+        if sub.is_dir():
+            for p in sorted(sub.iterdir()):
+                _check_link(p)
+                if p.is_file() and _suffix(p):
+                    out.append(p)
+    return out
 
 
 def _strip(name: str, suffix: str | None) -> str | None:

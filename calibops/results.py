@@ -107,6 +107,47 @@ def bin_gaps(stats: BinnedStats, soft: bool, empty_weight: float) -> tuple[torch
     return valid, gap
 
 
+class _L1ACE(torch.autograd.Function):
+    """The mL1-ACE epilogue as one autograd node: forward ``Σ_j |S_p/n - S_y/n| · valid_j · scale`` per (b, c),
+    backward its closed form (a chain of a dozen small ops and their autograd nodes would cost more than the
+    statistics kernel itself on small inputs).
+
+    Gradients (``g`` the upstream per (b, c), ``s = sign(S_p/n - S_y/n)`` on valid bins, 0 elsewhere):
+    ``dL/dS_p = g·scale·s/n``, ``dL/dS_y = -dL/dS_p``, and with soft binning (the weight total ``n`` depends on
+    the input) ``dL/dn = -g·scale·s·(S_p - S_y)/n²``. Hard counts carry no gradient. ``scale`` = 1/K (valid bins)
+    times the class mask and weight, constant.
+    """
+
+    @staticmethod
+    def forward(ctx, count, sum_p, sum_y, soft: bool, empty_weight: float, factor):  # [B, C, M] x3, [B, C]
+        if soft:
+            valid = (count >= empty_weight) & (count > 0)
+            den = torch.where(valid, count, torch.ones_like(count))
+        else:  # an empty bin has S_p = S_y = 0, so its gap is 0 without a mask
+            valid = count > 0
+            den = count.clamp(min=1)
+        diff = sum_p / den - sum_y / den
+        gap = diff.abs() * valid if soft else diff.abs()
+        scale = 1.0 / valid.sum(-1).clamp(min=1).to(gap.dtype)
+        if factor is not None:
+            scale = scale * factor
+        ctx.soft = soft
+        ctx.save_for_backward(diff, den, valid, scale, sum_p, sum_y)
+        return gap.sum(-1) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        diff, den, valid, scale, sum_p, sum_y = ctx.saved_tensors
+        g = (grad * scale).unsqueeze(-1) * torch.sign(diff)
+        if ctx.soft:
+            g = g * valid
+        g_p = g / den
+        g_count = None
+        if ctx.soft and ctx.needs_input_grad[0]:
+            g_count = -(g_p * (sum_p - sum_y)) / den
+        return g_count, g_p, -g_p, None, None, None
+
+
 def ace_from_stats(
     stats: BinnedStats,
     soft: bool = False,
@@ -118,16 +159,17 @@ def ace_from_stats(
 
     ``ACE[b,c] = mean over valid bins of |S_p/n - S_y/n|`` (0 when no bin is valid); valid bins are ``n > 0``
     (hard) or ``W >= empty_weight`` and ``W > 0`` (soft). ``ignore_empty_classes`` multiplies by
-    ``[Σ_i y[b,c,i] > 0]`` (= ``Σ_j S_y > 0``); ``weight`` (C,) multiplies per class.
+    ``[Σ_i y[b,c,i] > 0]`` (= ``Σ_j S_y > 0``); ``weight`` (C,) multiplies per class. One autograd node
+    (:class:`_L1ACE`); hard counts carry no gradient.
     """
-    valid, gap = bin_gaps(stats, soft, empty_weight)
-    with torch.no_grad():  # the per-(b, c) factor 1/K · mask · weight carries no gradient
-        scale = 1.0 / valid.sum(-1).clamp(min=1).to(gap.dtype)
-        if ignore_empty_classes:
-            scale = scale * (stats.sum_y.sum(-1) > 0).to(gap.dtype)
-        if weight is not None:
-            scale = scale * weight.to(device=gap.device, dtype=gap.dtype).view(1, -1)
-    return gap.sum(-1) * scale
+    count, sum_p, sum_y = stats
+    factor = None
+    if ignore_empty_classes:
+        factor = (sum_y.detach().sum(-1) > 0).to(sum_p.dtype)
+    if weight is not None:
+        w = weight.to(device=sum_p.device, dtype=sum_p.dtype).view(1, -1)
+        factor = w if factor is None else factor * w
+    return _L1ACE.apply(count if soft else count.detach(), sum_p, sum_y, soft, float(empty_weight), factor)
 
 
 def reduce_loss(per_class: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -17,7 +17,7 @@
 #    4 bench        benchmarks/bench_gpu.py, fwd+bwd, triton / cuda / torch-vectorised at 2x4x224x224x144 and
 #                   2x16x176x176x64, hard + soft, then the forward op alone per engine variant (marginal,
 #                   top-label, R = 3 raters, moments: issue 10's targets); every row is appended to the CSV as
-#                   it is measured
+#                   it is measured; then benchmarks/bench_monai.py --device cuda (calibops vs MONAI 1.7's losses)
 #    5 selfcheck    python -m calibops selfcheck --record (only after the quick tests passed; without --record
 #                   otherwise): adds the (backend, arch) pairs that pass to calibops/backends/verified.py
 #    6 memcheck_cuda    compute-sanitizer memcheck of scripts/sanitize_case.py (PYTORCH_NO_CUDA_MEMORY_CACHING=1:
@@ -36,6 +36,7 @@
 # '.', '_', '-'; refreshed after every step):
 #    gpu_check_logs.tar.gz   every step's log, the environment and the step table
 #    gpu_bench.csv           benchmark rows (card, versions and environment in every row)
+#    gpu_bench_monai.csv     calibops vs MONAI 1.7's HardL1ACELoss / SoftL1ACELoss (benchmarks/bench_monai.py)
 #    gpu_tiles.csv           block-size sweep rows
 #    verified.diff           the change `selfcheck --record` made to calibops/backends/verified.py (review, commit)
 #    summary.txt             the step table
@@ -245,6 +246,15 @@ else
   BENCH="\$PY benchmarks/bench_gpu.py --shapes 2x4x224x224x144,2x16x176x176x64 --modes fwd+bwd \
 --backends torch-vectorised,triton,cuda --budget-s $(scaled 100) --out '$BENCH_CSV'"
 fi
+# then calibops' MONAI-signature losses against MONAI 1.7's own (benchmarks/bench_monai.py; calibops rows only where
+# MONAI 1.7 is not installed), forward+backward at issue 22's shapes, to gpu_bench_monai.csv; the step's exit status
+# is the first failure of the two
+if (( DRY )); then
+  MONAI_BENCH="\$PY benchmarks/bench_monai.py --dry-run --out '$OUT_DIR/gpu_bench_monai.csv'"
+else
+  MONAI_BENCH="\$PY benchmarks/bench_monai.py --device cuda --out '$OUT_DIR/gpu_bench_monai.csv'"
+fi
+BENCH="$BENCH; r=\$?; timeout $(scaled 40) $MONAI_BENCH || r=\$?; exit \$r"
 run_step bench 150 10 "$BENCH"
 
 # --- 5. self-check, and the record of verified architectures -------------------------------------------------

@@ -361,7 +361,7 @@ def test_out_not_writable(tmp_path, capsys, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("calibops.cli.evaluate.tempfile.mkdtemp", refuse)
+    monkeypatch.setattr("calibops.cli.outputs.tempfile.mkdtemp", refuse)
     assert "writable" in _fails(tmp_path, capsys, pred, label, match=str(out), out=out)
     assert not out.exists()  # the directory made for the outputs is removed again
 

@@ -493,6 +493,27 @@ def test_opcheck(scheme, mode, moments):
         torch.library.opcheck(BOP, gs + (inp, tgt, *args))
 
 
+@pytest.mark.parametrize("scheme,mode,moments", [(HARD, MARGINAL, False), (SOFT, MARGINAL, True), (SOFT, TOP, False)])
+def test_eager_autograd_function_is_the_registered_formula(scheme, mode, moments):
+    """Eager calls go through one autograd.Function (backends.extension.eager_autograd) instead of torch.library's
+    per-call wrapper; its gradients are bitwise those of the registered formula, for every statistic."""
+    from calibops.backends import stats_function
+
+    fn = stats_function("cpu")
+    x, t = _make(2, 3, 37, 2, torch.float32, SOFTMAX, LABELS, seed=3, ignore=4)
+    args = _args(6, scheme, SOFTMAX, LABELS, mode, moments, 4, False)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    outs_a, outs_b = fn(xa, t, *args), OP(xb, t, *args)
+    gs = tuple(_grad_outputs(outs_b, seed=5))
+    used = [k for k in range(5) if outs_a[k].numel()]
+    ga = torch.autograd.grad([outs_a[k] for k in used], xa, [gs[k] for k in used])[0]
+    gb = torch.autograd.grad([outs_b[k] for k in used], xb, [gs[k] for k in used])[0]
+    for a, b in zip(outs_a, outs_b):
+        assert _same_bits(a.detach(), b.detach())
+    assert _same_bits(ga, gb)
+    assert not outs_a[5].requires_grad
+
+
 def test_compile_fullgraph_inductor():
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)

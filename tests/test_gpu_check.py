@@ -35,7 +35,14 @@ ORDER = [
     "tests_rest",
     "tiles",
 ]
-OUTPUTS = {"gpu_check_logs.tar.gz", "gpu_bench.csv", "gpu_tiles.csv", "verified.diff", "summary.txt"}
+OUTPUTS = {
+    "gpu_check_logs.tar.gz",
+    "gpu_bench.csv",
+    "gpu_bench_monai.csv",
+    "gpu_tiles.csv",
+    "verified.diff",
+    "summary.txt",
+}
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 ROW = re.compile(r"^(\d+)\s+(\S+)\s+(.+?)\s+(\d+)\s+(\d\d_\S+\.log)$")
 HEADER = re.compile(r"=== (\d+) (\S+) \(timeout (\d+)s: (-?\d+)s left, (\d+)s kept for later steps\) ===")

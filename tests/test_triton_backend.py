@@ -663,7 +663,16 @@ def test_invalid_probabilities_stay_in_bounds(value, scheme):
 def test_dispatcher_uses_registered_op():
     from calibops.backends import resolve as _backends
 
-    assert _backends.stats_function("triton") is torch.ops.calibops.triton_binned_stats
+    fn = _backends.stats_function("triton")
+    assert fn is _backends.stats_function("triton")  # built once
+    x, t = _make(1, 3, 20, act="softmax")
+    args = (t, scheme_edges(20, 0, DEVICE), 20, 0, 1, 0, 0, False, None, False)
+    for got, want in zip(fn(x, *args), torch.ops.calibops.triton_binned_stats(x, *args)):  # no grad: the op itself
+        assert torch.equal(got, want)
+    xg, xo = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    g_eager = torch.autograd.grad(fn(xg, *args)[1].sum(), xg)[0]  # eager: one autograd.Function, same formula
+    g_op = torch.autograd.grad(torch.ops.calibops.triton_binned_stats(xo, *args)[1].sum(), xo)[0]
+    assert torch.equal(g_eager, g_op)
     assert _backends.resolve_backend("triton", DEVICE) == "triton"
 
 

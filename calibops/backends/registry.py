@@ -96,10 +96,20 @@ def stats_function(name: str) -> Callable:
         from ..reference import binned_stats_prepared
 
         return binned_stats_prepared
+    fn = _KERNEL_FUNCTIONS.get(name)
+    if fn is not None:
+        return fn
     if name in ("cpu", "cuda"):
-        return torch.ops.calibops.binned_stats
-    if name == "triton":
+        fn = _ops.eager_autograd(torch.ops.calibops.binned_stats, torch.ops.calibops.binned_stats_backward)
+    elif name == "triton":
         from . import triton as triton_backend
 
-        return triton_backend.binned_stats
-    raise ValueError(f"unknown backend {name!r}")
+        fn = _ops.eager_autograd(triton_backend.binned_stats, triton_backend.binned_stats_backward)
+    else:
+        raise ValueError(f"unknown backend {name!r}")
+    if not torch.compiler.is_compiling():
+        _KERNEL_FUNCTIONS[name] = fn
+    return fn
+
+
+_KERNEL_FUNCTIONS: dict[str, Callable] = {}

@@ -33,18 +33,27 @@ per-image records gathered in case order, and rank 0 alone shows progress and wr
 process, plus ``world_size``, the cases of each rank and the wall time in ``summary.json``. A failure on any
 rank ends every rank with the same one line (naming the file and the rank) and writes nothing.
 
-Everything is checked before anything is written. Every failure is one line on stderr,
-``calibops evaluate: error: ...``, naming the file or option and the fix, and leaves no output file:
+``--out`` is checked before any case is read (:func:`calibops.cli.outputs.check_output_dir`: not inside or
+holding an input folder, nothing in it that calibops did not write, writable) and replaced as a whole at the end
+(:func:`calibops.cli.outputs.replace_output_dir`: written into a temporary directory next to it, then renamed),
+so no earlier run's file survives and a failure leaves it as it was. Bootstrap rows carry ``bootstrap_images``;
+fewer than :data:`calibops.evaluation.MIN_BOOTSTRAP_IMAGES` give one warning line per group on stderr.
 
-- exit status 2 (usage): a bad option value, ``--pred``/``--label`` not a directory, ``--out`` naming an
-  existing file, a backend that cannot run here, ``--class-names`` not matching the classes, matplotlib
-  missing without ``--no-figures`` (found before any case is read), ``--groups`` not a file, ``--dice`` with
-  several raters or top-label;
-- exit status 1 (data): a missing pair (in any rater folder), a bad groups file (no ``case,group`` header, a case
-  without a group or twice, a group for a case not evaluated), rater label maps of one case differing in shape,
+Everything is checked before anything is written. Every failure is one line on stderr,
+``calibops evaluate: error: ...``, naming the file or option and the fix, and leaves no output file; Ctrl-C
+prints one such line and exits with status 130:
+
+- exit status 2 (usage): a bad option value (``--bootstrap-samples`` above 100,000, ``--seed`` outside
+  [0, 2**63), a ``--num-bins`` whose histograms would pass :data:`HISTOGRAM_MEMORY_LIMIT`),
+  ``--pred``/``--label`` not a directory, an unusable ``--out``, a backend that cannot run here,
+  ``--class-names`` not matching the classes, matplotlib missing without ``--no-figures`` (found before any case
+  is read), ``--groups`` not a file, ``--dice`` with several raters or top-label;
+- exit status 1 (data): a missing pair (in any rater folder), a dangling symbolic link, a bad groups file (no
+  ``case,group`` header, a column named twice, a reserved name ``all``/``gap``, a case without a group or twice,
+  a group for a case not evaluated; a UTF-8 BOM is fine), rater label maps of one case differing in shape,
   a file that cannot be read (empty, truncated, corrupt, unreadable),
   a shape mismatch, prediction and label on different grids (spacing / affine), values that are not
-  probabilities, non-finite logits, labels out of range, outputs that cannot be written.
+  probabilities, non-finite logits, labels out of range, an ``--out`` where nothing can be written.
 """
 
 from __future__ import annotations
@@ -55,7 +64,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,7 +71,9 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from ..evaluation import MAX_BOOTSTRAP_SAMPLES, MIN_BOOTSTRAP_IMAGES
 from .distributed import add_arguments as add_scale_arguments
+from .outputs import OutputDirError, check_output_dir, replace_output_dir
 
 __all__ = ["build_parser", "evaluate", "evaluate_main"]
 
@@ -121,11 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--bootstrap-samples",
         type=int,
         default=1000,
-        help="bootstrap resamples for the --groups intervals (default: %(default)s)",
+        help="bootstrap resamples for the --groups intervals, at most 100000 (default: %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: %(default)s)")
-    p.add_argument("--out", default="calibops_eval", metavar="DIR", help="output directory (default: %(default)s)")
-    p.add_argument("--num-bins", type=int, default=20, help="confidence bins M (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap, 0 to 2**63-1 (default: %(default)s)")
+    p.add_argument(
+        "--out",
+        default="calibops_eval",
+        metavar="DIR",
+        help="output directory, replaced as a whole (outside --pred/--label, holding nothing but a previous run's "
+        "outputs) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--num-bins",
+        type=int,
+        default=20,
+        help="confidence bins M; the (classes, M, M) histograms must fit in 1 GiB (default: %(default)s)",
+    )
     p.add_argument("--include-background", action="store_true", help="also evaluate class 0")
     p.add_argument("--ignore-index", type=int, default=None, help="label value left out of every statistic")
     p.add_argument(
@@ -343,12 +364,18 @@ def read_groups(path: str | os.PathLike, cases: Sequence[str]) -> tuple[dict[str
     :class:`EvaluationError` naming the file, the row and the fix."""
     where = f"--groups {os.fspath(path)!r}"
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: Excel's "CSV UTF-8" starts with a BOM
             reader = csv.DictReader(f)
             fields = [h.strip() for h in (reader.fieldnames or [])]
             if "case" not in fields or "group" not in fields:
                 raise EvaluationError(
                     f"{where}: the header is {fields or 'missing'}; the first line must name the columns case,group"
+                )
+            twice = [name for name in ("case", "group") if fields.count(name) > 1]
+            if twice:
+                raise EvaluationError(
+                    f"{where}: the header names the column {twice[0]!r} {fields.count(twice[0])} times ({fields}); "
+                    "keep one case and one group column"
                 )
             reader.fieldnames = fields
             rows = list(reader)
@@ -414,12 +441,37 @@ def _header_spacing(pred_path: Path, label_path: Path, ndim: int) -> list[float]
     return None
 
 
+HISTOGRAM_MEMORY_LIMIT = 2**30
+"""Bytes the CLI lets the dataset reliability histograms take: (1 + groups) x classes x M x M int64 counts."""
+
+
+def check_histogram_memory(num_bins: int, classes: int, groups: int) -> None:
+    """Refuse (:class:`UsageError`) a ``--num-bins`` whose histograms, int64 (classes, M, M) overall and per
+    group, would take more than :data:`HISTOGRAM_MEMORY_LIMIT` bytes: :class:`DatasetCalibration` allocates them
+    when it is built."""
+    need = (1 + groups) * classes * num_bins * num_bins * 8
+    if need > HISTOGRAM_MEMORY_LIMIT:
+        fits = math.isqrt(HISTOGRAM_MEMORY_LIMIT // (8 * (1 + groups) * classes))
+        per = f"{classes} class(es)" + (f" and {groups} group(s)" if groups else "")
+        raise UsageError(
+            f"--num-bins {num_bins}: the dataset reliability histogram (class x {num_bins} x {num_bins} int64 counts, "
+            f"per group too) would need {need / 2**30:.2f} GiB for {per}, over the {HISTOGRAM_MEMORY_LIMIT // 2**30} "
+            f"GiB limit; use --num-bins {fits} or fewer (10-100 bins are usual)"
+        )
+
+
+def _used_classes(args: argparse.Namespace, C: int) -> int:
+    """The histogram rows of C channels: one for top-label or one channel, else the classes evaluated."""
+    return 1 if (args.mode == "top_label" or C == 1) else C - (0 if args.include_background else 1)
+
+
 def check_usage(args: argparse.Namespace) -> None:
     """The checks of the command line that need no data file; raises :class:`UsageError` (exit status 2)."""
     from ..options import MAX_BINS
 
     if not 1 <= args.num_bins <= MAX_BINS:
         raise UsageError(f"--num-bins must be between 1 and 2**24 = {MAX_BINS}, got {args.num_bins}")
+    check_histogram_memory(args.num_bins, 1, 0)  # at least one class: refuses a hopeless --num-bins at once
     if args.num_classes is not None and args.num_classes < 1:
         raise UsageError(f"--num-classes must be >= 1, got {args.num_classes}")
     if not (math.isfinite(args.geometry_tolerance) and args.geometry_tolerance >= 0):
@@ -438,8 +490,13 @@ def check_usage(args: argparse.Namespace) -> None:
         raise UsageError(f"--out {args.out!r} names an existing file; pass a new or existing directory")
     if args.groups is not None and not os.path.isfile(args.groups):
         raise UsageError(f"--groups {args.groups!r}: file not found; pass a CSV file with the columns case,group")
-    if args.bootstrap_samples < 1:
-        raise UsageError(f"--bootstrap-samples must be >= 1, got {args.bootstrap_samples}")
+    if not 1 <= args.bootstrap_samples <= MAX_BOOTSTRAP_SAMPLES:
+        raise UsageError(
+            f"--bootstrap-samples must be between 1 and {MAX_BOOTSTRAP_SAMPLES}, got {args.bootstrap_samples} (the "
+            "percentile interval settles long before; 1000-10000 is usual)"
+        )
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     if args.dice and len(labels) > 1:
         raise UsageError(
             "--dice compares with one label map: with several --label folders (raters) per_image.csv carries the "
@@ -458,6 +515,10 @@ def check_usage(args: argparse.Namespace) -> None:
             calibops.backend_for(torch.empty(0, device=getattr(args, "device", "cpu")), args.backend)
         except RuntimeError as exc:
             raise UsageError(f"--backend {args.backend}: {exc}; use --backend auto") from exc
+    try:  # before any case is read: not inside an input folder, nothing foreign in it, writable
+        check_output_dir(args.out, [("--pred", args.pred), *(("--label", d) for d in labels)])
+    except OutputDirError as exc:
+        raise (UsageError if exc.status == 2 else EvaluationError)(str(exc)) from exc
     if not args.no_figures:
         try:
             import matplotlib  # noqa: F401 - the figures need it; fail before reading any case
@@ -525,6 +586,8 @@ def evaluate(args: argparse.Namespace, session: Any = None) -> dict[str, Any] | 
             "same folders (a shared file system)",
         )
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
+    if args.num_classes is not None:  # the classes are known: the histogram memory is checked before any case
+        check_histogram_memory(args.num_bins, _used_classes(args, args.num_classes), len(group_names or ()))
     index = {c[0]: i for i, c in enumerate(cases)}
     mine = shard_by_size(sizes, session.world_size)[session.rank]
 
@@ -535,6 +598,7 @@ def evaluate(args: argparse.Namespace, session: Any = None) -> dict[str, Any] | 
     def new_metric(C: int) -> DatasetCalibration:
         if names is not None and len(names) != C:
             raise UsageError(f"--class-names gives {len(names)} names for {C} classes; give one name per class")
+        check_histogram_memory(args.num_bins, _used_classes(args, C), len(group_names or ()))
         return DatasetCalibration(
             C,
             num_bins=args.num_bins,
@@ -733,10 +797,21 @@ def group_rows_with_intervals(metric: Any, result: Any, num_samples: int, seed: 
     """:meth:`DatasetCalibration.group_rows` (per group and class, then the ``gap`` rows) with an ``all`` row per
     class before the gaps, and every macro value's seeded bootstrap interval (``macro_<metric>_lower/upper``):
     per group, over all cases, and of the gap (:meth:`DatasetCalibration.bootstrap`)."""
+    import warnings
+
+    from ..evaluation import BootstrapWarning
     from ..metrics.formulas import METRICS
 
     keys = _row_keys(metric)
-    boot = {m: metric.bootstrap(m, num_samples=num_samples, seed=seed) for m in METRICS}
+    with warnings.catch_warnings():  # the CLI reports small groups itself (bootstrap_warnings), once
+        warnings.simplefilter("ignore", BootstrapWarning)
+        boot = {m: metric.bootstrap(m, num_samples=num_samples, seed=seed) for m in METRICS}
+    # the images behind each interval: those with a value for the class (the same for every metric)
+    have: dict[tuple[Any, Any], int] = {}
+    for rec in metric.records():
+        if not math.isnan(rec["ece"]):
+            for g in (rec.get("group"), "all"):
+                have[(g, rec["class"])] = have.get((g, rec["class"]), 0) + 1
     rows = metric.group_rows()
     per_group = [r for r in rows if r["group"] != "gap"]
     gaps = [r for r in rows if r["group"] == "gap"]
@@ -748,8 +823,13 @@ def group_rows_with_intervals(metric: Any, result: Any, num_samples: int, seed: 
                 row[f"{kind}_{m}"] = float(getattr(getattr(result, kind), m).reshape(-1)[k])
         everything.append(row)
     out = per_group + everything + gaps
+    names = [r["group"] for r in per_group]
     for row in out:
         k = keys.index(row["class"])
+        if row["group"] == "gap":  # the gap resamples every group: its smallest group bounds it
+            row["bootstrap_images"] = min((have.get((g, row["class"]), 0) for g in names), default=0)
+        else:
+            row["bootstrap_images"] = have.get((row["group"], row["class"]), 0)
         for m in METRICS:
             b = boot[m]
             ci = b["gap"] if row["group"] == "gap" else b["all"] if row["group"] == "all" else b["groups"][row["group"]]
@@ -758,8 +838,34 @@ def group_rows_with_intervals(metric: Any, result: Any, num_samples: int, seed: 
     return out
 
 
+def bootstrap_warnings(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> list[str]:
+    """One warning line per report row group whose bootstrap intervals rest on fewer than
+    :data:`calibops.evaluation.MIN_BOOTSTRAP_IMAGES` images (``bootstrap_images``), zero-width ones named."""
+    lines = []
+    for group in dict.fromkeys(r["group"] for r in rows if r["group"] != "gap"):
+        few = [r for r in rows if r["group"] == group and r["bootstrap_images"] < MIN_BOOTSTRAP_IMAGES]
+        if not few:
+            continue
+        n = min(r["bootstrap_images"] for r in few)
+        width = (
+            "no value: NaN intervals"
+            if n == 0
+            else "one image: zero-width intervals"
+            if n == 1
+            else "two images: the interval is just [min, max]"
+            if n == 2
+            else "intervals far narrower than their nominal 95 %"
+        )
+        classes = ", ".join(_row_name(r["class"], names) for r in few)
+        lines.append(
+            f"group {group!r}: bootstrap intervals from {n} image(s) ({width}) for {classes}, fewer than "
+            f"{MIN_BOOTSTRAP_IMAGES}; read them with the bootstrap_images column of groups.csv"
+        )
+    return lines
+
+
 _GROUP_FIELDS = (
-    ("group", "class", "images")
+    ("group", "class", "images", "bootstrap_images")
     + tuple(f"macro_{m}{s}" for m in ("ece", "ace", "mce", "l2") for s in ("", "_lower", "_upper"))
     + tuple(f"micro_{m}" for m in ("ece", "ace", "mce", "l2"))
 )
@@ -807,90 +913,74 @@ def _csv_value(v: Any) -> Any:
 
 
 def _write_outputs(res: dict[str, Any], out: Path, dice: bool, figures: bool = True) -> list[Path]:
-    """Write every output into a temporary directory next to ``out``, then move them in place."""
+    """Write every output into a fresh temporary directory next to ``out`` and rename it into place
+    (:func:`calibops.cli.outputs.replace_output_dir`): no file of a previous run survives, and a failure leaves
+    ``out`` as it was."""
+    try:
+        return replace_output_dir(out, lambda tmp: _write_files(res, tmp, dice, figures))
+    except OutputDirError as exc:
+        raise (UsageError if exc.status == 2 else EvaluationError)(str(exc)) from exc
+
+
+def _write_files(res: dict[str, Any], tmp: Path, dice: bool, figures: bool) -> None:
+    """Every output file, written into the directory ``tmp``."""
     metric = res["metric"]
     names = res["class_names"]
     used = [_row_name(c, names) for c in _row_keys(metric)]
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".calibops-tmp-", dir=out))
-    except OSError as exc:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        raise EvaluationError(
-            f"cannot write the outputs into --out {str(out)!r}: {exc}; choose a writable directory"
-        ) from exc
-    try:
-        fields = ["case", "class", "class_name", "ece", "ace", "mce", "voxels"] + (["dice"] if dice else [])
-        fields += ["l2", *_per_case_values(metric)[4:]] + (["group"] if metric.groups is not None else [])
-        with open(tmp / "per_image.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(fields)
-            for rec in metric.records():
-                row = dict(rec, case=rec["image"], class_name=_row_name(rec["class"], names))
-                w.writerow([_csv_value(row[k]) for k in fields])
-        rows = summary_rows(res)
-        with open(tmp / "summary.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=_summary_fields(metric), extrasaction="ignore")
+    fields = ["case", "class", "class_name", "ece", "ace", "mce", "voxels"] + (["dice"] if dice else [])
+    fields += ["l2", *_per_case_values(metric)[4:]] + (["group"] if metric.groups is not None else [])
+    with open(tmp / "per_image.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(fields)
+        for rec in metric.records():
+            row = dict(rec, case=rec["image"], class_name=_row_name(rec["class"], names))
+            w.writerow([_csv_value(row[k]) for k in fields])
+    rows = summary_rows(res)
+    with open(tmp / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=_summary_fields(metric), extrasaction="ignore")
+        w.writeheader()
+        w.writerows({k: _csv_value(v) for k, v in row.items()} for row in rows)
+    report: dict[str, Any] = {
+        "cases": res["num_cases"],
+        "raters": res["raters"],
+        "mode": res["mode"],
+        "num_bins": metric.num_bins,
+        **res.get("run", {}),  # world_size, prefetch, wall_time_s, the cases of each rank
+        "summary": [{k: _json_value(v) for k, v in row.items()} for row in rows],
+    }
+    if "group_rows" in res:
+        with open(tmp / "groups.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(_GROUP_FIELDS), extrasaction="ignore")
             w.writeheader()
-            w.writerows({k: _csv_value(v) for k, v in row.items()} for row in rows)
-        report: dict[str, Any] = {
-            "cases": res["num_cases"],
-            "raters": res["raters"],
-            "mode": res["mode"],
-            "num_bins": metric.num_bins,
-            **res.get("run", {}),  # world_size, prefetch, wall_time_s, the cases of each rank
-            "summary": [{k: _json_value(v) for k, v in row.items()} for row in rows],
-        }
+            w.writerows({k: _csv_value(v) for k, v in row.items()} for row in res["group_rows"])
+        report["groups"] = [{k: _json_value(v) for k, v in row.items()} for row in res["group_rows"]]
+    with open(tmp / "summary.json", "w") as f:
+        json.dump(report, f, indent=1, allow_nan=False)
+        f.write("\n")
+    hist, counts = res["histogram"], res["counts"]
+    if hist.dim() == 2:  # top-label: one row
+        hist = hist[None]
+    np.savez(
+        tmp / "dataset_histogram.npz",
+        histogram=hist.cpu().numpy(),
+        counts=counts.cpu().numpy(),
+        classes=np.asarray(metric.classes, dtype=np.int64),  # empty for top-label
+        class_names=np.asarray(used),
+    )
+    if figures:
+        import matplotlib.pyplot as plt
+
+        from ..plot import dataset_reliability_histogram
+
+        fig = dataset_reliability_histogram(hist, counts=counts, class_names=used)
+        fig.savefig(tmp / "dataset_histogram.png", dpi=200)
+        fig.savefig(tmp / "dataset_histogram.pdf")
+        plt.close(fig)
         if "group_rows" in res:
-            with open(tmp / "groups.csv", "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(_GROUP_FIELDS), extrasaction="ignore")
-                w.writeheader()
-                w.writerows({k: _csv_value(v) for k, v in row.items()} for row in res["group_rows"])
-            report["groups"] = [{k: _json_value(v) for k, v in row.items()} for row in res["group_rows"]]
-        with open(tmp / "summary.json", "w") as f:
-            json.dump(report, f, indent=1, allow_nan=False)
-            f.write("\n")
-        hist, counts = res["histogram"], res["counts"]
-        if hist.dim() == 2:  # top-label: one row
-            hist = hist[None]
-        np.savez(
-            tmp / "dataset_histogram.npz",
-            histogram=hist.cpu().numpy(),
-            counts=counts.cpu().numpy(),
-            classes=np.asarray(metric.classes, dtype=np.int64),  # empty for top-label
-            class_names=np.asarray(used),
-        )
-        if figures:
-            from ..plot import dataset_reliability_histogram
-
-            fig = dataset_reliability_histogram(hist, counts=counts, class_names=used)
-            fig.savefig(tmp / "dataset_histogram.png", dpi=200)
-            fig.savefig(tmp / "dataset_histogram.pdf")
-            if "group_rows" in res:
-                import matplotlib.pyplot as plt
-
+            for k, c in enumerate(_row_keys(metric)):
+                fig = metric.plot_groups(k, title=_row_name(c, names))
+                fig.savefig(tmp / f"groups_reliability_{'top_label' if c == 'top_label' else f'class{c}'}.png")
                 plt.close(fig)
-                for k, c in enumerate(_row_keys(metric)):
-                    fig = metric.plot_groups(k, title=_row_name(c, names))
-                    fig.savefig(tmp / f"groups_reliability_{'top_label' if c == 'top_label' else f'class{c}'}.png")
-                    plt.close(fig)
-        written = []
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, out / f.name)
-            written.append(out / f.name)
-        return written
-    except OSError as exc:
-        raise EvaluationError(
-            f"cannot write the outputs into --out {str(out)!r}: {exc}; choose a writable directory"
-        ) from exc
-    finally:
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # nothing was written: leave no empty directory behind
 
 
 def _print_summary(res: dict[str, Any]) -> None:
@@ -959,6 +1049,9 @@ def _evaluate_main(argv: list[str] | None, session: Any) -> int:
         if res is None:  # a rank other than 0: rank 0 writes the outputs
             return 0
         written = _write_outputs(res, Path(args.out), args.dice, figures=not args.no_figures)
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT, --out left as it was
+        print("calibops evaluate: error: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
+        return 130
     except SystemExit as exc:  # argparse exits only for --help (0)
         return int(exc.code) if isinstance(exc.code, int) else 2
     except UsageError as exc:
@@ -981,6 +1074,8 @@ def _evaluate_main(argv: list[str] | None, session: Any) -> int:
     ranks = f" on {run['world_size']} ranks" if run["world_size"] > 1 else ""
     rate = res["num_cases"] / max(run["wall_time_s"], 1e-9)
     print(f"evaluated {res['num_cases']} cases in {run['wall_time_s']:.1f} s ({rate:.3g} cases/s){ranks}")
+    for line in bootstrap_warnings(res.get("group_rows", []), res["class_names"]):
+        print(f"calibops evaluate: warning: {line}", file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

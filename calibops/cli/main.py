@@ -247,6 +247,7 @@ COMMANDS = {
     "predictions (NIfTI, MHA/NRRD, NumPy; nnU-Net and MONAI SaveImage folders)",
     "demo": "train a small network three ways and compare calibration",
     "selfcheck": "the GPU kernel backends' self-check against the reference (table; --record)",
+    "nnunet": "nnU-Net v2 with mL1-ACE: `calibops nnunet train` / `predict` (needs calibops[nnunet])",
 }
 
 
@@ -276,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate_main(argv[1:])
     if argv and argv[0] == "selfcheck":
         return selfcheck_main(argv[1:])
+    if argv and argv[0] == "nnunet":
+        from calibops.integrations.nnunet_cli import main as nnunet_main
+
+        return nnunet_main(argv[1:])
     if argv and argv[0] in ("-h", "--help", "help"):
         build_parser().print_help()
         return 0

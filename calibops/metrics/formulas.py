@@ -19,7 +19,9 @@ from ..evaluation import (
     ConfidenceInterval,
     adaptive_calibration_errors,
     bootstrap_ci,
+    bootstrap_means,
     brier_decomposition,
+    check_bootstrap_args,
 )
 from ..options import METRICS
 from ..results import BinnedStats, BinnedStatsMoments, CalibrationErrors, calibration_errors_from_stats
@@ -176,6 +178,7 @@ def bootstrap(
     :meth:`calibops.DatasetCalibration.bootstrap`)."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    num_samples, level, seed = check_bootstrap_args(num_samples, level, seed)
     _, values, groups = ImageRecords.table(recs, classes, metric)
     if values.shape[0] == 0:
         raise ValueError("bootstrap needs at least one image")
@@ -202,7 +205,7 @@ def bootstrap(
     means = []
     for k in present:
         m = members[k]
-        means.append(values[m[torch.randint(0, m.numel(), (num_samples, m.numel()), generator=gen)]].nanmean(1))
+        means.append(bootstrap_means(values[m], num_samples, gen))  # bounded chunks, the same draws
     present_names = [names[k] for k in present]
     draws = gap(torch.stack(means), present_names).gap  # (num_samples, C')
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
