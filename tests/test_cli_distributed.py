@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch.distributed as dist
 
-from calibops.cli.distributed import Session, case_bytes, shard_by_size
+from calibops.cli.distributed import Session, case_bytes, default_prefetch, shard_by_size
 from calibops.cli.evaluate import evaluate_main
 from calibops.cli.prefetch import Prefetcher
 
@@ -144,7 +144,7 @@ def _same_outputs(one: Path, two: Path, groups: bool = False, world: int = 2) ->
     s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
     assert s1["world_size"] == 1 and s2["world_size"] == world
     assert s1["ranks"][0]["cases"] == [f"case{i:02d}" for i in range(s1["cases"])]
-    run = ("world_size", "ranks", "wall_time_s")
+    run = ("world_size", "ranks", "wall_time_s", "prefetch")  # prefetch: its default depends on the cores per rank
     _close({k: v for k, v in s1.items() if k not in run}, {k: v for k, v in s2.items() if k not in run}, "summary")
     if groups:
         g1, g2 = _csv(one / "groups.csv"), _csv(two / "groups.csv")
@@ -278,6 +278,13 @@ def test_prefetcher_reads_ahead_in_order_and_raises_at_the_turn():
         assert [r.get() for _, r in pre] == [1, 2, 3] and seen == [1, 2, 3]
     with pytest.raises(ValueError, match="depth"):
         Prefetcher([1], read, depth=-1)
+
+
+def test_default_prefetch_needs_a_spare_core_per_process():
+    assert default_prefetch({}, cores=2) == 1  # one process, two cores: the reader has one
+    assert default_prefetch({"LOCAL_WORLD_SIZE": "2"}, cores=2) == 0  # torchrun, one core per rank: it would compete
+    assert default_prefetch({"LOCAL_WORLD_SIZE": "8"}, cores=64) == 1
+    assert default_prefetch({}, cores=1) == 0
 
 
 def test_session_from_environment():

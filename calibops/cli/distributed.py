@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Session", "add_arguments", "case_bytes", "fingerprint", "shard_by_size"]
+__all__ = ["Session", "add_arguments", "case_bytes", "default_prefetch", "fingerprint", "shard_by_size"]
 
 #: Variables ``torchrun`` sets for every worker that a run needs (``LOCAL_RANK`` defaults to ``RANK``).
 ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -55,10 +55,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prefetch",
         type=int,
-        default=1,
+        default=None,
         metavar="N",
         help="cases read ahead in a background thread while the current one is computed; 0 reads in turn "
-        "(memory: N + 1 cases) (default: %(default)s)",
+        "(memory: N + 1 cases). Default: 1 when each process has two or more CPU cores, else 0 (the reader would "
+        "only compete with the computing thread)",
     )
     p.add_argument(
         "--dist-timeout",
@@ -68,6 +69,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="under torchrun: the time limit of the collectives between ranks (they start only once every rank "
         "has finished its cases, so it never limits the evaluation itself) (default: %(default)s)",
     )
+
+
+def default_prefetch(environ: dict[str, str] | None = None, cores: int | None = None) -> int:
+    """``--prefetch`` when not given: 1 when each process of this node has at least two CPU cores (the reader then
+    has a core to itself), else 0. On a 2-core machine with 2 ranks reading ahead made each rank 10-30% slower
+    (docs/performance.md)."""
+    env = os.environ if environ is None else environ
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        per_node = max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        per_node = 1
+    return 1 if cores // per_node >= 2 else 0
 
 
 def case_bytes(pred_path: str | os.PathLike, label_paths: Sequence[str | os.PathLike]) -> int:
@@ -193,7 +208,11 @@ class Session:
 
         if self.problem is not None:
             raise UsageError(f"torch.distributed environment: {self.problem}")
-        prefetch = getattr(args, "prefetch", 1)
+        prefetch = getattr(args, "prefetch", None)
+        if prefetch is None:
+            prefetch = default_prefetch()
+            if hasattr(args, "prefetch"):
+                args.prefetch = prefetch
         dist_timeout = getattr(args, "dist_timeout", 300.0)
         if prefetch < 0:
             raise UsageError(f"--prefetch must be >= 0 (cases read ahead), got {prefetch}")

@@ -620,7 +620,11 @@ def evaluate(args: argparse.Namespace, session: Any = None) -> dict[str, Any] | 
         if done > bar.done:
             bar.update(done - bar.done)
 
-    depth = getattr(args, "prefetch", 1)
+    depth = getattr(args, "prefetch", None)
+    if depth is None:  # a caller's own Namespace: Session.start fills in the default when it has the attribute
+        from .distributed import default_prefetch
+
+        depth = default_prefetch()
     own = [cases[i] for i in mine]
     with (
         bar,
