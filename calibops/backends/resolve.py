@@ -68,7 +68,7 @@ def call_key(call: tuple) -> tuple:
     :class:`~calibops.backends.selfcheck.Spec` (sizes other than C and R do not enter it)."""
     x, t = call[0], call[1]
     dev = x.device
-    return (dev.type, dev.index, x.dtype, t.dtype, x.shape[1], t.shape[1], *call[3:])
+    return (dev.type, dev.index, x.dtype, t.dtype, x.size(1), t.size(1), call[3:])
 
 
 def _capturing(device: torch.device) -> bool:
