@@ -545,6 +545,8 @@ def test_selfcheck_command_runs_triton_and_reports_a_table(monkeypatch, capsys):
     row = [ln for ln in out.splitlines() if ln.strip().startswith("triton")]
     assert len(row) == 1 and "bfloat16" in row[0] and " pass " in row[0], out
     assert row[0].rstrip().endswith(_selfcheck.CASES[0].name) and "specialisation" in out  # the one listed
+    legend = f"{_selfcheck.CASES[0].name} = marginal/hard/softmax/labels:int64/R=1/M=20:register+smem/"
+    assert legend in out and "ignore=-100 (C=4, R=1)" in out, out
     _counting(monkeypatch, _perturb_sum_p)
     assert main(["selfcheck", "--device", dev, "--backends", "triton", "--dtypes", "float32"]) == 1
     out = capsys.readouterr().out

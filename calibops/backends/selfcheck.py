@@ -332,9 +332,18 @@ def example_call(
     )
 
 
+_CASE_SPECS: dict[str, str] = {}  # fixed case name -> its specialisation's description
+
+
 def _representative(name: str, C: int, R: int = 1, **kw) -> Case:
-    call = example_call(C, R=R, **kw)
-    return spec_case(spec_of(*call), C, R, name=name)
+    spec = spec_of(*example_call(C, R=R, **kw))
+    _CASE_SPECS[name] = f"{spec.describe()} (C={C}, R={R})"
+    return spec_case(spec, C, R, name=name)
+
+
+def case_specialisation(case: Case) -> str:
+    """The specialisation a fixed case (:data:`CASES`) is the problem of, described; else the case's name."""
+    return _CASE_SPECS.get(case.name, case.name)
 
 
 # What ``python -m calibops selfcheck`` checks (each a specialisation's problem): together hard and soft

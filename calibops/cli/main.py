@@ -127,6 +127,17 @@ def print_selfcheck_table(results, unavailable: dict[str, str]) -> None:
             print(f"  {r.backend} {_dtype_name(r.dtype)} {_spec_label(r)}: {r.describe()}")
 
 
+def print_case_legend(results) -> None:
+    """What each fixed case's short name stands for: the specialisation it checks."""
+    from calibops.backends import selfcheck as _selfcheck
+
+    names = dict.fromkeys(c.name for r in results for c in r.cases if r.spec is None)
+    by_name = {c.name: c for c in _selfcheck.CASES}
+    for name in names:
+        if name in by_name:
+            print(f"  {name} = {_selfcheck.case_specialisation(by_name[name])}")
+
+
 def print_auto_specialisations() -> None:
     """The specialisations ``backend="auto"`` self-checked in this process, and what it runs for each."""
     from calibops.backends import resolve as _backends
@@ -142,11 +153,12 @@ def print_auto_specialisations() -> None:
         print(f"  auto on {dtype}{'' if index is None else ':' + str(index)}: {spec.describe()} -> {name}")
 
 
-def _run_cases(name, device, dtypes) -> list:
-    """One self-check result per (dtype, fixed case) of backend ``name`` on ``device``."""
+def _run_cases(name, device, dtypes, n_cases: int | None = None) -> list:
+    """One self-check result per (dtype, fixed case) of backend ``name`` on ``device`` (the first ``n_cases``)."""
     from calibops.backends import selfcheck as _selfcheck
 
-    return [_selfcheck.run_selfcheck(name, device, dt, cases=(case,)) for dt in dtypes for case in _selfcheck.CASES]
+    cases = _selfcheck.CASES[:n_cases] if n_cases is not None else _selfcheck.CASES
+    return [_selfcheck.run_selfcheck(name, device, dt, cases=(case,)) for dt in dtypes for case in cases]
 
 
 def gpu_selfcheck(device) -> bool:
@@ -168,6 +180,7 @@ def gpu_selfcheck(device) -> bool:
             continue
         results += _run_cases(name, device, _selfcheck.DTYPES)
     print_selfcheck_table(results, unavailable)
+    print_case_legend(results)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", _selfcheck.SelfCheckWarning)  # the table below says what disagreed
         for dt in _selfcheck.DTYPES:
@@ -201,6 +214,12 @@ def selfcheck_main(argv: list[str]) -> int:
         help="comma-separated input dtypes (default: float32,float16,bfloat16)",
     )
     parser.add_argument(
+        "--cases",
+        type=int,
+        default=None,
+        help="check only the first N of the fixed specialisations (default: all; dry runs); --record needs all",
+    )
+    parser.add_argument(
         "--record",
         action="store_true",
         help="add or update the passing (backend, architecture) pairs in the record of verified "
@@ -229,6 +248,9 @@ def selfcheck_main(argv: list[str]) -> int:
         return 2
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     allowed = [b for b in _backends.BACKENDS if b != "reference"]
+    if args.cases is not None and args.cases < 1:
+        print(f"calibops selfcheck: --cases must be >= 1, got {args.cases}", file=sys.stderr)
+        return 2
     if not backends or not dtypes or any(b not in allowed for b in backends):
         print(
             f"calibops selfcheck: --backends must name some of {', '.join(allowed)} (the reference is what "
@@ -261,8 +283,11 @@ def selfcheck_main(argv: list[str]) -> int:
                 file=sys.stderr,
             )
             return 2
-        if set(dtypes) != set(_selfcheck.DTYPES):
-            print("calibops selfcheck: --record needs every dtype checked (drop --dtypes)", file=sys.stderr)
+        if set(dtypes) != set(_selfcheck.DTYPES) or args.cases is not None:
+            print(
+                "calibops selfcheck: --record needs every dtype and case checked (drop --dtypes and --cases)",
+                file=sys.stderr,
+            )
             return 2
 
     where = f" ({_selfcheck.device_name(device)}, {_selfcheck.device_arch(device)})" if device.type == "cuda" else ""
@@ -273,9 +298,11 @@ def selfcheck_main(argv: list[str]) -> int:
         if why is not None:
             unavailable[name] = why
             continue
-        results += _run_cases(name, device, dtypes)
-    print(f"{len(_selfcheck.CASES)} specialisations per backend and dtype (the column on the right):")
+        results += _run_cases(name, device, dtypes, args.cases)
+    n = len(_selfcheck.CASES[: args.cases] if args.cases is not None else _selfcheck.CASES)
+    print(f"{n} specialisation(s) per backend and dtype (the column on the right):")
     print_selfcheck_table(results, unavailable)
+    print_case_legend(results)
     ok = bool(results) and all(r.ok for r in results)
     if not results:
         print("nothing was checked: no requested backend can run on this device")
