@@ -630,3 +630,21 @@ def test_launch_mirrors_agree_with_the_triton_launcher():
         bwd = launch.launch_config(1, C, 1 << 20, M, CPU, backward=True, mode=mode, raters=R, moments=moments)
         assert fwd["SCATTER"] == s.scatter and fwd["C_BLOCK"] == s.c_block
         assert _selfcheck._tile_widths(s, C, R)[0] == max(fwd["BLOCK_N"], bwd["BLOCK_N"])
+
+
+CPU_WHY = _registry.why_unavailable("cpu", CPU)
+
+
+@pytest.mark.skipif(CPU_WHY is not None, reason=f"cpu backend unavailable: {CPU_WHY}")
+def test_real_cpu_kernels_pass_every_specialisation(standin, monkeypatch):
+    # no false alarm from a real fused kernel: the compiled CPU kernels as auto's candidate pass the check of
+    # every specialisation above (exact edges with right=True, uint8/int16 labels, non-finite inputs, ...)
+    monkeypatch.setattr(_resolve, "GPU_CANDIDATES", ("cpu",))
+    calls = [c for f in FAULTS for c in (f.inside, f.outside) if c is not None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", _selfcheck.SelfCheckWarning)
+        for call in calls:
+            call.run()
+    assert set(_resolve._AUTO_SPEC.values()) == {"cpu"}
+    assert all(r.ok for r in _selfcheck.checked_specialisations())
+    assert standin.shapes == []
