@@ -41,8 +41,8 @@ class DatasetCalibrationMetric(Metric):
     Args:
         num_classes: C, the channels of the predictions.
         num_bins, include_background, to_onehot_y, softmax, sigmoid, ignore_index, right, backend, validate:
-            as in :class:`calibops.DatasetCalibration` (``include_background`` defaults to False there and
-            here). One channel with ``to_onehot_y=True`` follows MONAI's rule (the label map {0, 1} is the
+            as in :class:`calibops.DatasetCalibration` (``include_background`` defaults to True there and
+            here, as in MONAI). One channel with ``to_onehot_y=True`` follows MONAI's rule (the label map {0, 1} is the
             channel's target, with a warning).
         class_names: names of the C classes for :meth:`plot` (optional).
         **kwargs: torchmetrics ``Metric`` options (``dist_sync_on_step``, ``process_group``, ...).
@@ -62,7 +62,7 @@ class DatasetCalibrationMetric(Metric):
         self,
         num_classes: int,
         num_bins: int = 20,
-        include_background: bool = False,
+        include_background: bool = True,
         to_onehot_y: bool = False,
         softmax: bool = False,
         sigmoid: bool = False,
