@@ -27,7 +27,7 @@ from ..results import BinnedStats, BinnedStatsMoments, CalibrationErrors, calibr
 from .config import MetricConfig
 from .records import hard_dice, make_records
 
-__all__ = ["Contribution", "contribution", "reliability_histogram_counts"]
+__all__ = ["Contribution", "contribution", "merge_sums", "reliability_histogram_counts"]
 
 
 class Contribution(NamedTuple):
@@ -45,6 +45,19 @@ class Contribution(NamedTuple):
     num_images: int
     warning: str | None
     device: torch.device
+
+
+def merge_sums(parts: Sequence[Contribution]) -> tuple[dict[str, torch.Tensor], torch.device]:
+    """The summed deltas of several contributions (e.g. the items of one list call), on the first one's device,
+    so that they are committed in one step; and that device."""
+    device = parts[0].device
+    if len(parts) == 1:
+        return parts[0].sums, device
+    sums = {k: v.clone() for k, v in parts[0].sums.items()}
+    for part in parts[1:]:
+        for k, v in part.sums.items():
+            sums[k] += v.to(device)
+    return sums, device
 
 
 def reliability_histogram_counts(stats: BinnedStats, right: bool = False, per_image: bool = False) -> torch.Tensor:

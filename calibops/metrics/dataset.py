@@ -66,7 +66,7 @@ from ..results import BinnedStats, CalibrationErrors
 from . import checkpoint, report
 from . import formulas as R
 from .config import MetricConfig
-from .contribution import contribution, reliability_histogram_counts
+from .contribution import Contribution, contribution, merge_sums, reliability_histogram_counts
 from .formulas import DatasetCalibrationResult, GroupGap, GroupResult
 from .records import ImageRecords
 from .state import SumState
@@ -275,13 +275,17 @@ class DatasetCalibration:
         records only): voxel size per spatial axis, or (B, D) per image, for ``volume_crps``.
         """
         part = contribution(self.config, input, target, image_ids, groups, spacing, seen=self._state["num_images"])
-        self._commit([part])
+        self.commit([part])
 
-    def _commit(self, parts: Sequence[Any]) -> None:
-        """Commit contributions computed beforehand (one or, for a list of items, several) in one step."""
-        for part in parts:
-            self._state.commit(part.sums, part.device)
-            self._records.extend(part.records)
+    def commit(self, parts: Sequence[Contribution]) -> None:
+        """Add contributions computed beforehand (:func:`calibops.metrics.contribution.contribution` under this
+        metric's :attr:`config`) in one step: the adapters compute every item of a list first, then commit them
+        all. :meth:`update` is ``commit([contribution(...)])``."""
+        if not parts:
+            return
+        sums, device = merge_sums(parts)
+        self._state.commit(sums, device)
+        self._records.extend([r for part in parts for r in part.records])
         for part in parts:
             if part.warning is not None:
                 warnings.warn(part.warning, RuntimeWarning, stacklevel=3)
