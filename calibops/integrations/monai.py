@@ -39,6 +39,19 @@ __all__ = ["CalibrationError", "CalibrationErrorMetric", "DiceCEL1ACELoss"]
 
 _REDUCTIONS = {"expected": 0, "average": 1, "maximum": 2}
 _NAMES = ("ece", "ace", "mce")
+#: the handler's arguments that configure its CalibrationErrorMetric
+_METRIC_ARGS = (
+    "num_bins",
+    "include_background",
+    "calibration_reduction",
+    "metric_reduction",
+    "right",
+    "to_onehot_y",
+    "softmax",
+    "sigmoid",
+    "ignore_index",
+    "backend",
+)
 
 
 def _image_ids(x: Any, batch: int) -> list[Any] | None:
@@ -96,22 +109,10 @@ class CalibrationErrorMetric(CumulativeIterationMetric):
                 f"calibration_reduction must be one of {tuple(_REDUCTIONS)}, got {calibration_reduction!r}"
             )
         # checks every option now, once (a wrong one raises here, not at the first batch); C is set at the first batch
-        from ..metrics import MetricConfig
+        from ..metrics.config import OPTIONS, MetricConfig
 
-        base = MetricConfig.build(
-            1,
-            num_bins=num_bins,
-            include_background=include_background,
-            to_onehot_y=to_onehot_y,
-            softmax=softmax,
-            sigmoid=sigmoid,
-            ignore_index=ignore_index,
-            right=right,
-            backend=backend,
-            validate=validate,
-            nonfinite=nonfinite,
-            keep_records=True,
-        )
+        given = {k: v for k, v in locals().items() if k in OPTIONS or k == "nonfinite"}
+        base = MetricConfig.build(1, keep_records=True, **given)
         self._acc = Accumulator("CalibrationErrorMetric", base)
         self._dataset = None
         super().__init__()
@@ -259,18 +260,7 @@ class CalibrationError(_ignite_base()):  # type: ignore[misc]
         figures: bool = True,
         logger: logging.Logger | None = None,
     ) -> None:
-        metric_fn = CalibrationErrorMetric(
-            num_bins=num_bins,
-            include_background=include_background,
-            calibration_reduction=calibration_reduction,
-            metric_reduction=metric_reduction,
-            right=right,
-            to_onehot_y=to_onehot_y,
-            softmax=softmax,
-            sigmoid=sigmoid,
-            ignore_index=ignore_index,
-            backend=backend,
-        )
+        metric_fn = CalibrationErrorMetric(**{k: v for k, v in locals().items() if k in _METRIC_ARGS})
         if output_dir is not None and figures:
             from ..plot import _import_matplotlib
 

@@ -23,7 +23,7 @@ from ._common import Accumulator, plain, require
 require("torchmetrics", "torchmetrics", "calibops.integrations.torchmetrics")
 from torchmetrics import Metric  # noqa: E402
 
-from ..metrics import MetricConfig  # noqa: E402
+from ..metrics.config import OPTIONS, MetricConfig  # noqa: E402
 from ..results import BinnedStats, calibration_errors_from_stats  # noqa: E402
 
 __all__ = ["DatasetCalibrationMetric"]
@@ -75,18 +75,8 @@ class DatasetCalibrationMetric(Metric):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        cfg = MetricConfig.build(  # every option checked here, once
-            num_classes,
-            num_bins=num_bins,
-            include_background=include_background,
-            to_onehot_y=to_onehot_y,
-            softmax=softmax,
-            sigmoid=sigmoid,
-            ignore_index=ignore_index,
-            right=right,
-            backend=backend,
-            validate=validate,
-        )
+        options = {k: v for k, v in locals().items() if k in OPTIONS}
+        cfg = MetricConfig.build(num_classes, **options)  # every option checked here, once
         self.num_classes = cfg.num_classes
         self.num_bins = cfg.options.num_bins
         self.classes = cfg.classes

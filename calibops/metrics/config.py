@@ -19,9 +19,23 @@ import torch
 
 from ..options import Options, as_bool, as_int
 
-__all__ = ["NONFINITE", "MetricConfig", "StateSpec"]
+__all__ = ["NONFINITE", "OPTIONS", "MetricConfig", "StateSpec"]
 
 NONFINITE = ("raise", "skip")
+#: the :class:`calibops.options.Options` fields a dataset metric takes (hard bins, no loss options)
+OPTIONS = (
+    "num_bins",
+    "include_background",
+    "to_onehot_y",
+    "softmax",
+    "sigmoid",
+    "ignore_index",
+    "right",
+    "backend",
+    "validate",
+    "mode",
+    "multi_rater",
+)
 
 #: name -> (shape, dtype) of every state entry
 StateSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
@@ -50,46 +64,30 @@ class MetricConfig:
         cls,
         num_classes: Any,
         *,
-        num_bins: Any = 20,
-        include_background: Any = True,
-        to_onehot_y: Any = False,
-        softmax: Any = False,
-        sigmoid: Any = False,
-        ignore_index: Any = None,
-        right: Any = False,
-        backend: Any = "auto",
-        validate: Any = True,
         nonfinite: Any = "raise",
         keep_records: Any = False,
         dice: Any = False,
-        mode: Any = "marginal",
         classification: Any = False,
         groups: Sequence[Hashable] | None = None,
         adaptive_bins: Any = None,
         fine_bins: Any = 1000,
-        multi_rater: Any = False,
         brier: Any = False,
+        **options: Any,
     ) -> MetricConfig:
-        """Check every option (a ``TypeError`` / ``ValueError`` naming it) and return the configuration."""
+        """Check every option (a ``TypeError`` / ``ValueError`` naming it) and return the configuration.
+
+        ``options``: the statistics options a dataset metric shares with the rest of calibops (:data:`OPTIONS`),
+        checked by :class:`calibops.options.Options`; the others are the dataset metric's own."""
         try:
             num_classes = as_int("num_classes", num_classes)
         except TypeError as exc:
             raise TypeError(f"{exc}; num_classes must be an int >= 1") from None
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        o = Options(
-            num_bins=num_bins,
-            include_background=include_background,
-            to_onehot_y=to_onehot_y,
-            softmax=softmax,
-            sigmoid=sigmoid,
-            ignore_index=ignore_index,
-            right=right,
-            backend=backend,
-            validate=validate,
-            mode=mode,
-            multi_rater=multi_rater,
-        )
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; a dataset metric takes {sorted(OPTIONS)} and its own")
+        o = Options(**options)
         keep_records = as_bool("keep_records", keep_records)
         dice = as_bool("dice", dice)
         classification = as_bool("classification", classification)

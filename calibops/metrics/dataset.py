@@ -162,28 +162,9 @@ class DatasetCalibration:
         multi_rater: bool = False,
         brier: bool = False,
     ) -> None:
-        cfg = MetricConfig.build(
-            num_classes,
-            num_bins=num_bins,
-            include_background=include_background,
-            to_onehot_y=to_onehot_y,
-            softmax=softmax,
-            sigmoid=sigmoid,
-            ignore_index=ignore_index,
-            right=right,
-            backend=backend,
-            validate=validate,
-            keep_records=keep_records,
-            dice=dice,
-            nonfinite=nonfinite,
-            mode=mode,
-            classification=classification,
-            groups=groups,
-            adaptive_bins=adaptive_bins,
-            fine_bins=fine_bins,
-            multi_rater=multi_rater,
-            brier=brier,
-        )
+        # every argument but the process group is an option, checked once by MetricConfig.build
+        options = {k: v for k, v in locals().items() if k not in ("self", "process_group")}
+        cfg = MetricConfig.build(**options)
         self._init(cfg, process_group)
 
     @classmethod
