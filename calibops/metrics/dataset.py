@@ -41,9 +41,9 @@ instead averages each bin's per-image confidences and accuracies unweighted over
 "ACE" is the *average* calibration error (mean gap over non-empty bins), not the *adaptive* one (that one is
 :meth:`DatasetCalibration.adaptive_errors`).
 
-Classification (``classification=True``): every update is a batch of samples, input (B, C) with (B,) labels or
-(B, C) one-hot targets; all samples form one pooled population (``compute().micro``); per-image (macro) values
-and the per-image histogram do not exist there.
+Classification (``classification=True``): every update is a batch of samples, input (B, C) with (B,) labels
+(``to_onehot_y=True``) or (B, C) one-hot targets; all samples form one pooled population
+(``compute().micro``); per-image (macro) values and the per-image histogram do not exist there.
 
 Non-finite probabilities (NaN/inf logits) are left out of every statistic by the kernels and counted. With
 ``validate=True`` and ``nonfinite="raise"`` (the defaults) an update holding any raises a ``ValueError`` that
@@ -108,10 +108,10 @@ class DatasetCalibration:
             and the CURVAS challenge; one row). Top-label results drop the class axis: ``compute()`` errors are
             0-d, ``histogram()`` is (M, M), records have ``class="top_label"``; ``include_background`` does not
             apply (the argmax runs over every class) and ``dice`` is not available.
-        classification: every update is a batch of samples, input (B, C) with target (B,) class indices (or
-            (B, C) one-hot); all samples are pooled (``compute().micro``; macro is NaN). ``include_background``
-            should then be True (class 0 is an ordinary class); records, Dice and ``histogram()`` do not apply
-            (use :meth:`plot`, a reliability diagram of the pooled samples).
+        classification: every update is a batch of samples, input (B, C) with target (B,) class indices (with
+            ``to_onehot_y=True``) or (B, C) one-hot; all samples are pooled (``compute().micro``; macro is NaN).
+            ``include_background`` should then be True (class 0 is an ordinary class); records, Dice and
+            ``histogram()`` do not apply (use :meth:`plot`, a reliability diagram of the pooled samples).
         groups: names of the subgroups (e.g. ``("site A", "site B")``); every update then takes ``groups=``, one
             name per image, and :meth:`compute_groups`, :meth:`group_gaps`, :meth:`bootstrap` and
             :meth:`plot_groups` report per group.
