@@ -130,8 +130,11 @@ def _pooled(prefix: str, stats: BinnedStats) -> dict[str, torch.Tensor]:
     return {prefix + k: getattr(stats, k).double().sum(0) for k in ("count", "sum_p", "sum_y")}
 
 
-def _zeros(cfg: MetricConfig, device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: torch.zeros(shape, dtype=dt, device=device) for k, (shape, dt) in cfg.spec().items()}
+def _complete(cfg: MetricConfig, d: dict[str, torch.Tensor], device: torch.device, prefix: str = "") -> None:
+    """Zeros (the batch adds nothing there) for every state entry named ``prefix...`` that ``d`` lacks."""
+    for k, (shape, dt) in cfg.spec().items():
+        if k not in d and k.startswith(prefix):
+            d[k] = torch.zeros(shape, dtype=dt, device=device)
 
 
 def _activation_name(cfg: MetricConfig) -> str:
@@ -210,7 +213,7 @@ def contribution(
     rated = _rows(cfg, run.stats)  # multi-rater: sum_y (B, C', R, M); the pooled sums use the rater-mean label
     stats = _rater_mean(rated) if cfg.multi_rater else rated
     dev = stats.count.device
-    d = _zeros(cfg, dev)
+    d: dict[str, torch.Tensor] = {}
     if cfg.fine_options is not None:  # the same entries over fine bins
         fine = _rows(cfg, engine.run(input, target, cfg.fine_options, raise_nonfinite=False).stats)
         d.update(_pooled("fine_", _rater_mean(fine) if cfg.multi_rater else fine))
@@ -239,6 +242,7 @@ def contribution(
         d["sum_p2"], d["sum_py"] = (m.double().sum(0) for m in moments)
     if gidx is not None:
         gi = gidx.to(dev)
+        _complete(cfg, d, dev, "group_")
         for k in ("count", "sum_p", "sum_y"):
             d["group_" + k].index_add_(0, gi, getattr(stats, k).double())
         d["group_macro_sum"].index_add_(0, gi, macro_add.movedim(1, 0))
@@ -260,6 +264,7 @@ def contribution(
         ids = list(image_ids) if image_ids is not None else list(range(start, start + B))
         extra = {"group": list(groups)} if groups is not None else None
         records = make_records(ids, cfg.row_names, values, stats.count.sum(-1), extra)
+    _complete(cfg, d, dev)
     return Contribution(d, records, errs, B, warning, dev)
 
 
@@ -309,13 +314,13 @@ def _classification(
         )
     stats = _rows(cfg, run.stats)
     dev = stats.count.device
-    d = _zeros(cfg, dev)
-    d.update(_pooled("", stats))
+    d = _pooled("", stats)
     if cfg.brier:
         d["sum_p2"], d["sum_py"] = (m.double().sum(0) for m in _moment_rows(cfg, run.stats))
     d["num_nonfinite"] = run.bad[1].to(torch.int64)
     if cfg.fine_options is not None:
         d.update(_pooled("fine_", _rows(cfg, engine.run(x, t, cfg.fine_options).stats)))
+    _complete(cfg, d, dev)  # no per-image values: zeros
     if gidx is not None:  # one pooled population per group: the samples of each group present
         gdev = gidx.to(x.device)
         gopts = opts.replace(validate=False, moments=False)
