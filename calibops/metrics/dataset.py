@@ -66,7 +66,7 @@ from ..results import BinnedStats, CalibrationErrors
 from . import checkpoint, report
 from . import formulas as R
 from .config import MetricConfig
-from .contribution import Contribution, contribution, merge_sums, reliability_histogram_counts
+from .contribution import Contribution, contribution, merge_sums
 from .formulas import DatasetCalibrationResult, GroupGap, GroupResult
 from .records import ImageRecords
 from .state import SumState
@@ -74,7 +74,7 @@ from .state import SumState
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-__all__ = ["DatasetCalibration", "reliability_histogram_counts"]
+__all__ = ["DatasetCalibration"]
 
 
 class DatasetCalibration:
