@@ -290,6 +290,16 @@ def test_monai_list_commits_every_item_like_one_batch():
         torch.testing.assert_close(a["tensors"][k], v, rtol=1e-12, atol=0)
 
 
+def test_monai_first_list_with_items_of_different_classes_is_refused_whole():
+    mm = pytest.importorskip("calibops.integrations.monai")
+    metric = mm.CalibrationErrorMetric(num_bins=10, to_onehot_y=True, softmax=True)
+    preds, labels = _monai_items()
+    preds[1] = preds[1][:3]  # the first item fixes C = 4, also in the first call
+    with pytest.raises(ValueError, match=r"item 1 .*\(B, 4, \*spatial\)"):
+        metric(preds, labels)
+    assert metric.dataset is None and metric.get_buffer() is None
+
+
 def test_monai_first_call_that_fails_creates_no_dataset():
     mm = pytest.importorskip("calibops.integrations.monai")
     metric = mm.CalibrationErrorMetric(num_bins=10, to_onehot_y=True, softmax=True)

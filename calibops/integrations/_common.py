@@ -75,12 +75,18 @@ class Accumulator:
         self.config, self.single = config, single
 
     def contribution(
-        self, y_pred: torch.Tensor, y: torch.Tensor, image_ids: list[Any] | None = None, seen: Any = 0
+        self,
+        y_pred: torch.Tensor,
+        y: torch.Tensor,
+        image_ids: list[Any] | None = None,
+        seen: Any = 0,
+        fixed: tuple[MetricConfig, bool] | None = None,
     ) -> tuple[Contribution, MetricConfig, bool]:
-        """The batch's contribution under this adapter's rules (nothing is changed)."""
+        """The batch's contribution under this adapter's rules (nothing is changed). ``fixed``: the configuration
+        an earlier item of the same call used (so that every item of a first call has the first item's C)."""
         if y_pred.dim() < 2:
             raise ValueError(f"{self.owner}: y_pred must be (B, C, *spatial), got shape {tuple(y_pred.shape)}")
-        cfg, single = self.config_for(y_pred.shape[1])
+        cfg, single = fixed if fixed is not None else self.config_for(y_pred.shape[1])
         if single and y.dim() == y_pred.dim() - 1:
             y = y.unsqueeze(1)
         if single and not y.is_floating_point():

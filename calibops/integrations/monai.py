@@ -171,7 +171,8 @@ class CalibrationErrorMetric(CumulativeIterationMetric):
             x, tt = plain(p, "y_pred"), plain(t, "y")
             ids = _image_ids(p if meta is None else meta[k], x.shape[0]) if x.dim() >= 1 else None
             try:
-                part, cfg, single = self._acc.contribution(x, tt, image_ids=ids, seen=seen)
+                fixed = (cfg, single) if cfg is not None else None
+                part, cfg, single = self._acc.contribution(x, tt, image_ids=ids, seen=seen, fixed=fixed)
             except (ValueError, TypeError) as exc:
                 if meta is None:
                     raise

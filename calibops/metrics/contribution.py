@@ -55,6 +55,8 @@ def merge_sums(parts: Sequence[Contribution]) -> tuple[dict[str, torch.Tensor], 
         return parts[0].sums, device
     sums = {k: v.clone() for k, v in parts[0].sums.items()}
     for part in parts[1:]:
+        if part.sums.keys() != sums.keys() or any(v.shape != sums[k].shape for k, v in part.sums.items()):
+            raise ValueError("contributions of different configurations cannot be committed together")
         for k, v in part.sums.items():
             sums[k] += v.to(device)
     return sums, device
