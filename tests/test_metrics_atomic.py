@@ -230,6 +230,22 @@ def test_a_failing_classification_batch_leaves_the_state_bit_identical(case):
     _assert_same(before, m, _class_metric)
 
 
+def test_classification_contribution_is_pure_and_update_commits_exactly_it():
+    g = torch.Generator().manual_seed(12)
+    m = _class_metric()
+    m.update(torch.randn(9, 3, generator=g), torch.randint(0, 3, (9,), generator=g), groups=["a"] * 4 + ["b"] * 5)
+    before = _snapshot(m)
+    x, y, groups = torch.randn(7, 3, generator=g), torch.randint(0, 3, (7,), generator=g), ["a", "b"] * 3 + ["b"]
+    part = contribution(m.config, x, y, None, groups)
+    _assert_same(before, m, _class_metric)
+    assert part.sums.keys() == m.state_tensors().keys() and part.records == [] and part.errors is None
+    assert int(part.sums["num_images"]) == 7 and part.sums["group_images"].tolist() == [3, 4]
+    m.update(x, y, groups=groups)
+    after = _snapshot(m)
+    for k, v in part.sums.items():
+        assert torch.equal(after["tensors"][k], before["tensors"][k] + v.to(before["tensors"][k].dtype)), k
+
+
 # ------------------------------------------------------------------------------------------ MONAI
 def _monai_items(n: int = 4, seed: int = 20):
     g = torch.Generator().manual_seed(seed)
