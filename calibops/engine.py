@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .backends import resolve_backend, stats_function
+from .backends import resolve_backend, resolve_call, stats_function
 from .contract import DENSE_DTYPES, INPUT_DTYPES, LABEL_DTYPES, MODES, SCHEMES, TARGET_DENSE, TARGET_LABELS
 from .options import Options, check_weight_values
 from .reference import ACT_NONE, ACT_SIGMOID, ACT_SOFTMAX, scheme_edges
@@ -285,7 +285,7 @@ def run(input: Any, target: Any, o: Options, *, raise_nonfinite: bool = True, we
     w, w_bad = check_weight(weight, used, input.device, check)
     scheme = SCHEMES[o.binning]
     edges = scheme_edges(o.num_bins, scheme, input.device)
-    count, sum_p, sum_y, sum_p2, sum_py, bad = stats_function(name)(
+    call = (
         prep.input,
         prep.target,
         edges,
@@ -298,6 +298,10 @@ def run(input: Any, target: Any, o: Options, *, raise_nonfinite: bool = True, we
         o.ignore_index,
         o.right,
     )
+    # auto on a GPU: the kernel known to be right for this call's specialisation (a dict lookup after its first
+    # call, which self-checks it); otherwise ``name`` itself
+    name = resolve_call(o.backend, name, call)
+    count, sum_p, sum_y, sum_p2, sum_py, bad = stats_function(name)(*call)
     if prep.binary:  # both channels of a non-finite voxel are counted: count voxels, like one channel
         bad = torch.stack([bad[0], bad[1] // 2])
     counts = None

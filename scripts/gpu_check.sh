@@ -19,7 +19,10 @@
 #                   top-label, R = 3 raters, moments: issue 10's targets); every row is appended to the CSV as
 #                   it is measured; then benchmarks/bench_monai.py --device cuda (calibops vs MONAI 1.7's losses)
 #    5 selfcheck    python -m calibops selfcheck --record (only after the quick tests passed; without --record
-#                   otherwise): adds the (backend, arch) pairs that pass to calibops/backends/verified.py
+#                   otherwise): adds the (backend, arch) pairs that pass to calibops/backends/verified.json;
+#                   then benchmarks/bench_selfcheck.py (at most 60 s): auto's per-new-specialisation self-check
+#                   cost (cold: compiling; warm: the check alone; target <= 100 ms) and the cached per-call
+#                   lookup (target <= 10 us), lines "PER CALL" and "SUMMARY" of the log
 #    6 memcheck_cuda    compute-sanitizer memcheck of scripts/sanitize_case.py (PYTORCH_NO_CUDA_MEMORY_CACHING=1:
 #    7 memcheck_triton  every tensor its own allocation, so small overruns are not hidden inside pooled blocks)
 #    8 tests_slow   the GPU tests marked slow (more Triton variants)
@@ -30,7 +33,7 @@
 # steps after it need (the build keeps 190 s for the quick tests and the benchmark; the quick tests keep 130 s
 # for the benchmark; the later steps 10 s for the archive), all scaled by budget/480; a step runs with timeout
 # min(cap, time left - reserve) and is skipped when that is under 10 s. Caps (s): env 30, build 240,
-# tests_quick 150, bench 150, selfcheck 90, memcheck 90 + 60, tests_slow 150, tests_rest 200, tiles 60.
+# tests_quick 150, bench 150, selfcheck 150, memcheck 90 + 60, tests_slow 150, tests_rest 200, tiles 60.
 #
 # Outputs, in $OUT (default ${TMPDIR:-/tmp}/calibops_gpu_check; at most 8 files, names of letters, digits,
 # '.', '_', '-'; refreshed after every step):
@@ -38,7 +41,7 @@
 #    gpu_bench.csv           benchmark rows (card, versions and environment in every row)
 #    gpu_bench_monai.csv     calibops vs MONAI 1.7's HardL1ACELoss / SoftL1ACELoss (benchmarks/bench_monai.py)
 #    gpu_tiles.csv           block-size sweep rows
-#    verified.diff           the change `selfcheck --record` made to calibops/backends/verified.py (review, commit)
+#    verified.diff           the change `selfcheck --record` made to calibops/backends/verified.json (review, commit)
 #    summary.txt             the step table
 # Knobs: PYTHON (default python3), GPU_CHECK_BUDGET_S, CALIBOPS_CUDA_ARCH (default: this GPU's compute
 # capability), MAX_JOBS (default 16), CUDA_HOME (default: found, see step 1), GPU_CHECK_DRY_RUN=1 (= --dry-run),
@@ -258,17 +261,25 @@ BENCH="$BENCH; r=\$?; timeout $(scaled 40) $MONAI_BENCH || r=\$?; exit \$r"
 run_step bench 150 10 "$BENCH"
 
 # --- 5. self-check, and the record of verified architectures -------------------------------------------------
-cp calibops/backends/verified.py "$LOG_DIR/_verified.before.py" 2>/dev/null || : > "$LOG_DIR/_verified.before.py"
-if (( DRY )); then  # the Triton kernels through the interpreter; nothing is recorded
-  SELFCHECK="\$PY -m calibops selfcheck --device cpu --backends triton --dtypes float32"
-elif (( QUICK_OK )); then
-  SELFCHECK="\$PY -m calibops selfcheck --record"
+cp calibops/backends/verified.json "$LOG_DIR/verified.before.json" 2>/dev/null || : > "$LOG_DIR/verified.before.json"
+if (( DRY )); then  # the Triton kernels through the interpreter; nothing is recorded; the cpu kernels stand in
+  SELFCHECK="\$PY -m calibops selfcheck --device cpu --backends triton --dtypes float32 --cases 1"
+  SELFCHECK_COST="\$PY benchmarks/bench_selfcheck.py --device cpu --dry-run --backends cpu --calls 5000"
 else
-  SELFCHECK="\$PY -m calibops selfcheck"  # the quick tests failed: check, record nothing
+  if (( QUICK_OK )); then
+    SELFCHECK="\$PY -m calibops selfcheck --record"
+  else
+    SELFCHECK="\$PY -m calibops selfcheck"  # the quick tests failed: check, record nothing
+  fi
+  SELFCHECK_COST="\$PY benchmarks/bench_selfcheck.py --backends cuda,triton --calls 20000"
 fi
-run_step selfcheck 90 10 "$SELFCHECK"
-diff -u --label a/calibops/backends/verified.py --label b/calibops/backends/verified.py \
-  "$LOG_DIR/_verified.before.py" calibops/backends/verified.py > "$OUT_DIR/verified.diff" 2>/dev/null
+# the step fails when the self-check fails; the cost block (per new specialisation, per cached call) reports
+run_step selfcheck 150 10 "$SELFCHECK; rc=\$?
+echo '--- self-check cost (benchmarks/bench_selfcheck.py) ---'
+timeout --kill-after=5 60 $SELFCHECK_COST || echo \"self-check cost: FAILED or stopped at 60 s (exit \$?)\"
+exit \$rc"
+diff -u --label a/calibops/backends/verified.json --label b/calibops/backends/verified.json \
+  "$LOG_DIR/verified.before.json" calibops/backends/verified.json > "$OUT_DIR/verified.diff" 2>/dev/null
 cp "$OUT_DIR/verified.diff" "$LOG_DIR/verified.diff"
 echo "verified.diff: $(grep -c '^+[^+]' "$OUT_DIR/verified.diff") added line(s)"
 

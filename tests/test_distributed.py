@@ -24,7 +24,7 @@ from calibops.metrics import DatasetCalibration
 from .test_metrics import oracle
 
 WORLD = 2
-CFG = {"to_onehot_y": True, "softmax": True, "ignore_index": 255}
+CFG = {"to_onehot_y": True, "softmax": True, "ignore_index": 255, "include_background": False}
 C, M = 4, 12
 TIMEOUT_S = 90
 
@@ -172,7 +172,7 @@ def _protocol_worker(rank: int, port: int, out_dir: str) -> None:
         torch.set_num_threads(1)
         m = DatasetCalibration(C, num_bins=M, **CFG, **PCFG)
         cm = DatasetCalibration(
-            C, num_bins=M, softmax=True, include_background=True, classification=True, groups=GROUPS
+            C, num_bins=M, to_onehot_y=True, softmax=True, include_background=True, classification=True, groups=GROUPS
         )
         for i, (x, y) in enumerate(_data()):
             if i % WORLD == rank:
@@ -210,7 +210,9 @@ def test_two_gloo_processes_equal_one_process_for_groups_adaptive_l2_classificat
                     p.terminate()
             pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
     m = DatasetCalibration(C, num_bins=M, **CFG, **PCFG)
-    cm = DatasetCalibration(C, num_bins=M, softmax=True, include_background=True, classification=True, groups=GROUPS)
+    cm = DatasetCalibration(
+        C, num_bins=M, to_onehot_y=True, softmax=True, include_background=True, classification=True, groups=GROUPS
+    )
     for i, (x, y) in enumerate(_data()):
         m.update(x, y, groups=_groups_of(i, x.shape[0]))
     for i, (x, y) in enumerate(_class_data()):

@@ -21,7 +21,13 @@ from calibops.evaluation import adaptive_calibration_errors, pool_stats
 from .test_eval_protocols import _bins, _np_errors
 
 BACKENDS = [b for b in ("reference", "cpu", "triton") if calibops.available_backends()[b] is None]
-CFG = {"to_onehot_y": True, "softmax": True, "ignore_index": 255}
+# the background is left out explicitly (include_background defaults to True since v0.3); top-label has no
+# class to leave out, so it takes the default
+CFG = {"to_onehot_y": True, "softmax": True, "ignore_index": 255, "include_background": False}
+
+
+def _cfg(mode: str) -> dict:
+    return CFG if mode == "marginal" else {**CFG, "include_background": True}
 
 
 def _batches(seed=0, C=4, n=4):
@@ -42,7 +48,7 @@ def _batches(seed=0, C=4, n=4):
 @pytest.mark.parametrize("mode", ["marginal", "top_label"])
 def test_dataset_l2_macro_and_micro_match_numpy(backend, mode):
     C, M = 4, 10
-    m = DatasetCalibration(C, num_bins=M, mode=mode, backend=backend, **CFG)
+    m = DatasetCalibration(C, num_bins=M, mode=mode, backend=backend, **_cfg(mode))
     per_image, pooled_q, pooled_y = [], {}, {}
     rows = [0] if mode == "top_label" else [1, 2, 3]
     for x, y in _batches():
@@ -127,7 +133,9 @@ def test_classification_pools_samples_over_the_dataset(backend):
 def test_classification_groups_pool_each_groups_samples():
     g = torch.Generator().manual_seed(5)
     C, M = 3, 8
-    m = DatasetCalibration(C, num_bins=M, softmax=True, classification=True, include_background=True, groups=("a", "b"))
+    m = DatasetCalibration(
+        C, num_bins=M, to_onehot_y=True, softmax=True, classification=True, include_background=True, groups=("a", "b")
+    )
     xs, ys, gs = [], [], []
     for n in (9, 14, 6):
         x = torch.randn(n, C, generator=g)
@@ -141,7 +149,9 @@ def test_classification_groups_pool_each_groups_samples():
     res = m.compute_groups()
     for name in ("a", "b"):
         sel = torch.tensor([v == name for v in gs])
-        want = F.classification_calibration_errors(X[sel], Y[sel], num_bins=M, to_onehot_y=True, softmax=True)
+        want = F.classification_calibration_errors(
+            X[sel], Y[sel], num_bins=M, mode="marginal", to_onehot_y=True, softmax=True
+        )
         torch.testing.assert_close(res[name].micro.ece, want.ece, atol=1e-6, rtol=0)
         assert res[name].num_images == int(sel.sum())
 
@@ -266,7 +276,7 @@ def test_adaptive_errors_from_the_fine_histogram(backend):
     for x, y in data:
         m.update(x, y)
     # independent: the fine statistics of every image by the functional API, pooled, then regrouped
-    fine = [F.binned_stats(x, y, num_bins=200, include_background=False, backend=backend, **CFG) for x, y in data]
+    fine = [F.binned_stats(x, y, num_bins=200, backend=backend, **CFG) for x, y in data]
     pooled = pool_stats(F.BinnedStats(*(torch.cat([getattr(s, k) for s in fine]) for k in ("count", "sum_p", "sum_y"))))
     want, _ = adaptive_calibration_errors(pooled, 5)
     got = m.adaptive_errors()
@@ -291,7 +301,9 @@ def test_adaptive_errors_equal_sorted_equal_mass_bins_at_fine_granularity():
     idx = torch.randperm(500, generator=g)[:40]
     q = ((idx.double() + 0.5) / 500).float()
     y = (torch.rand(40, generator=g) < q).long()
-    m = DatasetCalibration(2, include_background=True, classification=True, adaptive_bins=5, fine_bins=500)
+    m = DatasetCalibration(
+        2, include_background=True, to_onehot_y=True, classification=True, adaptive_bins=5, fine_bins=500
+    )
     m.update(torch.stack([1 - q, q], 1), y)
     got = m.adaptive_errors()
     order = np.argsort(q.numpy())
@@ -337,9 +349,10 @@ def test_multi_rater_dataset_macro_is_curvas_mean_and_micro_is_soft_label(backen
     t = torch.randint(0, C, (2, R, 6, 7), generator=g2)
     t[torch.rand(t.shape, generator=g2) < 0.05] = 255
     used = (t != 255).all(1, keepdim=True).expand_as(t)
-    crps = F.volume_crps(x, torch.where(used, t, torch.full_like(t, 99)), spacing=spacing, to_onehot_y=True, include_background=False, softmax=True, validate=False)
+    kw = {"to_onehot_y": True, "include_background": False, "softmax": True}  # rater label maps, classes 1..3
+    crps = F.volume_crps(x, torch.where(used, t, torch.full_like(t, 99)), spacing=spacing, validate=False, **kw)
     assert [r["volume_crps"] for r in recs[:3]] == pytest.approx(crps[0].tolist(), rel=1e-6)
-    dice = F.consensus_dice(x, t, to_onehot_y=True, include_background=False, softmax=True)
+    dice = F.consensus_dice(x, t, ignore_index=255, **kw)
     assert [r["consensus_dice"] for r in recs[:3]] == pytest.approx(dice[0].tolist(), nan_ok=True)
     with pytest.raises(ValueError, match="consensus_dice"):
         DatasetCalibration(C, multi_rater=True, keep_records=True, dice=True, **CFG)
@@ -359,15 +372,19 @@ def test_multi_rater_top_label_and_classification_nonfinite_skip():
     xs = torch.randn(10, 3, generator=g)
     xs[4, 1] = float("nan")
     ys = torch.randint(0, 3, (10,), generator=g)
-    skip = DatasetCalibration(3, softmax=True, classification=True, include_background=True, nonfinite="skip")
+    skip = DatasetCalibration(
+        3, to_onehot_y=True, softmax=True, classification=True, include_background=True, nonfinite="skip"
+    )
     with pytest.warns(RuntimeWarning, match="non-finite"):
         skip.update(xs, ys)
     keep = torch.arange(10) != 4
-    want = F.classification_calibration_errors(xs[keep], ys[keep], num_bins=20, to_onehot_y=True, softmax=True)
+    want = F.classification_calibration_errors(
+        xs[keep], ys[keep], num_bins=20, mode="marginal", to_onehot_y=True, softmax=True
+    )
     torch.testing.assert_close(skip.compute().micro.ece, want.ece, atol=1e-6, rtol=0)
     assert skip.compute().nonfinite == 3
     with pytest.raises(ValueError, match="non-finite"):
-        DatasetCalibration(3, softmax=True, classification=True, include_background=True).update(xs, ys)
+        DatasetCalibration(3, to_onehot_y=True, softmax=True, classification=True).update(xs, ys)
 
 
 def test_group_rows_and_csv(tmp_path):
@@ -393,7 +410,7 @@ def test_group_rows_and_csv(tmp_path):
 @pytest.mark.parametrize("mode", ["marginal", "top_label"])
 def test_dataset_brier_macro_micro_and_decomposition_match_numpy(backend, mode):
     C, M = 4, 8
-    m = DatasetCalibration(C, num_bins=M, mode=mode, brier=True, backend=backend, **CFG)
+    m = DatasetCalibration(C, num_bins=M, mode=mode, brier=True, backend=backend, **_cfg(mode))
     rows = [0] if mode == "top_label" else [1, 2, 3]
     per_image, qs, ys = [], {c: [] for c in rows}, {c: [] for c in rows}
     for x, y in _batches(seed=7):
@@ -434,7 +451,7 @@ def test_dataset_brier_macro_micro_and_decomposition_match_numpy(backend, mode):
 def test_classification_brier_pools_samples():
     g = torch.Generator().manual_seed(45)
     x, y = torch.randn(50, 3, generator=g), torch.randint(0, 3, (50,), generator=g)
-    m = DatasetCalibration(3, softmax=True, classification=True, include_background=True, brier=True)
+    m = DatasetCalibration(3, to_onehot_y=True, softmax=True, classification=True, include_background=True, brier=True)
     m.update(x[:20], y[:20])
     m.update(x[20:], y[20:])
     _, micro = m.brier()
@@ -452,10 +469,10 @@ def test_protocols_on_cuda_inputs_match_cpu():
     t = torch.randint(0, 4, (2, 3, 6, 5), generator=g)
     kw = {"backend": "reference"}
     for fn in (
-        lambda a, b: F.volume_crps(a, b, to_onehot_y=True, include_background=False, softmax=True, spacing=(0.5, 2.0), **kw),
-        lambda a, b: F.volume_crps(a, b, to_onehot_y=True, include_background=False, softmax=True, method="curvas", **kw),
+        lambda a, b: F.volume_crps(a, b, to_onehot_y=True, softmax=True, spacing=(0.5, 2.0), **kw),
+        lambda a, b: F.volume_crps(a, b, to_onehot_y=True, softmax=True, method="curvas", **kw),
         lambda a, b: F.brier_score(a, b, to_onehot_y=True, softmax=True, multi_rater=True, **kw),
-        lambda a, b: F.consensus_dice(a, b, to_onehot_y=True, include_background=False, softmax=True),
+        lambda a, b: F.consensus_dice(a, b, to_onehot_y=True, softmax=True),
     ):
         torch.testing.assert_close(fn(x.cuda(), t.cuda()).cpu(), fn(x, t), atol=1e-5, rtol=1e-5, equal_nan=True)
     opts = {"to_onehot_y": True, "softmax": True, "backend": "reference", "multi_rater": True, "brier": True}

@@ -69,7 +69,7 @@ def _problem(B=2, C=4, S=(9, 11), R=1, seed=0, ignore=None):
 # ------------------------------------------------------------------------------------------------ L2
 def test_l2_keeps_three_field_unpacking_and_survives_pickle_and_replace():
     x, t = _problem()
-    errs = F.calibration_errors(x, t, to_onehot_y=True, softmax=True, backend="reference")
+    errs = F.calibration_errors(x, t, include_background=False, to_onehot_y=True, softmax=True, backend="reference")
     ece, ace, mce = errs
     assert len(errs) == 3 and errs.l2.shape == ece.shape == (2, 3)
     back = pickle.loads(pickle.dumps(errs))
@@ -85,8 +85,9 @@ def test_l2_keeps_three_field_unpacking_and_survives_pickle_and_replace():
 def test_l2_and_errors_match_numpy_loop(backend, mode):
     x, t = _problem(seed=3, ignore=255)
     M = 13
+    bg = {} if mode == "top_label" else {"include_background": False}  # classes 1..C-1 (top-label: no class)
     errs = F.calibration_errors(
-        x, t, num_bins=M, to_onehot_y=True, softmax=True, ignore_index=255, mode=mode, backend=backend
+        x, t, num_bins=M, to_onehot_y=True, softmax=True, ignore_index=255, mode=mode, backend=backend, **bg
     )
     p = torch.softmax(x.float(), 1).numpy()
     lab = t[:, 0].numpy()
@@ -239,6 +240,7 @@ def test_brier_score_matches_numpy_loop(backend, mode, raters):
         ignore_index=255,
         multi_rater=raters > 1,
         backend=backend,
+        **({} if mode == "top_label" else {"include_background": False}),  # classes 1..C-1
     )
     p = torch.softmax(x.float(), 1).double().flatten(2).numpy()
     want = _np_brier(p, t.reshape(3, raters, -1).numpy(), 4, mode, raters, ignore=255)
@@ -318,7 +320,9 @@ def test_volume_crps_closed_form_matches_properscoring(backend):
     x, t = _problem(B=3, C=4, S=(6, 7, 5), R=3, seed=11)
     t[1] = t[1, :1]  # image 1: the raters agree, sigma = 0
     spacing = torch.tensor([[1.0, 0.5, 2.0], [0.8, 0.8, 3.0], [1.2, 1.0, 1.0]], dtype=torch.float64)
-    got = F.volume_crps(x, t, spacing=spacing, to_onehot_y=True, include_background=False, softmax=True, backend=backend)
+    got = F.volume_crps(
+        x, t, spacing=spacing, to_onehot_y=True, include_background=False, softmax=True, backend=backend
+    )
     p = torch.softmax(x.float(), 1).double().numpy()
     vox = spacing.prod(1).numpy()
     v, counts = _np_volumes(p, t.numpy(), 4, np.ones(3))
@@ -337,18 +341,19 @@ def test_volume_crps_closed_form_matches_properscoring(backend):
 
 def test_volume_crps_spacing_forms_and_gradient():
     x, t = _problem(B=2, C=3, S=(5, 6), R=2, seed=12)
-    base = F.volume_crps(x, t, to_onehot_y=True, include_background=False, softmax=True, backend="reference")
+    kw = {"to_onehot_y": True, "include_background": False, "softmax": True}  # rater label maps, classes 1..C-1
+    base = F.volume_crps(x, t, backend="reference", **kw)
     # crps scales with the voxel volume: spacing (2, 3) = volume 6 everywhere
-    torch.testing.assert_close(F.volume_crps(x, t, spacing=(2.0, 3.0), to_onehot_y=True, include_background=False, softmax=True, backend="reference"), 6 * base)
-    torch.testing.assert_close(F.volume_crps(x, t, spacing=2.0, to_onehot_y=True, include_background=False, softmax=True, backend="reference"), 4 * base)
+    torch.testing.assert_close(F.volume_crps(x, t, spacing=(2.0, 3.0), backend="reference", **kw), 6 * base)
+    torch.testing.assert_close(F.volume_crps(x, t, spacing=2.0, backend="reference", **kw), 4 * base)
     # one rater map (B, *spatial) = R = 1: |v - V|
-    one = F.volume_crps(x, t[:, 0], to_onehot_y=True, include_background=False, softmax=True, backend="reference")
+    one = F.volume_crps(x, t[:, 0], backend="reference", **kw)
     p = torch.softmax(x.double(), 1)
     V = torch.stack([(t[:, 0] == c).double().flatten(1).sum(1) for c in range(3)], 1)
     torch.testing.assert_close(one, (p.flatten(2).sum(2) - V)[:, 1:].abs(), rtol=1e-6, atol=1e-5)
     # differentiable (a volume loss): against autograd of the closed form on directly computed volumes
     xd = x.double().requires_grad_(True)
-    got = F.volume_crps(xd, t, to_onehot_y=True, include_background=False, softmax=True, backend="reference").sum()
+    got = F.volume_crps(xd, t, backend="reference", **kw).sum()
     (g1,) = torch.autograd.grad(got, xd)
     xd2 = x.double().requires_grad_(True)
     v = torch.softmax(xd2, 1).flatten(2).sum(2)[:, 1:]
@@ -358,9 +363,9 @@ def test_volume_crps_spacing_forms_and_gradient():
     torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-12)
     for bad, exc in (((1.0,), ValueError), ((1.0, -1.0), ValueError), ("a", TypeError)):
         with pytest.raises(exc, match="spacing"):
-            F.volume_crps(x, t, spacing=bad, to_onehot_y=True, include_background=False, softmax=True)
+            F.volume_crps(x, t, spacing=bad, **kw)
     with pytest.raises(ValueError, match="method"):
-        F.volume_crps(x, t, method="quad")
+        F.volume_crps(x, t, method="quad", **kw)
 
 
 def _curvas_quad(v, mu, sd):
@@ -393,7 +398,9 @@ def test_crps_curvas_matches_scipy_quad_of_the_interpolated_cdf():
 
 def test_volume_crps_curvas_method_uses_the_same_volumes():
     x, t = _problem(B=2, C=3, S=(8, 8), R=3, seed=13)
-    got = F.volume_crps(x, t, to_onehot_y=True, include_background=False, softmax=True, method="curvas", backend="reference")
+    got = F.volume_crps(
+        x, t, to_onehot_y=True, include_background=False, softmax=True, method="curvas", backend="reference"
+    )
     p = torch.softmax(x.float(), 1).double().numpy()
     v, V = _np_volumes(p, t.numpy(), 3, np.ones(2))
     for b in range(2):
@@ -448,12 +455,12 @@ def test_classification_errors_pooled_match_torchmetrics_and_numpy(backend):
     B, C, M = 300, 5, 15
     p = torch.randint(1, 1024, (B, C), generator=g).float() / 1024
     y = torch.randint(0, C, (B,), generator=g)
-    e = F.classification_calibration_errors(p, y, num_bins=M, to_onehot_y=True, mode="top_label", backend=backend)
+    e = F.classification_calibration_errors(p, y, num_bins=M, mode="top_label", to_onehot_y=True, backend=backend)
     assert e.ece.shape == ()
     for norm, ours in (("l1", e.ece), ("l2", e.l2), ("max", e.mce)):
         ref = tm.MulticlassCalibrationError(num_classes=C, n_bins=M, norm=norm)(p, y)
         assert abs(float(ours) - float(ref)) <= 1e-6
-    em = F.classification_calibration_errors(p, y, num_bins=M, to_onehot_y=True, mode="marginal", backend=backend)
+    em = F.classification_calibration_errors(p, y, num_bins=M, mode="marginal", to_onehot_y=True, backend=backend)
     assert em.ece.shape == (C,)
     for c in range(C):
         want = _np_errors(p[:, c].numpy(), (y == c).numpy(), M)

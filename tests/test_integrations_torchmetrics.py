@@ -25,7 +25,7 @@ from calibops import DatasetCalibration  # noqa: E402
 from calibops.integrations.torchmetrics import DatasetCalibrationMetric  # noqa: E402
 
 C, M = 4, 12
-CFG = {"to_onehot_y": True, "softmax": True, "ignore_index": 255}
+CFG = {"to_onehot_y": True, "softmax": True, "ignore_index": 255, "include_background": False}
 
 
 def _data():

@@ -144,7 +144,7 @@ def _hand_batches():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hand_checked(backend):
-    m = DatasetCalibration(2, num_bins=2, to_onehot_y=True, backend=backend)
+    m = DatasetCalibration(2, num_bins=2, include_background=False, to_onehot_y=True, backend=backend)
     for x, y in _hand_batches():
         m.update(x, y)
     res = m.compute()
@@ -225,7 +225,7 @@ CONFIGS = {
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_random_against_oracle(name, backend):
     cfg, C, M = CONFIGS[name]
-    opts = {k: v for k, v in cfg.items() if k != "soft_labels"}
+    opts = {"include_background": False} | {k: v for k, v in cfg.items() if k != "soft_labels"}
     batches = _random_batches(100 + list(CONFIGS).index(name), C, cfg)
     m = DatasetCalibration(C, num_bins=M, backend=backend, **opts)
     for x, y in batches:
@@ -239,7 +239,7 @@ def test_random_against_oracle(name, backend):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs(dtype):
-    cfg = {"to_onehot_y": True, "softmax": True}
+    cfg = {"include_background": False, "to_onehot_y": True, "softmax": True}
     batches = _random_batches(7, 4, cfg, dtype=dtype)
     m = DatasetCalibration(4, num_bins=15, **cfg)
     for x, y in batches:
@@ -268,9 +268,9 @@ def test_matches_per_image_functional_metrics():
     g = torch.Generator().manual_seed(11)
     x = torch.randn(4, 3, 10, 6, generator=g)
     y = torch.randint(0, 3, (4, 1, 10, 6), generator=g)
-    m = DatasetCalibration(3, to_onehot_y=True, softmax=True, keep_records=True)
+    m = DatasetCalibration(3, include_background=False, to_onehot_y=True, softmax=True, keep_records=True)
     m.update(x, y, image_ids=["a", "b", "c", "d"])
-    per = F.calibration_errors(x, y, to_onehot_y=True, softmax=True)
+    per = F.calibration_errors(x, y, include_background=False, to_onehot_y=True, softmax=True)
     res = m.compute()
     torch.testing.assert_close(res.macro.ece, per.ece.mean(0), atol=1e-6, rtol=0)
     torch.testing.assert_close(res.macro.mce, per.mce.mean(0), atol=1e-6, rtol=0)
@@ -298,7 +298,7 @@ def test_dice_records_hand_checked():
 
 def test_nan_when_a_class_never_has_voxels():
     # every voxel ignored: no statistic anywhere -> NaN macro and micro, empty histogram
-    m = DatasetCalibration(3, to_onehot_y=True, softmax=True, ignore_index=9)
+    m = DatasetCalibration(3, include_background=False, to_onehot_y=True, softmax=True, ignore_index=9)
     m.update(torch.randn(2, 3, 4), torch.full((2, 4), 9))
     res = m.compute()
     assert torch.isnan(torch.stack([*res.macro, *res.micro])).all()
@@ -313,7 +313,7 @@ def _state_numel(m: DatasetCalibration) -> int:
 
 def test_state_size_is_independent_of_data():
     C, M = 4, 12
-    m = DatasetCalibration(C, num_bins=M, to_onehot_y=True, softmax=True)
+    m = DatasetCalibration(C, num_bins=M, include_background=False, to_onehot_y=True, softmax=True)
     Cp = C - 1
     # count/sum_p/sum_y, macro sums (ece/ace/mce and l2) and counts, histogram, images_with_class, num_images and
     # num_nonfinite
@@ -431,7 +431,7 @@ def test_cuda_inputs_match_cpu_reference():
 def test_write_records_csv(tmp_path):
     import csv
 
-    m = DatasetCalibration(3, to_onehot_y=True, softmax=True, keep_records=True, dice=True)
+    m = DatasetCalibration(3, include_background=False, to_onehot_y=True, softmax=True, keep_records=True, dice=True)
     g = torch.Generator().manual_seed(2)
     m.update(torch.randn(2, 3, 6, 5, generator=g), torch.randint(0, 3, (2, 6, 5), generator=g), ["p", "q"])
     m.write_records_csv(tmp_path / "r.csv")
@@ -456,7 +456,7 @@ def _state(m):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_logits_raise_with_the_image_and_lose_nothing(backend, value):
-    cfg = {"to_onehot_y": True, "softmax": True, "backend": backend, "keep_records": True}
+    cfg = {"include_background": False, "to_onehot_y": True, "softmax": True, "backend": backend, "keep_records": True}
     m = DatasetCalibration(3, **cfg)
     clean = DatasetCalibration(3, **cfg)
     for seed in (0, 1):
@@ -489,7 +489,9 @@ def test_nonfinite_skip_counts_and_equals_leaving_the_voxels_out(backend):
     x[0, 1, 0, 0] = float("nan")
     x[2, :, 1, 2] = float("-inf")  # all -inf: NaN softmax
     x[2, 0, 3, 3] = float("-inf")  # one -inf: a valid voxel (p = 0 for class 0)
-    m = DatasetCalibration(3, to_onehot_y=True, softmax=True, backend=backend, nonfinite="skip")
+    m = DatasetCalibration(
+        3, include_background=False, to_onehot_y=True, softmax=True, backend=backend, nonfinite="skip"
+    )
     with pytest.warns(RuntimeWarning, match=r"left out 6 non-finite.*image 0 \(batch position 0\): 3.*image 2"):
         m.update(x, y)
     # the same statistics as ignoring those two voxels (their labels set to ignore_index)
@@ -497,7 +499,9 @@ def test_nonfinite_skip_counts_and_equals_leaving_the_voxels_out(backend):
     y_ign[0, 0, 0] = 9
     y_ign[2, 1, 2] = 9
     x_fin = torch.where(torch.isnan(x) | (x == float("-inf")).all(1, keepdim=True), 0.0, x)
-    ref = DatasetCalibration(3, to_onehot_y=True, softmax=True, ignore_index=9, backend=backend)
+    ref = DatasetCalibration(
+        3, include_background=False, to_onehot_y=True, softmax=True, ignore_index=9, backend=backend
+    )
     ref.update(x_fin, y_ign)
     r, rr = m.compute(), ref.compute()
     for u, v in zip((*r.macro, *r.micro), (*rr.macro, *rr.micro), strict=True):
@@ -531,14 +535,14 @@ def test_images_per_class_and_images_with_class():
     y = torch.zeros(3, 4, 4, dtype=torch.long)
     y[0, :2] = 1
     y[1, 1:3, 1:3] = 2
-    m = DatasetCalibration(3, to_onehot_y=True, softmax=True)
+    m = DatasetCalibration(3, include_background=False, to_onehot_y=True, softmax=True)
     m.update(torch.randn(3, 3, 4, 4), y)
     r = m.compute()
     assert r.images_per_class.tolist() == [3, 3]
     assert r.images_with_class.tolist() == [1, 1]
     # an image whose voxels are all ignored counts for neither
     y2 = torch.full((1, 4, 4), 7)
-    m2 = DatasetCalibration(3, to_onehot_y=True, softmax=True, ignore_index=7)
+    m2 = DatasetCalibration(3, include_background=False, to_onehot_y=True, softmax=True, ignore_index=7)
     m2.update(torch.randn(1, 3, 4, 4), y2)
     m2.update(torch.randn(3, 3, 4, 4), y)
     r2 = m2.compute()
@@ -550,7 +554,7 @@ def test_micro_pools_sums_unlike_the_2025_paper_code():
     # class-1 probability 0.925 everywhere (hard bin 18 of 20); image A: 20 voxels, 13 labelled 1;
     # image B: 25 voxels, 3 labelled 1
     sizes, positives = (20, 25), (13, 3)
-    m = DatasetCalibration(2, num_bins=20, to_onehot_y=True)
+    m = DatasetCalibration(2, num_bins=20, include_background=False, to_onehot_y=True)
     for n, k in zip(sizes, positives, strict=True):
         p = torch.full((1, n), 0.925)
         m.update(torch.stack([1 - p, p], 1), (torch.arange(n) < k).long()[None])

@@ -23,7 +23,7 @@ from calibops.plot import column_normalise, dataset_reliability_histogram, relia
 
 def _metric(C=4, M=10, seed=0):
     g = torch.Generator().manual_seed(seed)
-    m = DatasetCalibration(C, num_bins=M, to_onehot_y=True, softmax=True)
+    m = DatasetCalibration(C, num_bins=M, include_background=False, to_onehot_y=True, softmax=True)
     for size in ((12, 10), (8, 9)):
         m.update(torch.randn(3, C, *size, generator=g) * 2, torch.randint(0, C, (3, *size), generator=g))
     return m

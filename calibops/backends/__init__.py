@@ -8,7 +8,15 @@
 """
 
 from .registry import BACKENDS, available_backends, stats_function
-from .resolve import backend_for, resolve_backend
+from .resolve import backend_for, resolve_backend, resolve_call
 from .selfcheck import SelfCheckWarning
 
-__all__ = ["BACKENDS", "SelfCheckWarning", "available_backends", "backend_for", "resolve_backend", "stats_function"]
+__all__ = [
+    "BACKENDS",
+    "SelfCheckWarning",
+    "available_backends",
+    "backend_for",
+    "resolve_backend",
+    "resolve_call",
+    "stats_function",
+]

@@ -6,8 +6,9 @@ calibops demo ...      train a small network three ways and compare calibration 
 calibops evaluate ...  calibration metrics and dataset reliability histograms of saved predictions
 calibops selfcheck [--device cuda:0] [--record]
                        run the GPU kernel backends' self-check against the reference (float32, float16,
-                       bfloat16) and print a table; exit status 0 if all pass. --record adds the passing
-                       (backend, GPU architecture) pairs to calibops/backends/verified.py (the diff to commit)
+                       bfloat16), one specialisation per row, and print the table; exit status 0 if all pass.
+                       --record adds the passing (backend, GPU architecture) pairs to
+                       calibops/backends/verified.json (the diff to commit)
 """
 
 from __future__ import annotations
@@ -71,16 +72,37 @@ def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _spec_label(r) -> str:
+    """The specialisation a result checked (its one case's name; auto's cases are named by the specialisation)."""
+    if len(r.cases) == 1:
+        return r.cases[0].name
+    if getattr(r, "spec", None) is not None:
+        return r.spec.describe()
+    return f"{len(r.cases)} cases" if r.cases else "-"
+
+
 def print_selfcheck_table(results, unavailable: dict[str, str]) -> None:
-    """One row per (backend, dtype) self-check result, then one line per backend that could not run."""
+    """One row per self-check result (backend, dtype, specialisation), then one line per backend that could
+    not run, then what disagreed."""
     from calibops.backends import selfcheck as _selfcheck
 
-    head = ("backend", "device", "arch", "dtype", "record", "self-check", "max err/budget", "worst case", "time")
+    head = (
+        "backend",
+        "device",
+        "arch",
+        "dtype",
+        "record",
+        "self-check",
+        "max err/budget",
+        "worst",
+        "time",
+        "specialisation",
+    )
     rows = []
     for r in results:
         worst = r.worst
         ratio = "-" if worst is None else ("inf" if worst.ratio == float("inf") else f"{worst.ratio:.3g}")
-        where = r.error or ("-" if worst is None else f"{worst.name} {worst.quantity}".strip())
+        where = "error" if r.error else ("-" if worst is None else (worst.quantity or "-"))
         rows.append(
             (
                 r.backend,
@@ -92,6 +114,7 @@ def print_selfcheck_table(results, unavailable: dict[str, str]) -> None:
                 ratio,
                 where,
                 f"{r.seconds * 1e3:.0f} ms",
+                _spec_label(r),
             )
         )
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
@@ -101,12 +124,50 @@ def print_selfcheck_table(results, unavailable: dict[str, str]) -> None:
         print(f"  {name}: not checked ({why})")
     for r in results:
         if not r.ok:
-            print(f"  {r.backend} {_dtype_name(r.dtype)}: {r.describe()}")
+            print(f"  {r.backend} {_dtype_name(r.dtype)} {_spec_label(r)}: {r.describe()}")
+
+
+def print_case_legend(results) -> None:
+    """What each fixed case's short name stands for: the specialisation it checks."""
+    from calibops.backends import selfcheck as _selfcheck
+
+    names = dict.fromkeys(c.name for r in results for c in r.cases if r.spec is None)
+    by_name = {c.name: c for c in _selfcheck.CASES}
+    for name in names:
+        if name in by_name:
+            print(f"  {name} = {_selfcheck.case_specialisation(by_name[name])}")
+
+
+def print_auto_specialisations() -> None:
+    """The specialisations ``backend="auto"`` self-checked in this process, and what it runs for each."""
+    from calibops.backends import resolve as _backends
+    from calibops.backends import selfcheck as _selfcheck
+
+    checked = _selfcheck.checked_specialisations()
+    if not checked:
+        print("  backend='auto' has self-checked no specialisation in this process yet (each is checked on first use)")
+        return
+    print(f"  backend='auto' self-checked {len(checked)} specialisation(s) in this process:")
+    print_selfcheck_table(checked, {})
+    for (dtype, index, spec), name in _backends._AUTO_SPEC.items():
+        print(f"  auto on {dtype}{'' if index is None else ':' + str(index)}: {spec.describe()} -> {name}")
+
+
+def _run_cases(name, device, dtypes, n_cases: int | None = None) -> list:
+    """One self-check result per (dtype, fixed case) of backend ``name`` on ``device`` (the first ``n_cases``)."""
+    from calibops.backends import selfcheck as _selfcheck
+
+    cases = _selfcheck.CASES[:n_cases] if n_cases is not None else _selfcheck.CASES
+    return [_selfcheck.run_selfcheck(name, device, dt, cases=(case,)) for dt in dtypes for case in cases]
 
 
 def gpu_selfcheck(device) -> bool:
     """``python -m calibops`` on a GPU: self-check every available GPU kernel backend on ``device`` for every
-    kernel dtype (cached, so auto reuses it), print the table and what auto picks; True if all pass."""
+    kernel dtype and fixed case (one specialisation each), print the table, then run the default loss once
+    under ``auto`` per dtype and list the specialisations auto checked; True if all pass."""
+    import torch
+
+    import calibops.functional as F
     from calibops.backends import resolve as _backends
     from calibops.backends import selfcheck as _selfcheck
 
@@ -117,13 +178,17 @@ def gpu_selfcheck(device) -> bool:
         if why is not None:
             unavailable[name] = why
             continue
-        results += [_selfcheck.check(name, device, dt) for dt in _selfcheck.DTYPES]
+        results += _run_cases(name, device, _selfcheck.DTYPES)
     print_selfcheck_table(results, unavailable)
+    print_case_legend(results)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", _selfcheck.SelfCheckWarning)  # the table above says what disagreed
-        picks = [f"{_dtype_name(dt)} -> {_backends.resolve_backend('auto', device, dt)}" for dt in _selfcheck.DTYPES]
-    print(f"  backend='auto' on {device}: " + ", ".join(picks))
-    return all(r.ok for r in results)
+        warnings.simplefilter("ignore", _selfcheck.SelfCheckWarning)  # the table below says what disagreed
+        for dt in _selfcheck.DTYPES:
+            x = torch.randn(2, 4, 16, 16, 8, device=device, dtype=dt)
+            y = torch.randint(0, 4, (2, 1, 16, 16, 8), device=device)
+            F.marginal_l1_ace(x, y, to_onehot_y=True, softmax=True)
+    print_auto_specialisations()
+    return all(r.ok for r in results) and all(r.ok for r in _selfcheck.checked_specialisations())
 
 
 def selfcheck_main(argv: list[str]) -> int:
@@ -147,6 +212,12 @@ def selfcheck_main(argv: list[str]) -> int:
         "--dtypes",
         default="float32,float16,bfloat16",
         help="comma-separated input dtypes (default: float32,float16,bfloat16)",
+    )
+    parser.add_argument(
+        "--cases",
+        type=int,
+        default=None,
+        help="check only the first N of the fixed specialisations (default: all; dry runs); --record needs all",
     )
     parser.add_argument(
         "--record",
@@ -177,6 +248,9 @@ def selfcheck_main(argv: list[str]) -> int:
         return 2
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     allowed = [b for b in _backends.BACKENDS if b != "reference"]
+    if args.cases is not None and args.cases < 1:
+        print(f"calibops selfcheck: --cases must be >= 1, got {args.cases}", file=sys.stderr)
+        return 2
     if not backends or not dtypes or any(b not in allowed for b in backends):
         print(
             f"calibops selfcheck: --backends must name some of {', '.join(allowed)} (the reference is what "
@@ -209,8 +283,11 @@ def selfcheck_main(argv: list[str]) -> int:
                 file=sys.stderr,
             )
             return 2
-        if set(dtypes) != set(_selfcheck.DTYPES):
-            print("calibops selfcheck: --record needs every dtype checked (drop --dtypes)", file=sys.stderr)
+        if set(dtypes) != set(_selfcheck.DTYPES) or args.cases is not None:
+            print(
+                "calibops selfcheck: --record needs every dtype and case checked (drop --dtypes and --cases)",
+                file=sys.stderr,
+            )
             return 2
 
     where = f" ({_selfcheck.device_name(device)}, {_selfcheck.device_arch(device)})" if device.type == "cuda" else ""
@@ -221,8 +298,11 @@ def selfcheck_main(argv: list[str]) -> int:
         if why is not None:
             unavailable[name] = why
             continue
-        results += [_selfcheck.run_selfcheck(name, device, dt) for dt in dtypes]
+        results += _run_cases(name, device, dtypes, args.cases)
+    n = len(_selfcheck.CASES[: args.cases] if args.cases is not None else _selfcheck.CASES)
+    print(f"{n} specialisation(s) per backend and dtype (the column on the right):")
     print_selfcheck_table(results, unavailable)
+    print_case_legend(results)
     ok = bool(results) and all(r.ok for r in results)
     if not results:
         print("nothing was checked: no requested backend can run on this device")

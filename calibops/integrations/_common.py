@@ -1,4 +1,5 @@
-"""What the MONAI and torchmetrics adapters share: tensor unwrapping and the single-channel (C = 1) rule."""
+"""What the MONAI and torchmetrics adapters share: tensor unwrapping, the single-channel (C = 1) rule and the
+batch contributions they commit (the pure pieces of :mod:`calibops.metrics`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..metrics import DatasetCalibration
+from ..metrics import Contribution, MetricConfig, contribution
 
 
 def require(module: str, extra: str, what: str) -> Any:
@@ -31,57 +32,71 @@ def plain(x: Any, name: str) -> torch.Tensor:
 
 
 class Accumulator:
-    """A :class:`DatasetCalibration` created at the first batch (C from the prediction), with MONAI's C = 1 rule.
+    """The adapters' side of a dataset metric: the checked configuration, completed with C at the first batch
+    (MONAI's C = 1 rule), and the pure batch contributions of :mod:`calibops.metrics.contribution`.
 
-    With one channel and ``to_onehot_y=True``, MONAI ignores ``to_onehot_y`` (and ``softmax``) with a warning
-    and uses the label map {0, 1} as the target of the channel; this does the same (the statistics then use
-    the label map as a dense target). ``ignore_index`` with one channel is refused (leaving voxels out needs
-    a label map over two or more channels).
+    ``base`` is checked once, at the adapter's construction (:meth:`MetricConfig.build`, with any C). With one
+    channel and ``to_onehot_y=True``, MONAI ignores ``to_onehot_y`` (and ``softmax``) with a warning and uses the
+    label map {0, 1} as the target of the channel; this does the same (the statistics then use the label map as a
+    dense target). ``ignore_index`` with one channel is refused (leaving voxels out needs a label map over two or
+    more channels). Nothing here holds sums: the adapter commits the contributions into its own state, after
+    every item of a call has been computed.
     """
 
-    def __init__(self, owner: str, **config: Any) -> None:
+    def __init__(self, owner: str, base: MetricConfig) -> None:
         self.owner = owner
-        self.config = dict(config)
-        self.dataset: DatasetCalibration | None = None
+        self.base = base
+        self.config: MetricConfig | None = None  # set when the first contribution is committed
         self.single = False
 
-    def _create(self, C: int) -> DatasetCalibration:
-        cfg = dict(self.config)
+    def config_for(self, C: int) -> tuple[MetricConfig, bool]:
+        """(the configuration for a C-channel prediction, whether MONAI's single-channel rule applies); the first
+        batch's C fixes it (kept by :meth:`committed`)."""
+        if self.config is not None:
+            return self.config, self.single
+        o, single = self.base.options, False
         if C == 1:
-            if cfg.get("softmax"):
-                warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=4)
-                cfg["softmax"] = False
-            if cfg.get("to_onehot_y"):
-                warnings.warn("single channel prediction, `to_onehot_y=True` ignored.", stacklevel=4)
-                if cfg.get("ignore_index") is not None:
+            if o.softmax:
+                warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=5)
+                o = o.replace(softmax=False)
+            if o.to_onehot_y:
+                warnings.warn("single channel prediction, `to_onehot_y=True` ignored.", stacklevel=5)
+                if o.ignore_index is not None:
                     raise ValueError(
                         f"{self.owner}: ignore_index needs two or more channels (a single-channel prediction's "
                         "label map is its dense target); predict background and foreground, or mask the voxels"
                     )
-                cfg["to_onehot_y"] = False
-                self.single = True
-        return DatasetCalibration(C, **cfg)
+                o = o.replace(to_onehot_y=False)
+                single = True
+        return self.base.replace(num_classes=C, options=o), single
 
-    def update(self, y_pred: torch.Tensor, y: torch.Tensor, image_ids: list[Any] | None = None) -> DatasetCalibration:
+    def committed(self, config: MetricConfig, single: bool) -> None:
+        """Keep the configuration of a committed batch (the first one fixes C)."""
+        self.config, self.single = config, single
+
+    def contribution(
+        self,
+        y_pred: torch.Tensor,
+        y: torch.Tensor,
+        image_ids: list[Any] | None = None,
+        seen: Any = 0,
+        fixed: tuple[MetricConfig, bool] | None = None,
+    ) -> tuple[Contribution, MetricConfig, bool]:
+        """The batch's contribution under this adapter's rules (nothing is changed). ``fixed``: the configuration
+        an earlier item of the same call used (so that every item of a first call has the first item's C)."""
         if y_pred.dim() < 2:
             raise ValueError(f"{self.owner}: y_pred must be (B, C, *spatial), got shape {tuple(y_pred.shape)}")
-        if self.dataset is None:
-            self.dataset = self._create(y_pred.shape[1])
-        if self.single and y.dim() == y_pred.dim() - 1:
+        cfg, single = fixed if fixed is not None else self.config_for(y_pred.shape[1])
+        if single and y.dim() == y_pred.dim() - 1:
             y = y.unsqueeze(1)
-        if self.single and not y.is_floating_point():
+        if single and not y.is_floating_point():
             y = y.to(torch.uint8) if y.dtype == torch.bool else y.float()
         try:
-            self.dataset.update(y_pred, y, image_ids=image_ids)
+            return contribution(cfg, y_pred, y, image_ids, seen=seen), cfg, single
         except ValueError as exc:
-            if self.single:
+            if single:
                 raise ValueError(
                     f"{exc} (single-channel prediction: the label map is the target of the one channel, "
                     "labels must be 0 or 1)"
                 ) from None
             raise
-        return self.dataset
-
-    def reset(self) -> None:
-        if self.dataset is not None:
-            self.dataset.reset()

@@ -39,6 +39,19 @@ __all__ = ["CalibrationError", "CalibrationErrorMetric", "DiceCEL1ACELoss"]
 
 _REDUCTIONS = {"expected": 0, "average": 1, "maximum": 2}
 _NAMES = ("ece", "ace", "mce")
+#: the handler's arguments that configure its CalibrationErrorMetric
+_METRIC_ARGS = (
+    "num_bins",
+    "include_background",
+    "calibration_reduction",
+    "metric_reduction",
+    "right",
+    "to_onehot_y",
+    "softmax",
+    "sigmoid",
+    "ignore_index",
+    "backend",
+)
 
 
 def _image_ids(x: Any, batch: int) -> list[Any] | None:
@@ -95,24 +108,13 @@ class CalibrationErrorMetric(CumulativeIterationMetric):
             raise ValueError(
                 f"calibration_reduction must be one of {tuple(_REDUCTIONS)}, got {calibration_reduction!r}"
             )
-        # checks every option now (a wrong one raises here, not at the first batch); C is set at the first batch
-        from ..metrics import DatasetCalibration
+        # checks every option now, once (a wrong one raises here, not at the first batch); C is set at the first batch
+        from ..metrics.config import OPTIONS, MetricConfig
 
-        config = {
-            "num_bins": num_bins,
-            "include_background": include_background,
-            "to_onehot_y": to_onehot_y,
-            "softmax": softmax,
-            "sigmoid": sigmoid,
-            "ignore_index": ignore_index,
-            "right": right,
-            "backend": backend,
-            "validate": validate,
-            "nonfinite": nonfinite,
-            "keep_records": True,
-        }
-        DatasetCalibration(1, **config)
-        self._acc = Accumulator("CalibrationErrorMetric", **config)
+        given = {k: v for k, v in locals().items() if k in OPTIONS or k == "nonfinite"}
+        base = MetricConfig.build(1, keep_records=True, **given)
+        self._acc = Accumulator("CalibrationErrorMetric", base)
+        self._dataset = None
         super().__init__()
         self.num_bins = num_bins
         self.include_background = include_background
@@ -124,16 +126,19 @@ class CalibrationErrorMetric(CumulativeIterationMetric):
     @property
     def dataset(self):
         """The :class:`calibops.DatasetCalibration` fed by every call (None before the first call)."""
-        return self._acc.dataset
+        return self._dataset
 
     def reset(self) -> None:
         """Clear the per-image buffers and the dataset statistics."""
         super().reset()
-        if hasattr(self, "_acc"):
-            self._acc.reset()
+        if getattr(self, "_dataset", None) is not None:
+            self._dataset.reset()
 
     def __call__(self, y_pred: Any, y: Any = None, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
-        """Add a batch (tensor, batch first) or a list of channel-first tensors; returns (B, C') values."""
+        """Add a batch (tensor, batch first) or a list of channel-first tensors; returns (B, C') values.
+
+        Atomic, lists included: every item's contribution is computed first, then all are committed to
+        :attr:`dataset` and the per-image buffer together, so a call that raises changes neither."""
         if y is None:
             raise ValueError("CalibrationErrorMetric needs the ground truth: call metric(y_pred=..., y=...)")
         ret = super(CumulativeIterationMetric, self).__call__(y_pred=y_pred, y=y, **kwargs)
@@ -141,13 +146,47 @@ class CalibrationErrorMetric(CumulativeIterationMetric):
         return ret[_REDUCTIONS[self.calibration_reduction]]
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any):  # type: ignore[override]
-        ids = _image_ids(y_pred, y_pred.shape[0]) if y_pred.dim() >= 1 else None
-        x, t = plain(y_pred, "y_pred"), plain(y, "y")
-        ds = self._acc.update(x, t, image_ids=ids)
-        n = x.shape[0] * ds.num_used_classes
-        recs = ds._records[-n:] if n else []  # the records this batch just added (image-major, then class)
-        vals = torch.tensor([[r[k] for k in _NAMES] for r in recs], dtype=torch.float32)
-        vals = vals.reshape(x.shape[0], ds.num_used_classes, 3).to(x.device)
+        return self._add([(y_pred, y)])
+
+    def _compute_list(self, y_pred: Any, y: Any = None, **kwargs: Any):  # type: ignore[override]
+        if not isinstance(y_pred, (list, tuple)) or not isinstance(y, (list, tuple)) or len(y_pred) != len(y):
+            raise ValueError(
+                "CalibrationErrorMetric: y_pred and y must both be lists (or tuples) of channel-first tensors of "
+                f"the same length, got {type(y_pred).__name__} and {type(y).__name__}"
+            )
+        if not y_pred:
+            raise ValueError("CalibrationErrorMetric: y_pred is an empty list")
+        items = [
+            (plain(p, f"y_pred[{k}]").detach().unsqueeze(0), plain(t, f"y[{k}]").detach().unsqueeze(0))
+            for k, (p, t) in enumerate(zip(y_pred, y, strict=True))
+        ]
+        return self._add(items, meta=y_pred)
+
+    def _add(self, items: list[tuple[Any, Any]], meta: Any = None) -> list[torch.Tensor]:
+        """Every item's contribution first, then one commit; returns the per-image ECE / ACE / MCE (B, C')."""
+        ds = self._dataset
+        seen = int(ds.state_tensors()["num_images"]) if ds is not None else 0
+        parts, cfg, single = [], None, False
+        for k, (p, t) in enumerate(items):
+            x, tt = plain(p, "y_pred"), plain(t, "y")
+            ids = _image_ids(p if meta is None else meta[k], x.shape[0]) if x.dim() >= 1 else None
+            try:
+                fixed = (cfg, single) if cfg is not None else None
+                part, cfg, single = self._acc.contribution(x, tt, image_ids=ids, seen=seen, fixed=fixed)
+            except (ValueError, TypeError) as exc:
+                if meta is None:
+                    raise
+                raise type(exc)(f"item {k} of the list: {exc}") from None
+            parts.append(part)
+            seen += part.num_images
+        if ds is None:
+            from ..metrics import DatasetCalibration
+
+            ds = DatasetCalibration.from_config(cfg)
+        ds.commit(parts)
+        self._dataset = ds
+        self._acc.committed(cfg, single)
+        vals = torch.cat([torch.stack(list(part.errors), -1).float() for part in parts])  # (B, C', 3)
         return [vals[..., 0], vals[..., 1], vals[..., 2]]
 
     def get_buffers(self) -> dict[str, torch.Tensor] | None:
@@ -222,18 +261,7 @@ class CalibrationError(_ignite_base()):  # type: ignore[misc]
         figures: bool = True,
         logger: logging.Logger | None = None,
     ) -> None:
-        metric_fn = CalibrationErrorMetric(
-            num_bins=num_bins,
-            include_background=include_background,
-            calibration_reduction=calibration_reduction,
-            metric_reduction=metric_reduction,
-            right=right,
-            to_onehot_y=to_onehot_y,
-            softmax=softmax,
-            sigmoid=sigmoid,
-            ignore_index=ignore_index,
-            backend=backend,
-        )
+        metric_fn = CalibrationErrorMetric(**{k: v for k, v in locals().items() if k in _METRIC_ARGS})
         if output_dir is not None and figures:
             from ..plot import _import_matplotlib
 

@@ -12,6 +12,7 @@ Importing this module imports torchmetrics (``pip install 'calibops[torchmetrics
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ from ._common import Accumulator, plain, require
 require("torchmetrics", "torchmetrics", "calibops.integrations.torchmetrics")
 from torchmetrics import Metric  # noqa: E402
 
-from ..metrics import DatasetCalibration  # noqa: E402
+from ..metrics.config import OPTIONS, MetricConfig  # noqa: E402
 from ..results import BinnedStats, calibration_errors_from_stats  # noqa: E402
 
 __all__ = ["DatasetCalibrationMetric"]
@@ -41,8 +42,8 @@ class DatasetCalibrationMetric(Metric):
     Args:
         num_classes: C, the channels of the predictions.
         num_bins, include_background, to_onehot_y, softmax, sigmoid, ignore_index, right, backend, validate:
-            as in :class:`calibops.DatasetCalibration` (``include_background`` defaults to False there and
-            here). One channel with ``to_onehot_y=True`` follows MONAI's rule (the label map {0, 1} is the
+            as in :class:`calibops.DatasetCalibration` (``include_background`` defaults to True there and
+            here, as in MONAI). One channel with ``to_onehot_y=True`` follows MONAI's rule (the label map {0, 1} is the
             channel's target, with a warning).
         class_names: names of the C classes for :meth:`plot` (optional).
         **kwargs: torchmetrics ``Metric`` options (``dist_sync_on_step``, ``process_group``, ...).
@@ -62,7 +63,7 @@ class DatasetCalibrationMetric(Metric):
         self,
         num_classes: int,
         num_bins: int = 20,
-        include_background: bool = False,
+        include_background: bool = True,
         to_onehot_y: bool = False,
         softmax: bool = False,
         sigmoid: bool = False,
@@ -74,42 +75,35 @@ class DatasetCalibrationMetric(Metric):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        config = {
-            "num_bins": num_bins,
-            "include_background": include_background,
-            "to_onehot_y": to_onehot_y,
-            "softmax": softmax,
-            "sigmoid": sigmoid,
-            "ignore_index": ignore_index,
-            "right": right,
-            "backend": backend,
-            "validate": validate,
-        }
-        probe = DatasetCalibration(num_classes, **config)  # checks every option now
-        self.num_classes = probe.num_classes
-        self.num_bins = probe.num_bins
-        self.classes = probe.classes
+        options = {k: v for k, v in locals().items() if k in OPTIONS}
+        cfg = MetricConfig.build(num_classes, **options)  # every option checked here, once
+        self.num_classes = cfg.num_classes
+        self.num_bins = cfg.options.num_bins
+        self.classes = cfg.classes
         self.class_names = None if class_names is None else [str(n) for n in class_names]
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise ValueError(f"class_names has {len(self.class_names)} names for num_classes={self.num_classes}")
-        self._acc = Accumulator("DatasetCalibrationMetric", **config)
-        for k, v in probe.state_tensors().items():
-            self.add_state(k, default=torch.zeros_like(v), dist_reduce_fx="sum")
+        self._acc = Accumulator("DatasetCalibrationMetric", cfg)
+        for k, (shape, dtype) in cfg.spec().items():
+            self.add_state(k, default=torch.zeros(shape, dtype=dtype), dist_reduce_fx="sum")
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch: ``preds`` (B, C, *spatial) probabilities (or logits with softmax/sigmoid), ``target``
-        one-hot / dense of the same shape, or a label map with ``to_onehot_y``."""
+        one-hot / dense of the same shape, or a label map with ``to_onehot_y``. Atomic: the batch's whole
+        contribution is computed first, then every state is added in one step (a batch that raises adds nothing)."""
         preds, target = plain(preds, "preds"), plain(target, "target")
         if preds.dim() >= 2 and preds.shape[1] != self.num_classes:
             raise ValueError(
                 f"preds must have shape (B, {self.num_classes}, *spatial) for num_classes={self.num_classes}, "
                 f"got {tuple(preds.shape)}"
             )
-        self._acc.reset()  # the batch's own sums, added to the states below
-        ds = self._acc.update(preds.detach(), target.detach())
-        for k, v in ds.state_tensors().items():
-            state = getattr(self, k)
-            setattr(self, k, state + v.to(state.device))
+        part, cfg, single = self._acc.contribution(preds.detach(), target.detach(), seen=self.num_images)
+        new = {k: getattr(self, k) + v.to(getattr(self, k).device) for k, v in part.sums.items()}
+        for k, v in new.items():  # nothing left to fail: plain attribute assignments
+            setattr(self, k, v)
+        self._acc.committed(cfg, single)
+        if part.warning is not None:
+            warnings.warn(part.warning, RuntimeWarning, stacklevel=2)
 
     def compute_per_class(self) -> dict[str, torch.Tensor]:
         """Macro (``"ece"``, ...) and micro (``"micro_ece"``, ...) errors per class, (C',) float32 each."""

@@ -1,11 +1,17 @@
 """Dataset-level calibration: a constant-memory accumulator of per-image and pooled statistics.
 
 :class:`DatasetCalibration` consumes batches of predictions and labels, runs the fused statistics kernel
-(``calibops.functional.binned_stats``, hard bins, no gradient) and keeps only sums. It is split by job:
+(``calibops.engine``, hard bins, no gradient) and keeps only sums. It is split by job:
 
+- :mod:`calibops.metrics.config` (:class:`~calibops.metrics.config.MetricConfig`): every option, checked once at
+  construction, and the state layout that follows from them;
+- :mod:`calibops.metrics.contribution`: a pure function from one batch to its complete contribution (every sum
+  and the new records); :meth:`DatasetCalibration.update` computes it, then commits it in one step, so a batch
+  that raises leaves the state bit-identical;
 - :mod:`calibops.metrics.state` (:class:`~calibops.metrics.state.SumState`): the named sum tensors, their device,
-  the **one** all-reduce that sums them over ``torch.distributed`` ranks (gloo and nccl) and the checks of a
-  loaded state;
+  the one-step commit, the **one** all-reduce that sums them over ``torch.distributed`` ranks (gloo and nccl)
+  and the checks of a loaded state;
+- :mod:`calibops.metrics.checkpoint`: ``state_dict`` / ``load_state_dict`` and the consistency checks;
 - :mod:`calibops.metrics.formulas`: the dataset formulas on the summed state (macro / micro errors, groups and
   gaps, bootstrap, Brier, adaptive bins), built on the per-bin formulas of :mod:`calibops.reference` and
   :mod:`calibops.evaluation` — never repeated here;
@@ -35,9 +41,9 @@ instead averages each bin's per-image confidences and accuracies unweighted over
 "ACE" is the *average* calibration error (mean gap over non-empty bins), not the *adaptive* one (that one is
 :meth:`DatasetCalibration.adaptive_errors`).
 
-Classification (``classification=True``): every update is a batch of samples, input (B, C) with (B,) labels or
-(B, C) one-hot targets; all samples form one pooled population (``compute().micro``); per-image (macro) values
-and the per-image histogram do not exist there.
+Classification (``classification=True``): every update is a batch of samples, input (B, C) with (B,) labels
+(``to_onehot_y=True``) or (B, C) one-hot targets; all samples form one pooled population
+(``compute().micro``); per-image (macro) values and the per-image histogram do not exist there.
 
 Non-finite probabilities (NaN/inf logits) are left out of every statistic by the kernels and counted. With
 ``validate=True`` and ``nonfinite="raise"`` (the defaults) an update holding any raises a ``ValueError`` that
@@ -55,50 +61,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import engine
-from .. import functional as F
-from ..evaluation import BrierDecomposition, brier_decomposition
-from ..options import METRICS, Options, as_bool, as_int
-from ..reference import ACT_NONE, ACT_SIGMOID, ACT_SOFTMAX, bin_edges
-from ..results import BinnedStats, CalibrationErrors, calibration_errors_from_stats
+from ..evaluation import BrierDecomposition
+from ..results import BinnedStats, CalibrationErrors
+from . import checkpoint, report
 from . import formulas as R
+from .config import MetricConfig
+from .contribution import Contribution, contribution, merge_sums
 from .formulas import DatasetCalibrationResult, GroupGap, GroupResult
-from .records import ImageRecords, hard_dice
+from .records import ImageRecords
 from .state import SumState
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-__all__ = ["DatasetCalibration", "reliability_histogram_counts"]
-
-_NONFINITE = ("raise", "skip")
-_NAN_OK = ("macro_l2", "group_macro_l2")  # unknown (NaN) after loading a checkpoint written before L2 existed
-
-
-def reliability_histogram_counts(stats: BinnedStats, right: bool = False, per_image: bool = False) -> torch.Tensor:
-    """The dataset reliability histogram contribution of per-image hard statistics (B, C, M).
-
-    For every image b, class c and non-empty confidence bin j, the bin accuracy ``S_y/n`` (float32, as the
-    statistics) is binned with the same edges and ``right`` rule as the confidences; returns int64
-    ``H[c, a, j]`` (C, M, M) counting those (image, bin) pairs, accuracy bin 0 = lowest accuracy
-    (``per_image=True``: one histogram per image, (B, C, M, M)).
-    """
-    count, sum_y = stats.count, stats.sum_y
-    if count.dim() != 3 or count.shape != sum_y.shape:
-        raise ValueError(f"stats must be (B, C, M) tensors, got count {tuple(count.shape)}, sum_y {tuple(sum_y.shape)}")
-    B, C, M = count.shape
-    edges = bin_edges(M, count.device)
-    valid = count > 0
-    den = torch.where(valid, count, torch.ones_like(count))
-    acc = torch.where(valid, sum_y / den, torch.zeros_like(count))
-    a = torch.bucketize(acc.float().contiguous(), edges[1:], right=right).clamp_(max=M - 1)  # [B, C, M]
-    c = torch.arange(C, device=count.device).view(1, C, 1)
-    j = torch.arange(M, device=count.device).view(1, 1, M)
-    flat = (c * M + a) * M + j  # [B, C, M] index into (C, M, M)
-    if per_image:
-        flat = flat + torch.arange(B, device=count.device).view(B, 1, 1) * (C * M * M)
-        return torch.bincount(flat[valid], minlength=B * C * M * M).view(B, C, M, M).to(torch.int64)
-    return torch.bincount(flat[valid], minlength=C * M * M).view(C, M, M).to(torch.int64)
+__all__ = ["DatasetCalibration"]
 
 
 class DatasetCalibration:
@@ -132,10 +108,10 @@ class DatasetCalibration:
             and the CURVAS challenge; one row). Top-label results drop the class axis: ``compute()`` errors are
             0-d, ``histogram()`` is (M, M), records have ``class="top_label"``; ``include_background`` does not
             apply (the argmax runs over every class) and ``dice`` is not available.
-        classification: every update is a batch of samples, input (B, C) with target (B,) class indices (or
-            (B, C) one-hot); all samples are pooled (``compute().micro``; macro is NaN). ``include_background``
-            should then be True (class 0 is an ordinary class); records, Dice and ``histogram()`` do not apply
-            (use :meth:`plot`, a reliability diagram of the pooled samples).
+        classification: every update is a batch of samples, input (B, C) with target (B,) class indices (with
+            ``to_onehot_y=True``) or (B, C) one-hot; all samples are pooled (``compute().micro``; macro is NaN).
+            ``include_background`` should then be True (class 0 is an ordinary class); records, Dice and
+            ``histogram()`` do not apply (use :meth:`plot`, a reliability diagram of the pooled samples).
         groups: names of the subgroups (e.g. ``("site A", "site B")``); every update then takes ``groups=``, one
             name per image, and :meth:`compute_groups`, :meth:`group_gaps`, :meth:`bootstrap` and
             :meth:`plot_groups` report per group.
@@ -186,136 +162,40 @@ class DatasetCalibration:
         multi_rater: bool = False,
         brier: bool = False,
     ) -> None:
-        try:
-            num_classes = as_int("num_classes", num_classes)
-        except TypeError as exc:
-            raise TypeError(f"{exc}; num_classes must be an int >= 1") from None
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        o = Options(
-            num_bins=num_bins,
-            include_background=include_background,
-            to_onehot_y=to_onehot_y,
-            softmax=softmax,
-            sigmoid=sigmoid,
-            ignore_index=ignore_index,
-            right=right,
-            backend=backend,
-            validate=validate,
-            mode=mode,
-            multi_rater=multi_rater,
-        )
-        keep_records = as_bool("keep_records", keep_records)
-        dice = as_bool("dice", dice)
-        classification = as_bool("classification", classification)
-        if not isinstance(nonfinite, str):
-            raise TypeError(f"nonfinite must be one of {_NONFINITE}, got {type(nonfinite).__name__}")
-        if nonfinite not in _NONFINITE:
-            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
-        if dice and o.mode == "top_label":
-            raise ValueError("dice=True reports Dice per class: use mode='marginal' for it")
-        if dice and not keep_records:
-            raise ValueError("dice=True adds Dice to the per-image records: pass keep_records=True as well")
-        if classification and (keep_records or dice):
-            raise ValueError(
-                "classification=True pools the samples into one population: per-image records and Dice do not "
-                "apply (pass keep_records=False, dice=False)"
-            )
-        if groups is not None:
-            if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence):
-                raise TypeError(f"groups must be a sequence of group names, got {groups!r}")
-            groups = tuple(groups)
-            if len(groups) < 1 or len(set(groups)) != len(groups):
-                raise ValueError(f"groups must hold at least one name, each once, got {groups!r}")
-        if adaptive_bins is not None:
-            adaptive_bins = as_int("adaptive_bins", adaptive_bins)
-            fine_bins = as_int("fine_bins", fine_bins)
-            if adaptive_bins < 1 or fine_bins < adaptive_bins:
-                raise ValueError(
-                    f"adaptive_bins must be >= 1 and fine_bins >= adaptive_bins, got {adaptive_bins}, {fine_bins}"
-                )
-            Options(num_bins=fine_bins)
-        # the statistics keep the background; it is dropped in update (a one-channel input keeps its class)
-        self._opts = o.replace(include_background=True, binning="hard", moments=False)
-        self.num_classes = num_classes
-        self.num_bins = o.num_bins
-        self.mode = o.mode
-        self.include_background = o.include_background
-        self.to_onehot_y = o.to_onehot_y
-        self.softmax = o.softmax
-        self.sigmoid = o.sigmoid
-        self.ignore_index = o.ignore_index
-        self.right = o.right
-        self.backend = o.backend
-        self.validate = o.validate
-        self.keep_records = keep_records
-        self.dice = dice
-        self.nonfinite = nonfinite
+        # every argument but the process group is an option, checked once by MetricConfig.build
+        options = {k: v for k, v in locals().items() if k not in ("self", "process_group")}
+        cfg = MetricConfig.build(**options)
+        self._init(cfg, process_group)
+
+    @classmethod
+    def from_config(cls, config: MetricConfig, process_group: Any = None) -> DatasetCalibration:
+        """An accumulator for an already checked :class:`~calibops.metrics.config.MetricConfig` (adapters)."""
+        self = cls.__new__(cls)
+        self._init(config, process_group)
+        return self
+
+    def _init(self, cfg: MetricConfig, process_group: Any) -> None:
+        o = cfg.options
+        self.config = cfg
         self.process_group = process_group
-        self.classification = classification
-        self.multi_rater = o.multi_rater
-        self.brier_score = as_bool("brier", brier)
-        if self.brier_score and not (o.to_onehot_y or classification):
-            raise ValueError("brier=True needs integer labels (to_onehot_y=True), whose squares are themselves")
-        if self.brier_score:
-            self._opts = self._opts.replace(moments=True)
-        if self.multi_rater and dice:
-            raise ValueError(
-                "dice=True compares with one label map: with multi_rater=True the records carry consensus_dice"
-            )
-        if self.multi_rater and classification:
-            raise ValueError("multi_rater=True reads rater label maps of images: not with classification=True")
-        self.groups: tuple[Hashable, ...] | None = groups
-        self.adaptive_bins = adaptive_bins
-        self.fine_bins = fine_bins if adaptive_bins is not None else None
-        first = 0 if (self.include_background or num_classes == 1) else 1
+        # the options as attributes, as before the configuration had its own module
+        self.num_classes, self.num_bins, self.mode = cfg.num_classes, o.num_bins, o.mode
+        self.include_background, self.to_onehot_y, self.right = o.include_background, o.to_onehot_y, o.right
+        self.softmax, self.sigmoid, self.ignore_index = o.softmax, o.sigmoid, o.ignore_index
+        self.backend, self.validate, self.multi_rater = o.backend, o.validate, o.multi_rater
+        self.keep_records, self.dice, self.nonfinite = cfg.keep_records, cfg.dice, cfg.nonfinite
+        self.classification, self.groups, self.brier_score = cfg.classification, cfg.groups, cfg.brier
+        self.adaptive_bins, self.fine_bins = cfg.adaptive_bins, cfg.fine_bins
         #: the class index of each statistic row (marginal), or () for top-label (one row, no class axis)
-        self.classes: tuple[int, ...] = tuple(range(first, num_classes)) if o.mode == "marginal" else ()
-        self._state = SumState(self._state_spec(), nan_ok=_NAN_OK)
+        self.classes: tuple[int, ...] = cfg.classes
+        self._state = SumState(cfg.spec(), nan_ok=cfg.nan_ok)
         self._records = ImageRecords()
-        self.reset()
 
     # ------------------------------------------------------------------ state
     @property
     def num_used_classes(self) -> int:
         """C': the number of classes the statistics cover (marginal), or 1 (top-label: one row)."""
-        return len(self.classes) if self.mode == "marginal" else 1
-
-    def _state_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        Cp, M = self.num_used_classes, self.num_bins
-        f64, i64 = torch.float64, torch.int64
-        spec: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
-            "count": ((Cp, M), f64),
-            "sum_p": ((Cp, M), f64),
-            "sum_y": ((Cp, M), f64),
-            "macro_sum": ((3, Cp), f64),  # per-image ece, ace, mce summed over images (NaN skipped)
-            "macro_l2": ((Cp,), f64),  # per-image L2 summed over the images counted in macro_n[0]
-            "macro_n": ((3, Cp), i64),  # images where each value is defined
-            "hist": ((Cp, M, M), i64),
-            "num_images": ((), i64),
-            "images_with_class": ((Cp,), i64),  # images whose target holds the class
-            "num_nonfinite": ((), i64),  # probability entries left out as NaN/inf
-        }
-        if self.groups is not None:
-            G = len(self.groups)
-            spec.update(
-                {
-                    "group_count": ((G, Cp, M), f64),
-                    "group_sum_p": ((G, Cp, M), f64),
-                    "group_sum_y": ((G, Cp, M), f64),
-                    "group_macro_sum": ((G, 3, Cp), f64),
-                    "group_macro_l2": ((G, Cp), f64),
-                    "group_macro_n": ((G, Cp), i64),
-                    "group_hist": ((G, Cp, M, M), i64),
-                    "group_images": ((G,), i64),
-                }
-            )
-        if self.adaptive_bins is not None:
-            Fb = self.fine_bins
-            spec.update({"fine_count": ((Cp, Fb), f64), "fine_sum_p": ((Cp, Fb), f64), "fine_sum_y": ((Cp, Fb), f64)})
-        if self.brier_score:
-            spec.update({"sum_p2": ((Cp, M), f64), "sum_py": ((Cp, M), f64), "brier_sum": ((Cp,), f64)})
-        return spec
+        return self.config.num_used_classes
 
     def __getattr__(self, name: str) -> Any:
         # the sums by name (metric.count, metric.hist, ...), as attributes like before the state was split out
@@ -323,32 +203,6 @@ class DatasetCalibration:
         if state is not None and name in state.tensors:
             return state.tensors[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    def _config(self) -> dict[str, Any]:
-        cfg = {
-            "num_classes": self.num_classes,
-            "num_bins": self.num_bins,
-            "include_background": self.include_background,
-            "to_onehot_y": self.to_onehot_y,
-            "softmax": self.softmax,
-            "sigmoid": self.sigmoid,
-            "ignore_index": self.ignore_index,
-            "right": self.right,
-            "mode": self.mode,
-        }
-        # options added later appear only when used, so older checkpoints keep matching
-        if self.classification:
-            cfg["classification"] = True
-        if self.multi_rater:
-            cfg["multi_rater"] = True
-        if self.brier_score:
-            cfg["brier"] = True
-        if self.groups is not None:
-            cfg["groups"] = list(self.groups)
-        if self.adaptive_bins is not None:
-            cfg["adaptive_bins"] = self.adaptive_bins
-            cfg["fine_bins"] = self.fine_bins
-        return cfg
 
     def reset(self) -> None:
         """Forget everything seen so far (state back to zeros, records emptied)."""
@@ -364,17 +218,9 @@ class DatasetCalibration:
         self._state.to(device)
         return self
 
-    @property
-    def _device(self) -> torch.device:
-        return self._state.device
-
     def state_dict(self) -> dict[str, Any]:
         """The configuration and accumulated sums (and records, if kept), for checkpoints and resumption."""
-        sd: dict[str, Any] = {"config": self._config()}
-        sd.update({k: v.detach().cpu().clone() for k, v in self.state_tensors().items()})
-        if self.keep_records:
-            sd["records"] = [dict(r) for r in self._records.rows]
-        return sd
+        return checkpoint.state_dict(self.config, self._state, self._records)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; the configuration must match this object's.
@@ -387,73 +233,9 @@ class DatasetCalibration:
         A state dict written before the L2 error existed (no ``macro_l2``) loads with the macro L2 unknown
         (NaN); everything else is restored.
         """
-        if not isinstance(state_dict, dict):
-            raise TypeError(f"state_dict must be a dict from DatasetCalibration.state_dict(), got {type(state_dict)}")
-        cfg = state_dict.get("config")
-        if isinstance(cfg, dict) and "mode" not in cfg:  # written before top-label existed: marginal
-            cfg = {**cfg, "mode": "marginal"}
-        if cfg != self._config():
-            raise ValueError(f"state_dict config {cfg} does not match this metric's {self._config()}")
-        new = self._state.checked(state_dict, defaults={"macro_l2": float("nan")})
-        self._check_consistent({k: v.double() for k, v in new.items()})
-        records = state_dict.get("records", [])
-        if "records" in state_dict and self.keep_records:
-            expected = int(new["num_images"]) * self.num_used_classes
-            if not isinstance(records, list) or len(records) != expected:
-                n = len(records) if isinstance(records, list) else type(records).__name__
-                raise ValueError(f"state_dict['records'] has {n} records, expected num_images x classes = {expected}")
-        self._state.load(new)
-        self._records.rows = [dict(r) for r in records]
-
-    def _check_consistent(self, s: dict[str, torch.Tensor]) -> None:
-        """The relations between the sums every real accumulation satisfies (float64 copies, on the CPU)."""
-        tol = 1e-5  # relative slack: float32 per-image sums are added in float64
-        prefixes = [""] + (["group_"] if self.groups is not None else []) + (["fine_"] if self.adaptive_bins else [])
-        for pre in prefixes:
-            n = s[pre + "count"]
-            for k in ("sum_p", "sum_y"):
-                if bool((s[pre + k] > n * (1 + tol) + tol).any()):
-                    raise ValueError(
-                        f"state_dict[{pre + k!r}] exceeds state_dict[{pre + 'count'!r}] in some bin (p and y lie in "
-                        "[0, 1])"
-                    )
-        images = s["num_images"]
-        for k in ("macro_n", "images_with_class"):
-            if bool((s[k] > images).any()):
-                raise ValueError(f"state_dict[{k!r}] exceeds state_dict['num_images'] = {int(images)}")
-        if bool((s["images_with_class"] > s["macro_n"][0]).any()):
-            raise ValueError("state_dict['images_with_class'] exceeds state_dict['macro_n'][0] (images with voxels)")
-        if bool((s["macro_sum"] > s["macro_n"] * (1 + tol) + tol).any()):
-            raise ValueError("state_dict['macro_sum'] exceeds state_dict['macro_n'] (every error lies in [0, 1])")
-        l2 = s["macro_l2"]
-        if bool((l2[~torch.isnan(l2)] > (s["macro_n"][0] * (1 + tol) + tol)[~torch.isnan(l2)]).any()):
-            raise ValueError("state_dict['macro_l2'] exceeds state_dict['macro_n'][0] (every error lies in [0, 1])")
-        if not self.classification:
-            column = s["hist"].sum(1)  # (C', M): images in which each (class, bin) was non-empty
-            if bool((column > images).any()):
-                raise ValueError(f"state_dict['hist'] counts more than num_images = {int(images)} images in a bin")
-            if not torch.equal(column > 0, s["count"] > 0):
-                raise ValueError("state_dict['hist'] and state_dict['count'] disagree on which bins hold voxels")
-        if self.groups is not None and int(s["group_images"].sum()) != int(images):
-            raise ValueError("state_dict['group_images'] does not add up to state_dict['num_images']")
+        checkpoint.load_state_dict(self.config, self._state, self._records, state_dict)
 
     # ----------------------------------------------------------------- update
-    def _group_index(self, groups: Sequence[Hashable] | None, B: int) -> torch.Tensor | None:
-        if self.groups is None:
-            if groups is not None:
-                raise ValueError("groups= given to update, but this metric was built without groups=(names...)")
-            return None
-        if groups is None:
-            raise ValueError(f"this metric reports per group: pass update(..., groups=[...]) with one of {self.groups}")
-        if isinstance(groups, (str, bytes)) or len(groups) != B:
-            raise ValueError(f"groups must hold one group name per image ({B}), got {groups!r}")
-        pos = {g: i for i, g in enumerate(self.groups)}
-        unknown = [g for g in groups if g not in pos]
-        if unknown:
-            raise ValueError(f"groups holds names not in this metric's groups {self.groups}: {unknown[:5]}")
-        return torch.tensor([pos[g] for g in groups], dtype=torch.int64)
-
-    @torch.no_grad()
     def update(
         self,
         input: torch.Tensor,
@@ -466,234 +248,28 @@ class DatasetCalibration:
         ``target`` as in :func:`calibops.functional.binned_stats`. Spatial sizes may change between calls.
 
         ``image_ids`` (B names/numbers) label the per-image records and error messages; default: a running
-        index. ``groups``: one group name per image (metrics built with ``groups=``). Everything is checked
-        before the state changes: a batch that raises adds nothing. With ``classification=True``: ``input``
-        (B, C) and ``target`` (B,) class indices or (B, C) one-hot; ``groups`` one name per sample. ``spacing``
-        (``multi_rater`` records only): voxel size per spatial axis, or (B, D) per image, for ``volume_crps``.
+        index. ``groups``: one group name per image (metrics built with ``groups=``). Atomic: the batch's whole
+        contribution (every sum and record, :func:`calibops.metrics.contribution.contribution`) is computed
+        first and committed in one step, so a batch that raises adds nothing and leaves the state
+        bit-identical. With ``classification=True``: ``input`` (B, C) and ``target`` (B,) class indices (with
+        ``to_onehot_y=True``) or (B, C) one-hot; ``groups`` one name per sample. ``spacing`` (``multi_rater``
+        records only): voxel size per spatial axis, or (B, D) per image, for ``volume_crps``.
         """
-        if not isinstance(input, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-        if self.classification:
-            self._update_classification(input, target, groups)
+        part = contribution(self.config, input, target, image_ids, groups, spacing, seen=self._state["num_images"])
+        self.commit([part])
+
+    def commit(self, parts: Sequence[Contribution]) -> None:
+        """Add contributions computed beforehand (:func:`calibops.metrics.contribution.contribution` under this
+        metric's :attr:`config`) in one step: the adapters compute every item of a list first, then commit them
+        all. :meth:`update` is ``commit([contribution(...)])``."""
+        if not parts:
             return
-        if input.dim() == 2 and input.shape[1] == self.num_classes:
-            raise ValueError(
-                f"input has shape (B, C) = {tuple(input.shape)} with no spatial axis: for classification predictions "
-                "(one row per sample) build DatasetCalibration(..., classification=True); for B images of one voxel "
-                "each pass input[..., None]"
-            )
-        if input.dim() < 2 or input.shape[1] != self.num_classes:
-            raise ValueError(
-                f"input must have shape (B, {self.num_classes}, *spatial) for "
-                f"num_classes={self.num_classes}, got {tuple(input.shape)}"
-            )
-        B = input.shape[0]
-        if image_ids is not None and len(image_ids) != B:
-            raise ValueError(f"image_ids has {len(image_ids)} entries for a batch of {B} images")
-        gidx = self._group_index(groups, B)
-        input = input.detach()
-        run = engine.run(input, target, self._opts, raise_nonfinite=False)
-        if run.counts is not None:  # validated: the counts are on the host already (one synchronisation)
-            nonfinite: int | torch.Tensor = run.counts[1]
-            if nonfinite > 0:
-                self._report_nonfinite(input, target, image_ids)
-        else:  # not validated: count on the device, no synchronisation
-            nonfinite = run.bad[1]
-        stats = self._rows(run.stats)
-        moments = self._moment_rows(run.stats) if self.brier_score else None
-        rated = stats  # multi-rater: sum_y (B, C', R, M); the pooled sums use the rater-mean soft label
-        if self.multi_rater:
-            stats = BinnedStats(stats.count, stats.sum_p, stats.sum_y.mean(-2))
-        fine = None
-        if self.adaptive_bins is not None:  # the same entries over fine bins (values already checked)
-            opts = self._opts.replace(num_bins=self.fine_bins, validate=False, moments=False)
-            fine = self._rows(engine.run(input, target, opts, raise_nonfinite=False).stats)
-            if self.multi_rater:
-                fine = BinnedStats(fine.count, fine.sum_p, fine.sum_y.mean(-2))
-        if stats.count.device != self._device:
-            self.to(stats.count.device)
-        if self.multi_rater:  # per rater, then the mean over raters (every rater shares the image's voxels)
-            errs = calibration_errors_from_stats(engine.per_rater_stats(rated)).map(lambda e: e.mean(1))
-        else:
-            errs = calibration_errors_from_stats(stats)  # (B, C') each, NaN where undefined, l2 included
-        per_image = torch.stack([e.double() for e in errs])  # [3, B, C']
-        defined = ~torch.isnan(per_image)
-        zero = torch.zeros_like(per_image)
-        macro_add = torch.where(defined, per_image, zero)  # [3, B, C']
-        l2 = errs.l2.double()
-        l2_add = torch.where(torch.isnan(l2), torch.zeros_like(l2), l2)  # defined exactly where the ECE is
-        hist = reliability_histogram_counts(stats, self.right, per_image=gidx is not None)
-        st = self._state
-        st.add("macro_sum", macro_add.sum(1))
-        st.add("macro_l2", l2_add.sum(0))
-        st.add("macro_n", defined.sum(1))
-        st.add("count", stats.count.double().sum(0))
-        st.add("sum_p", stats.sum_p.double().sum(0))
-        st.add("sum_y", stats.sum_y.double().sum(0))
-        if moments is not None:
-            brier = self._brier_per_image(rated, moments)
-            st.add("brier_sum", torch.where(torch.isnan(brier), torch.zeros_like(brier), brier).sum(0))
-            st.add("sum_p2", moments[0].double().sum(0))
-            st.add("sum_py", moments[1].double().sum(0))
-        st.add("hist", hist.sum(0) if gidx is not None else hist)
-        st.add("images_with_class", (stats.sum_y.sum(-1) > 0).sum(0))
-        st.add("num_nonfinite", torch.as_tensor(nonfinite))
-        if fine is not None:
-            for k in ("count", "sum_p", "sum_y"):
-                st.add("fine_" + k, getattr(fine, k).double().sum(0))
-        if gidx is not None:
-            gi = gidx.to(self._device)
-            for k in ("count", "sum_p", "sum_y"):
-                st["group_" + k].index_add_(0, gi, getattr(stats, k).double())
-            st["group_macro_sum"].index_add_(0, gi, macro_add.movedim(1, 0))
-            st["group_macro_l2"].index_add_(0, gi, l2_add)
-            st["group_macro_n"].index_add_(0, gi, defined[0].long())
-            st["group_hist"].index_add_(0, gi, hist)
-            st["group_images"].index_add_(0, gi, torch.ones(B, dtype=torch.int64, device=self._device))
-        start = int(st["num_images"]) if self.keep_records else 0
-        st.add("num_images", torch.tensor(B))
-        if self.keep_records:
-            extra = self._rater_records(input, target, rated, spacing) if self.multi_rater else {}
-            self._add_records(input, target, stats, errs, start, image_ids, groups, extra)
-
-    def _moment_rows(self, stats: BinnedStats) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum_p2, sum_py) cut to the statistic rows like :meth:`_rows`."""
-        if self.mode == "top_label":
-            return stats.sum_p2.unsqueeze(1), stats.sum_py.unsqueeze(1)
-        first = self.classes[0]
-        return stats.sum_p2[:, first:], stats.sum_py[:, first:]
-
-    @staticmethod
-    def _brier_per_image(rated: BinnedStats, moments: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Brier score per (image, row), float64, NaN without voxels; several raters: the mean over raters."""
-        from ..results import BinnedStatsMoments
-
-        return brier_decomposition(BinnedStatsMoments(*rated, *moments)).brier
-
-    def _rows(self, stats: BinnedStats) -> BinnedStats:
-        """(B, C', M) statistic rows: top-label (B, M) gets its one row, marginal drops the background here (not
-        in binned_stats, so a one-channel input keeps its class silently)."""
-        if self.mode == "top_label":
-            return BinnedStats(*(t.unsqueeze(1) for t in stats))
-        first = self.classes[0]
-        return BinnedStats(stats.count[:, first:], stats.sum_p[:, first:], stats.sum_y[:, first:])
-
-    def _rater_records(self, input: torch.Tensor, target: torch.Tensor, rated: BinnedStats, spacing: Any) -> dict:
-        """Per-image multi-rater values for the records (marginal): volume CRPS from the statistics already
-        computed (Σ p and the raters' label counts over the bins) and the consensus Dice."""
-        if self.mode != "marginal":
-            return {}
-        from ..evaluation import crps_gaussian
-
-        B, D = input.shape[0], input.dim() - 2
-        vox = engine.voxel_volume(spacing, B, D, rated.count.device).view(B, 1)
-        v = rated.sum_p.double().sum(-1) * vox  # (B, C')
-        vols = rated.sum_y.double().sum(-1) * vox.unsqueeze(-1)  # (B, C', R)
-        crps = crps_gaussian(v, vols.mean(-1), vols.var(-1, unbiased=False).sqrt())
-        dice = F.consensus_dice(
-            input,
-            target,
-            to_onehot_y=True,
-            softmax=self.softmax,
-            sigmoid=self.sigmoid,
-            ignore_index=self.ignore_index,
-        )
-        return {"volume_crps": crps, "consensus_dice": dice[:, self.classes[0] :]}
-
-    def _update_classification(self, input: torch.Tensor, target: Any, groups: Sequence[Hashable] | None) -> None:
-        if input.dim() != 2 or input.shape[1] != self.num_classes:
-            raise ValueError(
-                f"classification input must be (B, {self.num_classes}) (one row per sample), got {tuple(input.shape)}"
-            )
-        B = input.shape[0]
-        gidx = self._group_index(groups, B)
-        labels = self.to_onehot_y
-        x, t = engine.classification_layout(input.detach(), target, labels)
-        if self.brier_score and not labels:
-            raise ValueError("brier=True needs class indices (B,) as target (binary targets: y² = y)")
-        opts = self._opts
-        parts = [(None, x, t)]
-        if gidx is not None:  # one pooled population per group: the samples of each group present
-            gdev = gidx.to(x.device)
-            parts += [(int(g), x[:, :, gdev == g], t[..., gdev == g]) for g in gidx.unique().tolist()]
-        found = []
-        for g, xs, ts in parts:
-            run = engine.run(
-                xs, ts, opts if g is None else opts.replace(validate=False), raise_nonfinite=self.nonfinite == "raise"
-            )
-            if g is None and run.counts is not None and run.counts[1] > 0:  # nonfinite="skip": left out, counted
-                warnings.warn(
-                    f"DatasetCalibration: left out {run.counts[1]} non-finite probability value(s) of this batch of "
-                    "samples (counted in compute().nonfinite)",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            fine = None
-            if self.adaptive_bins is not None and g is None:
-                fopts = opts.replace(num_bins=self.fine_bins, validate=False, moments=False)
-                fine = self._rows(engine.run(xs, ts, fopts).stats)
-            moments = self._moment_rows(run.stats) if (self.brier_score and g is None) else None
-            found.append((g, self._rows(run.stats), fine, run.bad[1], moments))
-        dev = found[0][1].count.device
-        if dev != self._device:
-            self.to(dev)
-        st = self._state
-        for g, stats, fine, bad, moments in found:
-            if g is None:
-                for k in ("count", "sum_p", "sum_y"):
-                    st.add(k, getattr(stats, k).double().sum(0))
-                if moments is not None:
-                    st.add("sum_p2", moments[0].double().sum(0))
-                    st.add("sum_py", moments[1].double().sum(0))
-                st.add("num_nonfinite", bad)
-                if fine is not None:
-                    for k in ("count", "sum_p", "sum_y"):
-                        st.add("fine_" + k, getattr(fine, k).double().sum(0))
-            else:
-                for k in ("count", "sum_p", "sum_y"):
-                    st["group_" + k][g] += getattr(stats, k).double().sum(0)
-                st["group_images"][g] += int((gidx == g).sum())
-        st.add("num_images", torch.tensor(B))
-
-    def _report_nonfinite(self, input: torch.Tensor, target: torch.Tensor, image_ids: Sequence[Any] | None) -> None:
-        """Slow path, taken only when a batch holds non-finite probabilities: find the images (one statistics
-        call per image, same backend and rule) and raise (``nonfinite="raise"``) or warn (``"skip"``)."""
-        opts = self._opts.replace(validate=False)
-        per_image = [int(engine.run(input[b : b + 1], target[b : b + 1], opts).bad[1]) for b in range(input.shape[0])]
-        seen = int(self.num_images)
-        found = [(image_ids[b] if image_ids is not None else seen + b, b, n) for b, n in enumerate(per_image) if n > 0]
-        act = {ACT_SOFTMAX: "softmax", ACT_SIGMOID: "sigmoid", ACT_NONE: "no activation"}[
-            ACT_SOFTMAX if self.softmax else ACT_SIGMOID if self.sigmoid else ACT_NONE
-        ]
-        where = ", ".join(f"image {ident!r} (batch position {b}): {n}" for ident, b, n in found[:5])
-        where += f", ... ({len(found) - 5} more images)" if len(found) > 5 else ""
-        total = sum(per_image)
-        if self.nonfinite == "raise":
-            raise ValueError(
-                f"input holds {total} non-finite probability value(s) after {act} (NaN or infinite logits): {where}. "
-                f"Nothing of this batch was added (the {seen} images before it are kept). Fix the predictions, or "
-                "pass nonfinite='skip' to leave such values out of the statistics and count them"
-            )
-        warnings.warn(
-            f"DatasetCalibration: left out {total} non-finite probability value(s) after {act}: {where} "
-            "(counted in compute().nonfinite)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-
-    def _add_records(self, input, target, stats, errs, start, image_ids, groups, extra_values=None) -> None:
-        B = input.shape[0]
-        ids = list(image_ids) if image_ids is not None else list(range(start, start + B))
-        values = {"ece": errs.ece, "ace": errs.ace, "mce": errs.mce, "l2": errs.l2, **(extra_values or {})}
-        if self.dice:
-            values["dice"] = self._dice(input, target)
-        extra = {"group": list(groups)} if groups is not None else None
-        self._records.add(ids, self.classes or ("top_label",), values, stats.count.sum(-1), extra)
-
-    def _dice(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return hard_dice(
-            input, target, self.classes, self.to_onehot_y, self.ignore_index, softmax=self.softmax, sigmoid=self.sigmoid
-        )
+        sums, device = merge_sums(parts)
+        self._state.commit(sums, device)
+        self._records.extend([r for part in parts for r in part.records])
+        for part in parts:
+            if part.warning is not None:
+                warnings.warn(part.warning, RuntimeWarning, stacklevel=3)
 
     # ---------------------------------------------------------------- results
     def _synced(self) -> dict[str, torch.Tensor]:
@@ -746,8 +322,7 @@ class DatasetCalibration:
                 "bootstrap resamples per-image records: build DatasetCalibration(..., keep_records=True)"
             )
         recs = self.records(gather=gather)
-        classes = self.classes or ("top_label",)
-        return R.bootstrap(recs, classes, self.groups, self.mode, metric, num_samples, level, seed)
+        return R.bootstrap(recs, self.config.row_names, self.groups, self.mode, metric, num_samples, level, seed)
 
     def brier(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(macro, micro)`` Brier score per class, (C',) float64 (0-d top-label): the mean over images of the
@@ -806,17 +381,13 @@ class DatasetCalibration:
     def write_records_csv(self, path: str | os.PathLike, gather: bool = False) -> None:
         """Write :meth:`records` to a CSV file (one row per image and class; columns image, class, ece, ace,
         mce, voxels[, dice], l2[, group])."""
-        recs = self.records(gather=gather)
-        fields = ["image", "class", *METRICS[:3], "voxels"] + (["dice"] if self.dice else []) + ["l2"]
-        fields += ["group"] if self.groups is not None else []
-        fields += ["volume_crps", "consensus_dice"] if (self.multi_rater and self.mode == "marginal") else []
-        ImageRecords.write_csv(path, recs, fields)
+        ImageRecords.write_csv(path, self.records(gather=gather), self.config.record_fields())
 
     def group_rows(self) -> list[dict[str, Any]]:
         """One row per (group, class) — group, class, images, macro_* and micro_* of ECE / ACE / MCE / L2 — then one
         ``group="gap"`` row per class with the largest between-group differences (:meth:`group_gaps`). For CSV / JSON
         reports (:meth:`write_groups_csv`). A collective when distributed."""
-        return R.group_rows(self.compute_groups(), self.classes or ("top_label",))
+        return R.group_rows(self.compute_groups(), self.config.row_names)
 
     def write_groups_csv(self, path: str | os.PathLike) -> None:
         """Write :meth:`group_rows` to a CSV file. A collective when distributed."""
@@ -827,19 +398,8 @@ class DatasetCalibration:
     def plot_groups(self, class_index: int = 0, *, title: str | None = None) -> Figure:
         """The groups' pooled reliability diagrams side by side (one panel per group) for one used class
         (``class_index`` into :attr:`classes`; ignored for top-label). A collective when distributed."""
-        from .report import reliability_panels
-
         names = self._need_groups()
-        s = self._synced()
-        k = 0 if self.mode == "top_label" else class_index
-        if not 0 <= k < self.num_used_classes:
-            raise ValueError(f"class_index must lie in [0, {self.num_used_classes}), got {class_index}")
-        stats = [
-            BinnedStats(s["group_count"][g, k], s["group_sum_p"][g, k], s["group_sum_y"][g, k])
-            for g in range(len(names))
-        ]
-        what = "top-label" if self.mode == "top_label" else f"class {self.classes[k]}"
-        return reliability_panels(stats, [str(n) for n in names], suptitle=title or what)
+        return report.group_panels(self.config, self._synced(), names, class_index, title)
 
     def plot(
         self,
@@ -855,48 +415,20 @@ class DatasetCalibration:
         the bars below show pooled voxels per confidence bin. ``class_names``: one name per used class
         (C'), or per input class (C, the background name is then dropped). A collective when distributed.
         Classification: the reliability diagram of the pooled samples, one panel per class (or one, top-label)."""
-        from ..plot import dataset_reliability_histogram
-
         s = self._synced()
         if self.classification:
-            return self._plot_pooled(s, class_names)
-        names = None
-        if class_names is not None:
-            names = [str(n) for n in class_names]
-            if len(names) == self.num_classes and self.num_used_classes != self.num_classes:
-                names = [names[c] for c in self.classes]
-        elif self.mode == "top_label":
-            names = ["top-label"]
-        else:
-            names = [f"class {c}" for c in self.classes]
-        if self.mode == "top_label" and len(names) != 1:
-            raise ValueError(f"class_names: a top-label histogram has one row; pass one name or None, got {names}")
-        return dataset_reliability_histogram(
-            s["hist"],
-            counts=s["count"],
-            class_names=names,
+            return report.pooled_panels(self.config, s, class_names)
+        return report.dataset_histogram(
+            self.config,
+            s,
+            class_names,
+            show_counts=show_counts,
             all_classes=all_classes,
             gamma=gamma,
             cmap=cmap,
-            show_counts=show_counts,
             **kwargs,
         )
 
-    def _plot_pooled(self, s: dict[str, torch.Tensor], class_names: Sequence[str] | None) -> Figure:
-        from .report import reliability_panels
-
-        if self.mode == "top_label":
-            titles = ["top-label"]
-        elif class_names is not None:
-            names = [str(n) for n in class_names]
-            titles = [names[c] for c in self.classes] if len(names) == self.num_classes else names
-        else:
-            titles = [f"class {c}" for c in self.classes]
-        if len(titles) != self.num_used_classes:
-            raise ValueError(f"class_names: need one name per class, got {class_names}")
-        stats = [BinnedStats(s["count"][k], s["sum_p"][k], s["sum_y"][k]) for k in range(self.num_used_classes)]
-        return reliability_panels(stats, titles, suptitle="pooled samples")
-
     def __repr__(self) -> str:
-        cfg = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
+        cfg = ", ".join(f"{k}={v!r}" for k, v in self.config.as_dict().items())
         return f"DatasetCalibration({cfg}, nonfinite={self.nonfinite!r}, images={int(self._state['num_images'])})"

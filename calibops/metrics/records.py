@@ -16,7 +16,34 @@ import torch
 
 from .state import dist_ready
 
-__all__ = ["ImageRecords"]
+__all__ = ["ImageRecords", "hard_dice", "make_records"]
+
+
+def make_records(
+    image_ids: Sequence[Any],
+    classes: Sequence[Any],
+    values: dict[str, torch.Tensor],
+    voxels: torch.Tensor,
+    extra: dict[str, Sequence[Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """One record per (image b, class k): ``values[name][b, k]`` as floats, ``voxels[b, k]`` as an int, and
+    ``extra[name][b]`` (e.g. the image's group). Pure: the caller appends them (``ImageRecords.extend``)."""
+    vals = {k: v.detach().cpu() for k, v in values.items()}
+    vox = voxels.detach().cpu()
+    rows: list[dict[str, Any]] = []
+    for b, ident in enumerate(image_ids):
+        for k, c in enumerate(classes):
+            rec: dict[str, Any] = {"image": ident, "class": c}
+            for name, v in vals.items():
+                if name != "dice":
+                    rec[name] = float(v[b, k])
+            rec["voxels"] = int(vox[b, k])
+            if "dice" in vals:
+                rec["dice"] = float(vals["dice"][b, k])
+            for name, col in (extra or {}).items():
+                rec[name] = col[b]
+            rows.append(rec)
+    return rows
 
 
 class ImageRecords:
@@ -37,30 +64,9 @@ class ImageRecords:
     def __getitem__(self, index: Any) -> Any:  # list-like access (``metric._records[-n:]``), as before the split
         return self.rows[index]
 
-    def add(
-        self,
-        image_ids: Sequence[Any],
-        classes: Sequence[Any],
-        values: dict[str, torch.Tensor],
-        voxels: torch.Tensor,
-        extra: dict[str, Sequence[Any]] | None = None,
-    ) -> None:
-        """One record per (image b, class k): ``values[name][b, k]`` as floats, ``voxels[b, k]`` as an int, and
-        ``extra[name][b]`` (e.g. the image's group)."""
-        vals = {k: v.detach().cpu() for k, v in values.items()}
-        vox = voxels.detach().cpu()
-        for b, ident in enumerate(image_ids):
-            for k, c in enumerate(classes):
-                rec: dict[str, Any] = {"image": ident, "class": c}
-                for name, v in vals.items():
-                    if name != "dice":
-                        rec[name] = float(v[b, k])
-                rec["voxels"] = int(vox[b, k])
-                if "dice" in vals:
-                    rec["dice"] = float(vals["dice"][b, k])
-                for name, col in (extra or {}).items():
-                    rec[name] = col[b]
-                self.rows.append(rec)
+    def extend(self, rows: list[dict[str, Any]]) -> None:
+        """Append rows made by :func:`make_records` (one list append: nothing to fail halfway)."""
+        self.rows.extend(rows)
 
     def get(self, gather: bool = False, process_group: Any = None) -> list[dict[str, Any]]:
         """Copies of the records; ``gather=True`` collects every rank's (a collective) and adds ``rank``."""

@@ -1,7 +1,9 @@
-"""Reporting of dataset results: reliability panels side by side (groups, classes, pooled classification).
+"""Reporting of dataset results: reliability panels side by side (groups, classes, pooled classification) and
+the dataset reliability histogram of a :class:`calibops.DatasetCalibration`.
 
-Drawn from pooled hard statistics (count, sum_p, sum_y per bin); the per-image reliability diagram and the
-dataset reliability histogram live in :mod:`calibops.plot`.
+Drawn from the summed state (pooled hard statistics: count, sum_p, sum_y per bin, and the histogram); the
+figure primitives (the per-image reliability diagram, the dataset reliability histogram) live in
+:mod:`calibops.plot`.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import numpy as np
 import torch
 
 from ..results import BinnedStats, calibration_errors_from_stats
+from .config import MetricConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-__all__ = ["reliability_panels"]
+__all__ = ["dataset_histogram", "group_panels", "pooled_panels", "reliability_panels"]
+
+State = dict[str, torch.Tensor]
 
 
 def _np(t: Any) -> np.ndarray:
@@ -83,3 +88,46 @@ def reliability_panels(
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
     return fig
+
+
+def _row_titles(cfg: MetricConfig, class_names: Sequence[str] | None) -> list[str]:
+    """One title per statistic row: ``class_names`` given per used class (C') or per input class (C, the
+    background name then dropped), else ``"class c"`` (``"top-label"`` for top-label)."""
+    if class_names is not None:
+        names = [str(n) for n in class_names]
+        if len(names) == cfg.num_classes and cfg.num_used_classes != cfg.num_classes:
+            names = [names[c] for c in cfg.classes]
+        return names
+    return ["top-label"] if cfg.mode == "top_label" else [f"class {c}" for c in cfg.classes]
+
+
+def group_panels(cfg: MetricConfig, s: State, names: Sequence[Any], class_index: int, title: str | None) -> Figure:
+    """The groups' pooled reliability diagrams (one panel per group) for one used class (``class_index``)."""
+    k = 0 if cfg.mode == "top_label" else class_index
+    if not 0 <= k < cfg.num_used_classes:
+        raise ValueError(f"class_index must lie in [0, {cfg.num_used_classes}), got {class_index}")
+    stats = [
+        BinnedStats(s["group_count"][g, k], s["group_sum_p"][g, k], s["group_sum_y"][g, k]) for g in range(len(names))
+    ]
+    what = "top-label" if cfg.mode == "top_label" else f"class {cfg.classes[k]}"
+    return reliability_panels(stats, [str(n) for n in names], suptitle=title or what)
+
+
+def pooled_panels(cfg: MetricConfig, s: State, class_names: Sequence[str] | None) -> Figure:
+    """Classification: the reliability diagram of the pooled samples, one panel per class (one, top-label)."""
+    titles = ["top-label"] if cfg.mode == "top_label" else _row_titles(cfg, class_names)
+    if len(titles) != cfg.num_used_classes:
+        raise ValueError(f"class_names: need one name per class, got {class_names}")
+    stats = [BinnedStats(s["count"][k], s["sum_p"][k], s["sum_y"][k]) for k in range(cfg.num_used_classes)]
+    return reliability_panels(stats, titles, suptitle="pooled samples")
+
+
+def dataset_histogram(cfg: MetricConfig, s: State, class_names: Sequence[str] | None, **kwargs: Any) -> Figure:
+    """The dataset reliability histogram figure of the summed state
+    (:func:`calibops.plot.dataset_reliability_histogram`), pooled voxels per confidence bin as the bars below."""
+    from ..plot import dataset_reliability_histogram
+
+    names = _row_titles(cfg, class_names)
+    if cfg.mode == "top_label" and len(names) != 1:
+        raise ValueError(f"class_names: a top-label histogram has one row; pass one name or None, got {names}")
+    return dataset_reliability_histogram(s["hist"], counts=s["count"], class_names=names, **kwargs)

@@ -53,10 +53,21 @@ class SumState:
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]
 
-    def add(self, name: str, value: torch.Tensor) -> None:
-        """``state[name] += value`` (in the entry's dtype)."""
-        t = self.tensors[name]
-        t += value.to(dtype=t.dtype, device=t.device)
+    def commit(self, deltas: dict[str, torch.Tensor], device: torch.device | None = None) -> None:
+        """Add every delta in one step: ``deltas`` must hold exactly the spec's entries with their shapes (a batch's
+        :class:`~calibops.metrics.contribution.Contribution`). Everything that can fail (names, shapes, the moves
+        to the state's device) happens before the first entry changes. ``device``: follow the batch there first."""
+        if set(deltas) != set(self.spec):
+            raise ValueError(f"a commit must hold every state entry {sorted(self.spec)}, got {sorted(deltas)}")
+        for k, v in deltas.items():
+            if tuple(v.shape) != tuple(self.spec[k][0]):
+                raise ValueError(f"delta {k!r} has shape {tuple(v.shape)}, expected {tuple(self.spec[k][0])}")
+        target = self.device if device is None else torch.device(device)
+        ready = {k: v.to(dtype=self.spec[k][1], device=target) for k, v in deltas.items()}
+        if target != self.device:
+            self.to(target)
+        for k, v in ready.items():
+            self.tensors[k] += v
 
     def synced(self, process_group: Any = None) -> dict[str, torch.Tensor]:
         """The entries summed over every rank (one all-reduce); the local state is left untouched."""
