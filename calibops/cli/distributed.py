@@ -341,8 +341,12 @@ class Session:
             r.pop("rank", None)
         # a stable sort: the class order within each case stays as written
         recs.sort(key=lambda r: order[r["image"]])
-        local = type(metric)(metric.num_classes, **_rebuild_kwargs(metric))
-        local.load_state_dict({"config": metric._config(), **state, "records": recs})
+        # a process-local copy (no process group): the same configuration, the summed state, every record
+        sd = metric.state_dict()
+        sd.update(state)
+        sd["records"] = recs
+        local = type(metric).from_config(metric.config)
+        local.load_state_dict(sd)
         return local
 
     def end(self, code: int) -> int:
@@ -378,30 +382,6 @@ class Session:
             return status if code == 0 else code
         except Exception:  # noqa: BLE001 - rank 0 (and the store) gone: it did not report success
             return code or 1
-
-
-def _rebuild_kwargs(metric: Any) -> dict[str, Any]:
-    """The constructor arguments of a plain copy of ``metric`` (same configuration, no process group)."""
-    return {
-        "num_bins": metric.num_bins,
-        "include_background": metric.include_background,
-        "to_onehot_y": metric.to_onehot_y,
-        "softmax": metric.softmax,
-        "sigmoid": metric.sigmoid,
-        "ignore_index": metric.ignore_index,
-        "right": metric.right,
-        "backend": metric.backend,
-        "keep_records": metric.keep_records,
-        "dice": metric.dice,
-        "nonfinite": metric.nonfinite,
-        "mode": metric.mode,
-        "classification": metric.classification,
-        "groups": metric.groups,
-        "adaptive_bins": metric.adaptive_bins,
-        "fine_bins": metric.fine_bins if metric.fine_bins is not None else 1000,
-        "multi_rater": metric.multi_rater,
-        "brier": metric.brier_score,
-    }
 
 
 def fingerprint(cases: Sequence[tuple[str, Path, Sequence[Path]]], sizes: Sequence[int]) -> str:
