@@ -2,11 +2,10 @@
 
 from ._backends import available_backends, backend_for
 from ._selfcheck import SelfCheckWarning
+from ._version import __version__
 from .functional import BinnedStats, CalibrationErrors
 from .losses import HardL1ACELoss, MarginalL1ACELoss, SoftL1ACELoss
 from .metrics import DatasetCalibration
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BinnedStats",

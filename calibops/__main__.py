@@ -1,5 +1,6 @@
 """``python -m calibops`` / ``calibops``: version, backends, and a cross-backend check; subcommands.
 
+calibops --version     the version (the package metadata's)
 calibops               version, available backends (and why others are missing), a loss on a small
                        synthetic 3D volume with every available backend, checked to agree
 calibops demo ...      train a small network three ways and compare calibration (calibops.demo)
@@ -253,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="calibops: fused calibration losses and metrics for image segmentation.",
         epilog="Run `calibops COMMAND --help` for a command's options.",
     )
+    p.add_argument("-V", "--version", action="store_true", help="print the version of calibops and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, text in COMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)
@@ -272,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate_main(argv[1:])
     if argv and argv[0] == "selfcheck":
         return selfcheck_main(argv[1:])
+    if argv and argv[0] in ("-V", "--version"):
+        from calibops._version import __version__  # the one version (the package metadata reads it too)
+
+        print(f"calibops {__version__}")
+        return 0
     if argv and argv[0] in ("-h", "--help", "help"):
         build_parser().print_help()
         return 0
