@@ -16,10 +16,14 @@ one case at a time (memory: one case plus O(C·M²)), and writes into ``--out``:
 - ``summary.csv`` and ``summary.json`` (the same rows): per class macro (mean over cases) and micro (pooled)
   ECE/ACE/MCE/L2, the spread of the per-case values (std, median, quartiles, IQR), and their class mean;
 - with ``--groups``: ``groups.csv`` (per group and class the macro / micro errors, the "all" row and the largest
-  between-group "gap", each macro value with its seeded bootstrap interval) and ``groups_reliability_<class>.png``
-  (the groups' pooled reliability diagrams side by side; not with ``--no-figures``);
-- ``dataset_histogram.png`` / ``.pdf``: the dataset reliability histogram figure (not with ``--no-figures``);
-- ``dataset_histogram.npz``: the histogram (C', M, M), pooled voxel counts (C', M) and class indices.
+  between-group "gap", each macro value with its seeded bootstrap interval) and ``groups_reliability_<class>.pdf``
+  / ``.png`` (the groups' pooled reliability diagrams side by side; not with ``--no-figures``);
+- ``dataset_histogram.pdf`` / ``.png``: the dataset reliability histogram figure (not with ``--no-figures``);
+- ``reliability_<class>.pdf`` / ``.png`` and ``reliability_all_classes``: the pooled reliability diagram with its
+  confidence histogram beside the dataset reliability histogram (not with ``--no-figures``); every figure is a
+  vector PDF and a 300-dpi PNG, ``<class>`` the class name (``--class-names``) made file-name safe;
+- ``dataset_histogram.npz``: the histogram (C', M, M), pooled voxel counts (C', M), the pooled ``sum_p`` and ``sum_y``
+  (C', M), class indices and names (what ``calibops compare`` reads).
 
 Several ``--label`` folders are raters of the same cases (the CURVAS protocol): the macro values are the mean over
 cases of the mean over raters of the per-rater errors (the headline), the micro values and the histogram use the
@@ -746,7 +750,7 @@ def _write_outputs(res: dict[str, Any], out: Path, dice: bool, figures: bool = T
         with open(tmp / "summary.json", "w") as f:
             json.dump(report, f, indent=1, allow_nan=False)
             f.write("\n")
-        hist, counts = res["histogram"], res["counts"]
+        hist, counts, pooled = res["histogram"], res["counts"], metric.pooled_stats()
         if hist.dim() == 2:  # top-label: one row
             hist = hist[None]
         np.savez(
@@ -755,21 +759,11 @@ def _write_outputs(res: dict[str, Any], out: Path, dice: bool, figures: bool = T
             counts=counts.cpu().numpy(),
             classes=np.asarray(metric.classes, dtype=np.int64),  # empty for top-label
             class_names=np.asarray(used),
+            sum_p=pooled.sum_p.cpu().numpy(),  # the pooled statistics: calibops compare draws pooled diagrams
+            sum_y=pooled.sum_y.cpu().numpy(),
         )
         if figures:
-            from .plot import dataset_reliability_histogram
-
-            fig = dataset_reliability_histogram(hist, counts=counts, class_names=used)
-            fig.savefig(tmp / "dataset_histogram.png", dpi=200)
-            fig.savefig(tmp / "dataset_histogram.pdf")
-            if "group_rows" in res:
-                import matplotlib.pyplot as plt
-
-                plt.close(fig)
-                for k, c in enumerate(_row_keys(metric)):
-                    fig = metric.plot_groups(k, title=_row_name(c, names))
-                    fig.savefig(tmp / f"groups_reliability_{'top_label' if c == 'top_label' else f'class{c}'}.png")
-                    plt.close(fig)
+            _write_figures(res, tmp, hist, counts, used)
         written = []
         for f in sorted(tmp.iterdir()):
             os.replace(f, out / f.name)
@@ -785,6 +779,34 @@ def _write_outputs(res: dict[str, Any], out: Path, dice: bool, figures: bool = T
         tmp.rmdir()
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # nothing was written: leave no empty directory behind
+
+
+def _figure_stem(key: Any, names: Sequence[str]) -> str:
+    from .plot import file_stem
+
+    return "top_label" if key == "top_label" else file_stem(_row_name(key, names))
+
+
+def _write_figures(res: dict[str, Any], tmp: Path, hist: Any, counts: Any, used: list[str]) -> None:
+    """The figures of ``calibops evaluate`` (each as PDF and 300-dpi PNG, :func:`calibops.plot.save_figure`): the
+    dataset reliability histogram, the pooled reliability diagram beside it per class and for all classes, and
+    with groups the groups' reliability diagrams per class; class names in the file names."""
+    from .plot import dataset_reliability_histogram, pooled_reliability, save_figure
+
+    metric, names = res["metric"], res["class_names"]
+    keys = _row_keys(metric)
+    pooled = metric.pooled_stats()
+    fig = dataset_reliability_histogram(hist, counts=counts, class_names=used)
+    save_figure(fig, tmp / "dataset_histogram")
+    for k, c in enumerate(keys):
+        fig = pooled_reliability(pooled, hist, class_index=k, class_names=used)
+        save_figure(fig, tmp / f"reliability_{_figure_stem(c, names)}")
+    if len(keys) > 1:
+        save_figure(pooled_reliability(pooled, hist, class_names=used), tmp / "reliability_all_classes")
+    if "group_rows" in res:
+        for k, c in enumerate(keys):
+            fig = metric.plot_groups(k, title=_row_name(c, names))
+            save_figure(fig, tmp / f"groups_reliability_{_figure_stem(c, names)}")
 
 
 def _print_summary(res: dict[str, Any]) -> None:

@@ -124,9 +124,11 @@ def evaluate_model(
 
 
 def save_figure(calib: DatasetCalibration, path: str, title: str) -> None:
-    """Write the dataset reliability histogram of ``calib`` (one panel per foreground class) to ``path``."""
-    fig = calib.plot(class_names=CLASS_NAMES, title=title)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    """Write the dataset reliability histogram of ``calib`` (one panel per foreground class) as ``<path>.pdf`` and
+    a 300-dpi ``<path>.png`` (a ``.png``/``.pdf`` suffix on ``path`` is dropped), in calibops' figure style."""
+    from calibops.plot import save_figure as save
+
+    save(calib.plot(class_names=CLASS_NAMES, title=title), path)
 
 
 # ---------------------------------------------------------------------------------------------------------
