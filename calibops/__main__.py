@@ -3,6 +3,8 @@
 calibops --version     the version (the package metadata's)
 calibops               version, available backends (and why others are missing), a loss on a small
                        synthetic 3D volume with every available backend, checked to agree
+calibops compare RUN_DIR... --names ... --out DIR
+                       several evaluate outputs side by side (calibops.compare)
 calibops demo ...      train a small network three ways and compare calibration (calibops.demo)
 calibops evaluate ...  calibration metrics and dataset reliability histograms of saved predictions
 calibops selfcheck [--device cuda:0] [--record]
@@ -242,6 +244,8 @@ COMMANDS = {
     "check": "version, available backends (and why others are missing), a cross-backend check (the default)",
     "evaluate": "calibration metrics, per-class spread and the dataset reliability histogram of saved "
     "predictions (NIfTI, MHA/NRRD, NumPy; nnU-Net and MONAI SaveImage folders)",
+    "compare": "several evaluate outputs side by side: one figure and one table (Markdown, LaTeX, CSV) with "
+    "bootstrap intervals and the differences to the first run",
     "demo": "train a small network three ways and compare calibration",
     "selfcheck": "the GPU kernel backends' self-check against the reference (table; --record)",
 }
@@ -274,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate_main(argv[1:])
     if argv and argv[0] == "selfcheck":
         return selfcheck_main(argv[1:])
+    if argv and argv[0] == "compare":
+        from calibops.compare import main as compare_main
+
+        return compare_main(argv[1:])
     if argv and argv[0] in ("-V", "--version"):
         from calibops._version import __version__  # the one version (the package metadata reads it too)
 

@@ -487,6 +487,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     metric: DatasetCalibration | None = None
     C = args.num_classes
     order = _AxisOrder(args.pred_axis_order)
+    spaced = 0  # cases whose volume CRPS is in mm^3 (a header spacing), the others count voxels
     for name, pred_path, label_paths in _progress(cases, not args.no_progress):
         label_path = label_paths[0]
         spacing = None
@@ -507,6 +508,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                     _check_geometry(name, pred_path, lp, args.geometry_tolerance)
             if multi:
                 spacing = _header_spacing(pred_path, label_path, probs.ndim - 1)
+                spaced += spacing is not None
         except (ValueError, TypeError) as exc:  # io's messages name the file and the fix
             raise EvaluationError(f"case {name!r}: {exc}") from exc
         if probs.size == 0 or label.size == 0:
@@ -578,6 +580,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "raters": len(cases[0][2]),
         "mode": args.mode,
         "spread": per_class_spread(metric),
+        "units": _units(metric, spaced, len(cases)),
     }
     if group_names is not None:
         res["group_rows"] = group_rows_with_intervals(metric, res["result"], args.bootstrap_samples, args.seed)
@@ -614,7 +617,27 @@ def _row_name(key: Any, names: Sequence[str]) -> str:
 
 def _per_case_values(metric: Any) -> tuple[str, ...]:
     extra = ("volume_crps", "consensus_dice") if (metric.multi_rater and metric.mode == "marginal") else ()
-    return ("ece", "ace", "mce", "l2", *extra)
+    return ("ece", "ace", "mce", "l2", *extra, *(("dice",) if metric.dice else ()))
+
+
+def _units(metric: Any, spaced: int, cases: int) -> dict[str, str]:
+    """The unit of every reported quantity (``summary.json``'s ``units``; the console and the CSV ``*_unit``
+    columns say the same): errors and Dice are fractions, the volume CRPS is in mm^3 when every case had a header
+    spacing and in voxels (counts) when none had."""
+    units = dict.fromkeys(("ece", "ace", "mce", "l2"), "probability")
+    units["voxels"] = "voxels"
+    if metric.dice:
+        units["dice"] = "fraction"
+    if "volume_crps" in _per_case_values(metric):
+        units["consensus_dice"] = "fraction"
+        units["volume_crps"] = (
+            "mm^3"
+            if spaced == cases
+            else "voxels"
+            if spaced == 0
+            else f"mixed: mm^3 for {spaced} of {cases} cases, voxels for the cases without a header spacing"
+        )
+    return units
 
 
 def per_class_spread(metric: Any) -> dict[Any, dict[str, dict[str, float]]]:
@@ -658,7 +681,7 @@ def group_rows_with_intervals(metric: Any, result: Any, num_samples: int, seed: 
 
 
 _GROUP_FIELDS = (
-    ("group", "class", "images")
+    ("group", "class", "class_name", "images")
     + tuple(f"macro_{m}{s}" for m in ("ece", "ace", "mce", "l2") for s in ("", "_lower", "_upper"))
     + tuple(f"micro_{m}" for m in ("ece", "ace", "mce", "l2"))
 )
@@ -679,9 +702,16 @@ def summary_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
         row.update({f"{m}_{q}": sp[c][m][q] for m in ("ece", "ace", "mce") for q in _SPREAD})
         for m in _per_case_values(metric)[4:]:
             row.update({f"{m}_{q}": sp[c][m][q] for q in ("mean", *_SPREAD)})
+        if "volume_crps" in res.get("units", {}):
+            row["volume_crps_unit"] = res["units"]["volume_crps"]
         rows.append(row)
     mean: dict[str, Any] = {"class": "mean", "class_name": "mean over classes", "cases": res["num_cases"]}
     mean.update({col: float(v[~v.isnan()].mean()) if bool((~v.isnan()).any()) else math.nan for col, v in cols.items()})
+    for m in _per_case_values(metric)[4:]:  # the class mean of the per-class means (Dice, CRPS, consensus Dice)
+        vals = [row[f"{m}_mean"] for row in rows if not math.isnan(row[f"{m}_mean"])]
+        mean[f"{m}_mean"] = float(np.mean(vals)) if vals else math.nan
+    if "volume_crps" in res.get("units", {}):
+        mean["volume_crps_unit"] = res["units"]["volume_crps"]
     rows.append(mean)
     return rows
 
@@ -692,6 +722,7 @@ def _summary_fields(metric: Any) -> list[str]:
     fields += [f"{m}_{q}" for m in ("ece", "ace", "mce") for q in _SPREAD]
     fields += ["macro_l2", "micro_l2"]
     fields += [f"{m}_{q}" for m in _per_case_values(metric)[4:] for q in ("mean", *_SPREAD)]
+    fields += ["volume_crps_unit"] if "volume_crps" in _per_case_values(metric) else []
     return fields
 
 
@@ -722,12 +753,15 @@ def _write_outputs(res: dict[str, Any], out: Path, dice: bool, figures: bool = T
         ) from exc
     try:
         fields = ["case", "class", "class_name", "ece", "ace", "mce", "voxels"] + (["dice"] if dice else [])
-        fields += ["l2", *_per_case_values(metric)[4:]] + (["group"] if metric.groups is not None else [])
+        extra = [m for m in _per_case_values(metric)[4:] if m != "dice"]
+        fields += ["l2", *extra] + (["volume_crps_unit"] if "volume_crps" in extra else [])
+        fields += ["group"] if metric.groups is not None else []
         with open(tmp / "per_image.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(fields)
             for rec in metric.records():
                 row = dict(rec, case=rec["image"], class_name=_row_name(rec["class"], names))
+                row["volume_crps_unit"] = res.get("units", {}).get("volume_crps")
                 w.writerow([_csv_value(row[k]) for k in fields])
         rows = summary_rows(res)
         with open(tmp / "summary.csv", "w", newline="") as f:
@@ -739,13 +773,17 @@ def _write_outputs(res: dict[str, Any], out: Path, dice: bool, figures: bool = T
             "raters": res["raters"],
             "mode": res["mode"],
             "num_bins": metric.num_bins,
+            "units": res.get("units", {}),
             "summary": [{k: _json_value(v) for k, v in row.items()} for row in rows],
         }
         if "group_rows" in res:
             with open(tmp / "groups.csv", "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=list(_GROUP_FIELDS), extrasaction="ignore")
                 w.writeheader()
-                w.writerows({k: _csv_value(v) for k, v in row.items()} for row in res["group_rows"])
+                w.writerows(
+                    {k: _csv_value(v) for k, v in dict(row, class_name=_row_name(row["class"], names)).items()}
+                    for row in res["group_rows"]
+                )
             report["groups"] = [{k: _json_value(v) for k, v in row.items()} for row in res["group_rows"]]
         with open(tmp / "summary.json", "w") as f:
             json.dump(report, f, indent=1, allow_nan=False)
@@ -822,13 +860,17 @@ def _print_summary(res: dict[str, Any]) -> None:
     for row in rows[:-1]:
         print(f"{row['class_name'][:16]:<16} " + " ".join(f"{row[k]:>10.4f}" for k in cols))
     print("per case (mean ± std, median [IQR]):")
+    units = res.get("units", {})
     for c in _row_keys(metric):
         parts = []
         for m in _per_case_values(metric):
             if m == "l2":
                 continue
             d = res["spread"][c][m]
-            parts.append(f"{m.upper()} {d['mean']:.4f} ± {d['std']:.4f}, {d['median']:.4f} [{d['iqr']:.4f}]")
+            unit = {"mm^3": " mm³", "voxels": " voxels"}.get(units.get(m, ""), "")
+            unit = unit or (f" ({units[m]})" if m == "volume_crps" and m in units else "")
+            label = {"dice": "Dice", "volume_crps": "volume CRPS", "consensus_dice": "consensus Dice"}.get(m, m.upper())
+            parts.append(f"{label} {d['mean']:.4f} ± {d['std']:.4f}, {d['median']:.4f} [{d['iqr']:.4f}]{unit}")
         print(f"{_row_name(c, names)[:16]:<16} " + "; ".join(parts))
     for row in res.get("group_rows", []):
         if row["group"] == "gap":
