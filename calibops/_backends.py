@@ -1,6 +1,6 @@
 """Which backend runs, why, and the fallback rules. The only place that decides.
 
-Rules (README "Backends"):
+Rules (docs/backends.md):
 - ``"reference"``: pure PyTorch, autograd-native, any device; always available.
 - ``"cpu"``: the fused C++ kernel (calibops._C), CPU tensors.
 - ``"cuda"``: the fused CUDA C++ kernel (calibops._C built with CUDA), CUDA tensors.

@@ -41,7 +41,7 @@ class MarginalL1ACELoss(nn.Module):
 
     Add it to Dice + CE: ``loss = dice_ce(logits, labels) + MarginalL1ACELoss(to_onehot_y=True,
     softmax=True)(logits, labels)``. See the module docstring for the MONAI conventions,
-    :func:`calibops.functional.marginal_l1_ace` for the other options and ``README.md`` for the option table.
+    :func:`calibops.functional.marginal_l1_ace` for the other options and ``docs/usage.md`` for the option table.
 
     Args:
         include_background, to_onehot_y, sigmoid, softmax, other_act: as in ``monai.losses.DiceLoss`` (same

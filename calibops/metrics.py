@@ -16,7 +16,7 @@ The sums (all O(C'·M²) whatever the number of images or voxels):
 - pooled (micro) statistics ``count, sum_p, sum_y`` per (class, bin), float64: (C', M) each;
 - sums of the per-image ECE/ACE/MCE (``macro_sum``, (3, C')) and L2 (``macro_l2``, (C',)) and the number of
   images where each is defined (``macro_n``, (3, C'));
-- the dataset reliability histogram ``H[c, a, j]`` (README, "Evaluating calibration over a test set"), int64:
+- the dataset reliability histogram ``H[c, a, j]`` (README, "Evaluating a test set"), int64:
   (C', M, M);
 - per class, the number of images whose target holds the class, (C',);
 - the number of images and of non-finite probability entries left out (``nonfinite="skip"`` or
@@ -30,7 +30,7 @@ with the data set and is the one exception.
 
 *Micro* pools the sums: per (class, bin), ``count``, ``sum_p`` and ``sum_y`` are added over all images and the
 gap is ``|Σ sum_p / Σ count - Σ sum_y / Σ count|``, so every voxel weighs the same. (The 2025 paper's code
-instead averages each bin's per-image confidences and accuracies unweighted over images; see the README.)
+instead averages each bin's per-image confidences and accuracies unweighted over images; see docs/evaluation.md.)
 "ACE" is the *average* calibration error (mean gap over non-empty bins), not the *adaptive* one (that one is
 :meth:`DatasetCalibration.adaptive_errors`).
 
@@ -123,14 +123,14 @@ class DatasetCalibration:
 
     Args:
         num_classes: C, the number of channels of the predictions.
-        num_bins: M, hard confidence bins (the edges of README "Semantics"), also used for the accuracy axis
+        num_bins: M, hard confidence bins (the edges of docs/usage.md "Semantics"), also used for the accuracy axis
             of the histogram.
         include_background: keep class 0 (default False, like the papers' evaluation). C' = C - 1 without it
             (C' = C = 1 for a single-channel prediction).
         to_onehot_y: targets are integer label maps (B, 1, *spatial) or (B, *spatial).
         softmax / sigmoid: the predictions are logits; apply this activation first.
         ignore_index: label value left out of every statistic (needs ``to_onehot_y``).
-        right: bin edge rule (README "Semantics").
+        right: bin edge rule (docs/usage.md "Semantics").
         backend: statistics backend (``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``); an
             unknown name raises here, an unavailable one at the first update.
         validate: value checks of :func:`calibops.functional.binned_stats` (probabilities in [0, 1], labels in

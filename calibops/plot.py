@@ -174,7 +174,7 @@ def _log_counts(ax: Any) -> None:
 
 
 def _edges(num_bins: int) -> np.ndarray:
-    # The bin edges (README "Semantics") end at 1 + eps32; draw them ending at 1 so the axes read 0..1.
+    # The bin edges (docs/usage.md "Semantics") end at 1 + eps32; draw them ending at 1 so the axes read 0..1.
     return np.linspace(0.0, 1.0, num_bins + 1)
 
 
