@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 CLASS_NAMES = ("background", "CSF", "GM", "WM")
-TEMPERATURES = (0.5, 0.8, 1.25, 1.6, 0.65, 2.0, 0.9, 1.4)  # per case, cycled; < 1 sharpened, > 1 softened
+TEMPERATURES = (0.5, 1.6, 0.8, 1.25, 0.65, 2.0, 0.9, 1.4)  # per case, cycled: sharpened (< 1), softened (> 1) alternate
 RATER_SHIFTS = ((1, 0, 0), (0, -1, 0), (0, 0, 1))  # voxels, per rater (at 2 mm; doubled at 1 mm)
 
 
