@@ -106,6 +106,8 @@ def reliability_panels(
         ax.tick_params(labelsize=SMALL_PT)
     for i in range(n, rows * cols):
         fig.delaxes(axes[i // cols][i % cols])
+    for i in range(max(0, n - cols), n):  # a panel with no panel below it shows its x tick labels
+        axes[i // cols][i % cols].tick_params(labelbottom=True)
     fig.supxlabel("predicted probability", fontsize=LABEL_PT)
     fig.supylabel("observed frequency", fontsize=LABEL_PT)
     if suptitle:
