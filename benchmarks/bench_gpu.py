@@ -922,7 +922,7 @@ def cuda_register_report(arch: int) -> int:
 
 
 def summary(rows, peak, shapes) -> int:
-    """Print the GPU targets (README, Performance) for the fused backends; return 1 if a measurement failed."""
+    """Print the GPU targets (docs/performance.md) for the fused backends; return 1 if a measurement failed."""
     print()
     print(
         f"SUMMARY (GPU targets: fwd+bwd >= {TARGET_PCT_PEAK:.0f}% of peak HBM bandwidth and "

@@ -5,13 +5,12 @@ Layers: :mod:`calibops.backends` (kernels and their selection), :mod:`calibops.e
 :mod:`calibops.integrations` (MONAI, torchmetrics), :mod:`calibops.cli` (the command line).
 """
 
+from ._version import __version__
 from .backends import SelfCheckWarning, available_backends, backend_for
 from .losses import HardL1ACELoss, MarginalL1ACELoss, MonaiShapeError, SoftL1ACELoss
 from .metrics import DatasetCalibration
 from .options import Options
 from .results import BinnedStats, CalibrationErrors
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BinnedStats",

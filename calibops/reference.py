@@ -1,4 +1,4 @@
-"""The pure-PyTorch specification of every calibops statistic, loss and metric (README "Semantics").
+"""The pure-PyTorch specification of every calibops statistic, loss and metric (docs/usage.md "Semantics").
 
 Everything here is vectorised (no Python loop over images, classes or bins), autograd-native and runs on any
 device. Kernel backends must agree with these functions; tests compare them against each other.

@@ -1,4 +1,4 @@
-"""An independent float64 implementation of the statistics and mL1-ACE semantics (README "Semantics",
+"""An independent float64 implementation of the statistics and mL1-ACE semantics (docs/usage.md "Semantics",
 docs/kernel_contract.md) in NumPy, written from those documents with explicit loops.
 
 It shares no code with calibops: it is the oracle the reference (and through it every backend) is checked
@@ -116,7 +116,7 @@ def loss_and_grad(
     ignore_index=None,
     grad_output=None,
 ):
-    """mL1-ACE value and its gradient w.r.t. x (same shape as x) per README "Semantics", in float64."""
+    """mL1-ACE value and its gradient w.r.t. x (same shape as x) per docs/usage.md "Semantics", in float64."""
     x = np.asarray(x, dtype=np.float64)
     shape = x.shape
     b_, c_ = shape[:2]

@@ -135,4 +135,4 @@ def test_autocast_cpu():
 def test_python_m_calibops_checks_backends():
     r = subprocess.run([sys.executable, "-m", "calibops"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "calibops 0.1.0" in r.stdout and "reference" in r.stdout and "agree" in r.stdout
+    assert f"calibops {calibops.__version__} " in r.stdout and "reference" in r.stdout and "agree" in r.stdout

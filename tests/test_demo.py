@@ -231,6 +231,28 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) ->
         png = out / f"demo_{name}.png"
         assert png.stat().st_size > 1000
         assert png.read_bytes()[:8] == PNG_MAGIC
+        assert (out / f"demo_{name}.pdf").read_bytes()[:5] == b"%PDF-"
+        assert {"summary.json", "per_image.csv", "dataset_histogram.npz"} <= {
+            p.name for p in (out / "runs" / name).iterdir()
+        }
+    # the comparison of the three configurations (calibops compare), the first seed's test images
+    for ext in ("md", "tex", "csv", "pdf", "png"):
+        assert (out / f"comparison.{ext}").stat().st_size > 100
+    with open(out / "comparison.csv", newline="") as fh:
+        comp = list(csv.DictReader(fh))
+    for r in rows[:3]:  # the seed-2 rows: the comparison's macro ACE and Dice are the demo's numbers
+        ace = next(
+            c
+            for c in comp
+            if c["run"] == r["loss"] and c["class_name"] == "mean over classes" and c["quantity"] == "macro_ace"
+        )
+        assert float(ace["value"]) == pytest.approx(float(r["ace"]), rel=1e-4)
+        dice = next(
+            c
+            for c in comp
+            if c["run"] == r["loss"] and c["class_name"] == "mean over classes" and c["quantity"] == "dice"
+        )
+        assert float(dice["value"]) == pytest.approx(float(r["dsc"]), rel=1e-4)
     # the numbers do not depend on --jobs: the first seed again, in this process, gives bit-identical rows
     again = tmp_path / "again"
     assert demo.demo_main(["--quick", "--out", str(again), "--seed", "2", "--num-seeds", "1", "--jobs", "1"]) == 0

@@ -4,7 +4,7 @@ The ops return float32 (B, C, M) statistics (the kernel contract); the loss epil
 ``|S_p/n - S_y/n|`` and its subgradient ``sign(gap)/n``. The float64 oracle is the reference backend run on
 the *same* float32 probabilities cast to float64 (float64 sums, float64 epilogue).
 
-Rule (README "Semantics"): a bin whose true gap is within the float32 rounding of its sums,
+Rule (docs/usage.md "Semantics"): a bin whose true gap is within the float32 rounding of its sums,
 ``|S_p - S_y| <= 2**-23 * max(S_p, S_y)`` (the band, one rounding of each sum plus the subtraction), may get
 subgradient 0 or either sign instead of the oracle's; outside the band the sign is the oracle's. Inside the
 band the oracle's sign is itself decided below the resolution of the probabilities: one float32 ulp of one

@@ -1,6 +1,6 @@
 """DatasetCalibration: macro / micro errors and the dataset reliability histogram.
 
-Checked against (1) a hand-computed case and (2) an independent float64 NumPy oracle written from README
+Checked against (1) a hand-computed case and (2) an independent float64 NumPy oracle written from docs/usage.md
 "Semantics" (per-voxel binning of float32 probabilities with ``torch.bucketize`` on its edges, everything else in
 float64), on random data with every option, odd shapes, images of different sizes, half precision inputs
 and fully ignored images. Errors must agree within 1e-5, the histogram exactly.
@@ -31,7 +31,7 @@ BACKENDS = _backends()
 
 # ----------------------------------------------------------------------------------------- the oracle
 def _oracle_probs(x: torch.Tensor, softmax: bool, sigmoid: bool) -> torch.Tensor:
-    """(C, N) probabilities in float32, as README "Semantics" defines them (activation computed in float32)."""
+    """(C, N) probabilities in float32, as docs/usage.md "Semantics" defines them (activation computed in float32)."""
     x = x.float()
     if softmax:
         return torch.softmax(x, dim=0)

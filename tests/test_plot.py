@@ -174,3 +174,160 @@ def test_plots_take_ax():
     out = reliability_diagram(stats, class_index=1, ax=axes[2], title="one")
     assert out is fig and axes[2].get_title() == "one" and _has_diagonal(axes[2])
     assert len(fig.axes) == 3 + 2  # the three panels and the two heat maps' colour bars
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The figure style (calibops.plot): print sizes, fonts >= 7 pt, aligned axes, PDF + 300-dpi PNG
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _drawn(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()  # runs the constrained layout and creates the tick labels
+    return fig
+
+
+def _texts(fig):
+    from matplotlib.text import Text
+
+    out = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    for ax in fig.axes:
+        for t in ax.get_xticklabels(which="both") + ax.get_yticklabels(which="both"):
+            if t.get_visible() and t.get_text().strip():
+                out.append(t)
+    return out
+
+
+def _style_figures():
+    from calibops._report import reliability_panels
+    from calibops.plot import comparison_grid, pooled_reliability
+
+    names = ["background", "liver", "kidney", "spleen"]
+    m = _metric()
+    top = DatasetCalibration(4, num_bins=10, to_onehot_y=True, softmax=True, mode="top_label")
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(4, 4, 12, 10, generator=g) * 2, torch.randint(0, 4, (4, 12, 10), generator=g)
+    top.update(x, y)
+    grouped = DatasetCalibration(4, num_bins=10, to_onehot_y=True, softmax=True, groups=["a", "b", "c"])
+    grouped.update(x, y, groups=["a", "b", "c", "a"])
+    stats = F.binned_stats(x, y, num_bins=10, to_onehot_y=True, softmax=True)
+    H = m.histogram()
+    return {
+        "histogram": m.plot(class_names=names),
+        "histogram one row of 5": dataset_reliability_histogram(torch.cat([H, H[:2]]), ncols=5),
+        "top-label histogram": top.plot(),
+        "reliability diagram": reliability_diagram(stats, class_index=1),
+        "pooled reliability": pooled_reliability(m.pooled_stats(), H, class_index=1, class_names=names[1:]),
+        "pooled top-label": pooled_reliability(top.pooled_stats(), top.histogram()),
+        "comparison": comparison_grid([H, H * 2], ["run a", "run b"], class_names=names[1:]),
+        "groups": grouped.plot_groups(1, title="kidney"),
+        "panels": reliability_panels([BinnedStats(*(t[0, 1] for t in stats))] * 5, list("abcde")),
+    }
+
+
+from calibops.reference import BinnedStats  # noqa: E402
+
+
+def test_figures_are_print_sized_with_fonts_of_at_least_7pt():
+    from calibops.plot import DOUBLE_COLUMN, MIN_FONT_PT, SINGLE_COLUMN
+
+    assert MIN_FONT_PT >= 7
+    for what, fig in _style_figures().items():
+        _drawn(fig)
+        w = fig.get_size_inches()[0]
+        assert w in (SINGLE_COLUMN, DOUBLE_COLUMN), f"{what}: {w} in wide"
+        texts = _texts(fig)
+        assert texts, what
+        small = [(t.get_text(), t.get_fontsize()) for t in texts if t.get_fontsize() < MIN_FONT_PT]
+        assert not small, f"{what}: texts under {MIN_FONT_PT} pt: {small[:5]}"
+    # one panel: a single column; several: a double column
+    assert _style_figures()["top-label histogram"].get_size_inches()[0] == SINGLE_COLUMN
+
+
+def _pairs(fig):
+    """(heat map or diagram, count bars under it) pairs: axes sharing their x axis."""
+    pairs = []
+    for ax in fig.axes:
+        for other in ax.get_shared_x_axes().get_siblings(ax):
+            if other is not ax and other.get_yscale() == "log" and ax.get_yscale() != "log":
+                pairs.append((ax, other))
+    return pairs
+
+
+def test_heat_maps_and_count_bars_share_their_x_extent():
+    figs = _style_figures()
+    for what in ("histogram", "top-label histogram", "pooled reliability", "pooled top-label", "comparison"):
+        fig = _drawn(figs[what])
+        pairs = _pairs(fig)
+        assert pairs, what
+        for top, bottom in pairs:
+            a, b = top.get_position(), bottom.get_position()
+            assert abs(a.x0 - b.x0) < 1e-6 and abs(a.x1 - b.x1) < 1e-6, f"{what}: {a} vs {b}"
+            assert a.y0 > b.y1  # the bars sit below
+        # the colour bar has its own column: it overlaps no heat map horizontally and leaves their widths equal
+        cbars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+        heat = _heat_axes(fig)
+        assert cbars and heat
+        for cb in cbars:
+            assert all(cb.get_position().x0 >= h.get_position().x1 for h in heat), what
+        widths = {round(h.get_position().width, 6) for h in heat}
+        assert len(widths) == 1, f"{what}: heat map widths {widths}"
+    # the single panel of a top-label histogram specifically (the colour bar took width from the map only)
+    fig = _drawn(figs["top-label histogram"])
+    ((top, bottom),) = _pairs(fig)
+    assert top.get_position().width == pytest.approx(bottom.get_position().width, abs=1e-9)
+
+
+def test_comparison_grid_rows_and_columns():
+    from calibops.plot import comparison_grid
+
+    H = _metric().histogram()
+    fig = comparison_grid([H, H, H], ["a", "b", "c"], class_names=["x", "y", "z"])
+    heat = _heat_axes(fig)
+    assert len(heat) == 3 * 4  # a row per run, a column per class and "all classes"
+    assert [ax.get_title() for ax in heat[:4]] == ["x", "y", "z", "all classes"]
+    assert [ax.get_ylabel().split("\n")[0] for ax in heat[::4]] == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="run_names"):
+        comparison_grid([H], ["a", "b"])
+    with pytest.raises(ValueError, match="same classes"):
+        comparison_grid([H, H[:2]], ["a", "b"])
+
+
+def test_pooled_reliability_content():
+    from calibops.plot import pooled_reliability
+
+    m = _metric()
+    s = m.pooled_stats()
+    fig = pooled_reliability(s, m.histogram(), class_index=2, class_names=["b", "c", "d"])
+    assert fig._suptitle.get_text() == "d"
+    left = fig.axes[0]
+    n, sp, sy = (t[2].numpy() for t in s)
+    valid = n > 0
+    heights = [p.get_height() for p in left.patches if p.get_label() != "gap" and p.get_facecolor()[3] > 0]
+    np.testing.assert_allclose(sorted(heights[: int(valid.sum())]), sorted(sy[valid] / n[valid]), atol=1e-12)
+    errs = F.calibration_errors_from_stats(BinnedStats(*(torch.as_tensor(v).view(1, 1, -1) for v in (n, sp, sy))))
+    assert f"ECE {float(errs.ece.reshape(-1)[0]):.4f}" in " ".join(t.get_text() for t in left.texts)
+    with pytest.raises(ValueError, match="shape"):
+        pooled_reliability(s, m.histogram()[:2])
+
+
+def test_save_figure_writes_pdf_and_300dpi_png(tmp_path):
+    import struct
+
+    from calibops.plot import PNG_DPI, file_stem, save_figure
+
+    fig = _metric().plot()
+    paths = save_figure(fig, tmp_path / "h.png")
+    assert [p.name for p in paths] == ["h.pdf", "h.png"]
+    assert paths[0].read_bytes()[:5] == b"%PDF-"
+    png = paths[1].read_bytes()
+    w, h = struct.unpack(">II", png[16:24])  # IHDR
+    assert w == round(fig.get_size_inches()[0] * PNG_DPI) and h == round(fig.get_size_inches()[1] * PNG_DPI)
+    assert b"/FontFile2" in paths[0].read_bytes()  # TrueType fonts embedded (editable text), not Type 3
+    assert file_stem("left kidney") == "left_kidney" and file_stem("a/b:c") == "a_b_c" and file_stem("//") == "unnamed"
+
+
+def test_figure_width_is_checked():
+    with pytest.raises(ValueError, match="width"):
+        dataset_reliability_histogram(torch.ones(2, 3, 3), width="wide")

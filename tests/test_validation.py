@@ -1,4 +1,4 @@
-"""Every bad input raises a clear ValueError/TypeError naming the argument (README "Validation"), on every
+"""Every bad input raises a clear ValueError/TypeError naming the argument (docs/usage.md "Validation"), on every
 backend."""
 
 from __future__ import annotations

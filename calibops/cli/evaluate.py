@@ -16,10 +16,14 @@ one case at a time (memory: one case, the ``--prefetch`` cases read ahead, and O
 - ``summary.csv`` and ``summary.json`` (the same rows): per class macro (mean over cases) and micro (pooled)
   ECE/ACE/MCE/L2, the spread of the per-case values (std, median, quartiles, IQR), and their class mean;
 - with ``--groups``: ``groups.csv`` (per group and class the macro / micro errors, the "all" row and the largest
-  between-group "gap", each macro value with its seeded bootstrap interval) and ``groups_reliability_<class>.png``
-  (the groups' pooled reliability diagrams side by side; not with ``--no-figures``);
-- ``dataset_histogram.png`` / ``.pdf``: the dataset reliability histogram figure (not with ``--no-figures``);
-- ``dataset_histogram.npz``: the histogram (C', M, M), pooled voxel counts (C', M) and class indices.
+  between-group "gap", each macro value with its seeded bootstrap interval) and ``groups_reliability_<class>.pdf``
+  / ``.png`` (the groups' pooled reliability diagrams side by side; not with ``--no-figures``);
+- ``dataset_histogram.pdf`` / ``.png``: the dataset reliability histogram figure (not with ``--no-figures``);
+- ``reliability_<class>.pdf`` / ``.png`` and ``reliability_all_classes``: the pooled reliability diagram with its
+  confidence histogram beside the dataset reliability histogram (not with ``--no-figures``); every figure is a
+  vector PDF and a 300-dpi PNG, ``<class>`` the class name (``--class-names``) made file-name safe;
+- ``dataset_histogram.npz``: the histogram (C', M, M), pooled voxel counts (C', M), the pooled ``sum_p`` and ``sum_y``
+  (C', M), class indices and names (what ``calibops compare`` reads).
 
 Several ``--label`` folders are raters of the same cases (the CURVAS protocol): the macro values are the mean over
 cases of the mean over raters of the per-rater errors (the headline), the micro values and the histogram use the
@@ -626,6 +630,7 @@ def evaluate(args: argparse.Namespace, session: Any = None) -> dict[str, Any] | 
 
         depth = default_prefetch()
     own = [cases[i] for i in mine]
+    spaced = 0  # cases whose volume CRPS is in mm^3 (a header spacing); the others count voxels
     with (
         bar,
         session.together(wait=True, on_poll=show) as step,
@@ -638,6 +643,7 @@ def evaluate(args: argparse.Namespace, session: Any = None) -> dict[str, Any] | 
             label_path = label_paths[0]
             try:
                 probs, labels, spacing = got.get()
+                spaced += spacing is not None  # volume CRPS in mm^3 for this case, else in voxels
                 label = labels[0]
                 probs = order.apply(name, probs, label, pred_path, label_path, args.npz_key)
             except (ValueError, TypeError) as exc:  # io's messages name the file and the fix
@@ -691,6 +697,7 @@ def evaluate(args: argparse.Namespace, session: Any = None) -> dict[str, Any] | 
             axis=order.decided if args.pred_axis_order == "auto" else None,
             reason=order.reason,
             cases=[c[0] for c in own],
+            spaced=spaced,
             bytes=sum(sizes[i] for i in mine),
             seconds=round(time.perf_counter() - started, 3),
         )
@@ -715,6 +722,7 @@ def evaluate(args: argparse.Namespace, session: Any = None) -> dict[str, Any] | 
         "raters": len(cases[0][2]),
         "mode": args.mode,
         "spread": per_class_spread(metric),
+        "units": _units(metric, sum(p.get("spaced", 0) for p in ranks), len(cases)),
     }
     if group_names is not None:
         res["group_rows"] = group_rows_with_intervals(metric, res["result"], args.bootstrap_samples, args.seed)
@@ -783,7 +791,27 @@ def _row_name(key: Any, names: Sequence[str]) -> str:
 
 def _per_case_values(metric: Any) -> tuple[str, ...]:
     extra = ("volume_crps", "consensus_dice") if (metric.multi_rater and metric.mode == "marginal") else ()
-    return ("ece", "ace", "mce", "l2", *extra)
+    return ("ece", "ace", "mce", "l2", *extra, *(("dice",) if metric.dice else ()))
+
+
+def _units(metric: Any, spaced: int, cases: int) -> dict[str, str]:
+    """The unit of every reported quantity (``summary.json``'s ``units``; the console and the CSV ``*_unit``
+    columns say the same): errors and Dice are fractions, the volume CRPS is in mm^3 when every case had a header
+    spacing and in voxels (counts) when none had."""
+    units = dict.fromkeys(("ece", "ace", "mce", "l2"), "probability")
+    units["voxels"] = "voxels"
+    if metric.dice:
+        units["dice"] = "fraction"
+    if "volume_crps" in _per_case_values(metric):
+        units["consensus_dice"] = "fraction"
+        units["volume_crps"] = (
+            "mm^3"
+            if spaced == cases
+            else "voxels"
+            if spaced == 0
+            else f"mixed: mm^3 for {spaced} of {cases} cases, voxels for the cases without a header spacing"
+        )
+    return units
 
 
 def per_class_spread(metric: Any) -> dict[Any, dict[str, dict[str, float]]]:
@@ -869,7 +897,7 @@ def bootstrap_warnings(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> 
 
 
 _GROUP_FIELDS = (
-    ("group", "class", "images", "bootstrap_images")
+    ("group", "class", "class_name", "images", "bootstrap_images")
     + tuple(f"macro_{m}{s}" for m in ("ece", "ace", "mce", "l2") for s in ("", "_lower", "_upper"))
     + tuple(f"micro_{m}" for m in ("ece", "ace", "mce", "l2"))
 )
@@ -890,9 +918,16 @@ def summary_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
         row.update({f"{m}_{q}": sp[c][m][q] for m in ("ece", "ace", "mce") for q in _SPREAD})
         for m in _per_case_values(metric)[4:]:
             row.update({f"{m}_{q}": sp[c][m][q] for q in ("mean", *_SPREAD)})
+        if "volume_crps" in res.get("units", {}):
+            row["volume_crps_unit"] = res["units"]["volume_crps"]
         rows.append(row)
     mean: dict[str, Any] = {"class": "mean", "class_name": "mean over classes", "cases": res["num_cases"]}
     mean.update({col: float(v[~v.isnan()].mean()) if bool((~v.isnan()).any()) else math.nan for col, v in cols.items()})
+    for m in _per_case_values(metric)[4:]:  # the class mean of the per-class means (Dice, CRPS, consensus Dice)
+        vals = [row[f"{m}_mean"] for row in rows if not math.isnan(row[f"{m}_mean"])]
+        mean[f"{m}_mean"] = float(np.mean(vals)) if vals else math.nan
+    if "volume_crps" in res.get("units", {}):
+        mean["volume_crps_unit"] = res["units"]["volume_crps"]
     rows.append(mean)
     return rows
 
@@ -903,6 +938,7 @@ def _summary_fields(metric: Any) -> list[str]:
     fields += [f"{m}_{q}" for m in ("ece", "ace", "mce") for q in _SPREAD]
     fields += ["macro_l2", "micro_l2"]
     fields += [f"{m}_{q}" for m in _per_case_values(metric)[4:] for q in ("mean", *_SPREAD)]
+    fields += ["volume_crps_unit"] if "volume_crps" in _per_case_values(metric) else []
     return fields
 
 
@@ -932,12 +968,15 @@ def _write_files(res: dict[str, Any], tmp: Path, dice: bool, figures: bool) -> N
     names = res["class_names"]
     used = [_row_name(c, names) for c in _row_keys(metric)]
     fields = ["case", "class", "class_name", "ece", "ace", "mce", "voxels"] + (["dice"] if dice else [])
-    fields += ["l2", *_per_case_values(metric)[4:]] + (["group"] if metric.groups is not None else [])
+    extra = [m for m in _per_case_values(metric)[4:] if m != "dice"]
+    fields += ["l2", *extra] + (["volume_crps_unit"] if "volume_crps" in extra else [])
+    fields += ["group"] if metric.groups is not None else []
     with open(tmp / "per_image.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(fields)
         for rec in metric.records():
             row = dict(rec, case=rec["image"], class_name=_row_name(rec["class"], names))
+            row["volume_crps_unit"] = res.get("units", {}).get("volume_crps")
             w.writerow([_csv_value(row[k]) for k in fields])
     rows = summary_rows(res)
     with open(tmp / "summary.csv", "w", newline="") as f:
@@ -949,6 +988,7 @@ def _write_files(res: dict[str, Any], tmp: Path, dice: bool, figures: bool) -> N
         "raters": res["raters"],
         "mode": res["mode"],
         "num_bins": metric.num_bins,
+        "units": res.get("units", {}),
         **res.get("run", {}),  # world_size, prefetch, wall_time_s, the cases of each rank
         "summary": [{k: _json_value(v) for k, v in row.items()} for row in rows],
     }
@@ -956,12 +996,15 @@ def _write_files(res: dict[str, Any], tmp: Path, dice: bool, figures: bool) -> N
         with open(tmp / "groups.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(_GROUP_FIELDS), extrasaction="ignore")
             w.writeheader()
-            w.writerows({k: _csv_value(v) for k, v in row.items()} for row in res["group_rows"])
+            w.writerows(
+                {k: _csv_value(v) for k, v in dict(row, class_name=_row_name(row["class"], names)).items()}
+                for row in res["group_rows"]
+            )
         report["groups"] = [{k: _json_value(v) for k, v in row.items()} for row in res["group_rows"]]
     with open(tmp / "summary.json", "w") as f:
         json.dump(report, f, indent=1, allow_nan=False)
         f.write("\n")
-    hist, counts = res["histogram"], res["counts"]
+    hist, counts, pooled = res["histogram"], res["counts"], metric.pooled_stats()
     if hist.dim() == 2:  # top-label: one row
         hist = hist[None]
     np.savez(
@@ -970,21 +1013,40 @@ def _write_files(res: dict[str, Any], tmp: Path, dice: bool, figures: bool) -> N
         counts=counts.cpu().numpy(),
         classes=np.asarray(metric.classes, dtype=np.int64),  # empty for top-label
         class_names=np.asarray(used),
+        sum_p=pooled.sum_p.cpu().numpy(),  # the pooled statistics: calibops compare draws pooled diagrams
+        sum_y=pooled.sum_y.cpu().numpy(),
     )
     if figures:
-        import matplotlib.pyplot as plt
+        _write_figures(res, tmp, hist, counts, used)
 
-        from ..plot import dataset_reliability_histogram
 
-        fig = dataset_reliability_histogram(hist, counts=counts, class_names=used)
-        fig.savefig(tmp / "dataset_histogram.png", dpi=200)
-        fig.savefig(tmp / "dataset_histogram.pdf")
-        plt.close(fig)
-        if "group_rows" in res:
-            for k, c in enumerate(_row_keys(metric)):
-                fig = metric.plot_groups(k, title=_row_name(c, names))
-                fig.savefig(tmp / f"groups_reliability_{'top_label' if c == 'top_label' else f'class{c}'}.png")
-                plt.close(fig)
+def _figure_stem(key: Any, names: Sequence[str]) -> str:
+    from ..plot import file_stem
+
+    return "top_label" if key == "top_label" else file_stem(_row_name(key, names))
+
+
+def _write_figures(res: dict[str, Any], tmp: Path, hist: Any, counts: Any, used: list[str]) -> None:
+    """The figures of ``calibops evaluate`` (each as PDF and 300-dpi PNG, :func:`calibops.plot.save_figure`): the
+    dataset reliability histogram, the pooled reliability diagram beside it per class and for all classes, and
+    with groups the groups' reliability diagrams per class; class names in the file names."""
+
+    from ..plot import dataset_reliability_histogram, pooled_reliability, save_figure
+
+    metric, names = res["metric"], res["class_names"]
+    keys = _row_keys(metric)
+    pooled = metric.pooled_stats()
+    fig = dataset_reliability_histogram(hist, counts=counts, class_names=used)
+    save_figure(fig, tmp / "dataset_histogram")
+    for k, c in enumerate(keys):
+        fig = pooled_reliability(pooled, hist, class_index=k, class_names=used)
+        save_figure(fig, tmp / f"reliability_{_figure_stem(c, names)}")
+    if len(keys) > 1:
+        save_figure(pooled_reliability(pooled, hist, class_names=used), tmp / "reliability_all_classes")
+    if "group_rows" in res:
+        for k, c in enumerate(keys):
+            fig = metric.plot_groups(k, title=_row_name(c, names))
+            save_figure(fig, tmp / f"groups_reliability_{_figure_stem(c, names)}")
 
 
 def _print_summary(res: dict[str, Any]) -> None:
@@ -1009,13 +1071,17 @@ def _print_summary(res: dict[str, Any]) -> None:
     for row in rows[:-1]:
         print(f"{row['class_name'][:16]:<16} " + " ".join(f"{row[k]:>10.4f}" for k in cols))
     print("per case (mean ± std, median [IQR]):")
+    units = res.get("units", {})
     for c in _row_keys(metric):
         parts = []
         for m in _per_case_values(metric):
             if m == "l2":
                 continue
             d = res["spread"][c][m]
-            parts.append(f"{m.upper()} {d['mean']:.4f} ± {d['std']:.4f}, {d['median']:.4f} [{d['iqr']:.4f}]")
+            unit = {"mm^3": " mm³", "voxels": " voxels"}.get(units.get(m, ""), "")
+            unit = unit or (f" ({units[m]})" if m == "volume_crps" and m in units else "")
+            label = {"dice": "Dice", "volume_crps": "volume CRPS", "consensus_dice": "consensus Dice"}.get(m, m.upper())
+            parts.append(f"{label} {d['mean']:.4f} ± {d['std']:.4f}, {d['median']:.4f} [{d['iqr']:.4f}]{unit}")
         print(f"{_row_name(c, names)[:16]:<16} " + "; ".join(parts))
     for row in res.get("group_rows", []):
         if row["group"] == "gap":

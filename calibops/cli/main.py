@@ -1,7 +1,10 @@
 """``python -m calibops`` / ``calibops``: version, backends, and a cross-backend check; subcommands.
 
+calibops --version     the version
 calibops               version, available backends (and why others are missing), a loss on a small
                        synthetic 3D volume with every available backend, checked to agree
+calibops compare RUN_DIR... --names ... --out DIR
+                       several evaluate outputs side by side (calibops.cli.compare)
 calibops demo ...      train a small network three ways and compare calibration (calibops.demo)
 calibops evaluate ...  calibration metrics and dataset reliability histograms of saved predictions
 calibops selfcheck [--device cuda:0] [--record]
@@ -325,6 +328,8 @@ COMMANDS = {
     "check": "version, available backends (and why others are missing), a cross-backend check (the default)",
     "evaluate": "calibration metrics, per-class spread and the dataset reliability histogram of saved "
     "predictions (NIfTI, MHA/NRRD, NumPy; nnU-Net and MONAI SaveImage folders)",
+    "compare": "several evaluate outputs side by side: one figure and one table (Markdown, LaTeX, CSV) with "
+    "bootstrap intervals and the differences to the first run",
     "demo": "train a small network three ways and compare calibration",
     "selfcheck": "the GPU kernel backends' self-check against the reference (table; --record)",
     "nnunet": "nnU-Net v2 with mL1-ACE: `calibops nnunet train` / `predict` (needs calibops[nnunet])",
@@ -338,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="calibops: fused calibration losses and metrics for image segmentation.",
         epilog="Run `calibops COMMAND --help` for a command's options.",
     )
+    p.add_argument("-V", "--version", action="store_true", help="print the version of calibops and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, text in COMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)
@@ -357,6 +363,15 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate_main(argv[1:])
     if argv and argv[0] == "selfcheck":
         return selfcheck_main(argv[1:])
+    if argv and argv[0] == "compare":
+        from calibops.cli.compare import main as compare_main
+
+        return compare_main(argv[1:])
+    if argv and argv[0] in ("-V", "--version"):
+        from calibops._version import __version__  # the one version (the package metadata reads it too)
+
+        print(f"calibops {__version__}")
+        return 0
     if argv and argv[0] == "nnunet":
         from calibops.integrations.nnunet_cli import main as nnunet_main
 

@@ -124,9 +124,32 @@ def evaluate_model(
 
 
 def save_figure(calib: DatasetCalibration, path: str, title: str) -> None:
-    """Write the dataset reliability histogram of ``calib`` (one panel per foreground class) to ``path``."""
-    fig = calib.plot(class_names=CLASS_NAMES, title=title)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    """Write the dataset reliability histogram of ``calib`` (one panel per foreground class) as ``<path>.pdf`` and
+    a 300-dpi ``<path>.png`` (a ``.png``/``.pdf`` suffix on ``path`` is dropped), in calibops' figure style."""
+    from calibops.plot import save_figure as save
+
+    save(calib.plot(class_names=CLASS_NAMES, title=title), path)
+
+
+def write_run(calib: DatasetCalibration, folder: str) -> None:
+    """Write the test-set evaluation of one configuration as ``calibops evaluate`` does (``summary.json``,
+    ``per_image.csv`` with Dice, ``dataset_histogram.npz``; no figures) into ``folder``, for ``calibops compare``."""
+    from pathlib import Path
+
+    from calibops.cli.evaluate import _write_outputs
+    from calibops.cli.compare import run_results
+
+    _write_outputs(run_results(calib, CLASS_NAMES), Path(folder), dice=True, figures=False)
+
+
+def write_comparison(out: str, names: list[str]) -> list[str]:
+    """``calibops compare`` of the configurations' run folders ``out/runs/<name>``: ``out/comparison.pdf/.png``
+    (a row per configuration, a column per class and all classes) and ``comparison.md/.tex/.csv`` (macro and micro
+    ECE/ACE/MCE and Dice with bootstrap intervals over the test images, differences to the first configuration)."""
+    from calibops.cli.compare import compare_runs
+
+    dirs = [os.path.join(out, "runs", n) for n in names]
+    return [str(p) for p in compare_runs(dirs, names, out, echo=False)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -333,6 +356,7 @@ def _run_one(
     macro, micro = (res := calib.compute()).macro, res.micro
     if figure is not None:
         save_figure(calib, figure, f"{name}: dataset reliability histogram, {len(test)} test images, seed {seed}")
+        write_run(calib, os.path.join(os.path.dirname(figure), "runs", name))
     return {
         "seed": seed,
         "loss": name,
@@ -377,7 +401,7 @@ def _one_in_worker(seed: int, name: str, recipe: Recipe, device: str, threads: i
 def _tasks(seeds: list[int], out: str) -> list[tuple[int, str, str | None]]:
     """(seed, configuration, figure path or None) in seed order; figures for the first seed."""
     return [
-        (seed, name, os.path.join(out, f"demo_{name}.png") if seed == seeds[0] else None)
+        (seed, name, os.path.join(out, f"demo_{name}") if seed == seeds[0] else None)
         for seed in seeds
         for name in CONFIGS
     ]
@@ -467,9 +491,10 @@ def run_demo(
 
     ``jobs`` trainings run at once, in worker processes when ``jobs > 1``, each on ``threads`` torch threads;
     the numbers depend on ``threads`` (float summation order) but not on ``jobs``. Writes ``out/results.csv``
-    (columns :data:`CSV_COLUMNS`, one row per seed and configuration) and ``out/demo_<loss>.png`` (the dataset
-    reliability histogram of each configuration on the first seed's test images); prints each seed's table and
-    the mean and range over the seeds of every relative change. Returns the rows.
+    (columns :data:`CSV_COLUMNS`, one row per seed and configuration), ``out/demo_<loss>.pdf`` / ``.png`` (the
+    dataset reliability histogram of each configuration on the first seed's test images), ``out/runs/<loss>/`` (that
+    evaluation as ``calibops evaluate`` writes it) and ``out/comparison.*`` (``calibops compare`` of the three);
+    prints each seed's table and the mean and range over the seeds of every relative change. Returns the rows.
     """
     if not isinstance(recipe, Recipe):
         raise TypeError(f"recipe must be a calibops.demo.Recipe, got {type(recipe).__name__}")
@@ -533,6 +558,7 @@ def run_demo(
         writer.writeheader()
         for row in rows:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    comparison = write_comparison(out, list(CONFIGS))
     total = time.perf_counter() - t_start
     print()
     print(format_spread(spread(rows, CONFIGS), seeds))
@@ -541,9 +567,11 @@ def run_demo(
         f"averaged over the test images), {NUM_BINS} bins, background excluded; micro: on statistics summed over "
         "the test set. dDSC/dACE/dMCE: relative change against dice_ce on the same seed."
     )
+    cpu = sum(os.times()[:4])  # user + system, this process and its finished workers
     print(
-        f"total time {total:.1f}s ({load_average()} at the end); wrote {csv_path} and "
-        f"{', '.join(f'demo_{n}.png' for n in CONFIGS)} (seed {seeds[0]}) in {out}"
+        f"total time {total:.1f}s wall, {cpu:.1f}s CPU ({load_average()} at the end); wrote {csv_path}, "
+        f"{', '.join(f'demo_{n}.pdf/.png' for n in CONFIGS)}, runs/<configuration>/ (seed {seeds[0]}) and "
+        f"{', '.join(os.path.basename(p) for p in comparison)} in {out}"
     )
     return rows
 

@@ -40,7 +40,8 @@ def _build_parser() -> argparse.ArgumentParser:
             "Train a small U-Net on a synthetic segmentation data set three ways (Dice+CE, Dice+CE+hard "
             "mL1-ACE, Dice+CE+soft mL1-ACE; same seed, data and steps), evaluate calibration on held-out images, "
             "repeat for several seeds, print each seed's table and the mean and range of every relative change, "
-            "and write results.csv and one dataset reliability histogram PNG per configuration."
+            "and write results.csv, one dataset reliability histogram (PDF and PNG) per configuration and their "
+            "comparison (calibops compare: comparison.pdf/.png, .md, .tex, .csv)."
         ),
     )
     parser.add_argument("--out", default="calibops-demo", help="output directory (default: %(default)s)")

@@ -234,7 +234,8 @@ class CalibrationError(_ignite_base()):  # type: ignore[misc]
     ``output_dir`` it writes, every epoch (``engine.state.epoch``), ``{name}_epoch{E:04d}_per_image.csv``
     (image, class, ece, ace, mce, voxels; image = the file name from the MetaTensor when known),
     ``{name}_epoch{E:04d}_histogram.npz`` (histogram (C', M, M), pooled counts (C', M), classes) and, with
-    ``figures=True`` (needs matplotlib, checked here), ``{name}_epoch{E:04d}_histogram.png``. Under
+    ``figures=True`` (needs matplotlib, checked here), ``{name}_epoch{E:04d}_histogram.pdf`` and ``.png`` (300 dpi).
+    Under
     ``torch.distributed`` every rank computes the same numbers and rank 0 writes the files.
 
     The first six arguments are MONAI's (``num_bins, include_background, calibration_reduction,
@@ -331,11 +332,10 @@ class CalibrationError(_ignite_base()):  # type: ignore[misc]
         )
         written = [Path(f"{stem}_per_image.csv"), Path(f"{stem}_histogram.npz")]
         if self.figures:
-            from ..plot import dataset_reliability_histogram
+            from ..plot import dataset_reliability_histogram, save_figure
 
             fig = dataset_reliability_histogram(hist, counts=counts, class_names=names, title=f"{name}, epoch {epoch}")
-            fig.savefig(f"{stem}_histogram.png", dpi=150)
-            written.append(Path(f"{stem}_histogram.png"))
+            written += save_figure(fig, f"{stem}_histogram")  # .pdf and a 300-dpi .png
         self.written += written
 
 

@@ -130,13 +130,11 @@ class DatasetCalibrationMetric(Metric):
         """
         if val is not None:
             return self._plot(val, ax)
-        from ..plot import _import_matplotlib, dataset_reliability_histogram
+        from ..plot import SINGLE_COLUMN, _import_matplotlib, _new_figure, dataset_reliability_histogram
 
         _import_matplotlib()
         if ax is None:
-            from matplotlib.figure import Figure
-
-            fig = Figure(figsize=(3.6, 3.0), layout="constrained")
+            fig = _new_figure(SINGLE_COLUMN, 0.83 * SINGLE_COLUMN)  # single column, calibops' figure style
             ax = fig.add_subplot(1, 1, 1)
         names = [self.class_names[c] for c in self.classes] if self.class_names else None
         ctx = contextlib.nullcontext() if self._is_synced else self.sync_context()  # all ranks' sums

@@ -33,24 +33,41 @@ def reliability_panels(
     stats: Sequence[BinnedStats],
     titles: Sequence[str],
     *,
-    rows: int = 1,
-    panel_size: tuple[float, float] = (2.6, 3.0),
+    rows: int | None = None,
+    width: str | float | None = None,
     suptitle: str | None = None,
 ) -> Figure:
     """One reliability panel per entry of ``stats`` (each a pooled ``BinnedStats`` of (M,) tensors), in a
-    ``rows`` x ceil(n / rows) grid sharing the axes: bin accuracy against mean confidence (bars at the bin
-    centres), the gap shaded, the diagonal, the pooled count per bin as bar opacity, ECE / L2 / MCE in the corner.
+    ``rows`` x ceil(n / rows) grid sharing the axes (default: rows of up to 4): bin accuracy against mean
+    confidence (bars at the bin centres), the gap shaded, the diagonal, the pooled count per bin as bar opacity,
+    ECE / L2 / MCE in the corner. The style of :mod:`calibops.plot`: single column (3.5 in) for one or two panels,
+    double column (7 in) otherwise (``width`` overrides), fonts of at least 7 pt, Okabe-Ito colours.
     """
-    from ..plot import _import_matplotlib
+    from ..plot import (
+        _ACC_COLOUR,
+        _GAP_COLOUR,
+        LABEL_PT,
+        SMALL_PT,
+        SUPTITLE_PT,
+        TITLE_PT,
+        _figure_width,
+        _finish,
+        _import_matplotlib,
+        _new_figure,
+    )
 
     _import_matplotlib()
-    from matplotlib.figure import Figure
-
     n = len(stats)
     if n == 0 or len(titles) != n:
         raise ValueError(f"need one title per panel, got {n} panels and {len(titles)} titles")
+    if rows is None:
+        rows = -(-n // 4)
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
     cols = -(-n // rows)
-    fig = Figure(figsize=(panel_size[0] * cols, panel_size[1] * rows), layout="constrained")
+    fig_w = _figure_width(width if width is not None else ("single" if cols <= 2 else "double"))
+    panel = (fig_w - 0.5) / cols
+    fig = _new_figure(fig_w, rows * (panel + 0.2) + 0.45 + (0.2 if suptitle else 0.0))
     axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
     for i, (s, title) in enumerate(zip(stats, titles, strict=True)):
         ax = axes[i // cols][i % cols]
@@ -62,10 +79,19 @@ def reliability_panels(
         centres = (np.arange(M) + 0.5) / M
         alpha = np.where(valid, 0.25 + 0.75 * count / max(count.max(), 1.0), 0.0)
         for j in np.flatnonzero(valid):
-            ax.bar(centres[j], acc[j], width=0.9 / M, color="tab:blue", alpha=float(alpha[j]), edgecolor="none")
+            ax.bar(centres[j], acc[j], width=0.9 / M, color=_ACC_COLOUR, alpha=float(alpha[j]), edgecolor="none")
             lo, hi = sorted((conf[j], acc[j]))
-            ax.bar(centres[j], hi - lo, bottom=lo, width=0.9 / M, color="tab:red", alpha=0.3, edgecolor="none")
-        ax.plot([0, 1], [0, 1], linestyle="--", color="0.4", linewidth=0.8)
+            ax.bar(
+                centres[j],
+                hi - lo,
+                bottom=lo,
+                width=0.9 / M,
+                facecolor="none",
+                edgecolor=_GAP_COLOUR,
+                hatch="////",
+                linewidth=0.5,
+            )
+        ax.plot([0, 1], [0, 1], linestyle="--", color="0.3", linewidth=0.8)
         e = calibration_errors_from_stats(BinnedStats(*(torch.as_tensor(v).view(1, M) for v in (count, sp, sy))))
         ax.text(
             0.03,
@@ -74,20 +100,25 @@ def reliability_panels(
             transform=ax.transAxes,
             va="top",
             ha="left",
-            fontsize=7,
+            fontsize=SMALL_PT,
             family="monospace",
         )
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-        ax.set_title(str(title), fontsize=9)
-        ax.tick_params(labelsize=7)
+        ax.set_xticks([0, 0.5, 1])
+        ax.set_yticks([0, 0.5, 1])
+        ax.set_title(str(title), fontsize=TITLE_PT)
+        ax.tick_params(labelsize=SMALL_PT)
     for i in range(n, rows * cols):
-        axes[i // cols][i % cols].set_visible(False)
-    fig.supxlabel("confidence", fontsize=8)
-    fig.supylabel("observed frequency", fontsize=8)
+        fig.delaxes(axes[i // cols][i % cols])
+    for i in range(max(0, n - cols), n):  # a panel with no panel below it shows its x tick labels
+        axes[i // cols][i % cols].tick_params(labelbottom=True)
+    fig.supxlabel("predicted probability", fontsize=LABEL_PT)
+    fig.supylabel("observed frequency", fontsize=LABEL_PT)
     if suptitle:
-        fig.suptitle(suptitle, fontsize=10)
-    return fig
+        fig.suptitle(suptitle, fontsize=SUPTITLE_PT)
+    return _finish(fig)
+
 
 
 def _row_titles(cfg: MetricConfig, class_names: Sequence[str] | None) -> list[str]:

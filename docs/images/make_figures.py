@@ -1,7 +1,7 @@
 """Make the README's calibration figures from synthetic data generated in code (no downloads).
 
-    python docs/images/make_figures.py            # writes docs/images/dataset_histogram.png (+ .pdf)
-                                                  # and docs/images/reliability_diagram.png
+    python docs/images/make_figures.py    # writes docs/images/dataset_histogram, reliability_diagram and
+                                          # pooled_reliability_liver, each as .pdf and 300-dpi .png
 
 The data: 48 synthetic 2D "scans" (96 x 96) with three foreground structures (blobs) on background. A
 "model" predicts softmax probabilities from the true labels with a blurred, shifted boundary and a
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from calibops.functional import binned_stats
 from calibops.metrics import DatasetCalibration
-from calibops.plot import reliability_diagram
+from calibops.plot import pooled_reliability, reliability_diagram, save_figure
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLASS_NAMES = ["background", "liver", "kidney", "tumour"]
@@ -59,14 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     for k, c in enumerate(res.classes):
         macro, micro = float(res.macro.ece[k]), float(res.micro.ece[k])
         print(f"{CLASS_NAMES[c]:<10} macro ECE {macro:.4f}  micro ECE {micro:.4f}")
-    fig = metric.plot(class_names=CLASS_NAMES)
     os.makedirs(args.out, exist_ok=True)
-    fig.savefig(os.path.join(args.out, "dataset_histogram.png"), dpi=150)
-    fig.savefig(os.path.join(args.out, "dataset_histogram.pdf"))
+    save_figure(metric.plot(class_names=CLASS_NAMES), os.path.join(args.out, "dataset_histogram"))
     stats = binned_stats(logits[:1], labels[:1], num_bins=20, to_onehot_y=True, softmax=True)
     fig = reliability_diagram(stats, image=0, class_index=1, title="image 0, liver")
-    fig.savefig(os.path.join(args.out, "reliability_diagram.png"), dpi=150)
-    print(f"wrote dataset_histogram.png/.pdf and reliability_diagram.png to {args.out}")
+    save_figure(fig, os.path.join(args.out, "reliability_diagram"))
+    fig = pooled_reliability(metric.pooled_stats(), metric.histogram(), class_index=0, class_names=CLASS_NAMES[1:])
+    save_figure(fig, os.path.join(args.out, "pooled_reliability_liver"))
+    print(f"wrote dataset_histogram, reliability_diagram and pooled_reliability_liver (.pdf, .png) to {args.out}")
     return 0
 
 
