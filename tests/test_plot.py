@@ -200,7 +200,7 @@ def _texts(fig):
 
 
 def _style_figures():
-    from calibops._report import reliability_panels
+    from calibops.metrics.report import reliability_panels
     from calibops.plot import comparison_grid, pooled_reliability
 
     names = ["background", "liver", "kidney", "spleen"]
@@ -226,7 +226,7 @@ def _style_figures():
     }
 
 
-from calibops.reference import BinnedStats  # noqa: E402
+from calibops.results import BinnedStats  # noqa: E402
 
 
 def test_figures_are_print_sized_with_fonts_of_at_least_7pt():
