@@ -10,6 +10,7 @@ glue code). Also the one definition of the backend names, the bin cap and the dt
 
 from __future__ import annotations
 
+from collections import namedtuple
 from typing import NamedTuple
 
 import torch
@@ -31,6 +32,7 @@ __all__ = [
     "TARGET_DENSE",
     "TARGET_LABELS",
     "Geometry",
+    "OpCall",
     "check_args",
     "check_grads",
     "empty_outputs",
@@ -77,26 +79,21 @@ def _int(name: str, v: object) -> int:
     return v
 
 
-def check_args(
-    input: torch.Tensor,
-    target: torch.Tensor,
-    edges: torch.Tensor,
-    num_bins: int,
-    scheme: int,
-    activation: int,
-    target_kind: int,
-    mode: int,
-    moments: bool,
-    ignore_index: int | None,
-    right: bool,
-    *,
-    allow_float64: bool = False,
-) -> Geometry:
+#: The arguments of a statistics op call, in the schema's order (docs/kernel_contract.md): input [B, C, N], target
+#: [B, R, N] labels or [B, C, N] dense, edges [M + 1] hard edges or [M] soft centres, then the scalars.
+OpCall = namedtuple(
+    "OpCall", "input target edges num_bins scheme activation target_kind mode moments ignore_index right"
+)
+
+
+def check_args(*call: object, allow_float64: bool = False) -> Geometry:
     """Check the forward op's arguments (docs/kernel_contract.md) and return the call's :class:`Geometry`.
 
     Raises ``TypeError`` / ``ValueError`` naming the argument. Strides are not checked: every implementation
     accepts any strides. ``allow_float64``: the reference also takes float64 input (and a float64 dense target).
+    ``call``: the op's arguments (:data:`OpCall`).
     """
+    input, target, edges, num_bins, scheme, activation, target_kind, mode, moments, ignore_index, right = OpCall(*call)
     M = _int("num_bins", num_bins)
     if not 1 <= M <= MAX_BINS:
         raise ValueError(f"num_bins must be in [1, 2**24], got {M}")

@@ -140,20 +140,8 @@ def binned_stats_prepared(
     non-finite probabilities) contribute nothing and get gradient exactly 0. Sums are accumulated in float64 and
     rounded once, so the reference is as exact as the float32 output allows at any volume size.
     """
-    g = check_args(
-        input,
-        target,
-        edges,
-        num_bins,
-        scheme,
-        activation,
-        target_kind,
-        mode,
-        moments,
-        ignore_index,
-        right,
-        allow_float64=True,
-    )
+    call = (input, target, edges, num_bins, scheme, activation, target_kind, mode, moments, ignore_index, right)
+    g = check_args(*call, allow_float64=True)
     B, C, N, R, K, M = g
     out_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     acc = torch.float64

@@ -123,35 +123,20 @@ def has_cpu_kernels() -> bool:
     return HAS_CPU_KERNELS
 
 
-def stats_fake(input, target, edges, num_bins, scheme, activation, target_kind, mode, moments, ignore_index, right):
-    """Fake (meta) forward of every backend's statistics op: checks its arguments like the real kernels
-    (calibops/contract.py) and returns outputs of the contract's shapes."""
-    g = check_args(input, target, edges, num_bins, scheme, activation, target_kind, mode, moments, ignore_index, right)
-    return empty_outputs(input, g, moments)
+def stats_fake(*call):
+    """Fake (meta) forward of every backend's statistics op (``call``: :data:`calibops.contract.OpCall`): checks its
+    arguments like the real kernels (calibops/contract.py) and returns outputs of the contract's shapes."""
+    g = check_args(*call)
+    return empty_outputs(call[0], g, call[8])
 
 
-def stats_backward_fake(
-    grad_count,
-    grad_sum_p,
-    grad_sum_y,
-    grad_sum_p2,
-    grad_sum_py,
-    input,
-    target,
-    edges,
-    num_bins,
-    scheme,
-    activation,
-    target_kind,
-    mode,
-    moments,
-    ignore_index,
-    right,
-):
-    """Fake (meta) backward: the forward's argument checks, the gradients' shapes, and a gradient like input."""
-    g = check_args(input, target, edges, num_bins, scheme, activation, target_kind, mode, moments, ignore_index, right)
-    check_grads(g, moments, grad_count, grad_sum_p, grad_sum_y, grad_sum_p2, grad_sum_py)
-    return torch.empty_like(input, memory_format=torch.contiguous_format)
+def stats_backward_fake(*args):
+    """Fake (meta) backward (``args``: the five statistics' gradients, then the forward's :data:`OpCall`): the
+    forward's argument checks, the gradients' shapes, and a gradient like input."""
+    grads, call = args[:5], args[5:]
+    g = check_args(*call)
+    check_grads(g, call[8], *grads)
+    return torch.empty_like(call[0], memory_format=torch.contiguous_format)
 
 
 def _setup(ctx, input, target, edges, options, outputs) -> None:

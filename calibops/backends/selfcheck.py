@@ -61,7 +61,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..contract import MODES, SCHEME_HARD, SCHEME_SOFT, TARGET_DENSE, TARGET_LABELS
+from ..contract import MODES, SCHEME_HARD, SCHEME_SOFT, TARGET_DENSE, TARGET_LABELS, OpCall
 from ..reference import ACT_NONE, ACT_SIGMOID, ACT_SOFTMAX, bin_centres, bin_edges, binned_stats_prepared
 from . import registry as _registry
 
@@ -218,20 +218,9 @@ def _dtype_name(dtype: torch.dtype | None) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def spec_of(
-    input: torch.Tensor,
-    target: torch.Tensor,
-    edges: torch.Tensor,
-    num_bins: int,
-    scheme: int,
-    activation: int,
-    target_kind: int,
-    mode: int,
-    moments: bool,
-    ignore_index: int | None,
-    right: bool,
-) -> Spec:
-    """The specialisation of an op call (kernel-contract arguments, the prepared ``[B, C, N]`` layout)."""
+def spec_of(*call: object) -> Spec:
+    """The specialisation of an op call (``call``: :data:`calibops.contract.OpCall`, the prepared layout)."""
+    input, target, _, num_bins, scheme, activation, target_kind, mode, moments, ignore_index, right = OpCall(*call)
     C = int(input.shape[1])
     labels = target_kind == TARGET_LABELS
     R = int(target.shape[1]) if labels else 1

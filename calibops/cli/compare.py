@@ -490,7 +490,7 @@ def _figure(runs: Sequence[Run], stem: Path) -> None:
 
 def run_results(metric: Any, class_names: Sequence[str]) -> dict[str, Any]:
     """The results of a filled :class:`~calibops.metrics.DatasetCalibration` (``keep_records=True``) in the form
-    ``calibops evaluate`` writes (``calibops.cli.evaluate._write_outputs``), so a training script or the demo can write a
+    ``calibops evaluate`` writes (``cli.evaluate._write_outputs``), so a training script or the demo can write a
     run folder that ``calibops compare`` reads. ``class_names``: one per input class (C)."""
     from .evaluate import _units, per_class_spread
 

@@ -136,8 +136,8 @@ def write_run(calib: DatasetCalibration, folder: str) -> None:
     ``per_image.csv`` with Dice, ``dataset_histogram.npz``; no figures) into ``folder``, for ``calibops compare``."""
     from pathlib import Path
 
-    from calibops.cli.evaluate import _write_outputs
     from calibops.cli.compare import run_results
+    from calibops.cli.evaluate import _write_outputs
 
     _write_outputs(run_results(calib, CLASS_NAMES), Path(folder), dice=True, figures=False)
 

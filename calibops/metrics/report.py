@@ -120,7 +120,6 @@ def reliability_panels(
     return _finish(fig)
 
 
-
 def _row_titles(cfg: MetricConfig, class_names: Sequence[str] | None) -> list[str]:
     """One title per statistic row: ``class_names`` given per used class (C') or per input class (C, the
     background name then dropped), else ``"class c"`` (``"top-label"`` for top-label)."""
