@@ -114,7 +114,7 @@ def shard_by_size(sizes: Sequence[int], world_size: int) -> list[list[int]]:
 
 
 def _error_types() -> tuple[type[BaseException], type[BaseException], tuple[type[BaseException], ...]]:
-    from .evaluate import EvaluationError, UsageError
+    from .errors import EvaluationError, UsageError
 
     return UsageError, EvaluationError, (EvaluationError, ValueError, TypeError, OSError, ImportError, RuntimeError)
 
@@ -204,7 +204,7 @@ class Session:
         """Pick the device and, with several ranks, initialise the process group (gloo, or nccl for cuda)."""
         import torch
 
-        from .evaluate import UsageError
+        from .errors import UsageError
 
         if self.problem is not None:
             raise UsageError(f"torch.distributed environment: {self.problem}")

@@ -77,17 +77,10 @@ import numpy as np
 
 from ..evaluation import MAX_BOOTSTRAP_SAMPLES, MIN_BOOTSTRAP_IMAGES
 from .distributed import add_arguments as add_scale_arguments
+from .errors import EvaluationError, UsageError
 from .outputs import OutputDirError, check_output_dir, replace_output_dir
 
 __all__ = ["build_parser", "evaluate", "evaluate_main"]
-
-
-class EvaluationError(Exception):
-    """A problem with the data; reported as one line without a traceback, exit status 1."""
-
-
-class UsageError(EvaluationError):
-    """A problem with the command line; reported as one line without a traceback, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):

@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``calibops`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":
-        from calibops.demo import demo_main
+        from calibops.demo._cli import demo_main
 
         return demo_main(argv[1:])
     if argv and argv[0] == "evaluate":

@@ -18,7 +18,7 @@ The first section of this file is all the calibops API the demo uses: the loss (
 synthetic data set lives in ``_data.py``, the network and the Dice + CE baseline in ``_model.py``, the table
 and spread printing in ``_report.py``, the command line in ``_cli.py``.
 
-Run ``python -m calibops demo --help`` for the options; :func:`demo_main` is the entry point.
+Run ``python -m calibops demo --help`` for the options; :func:`calibops.demo._cli.demo_main` is the entry point.
 """
 
 from __future__ import annotations
@@ -55,7 +55,6 @@ __all__ = [
     "TinyUNet",
     "TrainState",
     "ace_loss",
-    "demo_main",
     "dice_ce_loss",
     "evaluate_model",
     "make_dataset",
@@ -574,6 +573,3 @@ def run_demo(
         f"{', '.join(os.path.basename(p) for p in comparison)} in {out}"
     )
     return rows
-
-
-from ._cli import demo_main  # noqa: E402  (the command line needs the names above)

@@ -2,6 +2,6 @@
 
 import sys
 
-from . import demo_main
+from ._cli import demo_main
 
 sys.exit(demo_main())
