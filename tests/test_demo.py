@@ -20,6 +20,7 @@ import torch
 pytest.importorskip("matplotlib")
 
 from calibops import demo  # noqa: E402
+from calibops.demo._cli import demo_main  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METRIC_COLUMNS = ("dsc", "ace", "mce", "ece", "micro_ace", "micro_mce")
@@ -201,7 +202,7 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     agrees with the CSV, and one training at a time in this process gives the same numbers."""
     out = tmp_path / "demo"
     threads = torch.get_num_threads()
-    assert demo.demo_main(["--quick", "--out", str(out), "--seed", "2", "--no-progress"]) == 0
+    assert demo_main(["--quick", "--out", str(out), "--seed", "2", "--no-progress"]) == 0
     assert torch.get_num_threads() == threads  # the demo restores the caller's thread count
     rows = _read_results(out / "results.csv")
     assert list(rows[0]) == list(demo.CSV_COLUMNS)
@@ -255,14 +256,14 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) ->
         assert float(dice["value"]) == pytest.approx(float(r["dsc"]), rel=1e-4)
     # the numbers do not depend on --jobs: the first seed again, in this process, gives bit-identical rows
     again = tmp_path / "again"
-    assert demo.demo_main(["--quick", "--out", str(again), "--seed", "2", "--num-seeds", "1", "--jobs", "1"]) == 0
+    assert demo_main(["--quick", "--out", str(again), "--seed", "2", "--num-seeds", "1", "--jobs", "1"]) == 0
     for ra, rb in zip(rows[:3], _read_results(again / "results.csv"), strict=True):
         for col in ("seed", "loss", *METRIC_COLUMNS):
             assert ra[col] == rb[col], (ra["loss"], col)
     # --ace-start 0: no shared steps, the calibration term from the first step (the papers' protocol)
     scratch = tmp_path / "scratch"
     argv = ["--quick", "--out", str(scratch), "--num-seeds", "1", "--ace-start", "0", "--no-progress"]
-    assert demo.demo_main(argv) == 0
+    assert demo_main(argv) == 0
     assert {int(r["shared_steps"]) for r in _read_results(scratch / "results.csv")} == {0}
     printed = capsys.readouterr().out
     printed = printed[: printed.index("total time") + 10]  # the 3-seed run's output
@@ -293,7 +294,7 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     ],
 )
 def test_demo_rejects_bad_arguments(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert demo.demo_main(["--out", str(tmp_path), *argv]) == 2
+    assert demo_main(["--out", str(tmp_path), *argv]) == 2
     assert "error" in capsys.readouterr().err
     assert not (tmp_path / "results.csv").exists()
 
@@ -321,7 +322,7 @@ def test_run_demo_rejects_bad_arguments(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is missing")
 def test_demo_cuda_without_cuda_fails_clearly(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
-    assert demo.demo_main(["--out", str(tmp_path), "--device", "cuda"]) == 2
+    assert demo_main(["--out", str(tmp_path), "--device", "cuda"]) == 2
     assert "cuda" in capsys.readouterr().err
 
 

@@ -18,7 +18,7 @@ The first section of this file is all the calibops API the demo uses: the loss (
 synthetic data set lives in ``_data.py``, the network and the Dice + CE baseline in ``_model.py``, the table
 and spread printing in ``_report.py``, the command line in ``_cli.py``.
 
-Run ``python -m calibops demo --help`` for the options; :func:`calibops.demo._cli.demo_main` is the entry point.
+Run ``python -m calibops demo --help`` for the options (the entry point is ``calibops.demo._cli.demo_main``).
 """
 
 from __future__ import annotations
