@@ -1,8 +1,9 @@
 // The fused hard path (front end: fused_front.h). Forward with integer labels: sub-blocks of kSub voxels whose
-// float64 (1, q) pairs are scattered per statistic row, plus one integer count per voxel and rater for sum_y (the
-// rater's label class and bin); dense targets (marginal): the generic quads. Backward: gradient lookup per bin,
-// the chain rule through the activation, the mask and the store in one pass (non-temporal for large gradients).
-// Marginal and top-label, any number of raters; moments and dense top-label take the generic path.
+// float64 (1, q) pairs (moments: (1, q, q², q·ȳ) quads) are scattered per statistic row, plus one integer count per
+// voxel and rater for sum_y (the rater's label class and bin); dense targets (marginal): the generic entry vectors.
+// Backward: gradient lookup per bin, the chain rule through the activation, the mask and the store in one pass
+// (non-temporal for large gradients). Marginal and top-label, any number of raters; the backward with moments and
+// dense top-label take the generic path.
 // Part of the per-ISA build (kernel_impl.h).
 #if !defined(CALIBOPS_ISA_NS)
 #error "included by kernel_impl.h only"
@@ -13,21 +14,29 @@
 // (class stride pks doubles) gets the float64 (1, p) pairs, and each rater row of lab is overwritten with the
 // rater's label slot r * C * (M + 2) + l * (M + 2) + bin[l] (l its label; M for unused voxels: a discarded slot);
 // otherwise x (row stride T) gets p.
-// R1: one rater (compile-time R = 1).
-template <int CC, bool PAIRS, bool R1 = false>
+// R1: one rater (compile-time R = 1). MOM (with PAIRS): the moments' quads (1, p, p², p·ȳ) instead of the pairs,
+// ȳ = (number of raters labelling the voxel c) / R, exactly as the generic path's pack_general.
+template <int CC, bool PAIRS, bool R1 = false, bool MOM = false>
 static void hard_front_tile(const HardCtx& k, const Problem& pb, const float* src, i64 ss, i32* lab, float* x,
                             i32* bins, double* pk, i64 pks, i64 n) {
   const i64 T = pb.tile, C = CC > 0 ? CC : pb.C, R = R1 ? 1 : pb.R;
   const i32 M2 = static_cast<i32>(pb.M + 2), RS = static_cast<i32>(C) * M2;
+  const double inv_r = 1.0 / static_cast<double>(R);
   constexpr int G = 2;
   VF p[G][kMaxFusedC];
   VI bn[G][kMaxFusedC];
   auto emit = [&](int g, i64 i) {
     for (i64 c = 0; c < C; ++c) {
-      if (PAIRS)
+      if (PAIRS && MOM) {
+        VF ys = fset(0.0f);  // raters labelling the voxel c (exact small integers)
+        for (i64 r = 0; r < R; ++r)
+          ys = fadd(ys, fsel(ieq(iload(lab + r * T + i), iset(static_cast<i32>(c))), fset(1.0f), fset(0.0f)));
+        store_quads(pk + c * pks + 4 * i, p[g][c], ys, inv_r);
+      } else if (PAIRS) {
         store_pairs(pk + c * pks + 2 * i, p[g][c]);
-      else
+      } else {
         fstore(x + c * T + i, p[g][c]);
+      }
       istore(bins + c * T + i, bn[g][c]);
     }
     if (PAIRS)
@@ -58,7 +67,7 @@ static void hard_front_tile(const HardCtx& k, const Problem& pb, const float* sr
     for (i64 v = 0; v < VL; ++v) lb[v] = (lab != nullptr && v < r) ? lab[i + v] : -1;
     hard_front<CC, 1>(k, C, xb, VL, lb, p, bn);
     for (i64 c = 0; c < C; ++c) {
-      if (PAIRS)
+      if (PAIRS && !MOM)
         store_pairs(pb2 + c * 2 * VL, p[0][c]);
       else
         fstore(xb + c * VL, p[0][c]);
@@ -66,7 +75,16 @@ static void hard_front_tile(const HardCtx& k, const Problem& pb, const float* sr
     }
     for (i64 c = 0; c < C; ++c)
       for (i64 v = 0; v < r; ++v) {
-        if (PAIRS) {
+        if (PAIRS && MOM) {  // the quads of store_quads, one lane at a time
+          float ys = 0.0f;
+          for (i64 rr = 0; rr < R; ++rr) ys += lab[rr * T + i + v] == static_cast<i32>(c) ? 1.0f : 0.0f;
+          const double pd = static_cast<double>(xb[c * VL + v]);
+          double* o = pk + c * pks + 4 * (i + v);
+          o[0] = 1.0;
+          o[1] = pd;
+          o[2] = pd * pd;
+          o[3] = pd * (static_cast<double>(ys) * inv_r);
+        } else if (PAIRS) {
           pk[c * pks + 2 * (i + v)] = pb2[c * 2 * VL + 2 * v];
           pk[c * pks + 2 * (i + v) + 1] = pb2[c * 2 * VL + 2 * v + 1];
         } else {
@@ -83,18 +101,26 @@ static void hard_front_tile(const HardCtx& k, const Problem& pb, const float* sr
   }
 }
 
-// Top-label forward front end (labels): pk gets the (1, q) pairs, bins the bin of q, nf the number of non-finite p
-// per voxel, and each rater row of lab is overwritten with the rater's slot r * (M + 2) + (l == a ? bin : M).
-template <int CC>
+// Top-label forward front end (labels): pk gets the (1, q) pairs (MOM: the quads (1, q, q², q·ȳ), ȳ = the fraction
+// of raters whose label is the argmax), bins the bin of q, nf the number of non-finite p per voxel, and each rater
+// row of lab is overwritten with the rater's slot r * (M + 2) + (l == a ? bin : M).
+template <int CC, bool MOM = false>
 static void top_front_tile(const HardCtx& k, const Problem& pb, const float* src, i64 ss, i32* lab, i32* bins,
                            double* pk, i32* nf, i64 n) {
   const i64 T = pb.tile, C = CC > 0 ? CC : pb.C, R = pb.R;
   const i32 M2 = static_cast<i32>(pb.M + 2);
+  const double inv_r = 1.0 / static_cast<double>(R);
   constexpr int G = 2;
   VF p[G][kMaxFusedC], q[G];
   VI a[G], bn[G], nfc[G];
   auto emit = [&](int g, i64 i) {
-    store_pairs(pk + 2 * i, q[g]);
+    if (MOM) {
+      VF ys = fset(0.0f);
+      for (i64 r = 0; r < R; ++r) ys = fadd(ys, fsel(ieq(iload(lab + r * T + i), a[g]), fset(1.0f), fset(0.0f)));
+      store_quads(pk + 4 * i, q[g], ys, inv_r);
+    } else {
+      store_pairs(pk + 2 * i, q[g]);
+    }
     istore(bins + i, bn[g]);
     istore(nf + i, nfc[g]);
     for (i64 r = 0; r < R; ++r) {
@@ -120,13 +146,26 @@ static void top_front_tile(const HardCtx& k, const Problem& pb, const float* src
       for (i64 v = 0; v < VL; ++v) xb[c * VL + v] = v < r ? src[c * ss + i + v] : 0.0f;
     for (i64 v = 0; v < VL; ++v) lb[v] = v < r ? lab[i + v] : -1;
     top_front<CC, 1>(k, C, xb, VL, lb, p, q, a, bn, nfc);
+    alignas(64) float qb[VL];
     store_pairs(pb2, q[0]);
+    fstore(qb, q[0]);
     istore(ab, a[0]);
     istore(ib, bn[0]);
     istore(nb, nfc[0]);
     for (i64 v = 0; v < r; ++v) {
-      pk[2 * (i + v)] = pb2[2 * v];
-      pk[2 * (i + v) + 1] = pb2[2 * v + 1];
+      if (MOM) {  // the quads of store_quads, one lane at a time
+        float ys = 0.0f;
+        for (i64 rr = 0; rr < R; ++rr) ys += lab[rr * T + i + v] == ab[v] ? 1.0f : 0.0f;
+        const double qd = static_cast<double>(qb[v]);
+        double* o = pk + 4 * (i + v);
+        o[0] = 1.0;
+        o[1] = qd;
+        o[2] = qd * qd;
+        o[3] = qd * (static_cast<double>(ys) * inv_r);
+      } else {
+        pk[2 * (i + v)] = pb2[2 * v];
+        pk[2 * (i + v) + 1] = pb2[2 * v + 1];
+      }
       bins[i + v] = ib[v];
       nf[i + v] = nb[v];
       for (i64 rr = 0; rr < R; ++rr) {
