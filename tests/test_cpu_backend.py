@@ -448,8 +448,8 @@ def test_bitwise_identical_across_isa_builds(monkeypatch):
 def test_fused_hard_path_bitwise_equals_generic(monkeypatch, act, tk, mode, R, moments):
     """The fused hard path (C <= 16, M <= 30; SIMD builds, and the base build's scalar version with
     CALIBOPS_CPU_FUSED=2) gives bitwise the results of the generic path (CALIBOPS_CPU_FUSED=0): statistics (the
-    second moments too: the fused forward runs them, the backward with moments stays generic), both bad counts and
-    gradient, in every ISA build, for tails, odd class counts (templated 2/3/4 and generic), half inputs,
+    second moments too), both bad counts and gradient (with moments: fused for labels, generic for dense targets),
+    in every ISA build, for tails, odd class counts (templated 2/3/4 and generic), half inputs,
     right=True, ignore_index, out-of-range labels, NaN/inf and a gradient large enough for non-temporal stores;
     marginal and top-label, 1 and 3 raters."""
     cases = [

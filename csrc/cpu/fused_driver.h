@@ -178,9 +178,10 @@ static i64 forward_hard_fused_t(const Problem& pb, i64 b, i64 begin, i64 end, do
   return bad;
 }
 
-template <int CC, bool TOP>
-static void backward_hard_fused_t(const Problem& pb, const float* grad_sum_p, void* grad, i64 b, i64 begin, i64 end,
-                                  float* scratch) {
+// MOM: with the second moments' terms (labels, at most kMaxFusedMomR raters).
+template <int CC, bool TOP, bool MOM>
+static void backward_hard_fused_t(const Problem& pb, const float* grad_sum_p, const float* grad_sum_p2,
+                                  const float* grad_sum_py, void* grad, i64 b, i64 begin, i64 end, float* scratch) {
   const i64 T = pb.tile, C = CC > 0 ? CC : pb.C, N = pb.N, M = pb.M, K = pb.K;
   const Layout L = layout(pb);
   float* x = scratch + L.x;
@@ -195,6 +196,20 @@ static void backward_hard_fused_t(const Problem& pb, const float* grad_sum_p, vo
     for (i64 j = 0; j < 32; ++j) k0f[r][j] = j < M ? grad_sum_p[(b * K + r) * M + j] : 0.0f;
     k0[r] = make_tab(k0f[r]);
   }
+  // MOM: K1 = 2 Gp2[j] (as the generic path: doubled in float64, rounded once) and K4 = Gpy[j].
+  alignas(64) float k1f[MOM ? kMaxFusedC : 1][32], k4f[MOM ? kMaxFusedC : 1][32];
+  Tab k1[MOM ? kMaxFusedC : 1], k4[MOM ? kMaxFusedC : 1];
+  MomTabs mt{k1, k4, pb.R, T, 1.0f / static_cast<float>(pb.R)};
+  if (MOM)
+    for (i64 r = 0; r < K; ++r) {
+      for (i64 j = 0; j < 32; ++j) {
+        k1f[r][j] = j < M ? static_cast<float>(2.0 * grad_sum_p2[(b * K + r) * M + j]) : 0.0f;
+        k4f[r][j] = j < M ? grad_sum_py[(b * K + r) * M + j] : 0.0f;
+      }
+      k1[r] = make_tab(k1f[r]);
+      k4[r] = make_tab(k4f[r]);
+    }
+  const MomTabs* mp = MOM ? &mt : nullptr;
   const float* in32 = static_cast<const float*>(pb.input);
   float* out32 = static_cast<float*>(grad);
   // A gradient much larger than the caches is written with non-temporal stores (no read-for-ownership of the
@@ -208,12 +223,12 @@ static void backward_hard_fused_t(const Problem& pb, const float* grad_sum_p, vo
     if (pb.in_kind == kF32) {
       float* o = out32 + b * C * N + i0;
       if (stream)
-        hard_back_tile<CC, TOP, true>(k, pb, k0, in32 + b * C * N + i0, N, lp, o, N, n);
+        hard_back_tile<CC, TOP, true, MOM>(k, pb, k0, mp, in32 + b * C * N + i0, N, lp, o, N, n);
       else
-        hard_back_tile<CC, TOP, false>(k, pb, k0, in32 + b * C * N + i0, N, lp, o, N, n);
+        hard_back_tile<CC, TOP, false, MOM>(k, pb, k0, mp, in32 + b * C * N + i0, N, lp, o, N, n);
     } else {
       for (i64 c = 0; c < C; ++c) load_float_row(pb.input, pb.in_kind, (b * C + c) * N + i0, n, x + c * T);
-      hard_back_tile<CC, TOP, false>(k, pb, k0, x, T, lp, g, T, n);
+      hard_back_tile<CC, TOP, false, MOM>(k, pb, k0, mp, x, T, lp, g, T, n);
       for (i64 c = 0; c < C; ++c) store_row(grad, pb.in_kind, (b * C + c) * N + i0, n, g + c * T);
     }
   }
@@ -242,25 +257,31 @@ static i64 forward_hard_fused(const Problem& pb, i64 b, i64 begin, i64 end, doub
   return forward_hard_fused_m<false>(pb, b, begin, end, out, scratch, hist, nonfinite_out);
 }
 
-template <bool TOP>
-static void backward_hard_fused_c(const Problem& pb, const float* grad_sum_p, void* grad, i64 b, i64 begin, i64 end,
-                                  float* scratch) {
+template <bool TOP, bool MOM>
+static void backward_hard_fused_c(const Problem& pb, const float* gp, const float* gp2, const float* gpy, void* grad,
+                                  i64 b, i64 begin, i64 end, float* scratch) {
   switch (pb.C) {
     case 2:
-      return backward_hard_fused_t<2, TOP>(pb, grad_sum_p, grad, b, begin, end, scratch);
+      return backward_hard_fused_t<2, TOP, MOM>(pb, gp, gp2, gpy, grad, b, begin, end, scratch);
     case 3:
-      return backward_hard_fused_t<3, TOP>(pb, grad_sum_p, grad, b, begin, end, scratch);
+      return backward_hard_fused_t<3, TOP, MOM>(pb, gp, gp2, gpy, grad, b, begin, end, scratch);
     case 4:
-      return backward_hard_fused_t<4, TOP>(pb, grad_sum_p, grad, b, begin, end, scratch);
+      return backward_hard_fused_t<4, TOP, MOM>(pb, gp, gp2, gpy, grad, b, begin, end, scratch);
     default:
-      return backward_hard_fused_t<0, TOP>(pb, grad_sum_p, grad, b, begin, end, scratch);
+      return backward_hard_fused_t<0, TOP, MOM>(pb, gp, gp2, gpy, grad, b, begin, end, scratch);
   }
 }
 
-static void backward_hard_fused(const Problem& pb, const float* grad_sum_p, void* grad, i64 b, i64 begin, i64 end,
-                                float* scratch) {
-  if (pb.top)
-    backward_hard_fused_c<true>(pb, grad_sum_p, grad, b, begin, end, scratch);
-  else
-    backward_hard_fused_c<false>(pb, grad_sum_p, grad, b, begin, end, scratch);
+static void backward_hard_fused(const Problem& pb, const float* gp, const float* gp2, const float* gpy, void* grad,
+                                i64 b, i64 begin, i64 end, float* scratch) {
+  if (pb.moments) {
+    if (pb.top)
+      backward_hard_fused_c<true, true>(pb, gp, gp2, gpy, grad, b, begin, end, scratch);
+    else
+      backward_hard_fused_c<false, true>(pb, gp, gp2, gpy, grad, b, begin, end, scratch);
+  } else if (pb.top) {
+    backward_hard_fused_c<true, false>(pb, gp, nullptr, nullptr, grad, b, begin, end, scratch);
+  } else {
+    backward_hard_fused_c<false, false>(pb, gp, nullptr, nullptr, grad, b, begin, end, scratch);
+  }
 }
