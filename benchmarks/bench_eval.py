@@ -10,8 +10,9 @@ Per protocol (docs/evaluation.md), both computed on the same inputs in the same 
   multi-rater call. Plain: torchmetrics once per rater (the challenge's loop).
 - ``volume_crps``: closed-form CRPS of the predicted volume against the raters' Gaussian. calibops: one one-bin
   multi-rater statistics call. Plain: softmax, Σp per class, one-hot counts per rater, the formula.
-- ``brier``: marginal Brier score per image and class. calibops: one-bin statistics with moments. Plain: softmax,
-  one_hot, mean of squares.
+- ``brier``: marginal Brier score per image and class from logits and labels, at ``--brier-shape`` (default
+  2x4x64x64x64, the issue-23 target: >= 5x). calibops: one-bin statistics with moments (the CPU kernel's fused
+  forward). Plain: softmax, one_hot, mean of squares.
 - ``classification``: top-label ECE of a batch of (B, C) samples. calibops: ``classification_calibration_errors``.
   Plain: torchmetrics.
 
@@ -21,6 +22,7 @@ else the pure-PyTorch reference, printed per row).
 
     python benchmarks/bench_eval.py            # writes benchmarks/results/eval_<cpu>.csv
     python benchmarks/bench_eval.py --quick    # small shapes, few repetitions (checks the script)
+    python benchmarks/bench_eval.py --protocols brier --reps 9   # one row
 """
 
 from __future__ import annotations
@@ -61,13 +63,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--shape", default="2x4x64x64x32", help="B x C x spatial of the segmentation inputs")
+    ap.add_argument("--brier-shape", default="2x4x64x64x64", help="B x C x spatial of the brier row")
+    ap.add_argument("--protocols", default=None, help="comma-separated rows to run (default: all)")
     ap.add_argument("--samples", type=int, default=100_000, help="samples of the classification batch")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.quick:
-        args.shape, args.samples, args.reps = "2x4x16x16x8", 2000, 2
+        args.shape, args.brier_shape, args.samples, args.reps = "2x4x16x16x8", "2x4x16x16x8", 2000, 2
     torch.set_num_threads(args.threads)
     tm = None
     try:
@@ -85,6 +89,9 @@ def main() -> None:
     probs = torch.softmax(x, 1)
     xs = torch.randn(args.samples, 10, generator=g)
     ys = torch.randint(0, 10, (args.samples,), generator=g)
+    bdims = [int(v) for v in args.brier_shape.split("x")]
+    xb = 2 * torch.randn(*bdims, generator=g)
+    lb = torch.randint(0, bdims[1], (bdims[0], *bdims[2:]), generator=g)
     backend = resolve_backend("auto", x.device, x.dtype)
     env = environment()
     print("  ".join(f"{k}={v}" for k, v in env.items()), f"calibops backend={backend}")
@@ -127,9 +134,9 @@ def main() -> None:
         ),
         (
             "brier",
-            lambda: F.brier_score(x, labels, to_onehot_y=True, softmax=True, validate=False),
-            lambda: _plain_brier(x, labels),
-            f"{B}x{C}x{'x'.join(map(str, spatial))}",
+            lambda: F.brier_score(xb, lb, to_onehot_y=True, softmax=True, validate=False),
+            lambda: _plain_brier(xb, lb),
+            args.brier_shape,
         ),
         (
             "classification",
@@ -138,6 +145,12 @@ def main() -> None:
             f"{args.samples}x10",
         ),
     ]
+    if args.protocols:
+        wanted = args.protocols.split(",")
+        unknown = sorted(set(wanted) - {c[0] for c in cases})
+        if unknown:
+            ap.error(f"--protocols: unknown {unknown}, expected names from {[c[0] for c in cases]}")
+        cases = [c for c in cases if c[0] in wanted]
     rows = []
     with torch.no_grad():
         for name, cal, plain, shape in cases:

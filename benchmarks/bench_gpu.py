@@ -25,11 +25,13 @@ Engine rows (``variant`` column ``op:...``; after the loss rows of each shape): 
 (``calibops::binned_stats`` for cuda, ``calibops::triton_binned_stats`` for triton, the reference op) from logits
 with softmax fused, for ``op:marginal`` (the v1 statistics), ``op:top_label`` (issue 10: must cost no more than the
 marginal forward), ``op:raters3`` (R = 3 label maps, issue 10: at most 1.5x the single-rater forward) and
-``op:moments``; ``x_vs_marginal`` is the row's time over the same backend's ``op:marginal`` time.
+``op:moments`` (second moments at ``--num-bins``) and ``op:brier`` (second moments with one bin: the call
+``calibops.functional.brier_score`` makes, issue 23); ``x_vs_marginal`` is the row's time over the same backend's
+``op:marginal`` time.
 
 Options: --shapes "2x4x224x224x144,..." --binning hard,soft --modes fwd,bwd,fwd+bwd --backends ...
 --dtype float32|float16|bfloat16 --label-dtype int64|uint8|... --budget-s (stop timing slow backends when spent)
---engine marginal,top_label,raters3,moments (or "" for none) --out PATH.
+--engine marginal,top_label,raters3,moments,brier (or "" for none) --out PATH.
 """
 
 from __future__ import annotations
@@ -164,8 +166,8 @@ def parse_args(argv=None):
     )
     ap.add_argument(
         "--engine",
-        default="marginal,top_label,raters3,moments",
-        help='forward-op rows per shape and binning: any of marginal,top_label,raters3,moments ("" for none)',
+        default="marginal,top_label,raters3,moments,brier",
+        help='forward-op rows per shape and binning: any of marginal,top_label,raters3,moments,brier ("" for none)',
     )
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability for --registers (default 90)")
     ap.add_argument(
@@ -423,7 +425,7 @@ def _compile_one(tb, launch, triton, target, cuobjdump, args, B, C, N, variant, 
             B,
             C,
             N,
-            args.num_bins,
+            ENGINE_NUM_BINS.get(variant, args.num_bins),
             variant,
             binning,
             getattr(torch, xdt),
@@ -776,7 +778,10 @@ ENGINE_VARIANTS = {
     "top_label": (1, 1, False),
     "raters3": (0, 3, False),
     "moments": (0, 1, True),
+    "brier": (0, 1, True),
 }
+# Variants with their own bin count (else --num-bins): brier_score's one-bin call.
+ENGINE_NUM_BINS = {"brier": 1}
 
 
 def engine_op(backend: str):
@@ -802,10 +807,8 @@ def engine_rows(engine, backends, x, y, shape, binning, args, timer, peak, card,
     from calibops.reference import scheme_edges
 
     B, C = shape[:2]
-    M = args.num_bins
     scheme = 1 if binning == "soft" else 0
     xf = x.reshape(B, C, -1)
-    edges = scheme_edges(M, scheme, x.device)
     g = torch.Generator(device="cpu").manual_seed(1)
     targets = {1: y.reshape(B, 1, -1)}
     if any(ENGINE_VARIANTS[v][1] == 3 for v in engine):  # two more raters: the first map with 10% relabelled
@@ -825,6 +828,8 @@ def engine_rows(engine, backends, x, y, shape, binning, args, timer, peak, card,
         base = None
         for variant in engine:
             mode, R, moments = ENGINE_VARIANTS[variant]
+            M = ENGINE_NUM_BINS.get(variant, args.num_bins)
+            edges = scheme_edges(M, scheme, x.device)
             t = targets[R]
             row = {
                 "card": card,
@@ -841,7 +846,7 @@ def engine_rows(engine, backends, x, y, shape, binning, args, timer, peak, card,
             }
             try:
 
-                def run(op=op, t=t, mode=mode, moments=moments):
+                def run(op=op, t=t, mode=mode, moments=moments, edges=edges, M=M):
                     with torch.no_grad():
                         return op(xf, t, edges, M, scheme, 1, 0, mode, moments, None, False)
 

@@ -104,8 +104,9 @@ def _membership(
     if scheme == SCHEME_HARD:
         lo = torch.bucketize(qd, edges[1:].to(q.dtype), right=right).clamp_(max=M - 1)
         return lo, torch.ones_like(q), lo, torch.zeros_like(q)
-    # soft: t = (number of centres strictly below q) - 1, in -1 .. M-1
-    t = torch.bucketize(qd, edges.to(q.dtype), right=False) - 1
+    # soft: t = (number of centres below q) - 1, in -1 .. M-1; below means < (right=False) or <= (right=True), so
+    # at an exact centre c[k] the slope is that of the interval below (t = k - 1) or above (t = k)
+    t = torch.bucketize(qd, edges.to(q.dtype), right=right) - 1
     if M == 1:
         lo = torch.zeros_like(t)
         return lo, torch.ones_like(q), lo, torch.zeros_like(q)

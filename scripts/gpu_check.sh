@@ -16,8 +16,9 @@
 #                   compiling kernel variants, one core per process); tests_slow below likewise
 #    4 bench        benchmarks/bench_gpu.py, fwd+bwd, triton / cuda / torch-vectorised at 2x4x224x224x144 and
 #                   2x16x176x176x64, hard + soft, then the forward op alone per engine variant (marginal,
-#                   top-label, R = 3 raters, moments: issue 10's targets); every row is appended to the CSV as
-#                   it is measured; then benchmarks/bench_monai.py --device cuda (calibops vs MONAI 1.7's losses)
+#                   top-label, R = 3 raters, moments: issue 10's targets; brier: moments with one bin, the call
+#                   brier_score makes, issue 23); every row is appended to the CSV as it is measured; then
+#                   benchmarks/bench_monai.py --device cuda (calibops vs MONAI 1.7's losses)
 #    5 selfcheck    python -m calibops selfcheck --record (only after the quick tests passed; without --record
 #                   otherwise): adds the (backend, arch) pairs that pass to calibops/backends/verified.json;
 #                   then benchmarks/bench_selfcheck.py (at most 60 s): auto's per-new-specialisation self-check
@@ -247,7 +248,8 @@ if (( DRY )); then
 --backends torch-vectorised,triton,cuda --engine '' --out '$BENCH_CSV'"
 else
   BENCH="\$PY benchmarks/bench_gpu.py --shapes 2x4x224x224x144,2x16x176x176x64 --modes fwd+bwd \
---backends torch-vectorised,triton,cuda --budget-s $(scaled 100) --out '$BENCH_CSV'"
+--backends torch-vectorised,triton,cuda --engine marginal,top_label,raters3,moments,brier --budget-s $(scaled 100) \
+--out '$BENCH_CSV'"
 fi
 # then calibops' MONAI-signature losses against MONAI 1.7's own (benchmarks/bench_monai.py; calibops rows only where
 # MONAI 1.7 is not installed), forward+backward at issue 22's shapes, to gpu_bench_monai.csv; the step's exit status

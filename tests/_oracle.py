@@ -43,15 +43,16 @@ def hard_bin(p: float, m: int, right: bool) -> int:
     return min(j, m - 1)
 
 
-def soft_weights(p: float, m: int) -> list[tuple[int, float, float]]:
-    """[(bin, weight, d weight / d p)] for one voxel."""
+def soft_weights(p: float, m: int, right: bool = False) -> list[tuple[int, float, float]]:
+    """[(bin, weight, d weight / d p)] for one voxel. ``right``: the intervals are closed below instead of above,
+    so p exactly on a centre takes the slope of the interval above it (MONAI's ``SoftL1ACELoss(right=True)``)."""
     c = centres(m)
-    if m == 1 or p <= c[0]:
+    if m == 1 or (p < c[0] if right else p <= c[0]):
         return [(0, 1.0, 0.0)]
-    if p > c[m - 1]:
+    if p >= c[m - 1] if right else p > c[m - 1]:
         return [(m - 1, 1.0, 0.0)]
     for j in range(m - 1):
-        if c[j] < p <= c[j + 1]:
+        if (c[j] <= p < c[j + 1]) if right else (c[j] < p <= c[j + 1]):
             d = c[j + 1] - c[j]
             w = (c[j + 1] - p) / d
             return [(j, w, -1.0 / d), (j + 1, 1.0 - w, 1.0 / d)]
@@ -70,7 +71,7 @@ def stats(p, y, keep, m, soft, right):
                 if not keep[b, i]:
                     continue
                 pv = p[b, c, i]
-                members = soft_weights(pv, m) if soft else [(hard_bin(pv, m, right), 1.0, 0.0)]
+                members = soft_weights(pv, m, right) if soft else [(hard_bin(pv, m, right), 1.0, 0.0)]
                 for j, w, _ in members:
                     cnt[b, c, j] += w
                     sp[b, c, j] += w * pv
@@ -164,7 +165,7 @@ def loss_and_grad(
                 if not keep[b, i]:
                     continue
                 pv = p[b, c, i]
-                members = soft_weights(pv, m) if soft else [(hard_bin(pv, m, right), 1.0, 0.0)]
+                members = soft_weights(pv, m, right) if soft else [(hard_bin(pv, m, right), 1.0, 0.0)]
                 for j, w, dw in members:
                     if coef[b, c, j] == 0:
                         continue
@@ -233,7 +234,7 @@ def membership(q: float, edges_: np.ndarray, m: int, scheme: int, right: bool) -
         j = int(np.sum(inner <= q)) if right else int(np.sum(inner < q))
         return [(min(j, m - 1), 1.0, 0.0)]
     c = edges_
-    t = int(np.sum(c < q)) - 1
+    t = (int(np.sum(c <= q)) if right else int(np.sum(c < q))) - 1  # right: an exact centre takes the interval above
     if m == 1 or t == -1:
         return [(0, 1.0, 0.0)]
     if t == m - 1:

@@ -99,7 +99,7 @@ def test_grid(backend, mode, target, scheme, act, moments, dtype, right):
 # One rule each
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode,target", [(0, (0, 1)), (1, (0, 3)), (0, (1, 1)), (1, (1, 1))])
-@pytest.mark.parametrize("scheme,right", [(0, False), (0, True), (1, False)])
+@pytest.mark.parametrize("scheme,right", [(0, False), (0, True), (1, False), (1, True)])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_exact_kinks(backend, scheme, right, mode, target):
     """p exactly on every edge / centre and one float32 step either side, p = 0, p = 1, outside [0, 1], for
@@ -437,6 +437,8 @@ def _mutant(kind: str) -> kb.KernelBackend:
         x, t, e, M, scheme, act, tk, mode, mom, ii, right = args
         if kind == "right flipped":
             return ref.forward(x, t, e, M, scheme, act, tk, mode, mom, ii, not right)
+        if kind == "soft right ignored":
+            return ref.forward(x, t, e, M, scheme, act, tk, mode, mom, ii, False)
         if kind == "ties to highest index":
             tf = (x.shape[1] - 1 - t.long()).to(t.dtype) if tk == 0 else t.flip(1)
             return ref.forward(x.flip(1), tf, e, M, scheme, act, tk, mode, mom, ii, right)
@@ -459,8 +461,10 @@ def _mutant(kind: str) -> kb.KernelBackend:
             return g * (1 + 1e-3)
         if kind == "left-out entries get 1e-30":
             return torch.where(g == 0, torch.full_like(g, 1e-30), g)
-        if kind in ("right flipped", "ties to highest index"):
+        if kind in ("right flipped", "soft right ignored", "ties to highest index"):
             gc, gp, gy, gp2, gpy, x, t, e, M, scheme, act, tk, mode, mom, ii, right = args
+            if kind == "soft right ignored":
+                return ref.backward(gc, gp, gy, gp2, gpy, x, t, e, M, scheme, act, tk, mode, mom, ii, False)
             if kind == "right flipped":
                 return ref.backward(gc, gp, gy, gp2, gpy, x, t, e, M, scheme, act, tk, mode, mom, ii, not right)
             tf = (x.shape[1] - 1 - t.long()).to(t.dtype) if tk == 0 else t.flip(1)
@@ -474,6 +478,7 @@ def _mutant(kind: str) -> kb.KernelBackend:
 
 MUTANTS = [
     ("right flipped", dict(scheme=0, activation=0, right=False)),
+    ("soft right ignored", dict(scheme=1, activation=0, right=True)),
     ("ties to highest index", dict(mode=1, activation=0, ignore_index=None)),
     ("sum_p relative 1e-4", dict(activation=1)),
     ("count soft +1e-3", dict(scheme=1, activation=2)),

@@ -394,6 +394,8 @@ DETERMINISM_CASES = [  # (scheme, mode, R, moments)
     (HARD, MARGINAL, 3, False),
     (SOFT, TOP, 3, True),
     (HARD, MARGINAL, 2, True),
+    (HARD, MARGINAL, 1, True),  # the fused forward with moments (brier_score's call)
+    (HARD, TOP, 1, True),
 ]
 
 
@@ -437,17 +439,19 @@ def test_bitwise_identical_across_isa_builds(monkeypatch):
         OP(x, t, *_args(20, HARD, NONE, LABELS, MARGINAL, False))
 
 
+@pytest.mark.parametrize("moments", [False, True])
 @pytest.mark.parametrize("act", [NONE, SOFTMAX, SIGMOID])
 @pytest.mark.parametrize(
     "tk,mode,R",
     [(LABELS, MARGINAL, 1), (DENSE, MARGINAL, 1), (LABELS, TOP, 1), (LABELS, MARGINAL, 3), (LABELS, TOP, 3)],
 )
-def test_fused_hard_path_bitwise_equals_generic(monkeypatch, act, tk, mode, R):
-    """The fused hard path (C <= 16, M <= 30, moments off; SIMD builds, and the base build's scalar version with
-    CALIBOPS_CPU_FUSED=2) gives bitwise the results of the generic path (CALIBOPS_CPU_FUSED=0): statistics, both
-    bad counts and gradient, in every ISA build, for tails, odd class counts (templated 2/3/4 and generic), half
-    inputs, right=True, ignore_index, out-of-range labels, NaN/inf and a gradient large enough for non-temporal
-    stores; marginal and top-label, 1 and 3 raters."""
+def test_fused_hard_path_bitwise_equals_generic(monkeypatch, act, tk, mode, R, moments):
+    """The fused hard path (C <= 16, M <= 30; SIMD builds, and the base build's scalar version with
+    CALIBOPS_CPU_FUSED=2) gives bitwise the results of the generic path (CALIBOPS_CPU_FUSED=0): statistics (the
+    second moments too), both bad counts and gradient (with moments: fused for labels, generic for dense targets),
+    in every ISA build, for tails, odd class counts (templated 2/3/4 and generic), half inputs,
+    right=True, ignore_index, out-of-range labels, NaN/inf and a gradient large enough for non-temporal stores;
+    marginal and top-label, 1 and 3 raters."""
     cases = [
         (2, 2, 1000, torch.float32, 20, False, None, False),
         (1, 3, 777, torch.float16, 7, True, None, False),
@@ -463,7 +467,7 @@ def test_fused_hard_path_bitwise_equals_generic(monkeypatch, act, tk, mode, R):
         if dtype == torch.float32:
             x = x.clone()
             x[0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
-        args = _args(M, HARD, act, tk, mode, False, ig, right)
+        args = _args(M, HARD, act, tk, mode, moments, ig, right)
         outs = {}
         for isa in _isas():
             for fused in ("1", "0", "2"):

@@ -323,7 +323,7 @@ def test_probabilities_exactly_on_edges_and_centres(lib, right):
     from calibops.reference import bin_centres, bin_edges
 
     # several M: int(p * M) under- and over-estimates the bin of an edge value for some of them; the soft
-    # centres are the gradient kinks (the contract's side: t = k - 1 at q == c[k])
+    # centres are the gradient kinks (the contract's side: t = k - 1 at q == c[k], t = k with right=True)
     marks = torch.cat([torch.cat([bin_edges(m), bin_centres(m)]) for m in (3, 7, 10, 13, 20)])
     p = torch.cat([marks, torch.nextafter(marks, marks + 1), torch.nextafter(marks, marks - 1)])
     p = torch.cat([p, torch.tensor([0.0, 1.0, 0.5])]).clamp(0, 1)

@@ -1,5 +1,5 @@
-// Front end of the fused hard path (hard binning, C <= 16 classes, M <= 30 bins, moments off: the usual
-// segmentation case): one register-resident pass per group of VL voxels, load the C class values -> activation ->
+// Front end of the fused hard path (hard binning, C <= 16 classes, M <= 30 bins: the usual segmentation case; with
+// or without moments): one register-resident pass per group of VL voxels, load the C class values -> activation ->
 // hard bin of every class (marginal) or of the confidence max_c p (top-label). The generic path makes ~15 passes
 // over [C][T] tile rows instead. The arithmetic is the same sequence of IEEE operations as the generic path's
 // (no FMA, same association), written once over the SIMD shim, so every build and both paths agree bitwise
@@ -12,10 +12,14 @@ constexpr int kMaxFusedC = 16;
 constexpr i64 kStreamMinFloats = i64{1} << 20;  // 4 MiB of float32 gradient
 
 // Base build (VL = 1): only on request (fused == 2); its scalar code is slower than the generic path there.
-// Top-label with a dense target takes the generic path.
-static bool fused_hard_ok(const Problem& pb) {
-  return pb.fused >= (VL > 1 ? 1 : 2) && !pb.soft && !pb.moments && (!pb.top || pb.labels) && pb.C >= 1 &&
-         pb.C <= kMaxFusedC && pb.M + 2 <= 32;
+// Top-label with a dense target takes the generic path. The forward: with or without moments; the backward with
+// moments: integer labels of at most 8 raters (the ȳ of its second-moment term; fused_hard.h's kMaxFusedMomR).
+static bool fused_hard_fwd_ok(const Problem& pb) {
+  return pb.fused >= (VL > 1 ? 1 : 2) && !pb.soft && (!pb.top || pb.labels) && pb.C >= 1 && pb.C <= kMaxFusedC &&
+         pb.M + 2 <= 32;
+}
+static bool fused_hard_bwd_ok(const Problem& pb) {
+  return fused_hard_fwd_ok(pb) && (!pb.moments || (pb.labels && pb.R <= 8));
 }
 
 // Loop-invariant state of the fused hard path; the tables live in the caller's frame (base build: pointers).

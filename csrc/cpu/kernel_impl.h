@@ -22,9 +22,10 @@
 // activation chain rule is masked to 0 there. Unused voxels (a rater's label out of range or ignore_index) keep
 // their masked state whatever p is, so they are never counted as non-finite.
 //
-// Paths: hard binning with C <= 16, M <= 30, moments off, labels or marginal (AVX2 / AVX-512 builds) takes the
-// fused hard path; everything else the generic path. The usual configurations are compile-time specialisations
-// (entry vectors of W = 4 doubles, the simple gradient rows), so the options cost nothing when off.
+// Paths: hard binning with C <= 16, M <= 30, labels or marginal (AVX2 / AVX-512 builds) takes the fused hard path
+// (the backward with moments: labels and at most 8 raters); everything else the generic path. The usual
+// configurations are compile-time specialisations (entry vectors of W = 4 doubles, the simple gradient rows), so the
+// options cost nothing when off.
 #if !defined(CALIBOPS_ISA_NS) || !defined(CALIBOPS_ISA_LEVEL)
 #error "kernel_impl.h is included by kernel_<isa>.cpp only"
 #endif
@@ -47,14 +48,15 @@ namespace CALIBOPS_ISA_NS {
 
 static i64 forward(const Problem& pb, i64 b, i64 begin, i64 end, double* out, float* scratch, double* hist,
                    i64* nonfinite_out) {
-  if (fused_hard_ok(pb)) return forward_hard_fused(pb, b, begin, end, out, scratch, hist, nonfinite_out);
+  if (fused_hard_fwd_ok(pb)) return forward_hard_fused(pb, b, begin, end, out, scratch, hist, nonfinite_out);
   return forward_generic(pb, b, begin, end, out, scratch, hist, nonfinite_out);
 }
 
 static void backward(const Problem& pb, const float* grad_count, const float* grad_sum_p, const float* grad_sum_y,
                      const float* grad_sum_p2, const float* grad_sum_py, void* grad, i64 b, i64 begin, i64 end,
                      float* scratch) {
-  if (fused_hard_ok(pb)) return backward_hard_fused(pb, grad_sum_p, grad, b, begin, end, scratch);
+  if (fused_hard_bwd_ok(pb))
+    return backward_hard_fused(pb, grad_sum_p, grad_sum_p2, grad_sum_py, grad, b, begin, end, scratch);
   backward_generic(pb, grad_count, grad_sum_p, grad_sum_y, grad_sum_p2, grad_sum_py, grad, b, begin, end, scratch);
 }
 

@@ -62,8 +62,9 @@ static void hard_table(const Problem& pb, const SchemeTables& t) {
   }
 }
 
-// ---- soft (scheme 1, triangular): t = #{k : c[k] < q} - 1; state u = t + 1 in 0..M. Interior states 1..M-1:
-// j = t, w = (c[t+1] - q) / (c[t+1] - c[t]); u = 0 (below the first centre): all weight in bin 0; u = M (above the
+// ---- soft (scheme 1, triangular): t = #{k : c[k] < q} - 1 (right: c[k] <= q, so q exactly on a centre takes the
+// slope of the interval above it instead of below); state u = t + 1 in 0..M. Interior states 1..M-1: j = t,
+// w = (c[t+1] - q) / (c[t+1] - c[t]); u = 0 (below the first centre): all weight in bin 0; u = M (above the
 // last): all in bin M - 1; M == 1: all in bin 0.
 static inline i32 soft_low_bin(i32 u, i32 M) {
   const i32 top = M - 2 > 0 ? M - 2 : 0;
@@ -96,11 +97,20 @@ static void soft_states_row(const Problem& pb, const float* __restrict p, i32* _
   }
   gather_row(pb.edges, M, ia, ea, n);  // c[t0], in place
   gather_row(pb.edges, M, ib, eb, n);  // c[t0 + 1], in place
-  for (i64 i = 0; i < n; ++i) {
-    const i32 t0 = out[i];
-    const i32 dec = static_cast<i32>((t0 >= 0) & !(ea[i] < p[i]));
-    const i32 inc = static_cast<i32>((t0 + 1 < M) & (eb[i] < p[i]));
-    out[i] = nonfinite(p[i]) ? M + 2 : t0 - dec + inc + 1;
+  if (!pb.right) {
+    for (i64 i = 0; i < n; ++i) {
+      const i32 t0 = out[i];
+      const i32 dec = static_cast<i32>((t0 >= 0) & !(ea[i] < p[i]));
+      const i32 inc = static_cast<i32>((t0 + 1 < M) & (eb[i] < p[i]));
+      out[i] = nonfinite(p[i]) ? M + 2 : t0 - dec + inc + 1;
+    }
+  } else {
+    for (i64 i = 0; i < n; ++i) {
+      const i32 t0 = out[i];
+      const i32 dec = static_cast<i32>((t0 >= 0) & !(ea[i] <= p[i]));
+      const i32 inc = static_cast<i32>((t0 + 1 < M) & (eb[i] <= p[i]));
+      out[i] = nonfinite(p[i]) ? M + 2 : t0 - dec + inc + 1;
+    }
   }
 }
 

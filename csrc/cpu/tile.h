@@ -30,7 +30,9 @@ static Layout layout(const Problem& pb) {
   L.ta = L.tq + T;             // [T] top-label: int32 argmax a
   L.tn = L.ta + T;             // [T] top-label: int32 number of non-finite p of the voxel; backward: g_q
   L.pk = L.tn + T;             // generic forward: [T][W] float64 entry vectors; fused: [C][kSub][2] (1, p) pairs
-  const i64 pk_floats = 2 * pb.W * T > 4 * C * kSub ? 2 * pb.W * T : 4 * C * kSub;
+                               // (moments: [C][kSub][4] (1, p, p², p·ȳ) quads)
+  const i64 fused_pk = (pb.moments ? 8 : 4) * C * kSub;
+  const i64 pk_floats = 2 * pb.W * T > fused_pk ? 2 * pb.W * T : fused_pk;
   L.ftab = L.pk + pk_floats;   // [6 + R][K][S] backward gradient tables; forward: float chi, id
   L.lo_of = L.ftab + (6 + pb.R) * pb.K * S + 2 * S;
   L.dtab = ((L.lo_of + S + 15) / 16) * 16;  // [3][S] float64 base, chi, id (SchemeTables)
@@ -41,11 +43,11 @@ static Layout layout(const Problem& pb) {
 static size_t scratch_floats(const Problem& pb) { return static_cast<size_t>(layout(pb).total); }
 
 // Generic forward: [K][copies][M + 2][W] float64; fused hard forward (labels): (count, sum_p) pairs
-// [C][copies][M + 2][2] then int64 label counts [copies][R][K][M + 2].
+// [C][copies][M + 2][2] (moments: quads [..][4]) then int64 label counts [copies][R][K][M + 2].
 static size_t hist_doubles(const Problem& pb) {
   const i64 M2 = pb.M + 2;
   const i64 generic = pb.K * pb.copies * M2 * pb.W;
-  const i64 fused = pb.C * pb.copies * M2 * 2 + pb.copies * pb.R * pb.K * M2;
+  const i64 fused = pb.C * pb.copies * M2 * (pb.moments ? 4 : 2) + pb.copies * pb.R * pb.K * M2;
   return static_cast<size_t>(generic > fused ? generic : fused);
 }
 

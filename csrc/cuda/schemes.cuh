@@ -35,12 +35,18 @@ CB_HD int hard_bin(float p, const float* e, int M, bool right) {
   return j;
 }
 
-// Soft binning: t = #{k : c[k] < p} - 1 in -1 .. M-1 (same walk as hard_bin).
-CB_HD int soft_index(float p, const float* c, int M) {
+// Soft binning: t = #{k : c[k] < p} - 1 in -1 .. M-1 (right: c[k] <= p, so p exactly on a centre takes the slope
+// of the interval above it); same walk as hard_bin.
+CB_HD int soft_index(float p, const float* c, int M, bool right) {
   const float est = fminf(fmaxf(p * static_cast<float>(M) - 0.5f, -1.0f), static_cast<float>(M - 1));
   int t = static_cast<int>(floorf(est));
-  while (t < M - 1 && c[t + 1] < p) ++t;
-  while (t >= 0 && !(c[t] < p)) --t;
+  if (right) {
+    while (t < M - 1 && c[t + 1] <= p) ++t;
+    while (t >= 0 && !(c[t] <= p)) --t;
+  } else {
+    while (t < M - 1 && c[t + 1] < p) ++t;
+    while (t >= 0 && !(c[t] < p)) --t;
+  }
   return t;
 }
 
@@ -51,8 +57,8 @@ CB_HD Membership hard_membership(float q, const float* e, int M, bool right) {
 
 // Scheme 1 (triangular), centres c[0..M-1]: t == -1 -> (0, 1, 0); t == M-1 -> (M-1, 1, 0); else
 // (t, (c[t+1] - q) / d, -1 / d) with d = c[t+1] - c[t]. M == 1 -> (0, 1, 0).
-CB_HD Membership soft_membership(float q, const float* c, int M) {
-  const int t = soft_index(q, c, M);
+CB_HD Membership soft_membership(float q, const float* c, int M, bool right) {
+  const int t = soft_index(q, c, M, right);
   if (t < 0) return Membership{0, 1.0f, 0.0f, false};
   if (t >= M - 1) return Membership{M - 1, 1.0f, 0.0f, false};
   const float d = c[t + 1] - c[t];
@@ -64,7 +70,7 @@ CB_HD Membership soft_membership(float q, const float* c, int M) {
 template <class F>
 CB_HD void with_membership(int scheme, float q, const float* e, int M, bool right, F&& body) {
   if (scheme == kSchemeSoft) {
-    body(soft_membership(q, e, M));
+    body(soft_membership(q, e, M, right));
   } else {
     body(hard_membership(q, e, M, right));
   }

@@ -51,12 +51,13 @@ def _hard_membership(q, e_ptr, right, NUM_BINS: tl.constexpr):
 
 
 @triton.jit
-def _soft_membership(q, e_ptr, NUM_BINS: tl.constexpr):
-    """Soft (triangular) bins, centres ``c[0..M-1]``: ``t = #{k : c[k] < q} - 1`` in -1..M-1; ``t == -1``:
-    ``(0, 1, 0)``; ``t == M-1``: ``(M-1, 1, 0)``; otherwise ``(t, (c[t+1] - q) / d, -1 / d)``, ``d = c[t+1] - c[t]``.
+def _soft_membership(q, e_ptr, right, NUM_BINS: tl.constexpr):
+    """Soft (triangular) bins, centres ``c[0..M-1]``: ``t = #{k : c[k] < q} - 1`` in -1..M-1 (``c[k] <= q`` when
+    ``right``: q exactly on a centre takes the slope of the interval above it); ``t == -1``: ``(0, 1, 0)``;
+    ``t == M-1``: ``(M-1, 1, 0)``; otherwise ``(t, (c[t+1] - q) / d, -1 / d)``, ``d = c[t+1] - c[t]``.
 
-    ``u = #{k : c[k] < q}`` is estimated as ``floor(q*M + 1/2)`` (centres ``~ (k + 1/2) / M``) and corrected by
-    one step against the neighbouring centres."""
+    ``u = t + 1`` is estimated as ``floor(q*M + 1/2)`` (centres ``~ (k + 1/2) / M``) and corrected by one step
+    against the neighbouring centres."""
     if NUM_BINS == 1:
         j = tl.zeros(q.shape, tl.int32)
         w = tl.full(q.shape, 1.0, tl.float32)
@@ -68,8 +69,11 @@ def _soft_membership(q, e_ptr, NUM_BINS: tl.constexpr):
         u0 = s.to(tl.int32)
         c_below = tl.load(e_ptr + tl.maximum(u0 - 1, 0))
         c_at = tl.load(e_ptr + tl.minimum(u0, NUM_BINS - 1))
-        dec = (u0 > 0) & (~(c_below < q))
-        inc = (u0 < NUM_BINS) & (c_at < q)
+        is_right = (tl.zeros_like(u0) + right) != 0  # runtime flag as a tensor (see _hard_membership)
+        below = (c_below < q) | (is_right & (c_below == q))  # c[u0 - 1] counts
+        at = (c_at < q) | (is_right & (c_at == q))  # c[u0] counts
+        dec = (u0 > 0) & (~below)
+        inc = (u0 < NUM_BINS) & at
         t = u0 - dec.to(tl.int32) + inc.to(tl.int32) - 1
         t = tl.minimum(tl.maximum(t, -1), NUM_BINS - 1)
         lo = tl.minimum(tl.maximum(t, 0), NUM_BINS - 2)
@@ -87,7 +91,7 @@ def _soft_membership(q, e_ptr, NUM_BINS: tl.constexpr):
 def membership(q, e_ptr, right, NUM_BINS: tl.constexpr, SCHEME: tl.constexpr):
     """``(j, w, dw)`` of the scheme ``SCHEME`` for the float32 tile ``q`` (same shape each; ``j`` int32)."""
     if SCHEME == _SOFT:
-        j, w, dw = _soft_membership(q, e_ptr, NUM_BINS)
+        j, w, dw = _soft_membership(q, e_ptr, right, NUM_BINS)
     else:
         j, w, dw = _hard_membership(q, e_ptr, right, NUM_BINS)
     return j, w, dw
