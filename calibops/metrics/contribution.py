@@ -189,6 +189,7 @@ def contribution(
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    cfg.check_memory()  # adapters learn C at the first batch: refuse its histograms before allocating them
     if cfg.classification:
         return _classification(cfg, input, target, groups)
     C = cfg.num_classes

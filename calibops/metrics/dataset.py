@@ -161,6 +161,7 @@ class DatasetCalibration:
         fine_bins: int = 1000,
         multi_rater: bool = False,
         brier: bool = False,
+        histogram_memory_limit: int | None = None,
     ) -> None:
         # every argument but the process group is an option, checked once by MetricConfig.build
         options = {k: v for k, v in locals().items() if k not in ("self", "process_group")}
@@ -175,6 +176,7 @@ class DatasetCalibration:
         return self
 
     def _init(self, cfg: MetricConfig, process_group: Any) -> None:
+        cfg.check_memory()  # before the histograms are allocated (from_config does not go through build)
         o = cfg.options
         self.config = cfg
         self.process_group = process_group
