@@ -82,3 +82,165 @@ def test_histogram_memory_adapter_checks_classes_before_allocating(monkeypatch):
     with pytest.raises(ValueError, match="num_bins=40: .*4 class"):
         metric(y_pred=x, y=torch.nn.functional.one_hot(y[:, 0], 4).movedim(-1, 1).float())
     assert metric.dataset is None
+
+
+# ------------------------------------------------------------------ tampered checkpoints
+def _full_metric(**kw):
+    opts = dict(to_onehot_y=True, softmax=True, keep_records=True, dice=True, groups=("a", "b"), brier=True)
+    opts.update(adaptive_bins=5, fine_bins=50)
+    opts.update(kw)
+    m = DatasetCalibration(3, num_bins=10, **opts)
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):
+        x = torch.randn(4, 3, 6, 6, generator=g) * 2
+        y = torch.randint(0, 3, (4, 1, 6, 6), generator=g)
+        m.update(x, y, groups=["a", "b", "a", "a"] if step else ["b", "b", "a", "b"])
+    return m
+
+
+def _scaled(key, factor):
+    def tamper(sd):
+        sd[key] = sd[key] * factor
+
+    return tamper
+
+
+def _zero(key):
+    def tamper(sd):
+        sd[key] = torch.zeros_like(sd[key])
+
+    return tamper
+
+
+def _p2_over_p(sd):
+    sd["sum_p2"] = sd["sum_p"] + 0.5
+
+
+def _py_over(sd):
+    sd["sum_py"] = torch.maximum(sd["sum_p"], sd["sum_y"]) + 0.5
+
+
+def _halve_fine(sd):
+    sd["fine_count"] = sd["fine_count"] / 2
+
+
+def _garbage_record(sd):
+    sd["records"][4] = "garbage"
+
+
+def _unknown_key(sd):
+    sd["records"][2]["hacked"] = 1.0
+
+
+def _reordered(sd):
+    recs = sd["records"]
+    sd["records"] = recs[1:] + recs[:1]
+
+
+def _unknown_group(sd):
+    for r in sd["records"][3:6]:  # the whole block of image 1
+        r["group"] = "zzz"
+
+
+def _moved_group(sd):
+    for r in sd["records"][:3]:  # image 0 (group b) claimed by group a: group sizes disagree
+        r["group"] = "a"
+
+
+def _ece_out_of_range(sd):
+    sd["records"][0]["ece"] = 7.0
+
+
+def _records_voxels(sd):
+    sd["records"][0]["voxels"] *= 1000
+    sd["records"][1]["voxels"] *= 1000
+    sd["records"][2]["voxels"] *= 1000
+
+
+def _records_ece(sd):
+    sd["records"][0]["ece"] = 0.999 if sd["records"][0]["ece"] < 0.5 else 0.0
+
+
+TAMPERS = {
+    "count x1000": (_scaled("count", 1000), "'count'"),
+    "count / 2": (_scaled("count", 0.5), "'sum_p'"),
+    "group_count x1000": (_scaled("group_count", 1000), "'group_count'"),
+    "group macro sums x1000": (_scaled("group_macro_sum", 1000), "'group_macro_sum'"),
+    "group_macro_l2 x1000": (_scaled("group_macro_l2", 1000), "'group_macro_l2'"),
+    "brier_sum x1000": (_scaled("brier_sum", 1000), "'brier_sum'"),
+    "sum_p2 > sum_p": (_p2_over_p, "'sum_p2'"),
+    "sum_py > min(sum_p, sum_y)": (_py_over, "'sum_py'"),
+    "fine_count halved": (_halve_fine, "'fine_count'"),
+    "fine_count x2": (_scaled("fine_count", 2), "'fine_count'"),
+    "zeroed group histograms": (_zero("group_hist"), "'group_hist'"),
+    "zeroed group macro counts": (_zero("group_macro_n"), "'group_macro_n'"),
+    "garbage record": (_garbage_record, r"\['records'\]\[4\]"),
+    "unknown record key": (_unknown_key, r"\['records'\]\[2\].*hacked"),
+    "reordered records": (_reordered, r"\['records'\]\[0\].*reordered"),
+    "unknown-group records": (_unknown_group, r"\['records'\]\[3\].*'zzz'"),
+    "records moved to another group": (_moved_group, r"'records'.*group_images"),
+    "record ECE out of range": (_ece_out_of_range, r"\['records'\]\[0\]\['ece'\]"),
+    "record voxels x1000": (_records_voxels, r"'records'.*voxels"),
+    "record ECE changed": (_records_ece, r"'records'.*macro_sum"),
+}
+
+
+@pytest.mark.parametrize("name", list(TAMPERS))
+def test_tampered_checkpoint_is_one_error_naming_the_field(name):
+    import copy
+
+    tamper, field = TAMPERS[name]
+    src = _full_metric()
+    sd = copy.deepcopy(src.state_dict())
+    DatasetCalibration(3, num_bins=10, **_opts()).load_state_dict(copy.deepcopy(sd))  # untampered: loads
+    tamper(sd)
+    dst = DatasetCalibration(3, num_bins=10, **_opts())
+    before = {k: v.clone() for k, v in dst.state_tensors().items()}
+    with pytest.raises(ValueError, match=field):
+        dst.load_state_dict(sd)
+    assert all(torch.equal(before[k], v) for k, v in dst.state_tensors().items())  # nothing replaced
+
+
+def _opts():
+    return dict(
+        to_onehot_y=True,
+        softmax=True,
+        keep_records=True,
+        dice=True,
+        groups=("a", "b"),
+        brier=True,
+        adaptive_bins=5,
+        fine_bins=50,
+    )
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(mode="top_label", dice=False),
+        dict(include_background=False, right=True),
+        dict(softmax=False, sigmoid=True),
+    ],
+)
+def test_genuine_checkpoints_load(kw):
+    src = _full_metric(**kw)
+    dst = DatasetCalibration(3, num_bins=10, **{**_opts(), **kw})
+    dst.load_state_dict(src.state_dict())
+    assert torch.equal(dst.histogram(), src.histogram())
+    assert dst.records() == src.records()
+
+
+def test_genuine_checkpoints_load_classification_and_raters():
+    m = DatasetCalibration(
+        3, num_bins=10, classification=True, to_onehot_y=True, softmax=True, groups=("a", "b"), brier=True
+    )
+    m.update(torch.randn(50, 3), torch.randint(0, 3, (50,)), groups=["a"] * 20 + ["b"] * 30)
+    DatasetCalibration(
+        3, num_bins=10, classification=True, to_onehot_y=True, softmax=True, groups=("a", "b"), brier=True
+    ).load_state_dict(m.state_dict())
+    r = DatasetCalibration(3, num_bins=10, to_onehot_y=True, softmax=True, multi_rater=True, keep_records=True)
+    r.update(torch.randn(2, 3, 5, 5), torch.randint(0, 3, (2, 3, 5, 5)))
+    DatasetCalibration(
+        3, num_bins=10, to_onehot_y=True, softmax=True, multi_rater=True, keep_records=True
+    ).load_state_dict(r.state_dict())
