@@ -244,3 +244,32 @@ def test_genuine_checkpoints_load_classification_and_raters():
     DatasetCalibration(
         3, num_bins=10, to_onehot_y=True, softmax=True, multi_rater=True, keep_records=True
     ).load_state_dict(r.state_dict())
+
+
+# ------------------------------------------------------------------ checkpoints of earlier versions
+DATA = __import__("pathlib").Path(__file__).parent / "data"
+
+
+def test_v0_1_checkpoint_refused_naming_the_version():
+    # written by calibops 0.1 itself (commit a231151, the last of the 0.1.0 release, backend="reference"):
+    # DatasetCalibration(3, num_bins=8, include_background=False, to_onehot_y=True, softmax=True, keep_records=True),
+    # two updates of two 5x5 images
+    sd = torch.load(DATA / "checkpoint_v0_1.pt", weights_only=True)
+    assert set(sd) == {"config", "count", "sum_p", "sum_y", "macro_sum", "macro_n", "hist", "num_images", "records"}
+    assert "mode" not in sd["config"] and "l2" not in sd["records"][0]
+    m = DatasetCalibration(3, num_bins=8, include_background=False, to_onehot_y=True, softmax=True, keep_records=True)
+    with pytest.raises(ValueError, match=r"written by calibops 0\.1 .*images_with_class.*0\.2 and later load"):
+        m.load_state_dict(sd)
+    assert int(m.state_tensors()["num_images"]) == 0
+
+
+def test_v0_2_checkpoint_loads():
+    # written by calibops 0.2 (groups, Brier, adaptive bins, records): every sum and record restored
+    sd = torch.load(DATA / "checkpoint_v0_2.pt", weights_only=True)
+    opts = dict(include_background=False, to_onehot_y=True, softmax=True, keep_records=True, groups=("a", "b"))
+    m = DatasetCalibration(3, num_bins=8, brier=True, adaptive_bins=4, fine_bins=40, **opts)
+    m.load_state_dict(sd)
+    assert int(m.state_tensors()["num_images"]) == 4 and len(m.records()) == 8
+    for k, v in m.state_tensors().items():
+        assert torch.equal(v, sd[k].to(v.dtype)), k
+    assert m.compute().macro.ece == pytest.approx([0.2366, 0.2714], abs=1e-4)  # as 0.2 computed it

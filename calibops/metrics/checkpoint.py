@@ -2,6 +2,11 @@
 
 A state dict is ``{"config": MetricConfig.as_dict(), <every state entry>: tensor, ["records": [...]]}``. Loading
 checks everything before anything is replaced, so a bad state dict leaves the accumulator as it was.
+
+Versions: checkpoints written by calibops 0.2 and later load (a development state between 0.1 and 0.2 without
+``macro_l2`` loads with the macro L2 unknown, NaN; one without ``mode`` in its config is marginal). Checkpoints of
+calibops 0.1 are refused with a ``ValueError`` that says so: 0.1 did not count the images whose target holds each
+class (``images_with_class``, reported by ``compute()``), and that cannot be recovered from its sums.
 """
 
 from __future__ import annotations
@@ -35,6 +40,13 @@ def load_state_dict(cfg: MetricConfig, state: SumState, records: ImageRecords, s
     if not isinstance(sd, dict):
         raise TypeError(f"state_dict must be a dict from DatasetCalibration.state_dict(), got {type(sd)}")
     given = sd.get("config")
+    if isinstance(given, dict) and "mode" not in given and "images_with_class" not in sd and "num_nonfinite" not in sd:
+        raise ValueError(
+            "state_dict was written by calibops 0.1 (its config has no 'mode' and it lacks 'images_with_class' and "
+            "'num_nonfinite'): 0.1 did not count the images whose target holds each class, which this version "
+            "reports, so it cannot be restored faithfully. Checkpoints of calibops 0.2 and later load; re-run the "
+            "evaluation to continue from a 0.1 state"
+        )
     if isinstance(given, dict) and "mode" not in given:  # written before top-label existed: marginal
         given = {**given, "mode": "marginal"}
     if given != cfg.as_dict():

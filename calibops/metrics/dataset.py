@@ -240,8 +240,10 @@ class DatasetCalibration:
         (one image and group per block), exactly the record fields, values in range, known groups, and per class
         the defined ECE values, their sum and the voxels matching the sums. A violation is one ``ValueError``
         naming the key.
-        A state dict written before the L2 error existed (no ``macro_l2``) loads with the macro L2 unknown
-        (NaN); everything else is restored.
+        Versions: checkpoints of calibops 0.2 and later load; a development state written before the L2 error
+        existed (no ``macro_l2``) loads with the macro L2 unknown (NaN), everything else restored. Checkpoints of
+        calibops 0.1 are refused with a ``ValueError`` saying so: 0.1 did not count the images holding each class
+        (``compute().images_with_class``), which cannot be recovered from its sums.
         """
         checkpoint.load_state_dict(self.config, self._state, self._records, state_dict)
 
