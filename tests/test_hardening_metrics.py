@@ -273,3 +273,82 @@ def test_v0_2_checkpoint_loads():
     for k, v in m.state_tensors().items():
         assert torch.equal(v, sd[k].to(v.dtype)), k
     assert m.compute().macro.ece == pytest.approx([0.2366, 0.2714], abs=1e-4)  # as 0.2 computed it
+
+
+# ------------------------------------------------------------------ DDP: a rank that saw no batch
+def _idle_rank_worker(rank: int, port: int, out_dir: str) -> None:
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=40)
+    )
+    try:
+        torch.set_num_threads(1)
+        g = torch.Generator().manual_seed(7)
+        x, y = torch.randn(3, 3, 6, 6, generator=g), torch.randint(0, 3, (3, 1, 6, 6), generator=g)
+        out = {}
+        m = DatasetCalibration(3, num_bins=6, to_onehot_y=True, softmax=True, groups=("a", "b"), keep_records=True)
+        if rank == 0:  # rank 1 sees no batch at all
+            m.update(x, y, groups=["a", "b", "a"])
+        out["ece"] = m.compute().macro.ece
+        out["hist"] = m.histogram()
+        out["group_gaps"] = m.group_gaps()["ece"].gap
+        out["records"] = len(m.records(gather=True))
+        try:
+            from calibops.integrations.monai import CalibrationErrorMetric
+        except ImportError:
+            CalibrationErrorMetric = None
+        if CalibrationErrorMetric is not None:
+            mm = CalibrationErrorMetric(num_bins=6, to_onehot_y=True, softmax=True)
+            if rank == 0:
+                mm(y_pred=x, y=y)
+            out["monai"] = mm.aggregate()
+            out["monai_all"] = mm.aggregate_all()["mce"]
+            out["monai_buffer"] = mm.get_buffer()
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_rank_without_batches_does_not_hang(tmp_path):
+    import socket
+    import time
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.fail("torch.distributed with gloo is needed for this test")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_idle_rank_worker, args=(port, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            pytest.fail("a rank that saw no batch hung the others (no result within 120 s)")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(3, 3, 6, 6, generator=g), torch.randint(0, 3, (3, 1, 6, 6), generator=g)
+    single = DatasetCalibration(3, num_bins=6, to_onehot_y=True, softmax=True)
+    single.update(x, y)
+    for r in (r0, r1):
+        torch.testing.assert_close(r["ece"], single.compute().macro.ece, equal_nan=True)
+        assert torch.equal(r["hist"], single.histogram())
+        assert r["records"] == 9
+        torch.testing.assert_close(r["group_gaps"], r0["group_gaps"], equal_nan=True)
+    if "monai" in r0:
+        from calibops.integrations.monai import CalibrationErrorMetric
+
+        ref = CalibrationErrorMetric(num_bins=6, to_onehot_y=True, softmax=True)
+        ref(y_pred=x, y=y)
+        for r in (r0, r1):
+            torch.testing.assert_close(r["monai"], ref.aggregate(), equal_nan=True)
+            torch.testing.assert_close(r["monai_all"], ref.aggregate_all()["mce"], equal_nan=True)
+            assert r["monai_buffer"].shape == (3, 3)
