@@ -217,9 +217,8 @@ def check_records(cfg: MetricConfig, s: dict[str, torch.Tensor], rows: Any) -> N
         raise ValueError(f"state_dict['records'] has {n} records, expected num_images x classes = {expected}")
     fields = set(cfg.record_fields())
     names = cfg.row_names
-    ece = torch.zeros(K, dtype=torch.float64)
-    defined = torch.zeros(K, dtype=torch.int64)
-    voxels = torch.zeros(K, dtype=torch.float64)
+    ece, defined, voxels = [0.0] * K, [0] * K, [0] * K  # Python numbers: per-record tensor indexing is slow
+    checked_values = sorted(fields & {*_UNIT_VALUES, "volume_crps"})
     per_group: dict[Any, int] = {}
     for i, r in enumerate(rows):
         where = f"state_dict['records'][{i}]"
@@ -239,7 +238,7 @@ def check_records(cfg: MetricConfig, s: dict[str, torch.Tensor], rows: Any) -> N
         first = rows[b * K]
         if k and r["image"] != first["image"]:
             raise ValueError(f"{where} has image {r['image']!r} in the block of image {first['image']!r}")
-        for name in fields & {*_UNIT_VALUES, "volume_crps"}:
+        for name in checked_values:
             v = r[name]
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ValueError(f"{where}[{name!r}] must be a number, got {type(v).__name__}")
@@ -261,11 +260,13 @@ def check_records(cfg: MetricConfig, s: dict[str, torch.Tensor], rows: Any) -> N
             ece[k] += r["ece"]
             defined[k] += 1
         voxels[k] += v
-    if not torch.equal(defined, s["macro_n"][0].long()):
+    ece_t = torch.tensor(ece, dtype=torch.float64)
+    voxels_t = torch.tensor(voxels, dtype=torch.float64)
+    if not torch.equal(torch.tensor(defined, dtype=torch.int64), s["macro_n"][0].long()):
         raise ValueError("state_dict['records'] define the ECE of other images than state_dict['macro_n'] counts")
-    if not _close(ece, s["macro_sum"][0], 1e-6):
+    if not _close(ece_t, s["macro_sum"][0], 1e-6):
         raise ValueError("state_dict['records'] ECE values do not add up to state_dict['macro_sum'][0]")
-    if not _close(voxels, s["count"].sum(-1)):
+    if not _close(voxels_t, s["count"].sum(-1)):
         raise ValueError("state_dict['records'] voxels do not add up to the voxels of state_dict['count'], per class")
     if cfg.groups is not None:
         counts = torch.tensor([per_group.get(g, 0) for g in cfg.groups], dtype=torch.int64)
