@@ -48,7 +48,8 @@ Everything is checked before anything is written. Every failure is one line on s
 prints one such line and exits with status 130:
 
 - exit status 2 (usage): a bad option value (``--bootstrap-samples`` above 100,000, ``--seed`` outside
-  [0, 2**63), a ``--num-bins`` whose histograms would pass :data:`HISTOGRAM_MEMORY_LIMIT`),
+  [0, 2**63), a ``--num-bins`` whose histograms would pass the bound of :class:`calibops.DatasetCalibration`
+  (1 GiB or ``CALIBOPS_HISTOGRAM_MEMORY_LIMIT``)),
   ``--pred``/``--label`` not a directory, an unusable ``--out``, a backend that cannot run here,
   ``--class-names`` not matching the classes, matplotlib missing without ``--no-figures`` (found before any case
   is read), ``--groups`` not a file, ``--dice`` with several raters or top-label;
@@ -438,23 +439,19 @@ def _header_spacing(pred_path: Path, label_path: Path, ndim: int) -> list[float]
     return None
 
 
-HISTOGRAM_MEMORY_LIMIT = 2**30
-"""Bytes the CLI lets the dataset reliability histograms take: (1 + groups) x classes x M x M int64 counts."""
-
-
 def check_histogram_memory(num_bins: int, classes: int, groups: int) -> None:
     """Refuse (:class:`UsageError`) a ``--num-bins`` whose histograms, int64 (classes, M, M) overall and per
-    group, would take more than :data:`HISTOGRAM_MEMORY_LIMIT` bytes: :class:`DatasetCalibration` allocates them
-    when it is built."""
-    need = (1 + groups) * classes * num_bins * num_bins * 8
-    if need > HISTOGRAM_MEMORY_LIMIT:
-        fits = math.isqrt(HISTOGRAM_MEMORY_LIMIT // (8 * (1 + groups) * classes))
-        per = f"{classes} class(es)" + (f" and {groups} group(s)" if groups else "")
-        raise UsageError(
-            f"--num-bins {num_bins}: the dataset reliability histogram (class x {num_bins} x {num_bins} int64 counts, "
-            f"per group too) would need {need / 2**30:.2f} GiB for {per}, over the {HISTOGRAM_MEMORY_LIMIT // 2**30} "
-            f"GiB limit; use --num-bins {fits} or fewer (10-100 bins are usual)"
-        )
+    group, would take more than the bound :class:`DatasetCalibration` itself enforces when it is built
+    (:func:`calibops.metrics.config.histogram_memory_limit`: 1 GiB, or ``CALIBOPS_HISTOGRAM_MEMORY_LIMIT`` bytes);
+    the same check, made before any case is read."""
+    from ..metrics.config import histogram_memory_error
+
+    try:
+        msg = histogram_memory_error(num_bins, classes, groups, argument="--num-bins")
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    if msg is not None:
+        raise UsageError(msg)
 
 
 def _used_classes(args: argparse.Namespace, C: int) -> int:

@@ -190,11 +190,27 @@ class CalibrationErrorMetric(CumulativeIterationMetric):
         return [vals[..., 0], vals[..., 1], vals[..., 2]]
 
     def get_buffers(self) -> dict[str, torch.Tensor] | None:
-        """Per-image ECE, ACE and MCE, each (images, C'), gathered over ranks when distributed."""
-        bufs = super().get_buffer()
-        if bufs is None:
+        """Per-image ECE, ACE and MCE, each (images, C'), gathered over ranks when distributed (a collective: call
+        it on every rank). A rank that saw no batch takes part with an empty buffer and gets every other rank's
+        images, where MONAI's own gather returns early on that rank and leaves the others waiting for it."""
+        from ..metrics.state import dist_ready
+
+        if not dist_ready(None):
+            bufs = super().get_buffer()
+            return None if bufs is None else dict(zip(_NAMES, bufs, strict=True))
+        import torch.distributed as dist
+
+        local = None
+        if self._buffers is not None and all(len(b) for b in self._buffers):
+            local = [torch.stack(b, 0).detach() for b in self._buffers]
+        parts: list[Any] = [None] * dist.get_world_size()
+        # every rank, empty or not, sends its buffers (CPU copies; images x C' values, rank order kept)
+        dist.all_gather_object(parts, None if local is None else [t.cpu() for t in local])
+        got = [p for p in parts if p is not None]
+        if not got:
             return None
-        return dict(zip(_NAMES, bufs, strict=True))
+        device = local[0].device if local is not None else torch.device("cpu")
+        return {name: torch.cat([p[i] for p in got]).to(device) for i, name in enumerate(_NAMES)}
 
     def get_buffer(self) -> torch.Tensor | None:  # type: ignore[override]
         """Per-image values of ``calibration_reduction``, (images, C') (what MONAI's handlers save)."""

@@ -10,6 +10,8 @@ options of the statistics calls and the state layout (:meth:`MetricConfig.spec`)
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -19,7 +21,75 @@ import torch
 
 from ..options import Options, as_bool, as_int
 
-__all__ = ["NONFINITE", "OPTIONS", "MetricConfig", "StateSpec"]
+__all__ = [
+    "HISTOGRAM_MEMORY_ENV",
+    "HISTOGRAM_MEMORY_LIMIT",
+    "NONFINITE",
+    "OPTIONS",
+    "MetricConfig",
+    "StateSpec",
+    "histogram_bytes",
+    "histogram_memory_error",
+    "histogram_memory_limit",
+]
+
+HISTOGRAM_MEMORY_LIMIT = 2**30
+"""Default bound, in bytes, on the dataset reliability histograms of one accumulator: int64 (C', M, M) overall and
+(G, C', M, M) per group, allocated when it is built. Override it with ``DatasetCalibration(...,
+histogram_memory_limit=bytes)`` or the environment variable :data:`HISTOGRAM_MEMORY_ENV`."""
+HISTOGRAM_MEMORY_ENV = "CALIBOPS_HISTOGRAM_MEMORY_LIMIT"
+
+
+def histogram_memory_limit(limit: Any = None) -> int:
+    """The bound in bytes: ``limit`` if given, else the environment variable :data:`HISTOGRAM_MEMORY_ENV`, else
+    :data:`HISTOGRAM_MEMORY_LIMIT` (1 GiB)."""
+    name = "histogram_memory_limit"
+    if limit is None:
+        env = os.environ.get(HISTOGRAM_MEMORY_ENV)
+        if env is None or env.strip() == "":
+            return HISTOGRAM_MEMORY_LIMIT
+        name = f"the environment variable {HISTOGRAM_MEMORY_ENV}"
+        try:
+            limit = int(env.strip())
+        except ValueError:
+            raise ValueError(f"{name} must be a whole number of bytes, got {env!r}") from None
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        try:
+            limit = as_int(name, limit)
+        except TypeError as exc:
+            raise TypeError(f"{exc}; {name} is a number of bytes") from None
+    if limit < 1:
+        raise ValueError(f"{name} must be >= 1 byte, got {limit}")
+    return int(limit)
+
+
+_limit_of = histogram_memory_limit  # the function, where a parameter of the same name hides it
+
+
+def histogram_bytes(num_bins: int, classes: int, groups: int = 0) -> int:
+    """Bytes of the int64 reliability histograms of ``classes`` rows, overall and per group: (1 + G) C' M² · 8."""
+    return (1 + groups) * classes * num_bins * num_bins * 8
+
+
+def histogram_memory_error(
+    num_bins: int, classes: int, groups: int = 0, limit: Any = None, *, argument: str = "num_bins"
+) -> str | None:
+    """None when the histograms fit :func:`histogram_memory_limit`, else the message that refuses ``num_bins``
+    (named ``argument``: the CLI says ``--num-bins``) with the memory it would need and the largest that fits."""
+    bound = histogram_memory_limit(limit)
+    need = histogram_bytes(num_bins, classes, groups)
+    if need <= bound:
+        return None
+    fits = math.isqrt(bound // (8 * (1 + groups) * max(classes, 1)))
+    per = f"{classes} class(es)" + (f" and {groups} group(s)" if groups else "")
+    sep = " " if argument.startswith("-") else "="  # a command-line flag, or a keyword argument
+    return (
+        f"{argument}{sep}{num_bins}: the dataset reliability histogram (class x {num_bins} x {num_bins} int64 counts, "
+        f"per group too) would need {need / 2**30:.2f} GiB for {per}, over the limit of {bound / 2**30:.2f} GiB "
+        f"(histogram_memory_limit= or the environment variable {HISTOGRAM_MEMORY_ENV}, in bytes); use "
+        f"{argument}{sep}{fits} or fewer (10-100 bins are usual)"
+    )
+
 
 NONFINITE = ("raise", "skip")
 #: the :class:`calibops.options.Options` fields a dataset metric takes (hard bins, no loss options)
@@ -58,6 +128,7 @@ class MetricConfig:
     adaptive_bins: int | None = None
     fine_bins: int | None = None
     brier: bool = False
+    histogram_memory_limit: int | None = None
 
     @classmethod
     def build(
@@ -72,6 +143,7 @@ class MetricConfig:
         adaptive_bins: Any = None,
         fine_bins: Any = 1000,
         brier: Any = False,
+        histogram_memory_limit: Any = None,
         **options: Any,
     ) -> MetricConfig:
         """Check every option (a ``TypeError`` / ``ValueError`` naming it) and return the configuration.
@@ -129,9 +201,31 @@ class MetricConfig:
             )
         if o.multi_rater and classification:
             raise ValueError("multi_rater=True reads rater label maps of images: not with classification=True")
-        return cls(
-            num_classes, o, nonfinite, keep_records, dice, classification, groups, adaptive_bins, fine_bins, brier
+        if histogram_memory_limit is not None:
+            histogram_memory_limit = _limit_of(histogram_memory_limit)
+        cfg = cls(
+            num_classes,
+            o,
+            nonfinite,
+            keep_records,
+            dice,
+            classification,
+            groups,
+            adaptive_bins,
+            fine_bins,
+            brier,
+            histogram_memory_limit,
         )
+        cfg.check_memory()
+        return cfg
+
+    def check_memory(self) -> None:
+        """Refuse (``ValueError`` naming ``num_bins`` and the memory) histograms over the bound
+        (:func:`histogram_memory_limit`), before anything is allocated."""
+        groups = len(self.groups) if self.groups is not None else 0
+        msg = histogram_memory_error(self.options.num_bins, self.num_used_classes, groups, self.histogram_memory_limit)
+        if msg is not None:
+            raise ValueError(msg)
 
     def replace(self, **changes: Any) -> MetricConfig:
         """A copy with ``changes`` applied to the fields (not re-checked: for adapters that adjust a checked one)."""

@@ -14,6 +14,7 @@ batches both go through :func:`contribution`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple
 
@@ -188,6 +189,7 @@ def contribution(
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    cfg.check_memory()  # adapters learn C at the first batch: refuse its histograms before allocating them
     if cfg.classification:
         return _classification(cfg, input, target, groups)
     C = cfg.num_classes
@@ -257,7 +259,7 @@ def contribution(
         start = int(seen)
         values = {"ece": errs.ece, "ace": errs.ace, "mce": errs.mce, "l2": errs.l2}
         if cfg.multi_rater:
-            values.update(_rater_values(cfg, input, target, rated, spacing))
+            values.update(_rater_values(cfg, input, target, rated, run, spacing))
         if cfg.dice:
             o = cfg.options
             values["dice"] = hard_dice(
@@ -271,16 +273,23 @@ def contribution(
 
 
 def _rater_values(
-    cfg: MetricConfig, input: torch.Tensor, target: torch.Tensor, rated: BinnedStats, spacing: Any
+    cfg: MetricConfig, input: torch.Tensor, target: torch.Tensor, rated: BinnedStats, run: engine.Run, spacing: Any
 ) -> dict[str, torch.Tensor]:
     """Per-image multi-rater values for the records (marginal): volume CRPS from the statistics already computed
-    (Σ p and the raters' label counts over the bins) and the consensus Dice."""
+    (Σ p over the bins) against the raters' exact volumes (the bins' label counts up to 2**24 voxels per image,
+    int64 :func:`calibops.evaluation.rater_label_counts` above, as :func:`calibops.functional.volume_crps`) and the
+    consensus Dice."""
     if cfg.mode != "marginal":
         return {}
     B, D = input.shape[0], input.dim() - 2
     vox = engine.voxel_volume(spacing, B, D, rated.count.device).view(B, 1)
     v = rated.sum_p.double().sum(-1) * vox  # (B, C')
-    vols = rated.sum_y.double().sum(-1) * vox.unsqueeze(-1)  # (B, C', R)
+    if math.prod(input.shape[2:]) <= F._EXACT_FLOAT32_COUNT:  # float32 sums of 0/1 up to 2**24 are exact counts
+        vols = rated.sum_y.double().sum(-1)  # (B, C', R)
+    else:  # exact int64 counts, as functional.volume_crps: float32 sum_y stops counting above 2**24 voxels
+        rater_maps = target.unsqueeze(1) if target.dim() == input.dim() - 1 else target
+        vols = F._rater_volumes(input, rater_maps, cfg.stats_options, run)[:, cfg.classes[0] :].double()
+    vols = vols * vox.unsqueeze(-1)
     crps = crps_gaussian(v, vols.mean(-1), vols.var(-1, unbiased=False).sqrt())
     o = cfg.options
     labels = target

@@ -161,6 +161,7 @@ class DatasetCalibration:
         fine_bins: int = 1000,
         multi_rater: bool = False,
         brier: bool = False,
+        histogram_memory_limit: int | None = None,
     ) -> None:
         # every argument but the process group is an option, checked once by MetricConfig.build
         options = {k: v for k, v in locals().items() if k not in ("self", "process_group")}
@@ -175,6 +176,7 @@ class DatasetCalibration:
         return self
 
     def _init(self, cfg: MetricConfig, process_group: Any) -> None:
+        cfg.check_memory()  # before the histograms are allocated (from_config does not go through build)
         o = cfg.options
         self.config = cfg
         self.process_group = process_group
@@ -225,13 +227,23 @@ class DatasetCalibration:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; the configuration must match this object's.
 
-        Everything is checked before anything is replaced (a bad state dict leaves this object as it was):
-        every key present with its shape, real values, finite and >= 0, whole numbers for the counters, and
-        sums that fit together (``sum_p``, ``sum_y`` within ``[0, count]``, per-image counters within
-        ``num_images``, macro sums within their image counts since every error is in [0, 1], and a pooled bin
-        non-empty exactly where the histogram has an entry). A violation is a ``ValueError`` naming the key.
-        A state dict written before the L2 error existed (no ``macro_l2``) loads with the macro L2 unknown
-        (NaN); everything else is restored.
+        Everything is checked before anything is replaced (a bad state dict leaves this object as it was), against
+        every invariant a real accumulation satisfies: every key present with its shape, real values, finite and
+        >= 0, whole numbers for the counters; ``sum_p``, ``sum_y`` within ``[0, count]`` and ``sum_p`` within
+        ``count`` times the edges of each confidence bin (so a scaled ``count`` is caught); the same voxels in
+        every class row (when no non-finite value was left out) and in the fine bins; the histogram non-empty
+        exactly where ``count`` is, with at most ``count`` images per bin and one to M bins per image with
+        voxels; per-image counters within ``num_images``; macro sums within their image counts (every error in
+        [0, 1]); the per-group entries adding up to the global ones (every image has one group); ``brier_sum``
+        within the images with voxels (each Brier score in [0, 1]); ``sum_p2 <= sum_p`` and ``sum_py <=
+        min(sum_p, sum_y)``; and the records: ``num_images`` x C' of them, in blocks of one per class in order
+        (one image and group per block), exactly the record fields, values in range, known groups, and per class
+        the defined ECE values, their sum and the voxels matching the sums. A violation is one ``ValueError``
+        naming the key.
+        Versions: checkpoints of calibops 0.2 and later load; a development state written before the L2 error
+        existed (no ``macro_l2``) loads with the macro L2 unknown (NaN), everything else restored. Checkpoints of
+        calibops 0.1 are refused with a ``ValueError`` saying so: 0.1 did not count the images holding each class
+        (``compute().images_with_class``), which cannot be recovered from its sums.
         """
         checkpoint.load_state_dict(self.config, self._state, self._records, state_dict)
 
