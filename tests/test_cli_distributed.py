@@ -149,8 +149,8 @@ def _same_outputs(one: Path, two: Path, groups: bool = False, world: int = 2) ->
     if groups:
         g1, g2 = _csv(one / "groups.csv"), _csv(two / "groups.csv")
         _close(
-            [{k: float(v) if k != "group" else v for k, v in r.items()} for r in g1],
-            [{k: float(v) if k != "group" else v for k, v in r.items()} for r in g2],
+            [{k: float(v) if k not in ("group", "class_name") else v for k, v in r.items()} for r in g1],
+            [{k: float(v) if k not in ("group", "class_name") else v for k, v in r.items()} for r in g2],
             "groups",
         )
     return s2

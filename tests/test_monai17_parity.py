@@ -37,14 +37,6 @@ PAIRS = {
 }
 BINNINGS = tuple(PAIRS)
 
-# soft binning's `right` at an exact bin centre (one-sided slope of the interval above) is the kernel change of
-# issue 22 item 3 (another branch); until it is merged, calibops takes the slope of the interval below there.
-SOFT_RIGHT_PENDING = pytest.mark.xfail(
-    strict=True,
-    reason="soft binning right=True at an exact centre needs the kernel change of issue 22 item 3 (the slope of the "
-    "interval above in reference, cpu, triton and cuda), not merged on this branch",
-)
-
 
 def _onehot(labels: torch.Tensor, C: int, dtype=torch.float32) -> torch.Tensor:
     return torch.nn.functional.one_hot(labels[:, 0].long(), C).movedim(-1, 1).to(dtype)
@@ -268,7 +260,6 @@ def test_soft_exact_centres_right_false():
     _soft_centre_check(False)
 
 
-@SOFT_RIGHT_PENDING
 def test_soft_exact_centres_right_true():
     _soft_centre_check(True)
 
@@ -281,7 +272,6 @@ def test_soft_centre_values_agree_for_both_rules():
         torch.testing.assert_close(ours(p, y), ref(p, y), rtol=1e-6, atol=1e-7)
 
 
-@SOFT_RIGHT_PENDING
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_soft_right_gradient_on_each_backend(backend):
     if backend == "cpu" and not _ext.extension_loaded():
