@@ -183,9 +183,9 @@ def loss_and_grad(
 
 
 def calibration_errors(
-    x, target, *, num_bins=20, include_background=False, to_onehot_y=False, act=None, ignore_index=None, right=False
+    x, target, *, num_bins=20, include_background=True, to_onehot_y=False, act=None, ignore_index=None, right=False
 ):
-    """(ece, ace, mce) each (B, C') float64, NaN where no voxel."""
+    """(ece, ace, mce) each (B, C') float64, NaN where no voxel; include_background defaults to True like calibops."""
     x = np.asarray(x, dtype=np.float64)
     b_, c_ = x.shape[:2]
     p, y, keep = prepare(x, target, to_onehot_y, act, ignore_index)
