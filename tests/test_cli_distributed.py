@@ -208,7 +208,11 @@ def test_groups_and_raters_two_ranks_equal_one_process(tmp_path, capsys):
     _same_outputs(tmp_path / "one", tmp_path / "two", groups=True)
     assert {"volume_crps", "consensus_dice"} <= set(_csv(tmp_path / "two" / "per_image.csv")[0])
     pngs = sorted(p.name for p in (tmp_path / "two").glob("*.png"))
-    assert pngs == ["dataset_histogram.png", *(f"groups_reliability_class{c}.png" for c in (1, 2, 3))]
+    classes = [f"class_{c}" for c in (1, 2, 3)]  # the default class names "class 1", ... made file-name safe
+    want = ["dataset_histogram.png", *(f"groups_reliability_{c}.png" for c in classes)]
+    want += ["reliability_all_classes.png", *(f"reliability_{c}.png" for c in classes)]
+    assert pngs == sorted(want)
+    assert sorted(p.stem for p in (tmp_path / "two").glob("*.pdf")) == sorted(n[:-4] for n in want)
 
 
 def test_more_ranks_than_cases(tmp_path, capsys):
