@@ -48,6 +48,7 @@ for binning in ("hard", "soft"):
         for _ in range(calls):
             fn().backward()
         out[f"{name} {binning}"] = calls / (time.perf_counter() - t0)
+out["__file__"] = calibops.__file__
 print(json.dumps(out))
 """
 
@@ -55,9 +56,18 @@ print(json.dumps(out))
 def run(path: Path, threads: int, calls: int) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(path))
     res = subprocess.run(
-        [sys.executable, "-c", CHILD, str(threads), str(calls)], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", CHILD, str(threads), str(calls)],
+        env=env,
+        cwd=path,  # ``-c`` puts the working directory first on sys.path: it must be the checkout measured
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    where = out.pop("__file__")
+    if not Path(where).resolve().is_relative_to(path.resolve()):  # e.g. an editable install shadowing PYTHONPATH
+        raise SystemExit(f"{path}: the child imported calibops from {where}, not from this checkout")
+    return out
 
 
 def main() -> None:
