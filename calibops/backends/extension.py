@@ -145,10 +145,10 @@ def _setup(ctx, input, target, edges, options, outputs) -> None:
     ctx.shapes = tuple(o.shape for o in outputs[:5])
 
 
-def _grad_input(ctx, backward: Callable, grads: tuple) -> torch.Tensor | None:
+def _grad_input(ctx, needed: bool, backward: Callable, grads: tuple) -> torch.Tensor | None:
     """The one statistics autograd formula: ``backward`` (a backend's backward op) applied to the gradients of
-    the five statistics, zeros of their shape for those that got none."""
-    if not ctx.needs_input_grad[0]:
+    the five statistics, zeros of their shape for those that got none (``None`` unless the input ``needed`` one)."""
+    if not needed:
         return None
     input, target, edges = ctx.saved_tensors
     full = []
@@ -174,7 +174,7 @@ def register_stats_autograd(forward_op: str, backward: Callable) -> None:
 
     def backward_fn(ctx, grad_count, grad_sum_p, grad_sum_y, grad_sum_p2, grad_sum_py, grad_bad):
         grads = (grad_count, grad_sum_p, grad_sum_y, grad_sum_p2, grad_sum_py)
-        return (_grad_input(ctx, backward, grads),) + (None,) * 10
+        return (_grad_input(ctx, ctx.needs_input_grad[0], backward, grads),) + (None,) * 10
 
     torch.library.register_autograd(forward_op, backward_fn, setup_context=setup_context)
 
@@ -195,20 +195,9 @@ class _EagerStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_count, grad_sum_p, grad_sum_y, grad_sum_p2, grad_sum_py, grad_bad):
         grads = (grad_count, grad_sum_p, grad_sum_y, grad_sum_p2, grad_sum_py)
-        # needs_input_grad of this Function counts the two op arguments first: shift to the input's flag
-        grad = _grad_input(_Shifted(ctx), ctx.backward_op, grads)
+        # this Function's first two arguments are the ops: the input's flag is needs_input_grad[2]
+        grad = _grad_input(ctx, ctx.needs_input_grad[2], ctx.backward_op, grads)
         return (None, None, grad) + (None,) * 10
-
-
-class _Shifted:
-    """``ctx`` of :class:`_EagerStats` seen like the registered formula's (``needs_input_grad[0]`` = the input)."""
-
-    def __init__(self, ctx) -> None:
-        self._ctx = ctx
-        self.needs_input_grad = ctx.needs_input_grad[2:]
-
-    def __getattr__(self, name: str):
-        return getattr(self._ctx, name)
 
 
 def eager_autograd(forward_op: Callable, backward_op: Callable) -> Callable:
