@@ -309,6 +309,7 @@ def _idle_rank_worker(rank: int, port: int, out_dir: str) -> None:
             out["monai_all"] = mm.aggregate_all()["mce"]
             out["monai_buffer"] = mm.get_buffer()
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # neither rank tears the group down while the other's last collective is in flight
     finally:
         dist.destroy_process_group()
 
