@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from . import engine
-from .options import DEFAULTS, Options
+from .options import Options, options_from
 from .results import (
     BinnedStats,
     BinnedStatsMoments,
@@ -41,11 +41,6 @@ __all__ = [
 ]
 
 Weight = torch.Tensor | list[float] | tuple[float, ...] | float | None
-
-
-def _options(scope: dict[str, Any], **fixed: Any) -> Options:
-    """The one ``Options`` of a call: the function's own option arguments (its ``locals()``) plus ``fixed``."""
-    return Options(**{k: v for k, v in scope.items() if k in DEFAULTS}, **fixed)
 
 
 def binned_stats(
@@ -76,7 +71,7 @@ def binned_stats(
     differentiable w.r.t. ``input``. float64 input gives float64 statistics under ``backend="auto"`` /
     ``"reference"`` (an explicitly named kernel backend computes float32).
     """
-    o = _options(locals())
+    o = options_from(locals())
     return engine.run(input, target, o).stats
 
 
@@ -113,7 +108,7 @@ def marginal_l1_ace(
     (MONAI 1.7's losses) by ~1e-8. ``weight``: one finite value >= 0 per class used (or one number for all).
     With B = 0 the mean (like the sum) is 0.
     """
-    o = _options(locals())
+    o = options_from(locals())
     return engine.loss(input, target, o, weight)
 
 
@@ -140,7 +135,7 @@ def calibration_errors(
     no (non-ignored) voxel, never a silent 0. The papers' evaluation leaves the background out: pass
     ``include_background=False`` for their numbers.
     """
-    o = _options(locals())
+    o = options_from(locals())
     with torch.no_grad():
         stats = engine.run(input, target, o).stats
         if o.multi_rater:
@@ -175,7 +170,7 @@ def brier_score(
     mean disagreement variance``). Dense soft targets: ``Σ y²`` is read from the target directly (top-label: at
     the argmax of the input probabilities). Differentiable w.r.t. ``input``; float32 (float64 for float64 input).
     """
-    o = _options(locals(), num_bins=1, moments=True)
+    o = options_from(locals(), num_bins=1, moments=True)
     run = engine.run(input, target, o)
     s = run.stats
     n = s.count[..., 0]
@@ -289,7 +284,7 @@ def volume_crps(
 
     if not isinstance(method, str) or method not in _CRPS_METHODS:
         raise ValueError(f"method must be one of {_CRPS_METHODS}, got {method!r}")
-    o = _options(locals(), num_bins=1, multi_rater=to_onehot_y)
+    o = options_from(locals(), num_bins=1, multi_rater=to_onehot_y)
     if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError("input and target must be torch.Tensors")
     if input.dim() < 3:
@@ -337,7 +332,7 @@ def consensus_dice(
     """
     from .evaluation import consensus_masks
 
-    o = _options(locals(), multi_rater=to_onehot_y)
+    o = options_from(locals(), multi_rater=to_onehot_y)
     if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError("input and target must be torch.Tensors")
     if input.dim() < 3:
@@ -399,7 +394,7 @@ def classification_calibration_errors(
     compute one value per image). ``mode="marginal"``: (C',) per class; ``"top_label"`` (torchmetrics'
     ``MulticlassCalibrationError``): 0-d values. ``l2`` attribute included. NaN when no sample is used.
     """
-    o = _options(locals())
+    o = options_from(locals())
     x, t = engine.classification_layout(input, target, o.to_onehot_y)
     with torch.no_grad():
         return calibration_errors_from_stats(engine.run(x, t, o).stats).map(lambda e: e[0])
@@ -430,7 +425,7 @@ def classification_marginal_l1_ace(
     binned entries. Returns a scalar (``"mean"`` over classes / ``"sum"``) or (C',) (``"none"``); differentiable
     w.r.t. ``input``. ``target``: (B,) class indices with ``to_onehot_y=True``, else (B, C) one-hot / soft labels.
     """
-    o = _options(locals())
+    o = options_from(locals())
     x, t = engine.classification_layout(input, target, o.to_onehot_y)
     per_class = engine.loss(x, t, o.replace(reduction="none"), weight)[0]
     return reduce_loss(per_class, o.reduction)

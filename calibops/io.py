@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._optional import require
+
 __all__ = [
     "SUFFIXES",
     "FileReadError",
@@ -77,25 +79,11 @@ class _NpzKeyError(ValueError):
 
 
 def _import_nibabel():
-    try:
-        import nibabel
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "reading NIfTI files needs nibabel, an optional dependency of calibops: "
-            "pip install 'calibops[io]' (or pip install nibabel)"
-        ) from exc
-    return nibabel
+    return require("nibabel", extra="io", what="reading NIfTI files")
 
 
 def _import_sitk():
-    try:
-        import SimpleITK
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "reading .mha/.nrrd files needs SimpleITK, an optional dependency of calibops: "
-            "pip install 'calibops[sitk]' (or pip install SimpleITK)"
-        ) from exc
-    return SimpleITK
+    return require("SimpleITK", extra="sitk", what="reading .mha/.nrrd files")
 
 
 def _suffix(path: str | os.PathLike) -> str | None:

@@ -26,7 +26,7 @@ from torch.nn.modules.loss import _Loss
 from . import engine
 from .backends.extension import EXTENSION_ERROR, extension_loaded, has_cpu_kernels
 from .contract import ACT_NONE, ACT_SIGMOID, ACT_SOFTMAX, SCHEMES, TARGET_DENSE
-from .options import DEFAULTS, Options, check_weight_values
+from .options import DEFAULTS, Options, check_weight_values, options_from
 from .reference import scheme_edges
 from .results import ace_from_stats
 
@@ -82,22 +82,7 @@ class MarginalL1ACELoss(nn.Module):
                 "argument follows MONAI's order (include_background, to_onehot_y, sigmoid, softmax, other_act); "
                 f"pass the number of bins as num_bins={include_background}"
             )
-        self.options = Options(
-            num_bins=num_bins,
-            binning=binning,
-            include_background=include_background,
-            to_onehot_y=to_onehot_y,
-            softmax=softmax,
-            sigmoid=sigmoid,
-            ignore_empty_classes=ignore_empty_classes,
-            reduction=reduction,
-            empty_weight=empty_weight,
-            right=right,
-            ignore_index=ignore_index,
-            backend=backend,
-            validate=validate,
-            multi_rater=multi_rater,
-        )
+        self.options = options_from(locals())
         if other_act is not None and not callable(other_act):
             raise TypeError(f"other_act must be callable (e.g. torch.tanh) or None, got {type(other_act).__name__}")
         if other_act is not None and (softmax or sigmoid):
@@ -222,22 +207,9 @@ class _MonaiL1ACELoss(_Loss):
     _BINNING = "hard"
     class_weight: torch.Tensor | None
 
-    def _setup(
-        self,
-        num_bins: Any,
-        include_background: Any,
-        to_onehot_y: Any,
-        sigmoid: Any,
-        softmax: Any,
-        other_act: Any,
-        reduction: Any,
-        weight: Any,
-        empty_weight: Any,
-        right: Any,
-        ignore_empty_classes: Any,
-        backend: Any,
-        validate: Any,
-    ) -> None:
+    def _setup(self, args: dict[str, Any]) -> None:
+        """The constructor's work; ``args``: the subclass constructor's ``locals()`` (MONAI's arguments)."""
+        num_bins = args["num_bins"]
         nn.Module.__init__(self)  # not _Loss.__init__: ``reduction`` is a property over the one Options
         if isinstance(num_bins, bool):
             raise TypeError(
@@ -245,21 +217,9 @@ class _MonaiL1ACELoss(_Loss):
                 "num_bins (MONAI 1.7's order: num_bins, include_background, to_onehot_y, sigmoid, softmax, ...)"
             )
         self._build(
-            Options(
-                num_bins=num_bins,
-                binning=self._BINNING,
-                include_background=include_background,
-                to_onehot_y=to_onehot_y,
-                sigmoid=sigmoid,
-                softmax=softmax,
-                ignore_empty_classes=ignore_empty_classes,
-                reduction=_reduction_value(reduction),
-                empty_weight=empty_weight,
-                right=right,
-                backend=backend,
-                validate=validate,
-            )
+            options_from(args, binning=self._BINNING, reduction=_reduction_value(args["reduction"]))
         )  # option types and values first (sigmoid=True with softmax=True is refused there)
+        other_act = args["other_act"]
         if other_act is not None and not callable(other_act):
             raise TypeError(f"other_act must be None or callable (e.g. torch.tanh), got {type(other_act).__name__}")
         if other_act is not None and (self.options.sigmoid or self.options.softmax):
@@ -268,7 +228,7 @@ class _MonaiL1ACELoss(_Loss):
                 "pick one activation"
             )
         self.other_act = other_act
-        self.register_buffer("class_weight", _class_weight(weight))
+        self.register_buffer("class_weight", _class_weight(args["weight"]))
 
     def _build(self, options: Options) -> None:
         # one channel: MONAI ignores softmax / to_onehot_y / include_background=False (warned per call, once each)
@@ -436,21 +396,7 @@ class HardL1ACELoss(_MonaiL1ACELoss):
         backend: str = "auto",
         validate: bool = True,
     ) -> None:
-        self._setup(
-            num_bins,
-            include_background,
-            to_onehot_y,
-            sigmoid,
-            softmax,
-            other_act,
-            reduction,
-            weight,
-            DEFAULTS["empty_weight"],
-            right,
-            ignore_empty_classes,
-            backend,
-            validate,
-        )
+        self._setup(locals())
 
 
 class SoftL1ACELoss(_MonaiL1ACELoss):
@@ -488,21 +434,7 @@ class SoftL1ACELoss(_MonaiL1ACELoss):
         backend: str = "auto",
         validate: bool = True,
     ) -> None:
-        self._setup(
-            num_bins,
-            include_background,
-            to_onehot_y,
-            sigmoid,
-            softmax,
-            other_act,
-            reduction,
-            weight,
-            empty_weight,
-            right,
-            ignore_empty_classes,
-            backend,
-            validate,
-        )
+        self._setup(locals())
 
 
 SoftL1ACELoss.empty_weight = _monai_option_property("empty_weight")  # type: ignore[attr-defined]

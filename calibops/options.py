@@ -233,6 +233,12 @@ _CHECKS: dict[str, Any] = {
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Options)}
 
 
+def options_from(scope: dict[str, Any], **fixed: Any) -> Options:
+    """The checked :class:`Options` of a call or constructor: the option arguments found in ``scope`` (its
+    ``locals()``; other names are skipped), then ``fixed`` (which wins)."""
+    return Options(**{**{k: v for k, v in scope.items() if k in DEFAULTS}, **fixed})
+
+
 def check_options(**given: Any) -> Options:
     """An :class:`Options` from the given options (unset ones keep their defaults); checks them all."""
     unknown = sorted(set(given) - set(DEFAULTS))

@@ -20,12 +20,15 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from ._optional import require
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -78,16 +81,9 @@ _EPS32 = float(torch.finfo(torch.float32).eps)
 
 
 def _import_matplotlib():
-    try:
-        import matplotlib
-        import matplotlib.colors
-        import matplotlib.figure
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "calibops.plot needs matplotlib, an optional dependency of calibops: "
-            "pip install 'calibops[plot]' (or pip install matplotlib)"
-        ) from exc
-    return matplotlib
+    for module in ("matplotlib.colors", "matplotlib.figure"):
+        require(module, extra="plot", what="calibops.plot")
+    return sys.modules["matplotlib"]
 
 
 def _figure_width(width: str | float) -> float:

@@ -49,26 +49,24 @@ def _triton_import_error() -> str | None:
     return _TRITON_ERROR[0]
 
 
+_NOT_BUILT = {
+    "cpu": "calibops._C has no CPU kernels",
+    "cuda": "calibops._C was built without CUDA kernels (torch without CUDA, or no nvcc at build time)",
+}
+
+
 def why_unavailable(name: str, device: torch.device | None) -> str | None:
     """None if backend ``name`` can run on ``device`` (None: on some device of this machine), else why not."""
     if name == "reference":
         return None
-    if name == "cpu":
+    if name in ("cpu", "cuda"):
         if not _ops.extension_loaded():
             return f"the compiled extension calibops._C is not loaded ({_ops.EXTENSION_ERROR})"
-        if not _ops.has_cpu_kernels():
-            return "calibops._C has no CPU kernels"
-        if device is not None and device.type != "cpu":
-            return f"the cpu backend runs on CPU tensors, got a {device.type} tensor"
-        return None
-    if name == "cuda":
-        if not _ops.extension_loaded():
-            return f"the compiled extension calibops._C is not loaded ({_ops.EXTENSION_ERROR})"
-        if not _ops.has_cuda_kernels():
-            return "calibops._C was built without CUDA kernels (torch without CUDA, or no nvcc at build time)"
-        if device is not None and device.type != "cuda":
-            return f"the cuda backend runs on CUDA tensors, got a {device.type} tensor"
-        if device is None and not torch.cuda.is_available():
+        if not (_ops.has_cpu_kernels() if name == "cpu" else _ops.has_cuda_kernels()):
+            return _NOT_BUILT[name]
+        if device is not None and device.type != name:
+            return f"the {name} backend runs on {name.upper()} tensors, got a {device.type} tensor"
+        if name == "cuda" and device is None and not torch.cuda.is_available():
             return "no CUDA device is available"
         return None
     if name == "triton":

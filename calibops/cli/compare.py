@@ -34,9 +34,11 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
+
+from .errors import UsageError, UsageParser
 
 __all__ = ["Run", "build_parser", "compare_runs", "comparison_rows", "load_run", "main", "run_results"]
 
@@ -60,18 +62,9 @@ class CompareError(Exception):
     """Runs that cannot be compared or read; one line on stderr, exit status 1."""
 
 
-class UsageError(CompareError):
-    """A bad command line; one line on stderr, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # noqa: D102
-        raise UsageError(f"{message} (see calibops compare --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``calibops compare``."""
-    p = _Parser(
+    p = UsageParser(
         prog="calibops compare",
         description="Several `calibops evaluate` outputs side by side: one figure (a row per run, a column per "
         "class and 'all classes') and one table of macro/micro ECE, ACE, MCE (and Dice, CRPS where present) with "

@@ -1,8 +1,12 @@
-"""The errors of ``calibops evaluate``: each is reported as one line without a traceback."""
+"""The errors of the command line (``calibops evaluate``, ``compare``, ``nnunet``): each is reported as one line
+without a traceback."""
 
 from __future__ import annotations
 
-__all__ = ["EvaluationError", "UsageError"]
+import argparse
+from typing import NoReturn
+
+__all__ = ["EvaluationError", "UsageError", "UsageParser"]
 
 
 class EvaluationError(Exception):
@@ -11,3 +15,11 @@ class EvaluationError(Exception):
 
 class UsageError(EvaluationError):
     """A problem with the command line; reported as one line without a traceback, exit status 2."""
+
+
+class UsageParser(argparse.ArgumentParser):
+    """argparse, but a usage error raises :class:`UsageError` (one line that names ``PROG --help``, exit status 2
+    where the command reports it) instead of printing the usage and exiting; sub-parsers inherit this."""
+
+    def error(self, message: str) -> NoReturn:  # noqa: D102
+        raise UsageError(f"{message} (see {self.prog} --help)")

@@ -72,28 +72,21 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
 from ..evaluation import MAX_BOOTSTRAP_SAMPLES, MIN_BOOTSTRAP_IMAGES
 from .distributed import add_arguments as add_scale_arguments
-from .errors import EvaluationError, UsageError
+from .errors import EvaluationError, UsageError, UsageParser
 from .outputs import OutputDirError, check_output_dir, replace_output_dir
 
 __all__ = ["build_parser", "evaluate", "evaluate_main"]
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error raises :class:`UsageError` (one line, exit 2) instead of printing usage."""
-
-    def error(self, message: str) -> NoReturn:  # noqa: D102
-        raise UsageError(f"{message} (see calibops evaluate --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``calibops evaluate``."""
-    p = _Parser(
+    p = UsageParser(
         prog="calibops evaluate",
         description="Calibration (ECE/ACE/MCE, macro and micro) and the dataset reliability histogram of "
         "probability maps against label maps, paired by file name.",
@@ -184,31 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
         "order already found for other cases, else nnU-Net's when the key is 'probabilities'); the same "
         "order for every case (default: %(default)s)",
     )
-    p.add_argument(
-        "--no-geometry-check",
-        action="store_true",
-        help="do not compare the prediction's spacing and affine with the label's",
-    )
-    p.add_argument(
-        "--geometry-tolerance",
-        type=float,
-        default=1e-3,
-        help="allowed difference (mm) between prediction and label affines (default: %(default)s)",
-    )
-    p.add_argument("--no-figures", action="store_true", help="write no figure (no matplotlib needed)")
-    p.add_argument("--softmax", action="store_true", help="predictions are logits: apply softmax over channels")
-    p.add_argument(
-        "--multilabel",
-        action="store_true",
-        help="channels are independent probabilities (do not require them to sum to 1)",
-    )
-    p.add_argument(
-        "--sum-tolerance",
-        type=float,
-        default=1e-3,
-        help="allowed |sum over channels - 1| of probabilities (default: %(default)s)",
-    )
-    p.add_argument("--dice", action="store_true", help="add the Dice score of the argmax prediction per case")
+    for flag, text in (
+        ("--no-geometry-check", "do not compare the prediction's spacing and affine with the label's"),
+        ("--no-figures", "write no figure (no matplotlib needed)"),
+        ("--softmax", "predictions are logits: apply softmax over channels"),
+        ("--multilabel", "channels are independent probabilities (do not require them to sum to 1)"),
+        ("--dice", "add the Dice score of the argmax prediction per case"),
+    ):
+        p.add_argument(flag, action="store_true", help=text)
+    for flag, text in (
+        ("--geometry-tolerance", "allowed difference (mm) between prediction and label affines"),
+        ("--sum-tolerance", "allowed |sum over channels - 1| of probabilities"),
+    ):
+        p.add_argument(flag, type=float, default=1e-3, help=text + " (default: %(default)s)")
     p.add_argument(
         "--backend",
         default="auto",

@@ -11,19 +11,6 @@ import torch
 from ..metrics import Contribution, MetricConfig, contribution
 
 
-def require(module: str, extra: str, what: str) -> Any:
-    """Import ``module`` or raise an ImportError naming the pip line."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ImportError(
-            f"{what} needs {module.split('.')[0]}, an optional dependency of calibops: "
-            f"pip install 'calibops[{extra}]' (or pip install {extra if extra != 'monai' else 'monai'})"
-        ) from exc
-
-
 def plain(x: Any, name: str) -> torch.Tensor:
     """A plain ``torch.Tensor`` view of ``x`` (MONAI ``MetaTensor`` and other subclasses unwrapped)."""
     if not isinstance(x, torch.Tensor):

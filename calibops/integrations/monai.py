@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._common import Accumulator, plain, require
+from .._optional import require
+from ._common import Accumulator, plain
 
-_monai_metrics = require("monai.metrics", "monai", "calibops.integrations.monai")
+_monai_metrics = require("monai.metrics", extra="monai", what="calibops.integrations.monai")
 from monai.metrics import CumulativeIterationMetric  # noqa: E402
 from monai.metrics.utils import do_metric_reduction  # noqa: E402
 
@@ -234,7 +235,12 @@ class CalibrationErrorMetric(CumulativeIterationMetric):
 
 
 def _ignite_base():
-    require("ignite", "monai", "calibops.integrations.monai.CalibrationError (an Ignite handler)")
+    require(
+        "ignite",
+        extra="monai",
+        what="calibops.integrations.monai.CalibrationError (an Ignite handler)",
+        package="pytorch-ignite",
+    )
     from monai.handlers.ignite_metric import IgniteMetricHandler
 
     return IgniteMetricHandler

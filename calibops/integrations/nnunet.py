@@ -50,13 +50,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._optional import require
 from ..functional import marginal_l1_ace
 from ..losses import MarginalL1ACELoss
 from ..metrics import DatasetCalibration
-from ._common import require
 
-_trainer_mod = require("nnunetv2.training.nnUNetTrainer.nnUNetTrainer", "nnunet", "calibops.integrations.nnunet")
-_logger_mod = require("nnunetv2.training.logging.nnunet_logger", "nnunet", "calibops.integrations.nnunet")
+_trainer_mod = require(
+    "nnunetv2.training.nnUNetTrainer.nnUNetTrainer", extra="nnunet", what="calibops.integrations.nnunet"
+)
+_logger_mod = require("nnunetv2.training.logging.nnunet_logger", extra="nnunet", what="calibops.integrations.nnunet")
 nnUNetTrainer = _trainer_mod.nnUNetTrainer
 
 __all__ = [

@@ -33,20 +33,13 @@ import argparse
 import multiprocessing
 import os
 import sys
-from typing import Any, NoReturn
+from typing import Any
+
+from ..cli.errors import UsageError, UsageParser
 
 __all__ = ["build_parser", "install_trainers", "main", "shim_path", "uninstall_trainers"]
 
 PROG = "calibops nnunet"
-
-
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # noqa: D102
-        raise _UsageError(f"{message} (see {self.prog} --help)")
 
 
 def _add_loss_options(p: argparse.ArgumentParser) -> None:
@@ -67,7 +60,7 @@ def _add_loss_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``calibops nnunet`` and its subcommands."""
-    top = _Parser(
+    top = UsageParser(
         prog=PROG,
         description="nnU-Net v2 with the mL1-ACE calibration loss: train and predict with the calibops trainers "
         "(needs pip install 'calibops[nnunet]'; see docs/integrations.md).",
@@ -170,12 +163,12 @@ def install_trainers(args: argparse.Namespace) -> int:
     """``calibops nnunet install-trainers``: write the shim module into nnU-Net's trainer folder."""
     path = shim_path()
     if os.path.exists(path) and not _ours(path):
-        raise _UsageError(f"{path} exists and was not written by calibops: not overwriting it")
+        raise UsageError(f"{path} exists and was not written by calibops: not overwriting it")
     try:
         with open(path, "w") as f:
             f.write(SHIM_TEXT)
     except OSError as exc:
-        raise _UsageError(f"cannot write {path}: {exc} (is the nnunetv2 installation writable?)") from None
+        raise UsageError(f"cannot write {path}: {exc} (is the nnunetv2 installation writable?)") from None
     print(
         f"calibops nnunet: wrote {path}\n"
         "  nnUNetv2_train / nnUNetv2_predict now find -tr nnUNetTrainerHardL1ACE and -tr nnUNetTrainerSoftL1ACE\n"
@@ -191,7 +184,7 @@ def uninstall_trainers(args: argparse.Namespace) -> int:
         print(f"calibops nnunet: nothing to remove ({path} does not exist)")
         return 0
     if not _ours(path):
-        raise _UsageError(f"{path} was not written by calibops: not removing it")
+        raise UsageError(f"{path} was not written by calibops: not removing it")
     try:
         os.remove(path)
         cache = os.path.join(os.path.dirname(path), "__pycache__")
@@ -200,7 +193,7 @@ def uninstall_trainers(args: argparse.Namespace) -> int:
             if name.startswith(stem):
                 os.remove(os.path.join(cache, name))
     except OSError as exc:
-        raise _UsageError(f"cannot remove {path}: {exc}") from None
+        raise UsageError(f"cannot remove {path}: {exc}") from None
     print(f"calibops nnunet: removed {path}")
     return 0
 
@@ -213,7 +206,7 @@ def _device(name: str) -> Any:
         return torch.device("cpu")
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise _UsageError("-device cuda but no CUDA device is available: pass -device cpu")
+            raise UsageError("-device cuda but no CUDA device is available: pass -device cpu")
         torch.set_num_threads(1)
         torch.set_num_interop_threads(1)
         return torch.device("cuda")
@@ -223,7 +216,7 @@ def _device(name: str) -> Any:
 def _require_env(*names: str) -> None:
     missing = [n for n in names if not os.environ.get(n)]
     if missing:
-        raise _UsageError(
+        raise UsageError(
             f"nnU-Net's environment variable(s) {', '.join(missing)} not set: export them as for nnUNetv2_train "
             "(they name the raw, preprocessed and results folders)"
         )
@@ -235,12 +228,12 @@ def _fold(value: str) -> int | str:
     try:
         return int(value)
     except ValueError:
-        raise _UsageError(f"fold must be an integer or 'all', got {value!r}") from None
+        raise UsageError(f"fold must be an integer or 'all', got {value!r}") from None
 
 
 def _loss_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.binning is None:
-        raise _UsageError("--binning hard or --binning soft is required")
+        raise UsageError("--binning hard or --binning soft is required")
     return {
         "binning": args.binning,
         "ace_weight": args.ace_weight,
@@ -251,7 +244,7 @@ def _loss_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _positive(name: str, value: int | None) -> None:
     if value is not None and value < 1:
-        raise _UsageError(f"{name} must be >= 1, got {value}")
+        raise UsageError(f"{name} must be >= 1, got {value}")
 
 
 def train(args: argparse.Namespace) -> int:
@@ -260,18 +253,18 @@ def train(args: argparse.Namespace) -> int:
     for name in ("epochs", "iterations_per_epoch", "val_iterations_per_epoch"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.num_gpus != 1:
-        raise _UsageError("-num_gpus: calibops nnunet train runs on one device (multi-GPU training is not supported)")
+        raise UsageError("-num_gpus: calibops nnunet train runs on one device (multi-GPU training is not supported)")
     if args.c and args.val:
-        raise _UsageError("--c and --val cannot be combined (as in nnUNetv2_train)")
+        raise UsageError("--c and --val cannot be combined (as in nnUNetv2_train)")
     if args.val_best and args.disable_checkpointing:
-        raise _UsageError("--val_best needs checkpoints: drop --disable_checkpointing")
+        raise UsageError("--val_best needs checkpoints: drop --disable_checkpointing")
     _require_env("nnUNet_preprocessed", "nnUNet_results")
     fold = _fold(args.fold)
     device = _device(args.device)
     try:
         cls = _trainer_class(opts)
     except ValueError as exc:
-        raise _UsageError(str(exc)) from None
+        raise UsageError(str(exc)) from None
 
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
     from nnunetv2.paths import nnUNet_preprocessed
@@ -281,15 +274,15 @@ def train(args: argparse.Namespace) -> int:
     try:
         dataset_name = maybe_convert_to_dataset_name(_dataset_id(args.dataset_name_or_id))
     except RuntimeError as exc:
-        raise _UsageError(f"dataset {args.dataset_name_or_id!r}: {exc}") from None
+        raise UsageError(f"dataset {args.dataset_name_or_id!r}: {exc}") from None
     folder = join(str(nnUNet_preprocessed), dataset_name)
     plans_file = join(folder, args.p + ".json")
     if not os.path.isfile(plans_file):
-        raise _UsageError(f"no plans {plans_file}: run nnUNetv2_plan_and_preprocess -d {args.dataset_name_or_id} first")
+        raise UsageError(f"no plans {plans_file}: run nnUNetv2_plan_and_preprocess -d {args.dataset_name_or_id} first")
     plans = load_json(plans_file)
     if args.configuration not in plans.get("configurations", {}):
         known = ", ".join(plans.get("configurations", {}))
-        raise _UsageError(f"configuration {args.configuration!r} is not in {plans_file} (it has: {known})")
+        raise UsageError(f"configuration {args.configuration!r} is not in {plans_file} (it has: {known})")
     plans["continue_training"] = args.c
     dataset_json = load_json(join(folder, "dataset.json"))
     trainer = cls(plans=plans, configuration=args.configuration, fold=fold, dataset_json=dataset_json, device=device)
@@ -322,7 +315,7 @@ def _dataset_id(value: str) -> int | str:
     try:
         return int(value)
     except ValueError:
-        raise _UsageError(f"dataset must be a name DatasetXXX_Name or an integer id, got {value!r}") from None
+        raise UsageError(f"dataset must be a name DatasetXXX_Name or an integer id, got {value!r}") from None
 
 
 def _trainer_class(opts: dict[str, Any]) -> type:
@@ -340,13 +333,13 @@ def predict(args: argparse.Namespace) -> int:
         try:
             trainer_name = nnunet.trainer_name(**_loss_options(args))
         except ValueError as exc:
-            raise _UsageError(str(exc)) from None
+            raise UsageError(str(exc)) from None
     else:
         trainer_name = args.tr
     if not 0 < args.step_size <= 1:
-        raise _UsageError(f"-step_size must be in (0, 1], got {args.step_size}")
+        raise UsageError(f"-step_size must be in (0, 1], got {args.step_size}")
     if not os.path.isdir(args.i):
-        raise _UsageError(f"-i {args.i!r} is not a directory")
+        raise UsageError(f"-i {args.i!r} is not a directory")
     device = _device(args.device)
 
     import inspect
@@ -363,19 +356,19 @@ def predict(args: argparse.Namespace) -> int:
     try:
         model = get_output_folder(_dataset_id(args.d), trainer_name, args.p, args.c)
     except RuntimeError as exc:
-        raise _UsageError(f"dataset {args.d!r}: {exc}") from None
+        raise UsageError(f"dataset {args.d!r}: {exc}") from None
     if not os.path.isdir(model):
-        raise _UsageError(f"no trained model {model}: train it with calibops nnunet train (same loss flags)")
+        raise UsageError(f"no trained model {model}: train it with calibops nnunet train (same loss flags)")
     folds = [_fold(f) for f in args.f] if args.f else nnUNetPredictor.auto_detect_available_folds(model, args.chk)
     if not folds:
-        raise _UsageError(f"no fold folder of {model} holds {args.chk}")
+        raise UsageError(f"no fold folder of {model} holds {args.chk}")
     dataset_json = load_json(join(model, "dataset.json"))
     plans_manager = PlansManager(load_json(join(model, "plans.json")))
     parameters, mirroring, configuration = [], None, None
     for i, f in enumerate(folds):
         path = join(model, f"fold_{f}", args.chk)
         if not os.path.isfile(path):
-            raise _UsageError(f"no checkpoint {path}")
+            raise UsageError(f"no checkpoint {path}")
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         if i == 0:
             configuration = ckpt["init_args"]["configuration"]
@@ -439,12 +432,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             import nnunetv2  # noqa: F401
         except ImportError:
-            raise _UsageError(
+            raise UsageError(
                 "nnU-Net v2 is not installed: pip install 'calibops[nnunet]' (on a CPU-only machine see "
                 "docs/integrations.md: keep torch pinned and remove torchvision/timm afterwards)"
             ) from None
         actions = {"train": train, "predict": predict, "install-trainers": install_trainers}
         return actions.get(args.action, uninstall_trainers)(args)
-    except _UsageError as exc:
+    except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from ._common import Accumulator, plain, require
+from .._optional import require
+from ._common import Accumulator, plain
 
-require("torchmetrics", "torchmetrics", "calibops.integrations.torchmetrics")
+require("torchmetrics", extra="torchmetrics", what="calibops.integrations.torchmetrics")
 from torchmetrics import Metric  # noqa: E402
 
 from ..metrics.config import OPTIONS, MetricConfig  # noqa: E402
