@@ -226,3 +226,21 @@ def test_compound_loss_matches_monai_and_trains():
         opt.step()
         losses.append(float(val.detach()))
     assert losses[-1] < losses[0]
+
+
+def test_handler_takes_every_option_of_the_metric():
+    # the handler passes the metric's options through; none of the metric's keyword-only options is missing
+    import inspect
+
+    metric = inspect.signature(CalibrationErrorMetric).parameters
+    handler = inspect.signature(CalibrationError).parameters
+    kw_only = [k for k, p in metric.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert kw_only and set(kw_only) <= set(handler), sorted(set(kw_only) - set(handler))
+    for k in kw_only:
+        assert handler[k].default == metric[k].default, k
+    h = CalibrationError(validate=False, nonfinite="skip", right=True, to_onehot_y=True)
+    acc = h.metric_fn._acc.base.options  # the options the handler's metric was built with
+    assert (acc.validate, acc.right, acc.to_onehot_y) == (False, True, True)
+    assert h.metric_fn._acc.base.nonfinite == "skip"
+    with pytest.raises(ValueError, match="nonfinite"):
+        CalibrationError(nonfinite="bogus")

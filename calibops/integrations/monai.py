@@ -16,6 +16,7 @@ Importing this module imports MONAI (``pip install 'calibops[monai]'``); the han
 from __future__ import annotations
 
 import csv
+import inspect
 import logging
 import math
 import os
@@ -41,18 +42,6 @@ __all__ = ["CalibrationError", "CalibrationErrorMetric", "DiceCEL1ACELoss"]
 _REDUCTIONS = {"expected": 0, "average": 1, "maximum": 2}
 _NAMES = ("ece", "ace", "mce")
 #: the handler's arguments that configure its CalibrationErrorMetric
-_METRIC_ARGS = (
-    "num_bins",
-    "include_background",
-    "calibration_reduction",
-    "metric_reduction",
-    "right",
-    "to_onehot_y",
-    "softmax",
-    "sigmoid",
-    "ignore_index",
-    "backend",
-)
 
 
 def _image_ids(x: Any, batch: int) -> list[Any] | None:
@@ -279,12 +268,16 @@ class CalibrationError(_ignite_base()):  # type: ignore[misc]
         ignore_index: int | None = None,
         right: bool = False,
         backend: str = "auto",
+        validate: bool = True,
+        nonfinite: str = "raise",
         output_dir: str | os.PathLike | None = None,
         class_names: Sequence[str] | None = None,
         figures: bool = True,
         logger: logging.Logger | None = None,
     ) -> None:
-        metric_fn = CalibrationErrorMetric(**{k: v for k, v in locals().items() if k in _METRIC_ARGS})
+        # the metric's own arguments (every option it takes, checked there once)
+        metric_args = inspect.signature(CalibrationErrorMetric).parameters
+        metric_fn = CalibrationErrorMetric(**{k: v for k, v in locals().items() if k in metric_args})
         if output_dir is not None and figures:
             from ..plot import _import_matplotlib
 
