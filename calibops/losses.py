@@ -28,7 +28,6 @@ from .backends.extension import EXTENSION_ERROR, extension_loaded, has_cpu_kerne
 from .contract import ACT_NONE, ACT_SIGMOID, ACT_SOFTMAX, SCHEMES, TARGET_DENSE
 from .options import DEFAULTS, Options, check_weight_values, options_from
 from .reference import scheme_edges
-from .results import ace_from_stats
 
 __all__ = ["HardL1ACELoss", "MarginalL1ACELoss", "MonaiShapeError", "SoftL1ACELoss"]
 
@@ -283,28 +282,19 @@ class _MonaiL1ACELoss(_Loss):
                 f"ground truth has different shape ({tuple(target.shape)}) from input ({tuple(input.shape)})"
                 + ("; for a label map pass to_onehot_y=True" if target.shape[1:2] == (1,) and C > 1 else "")
             )
-        r = engine.run(x, target, run_opts)
-        per_class = ace_from_stats(
-            r.stats,
-            soft=run_opts.binning == "soft",
-            empty_weight=run_opts.empty_weight,
-            ignore_empty_classes=run_opts.ignore_empty_classes,
-        )
         w = self.class_weight
-        if w is not None:
-            used = per_class.shape[1]
-            if w.ndim == 1 and w.shape[0] != used:
+        if w is not None and w.ndim == 1:
+            used = C if (C == 1 or o.include_background) else C - 1
+            if w.shape[0] != used:
                 raise ValueError(
                     "The length of the `weight` sequence should be the same as the number of classes. "
                     "If `include_background=False`, the weight should not include the background category class 0. "
                     f"(got {w.shape[0]} weights for {used} classes used)"
                 )
-            per_class = per_class * w.to(per_class).expand(used)
-        if o.reduction == "mean":
-            return per_class.mean()
-        if o.reduction == "sum":
-            return per_class.sum()
-        return per_class.reshape(*per_class.shape, *([1] * (input.ndim - 2)))
+        out = engine.loss(x, target, run_opts, w)
+        if o.reduction == "none":
+            return out.reshape(*out.shape, *([1] * (input.ndim - 2)))
+        return out
 
     def __prepare_scriptable__(self) -> nn.Module:
         """What ``torch.jit.script(loss)`` compiles: :class:`_ScriptedL1ACELoss`, the same loss written for

@@ -17,6 +17,9 @@ __all__ = [
     "ace_from_stats",
     "bin_gaps",
     "calibration_errors_from_stats",
+    "class_factor",
+    "l1ace_backward",
+    "l1ace_forward",
     "reduce_loss",
 ]
 
@@ -107,9 +110,48 @@ def bin_gaps(stats: BinnedStats, soft: bool, empty_weight: float) -> tuple[torch
     return valid, gap
 
 
+def l1ace_forward(
+    count: torch.Tensor,
+    sum_p: torch.Tensor,
+    sum_y: torch.Tensor,
+    soft: bool,
+    empty_weight: float,
+    factor: torch.Tensor | None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The mL1-ACE epilogue without autograd: ``Σ_j |S_p/n - S_y/n| · valid_j · scale`` per (b, c) from (B, C, M)
+    statistics, and the tensors :func:`l1ace_backward` needs. ``scale`` = 1/K (valid bins) times ``factor``
+    (the class mask and weight, (B, C) or (1, C), constant), when given."""
+    if soft:
+        valid = (count >= empty_weight) & (count > 0)
+        den = torch.where(valid, count, torch.ones_like(count))
+    else:  # an empty bin has S_p = S_y = 0, so its gap is 0 without a mask
+        valid = count > 0
+        den = count.clamp(min=1)
+    diff = sum_p / den - sum_y / den
+    gap = diff.abs() * valid if soft else diff.abs()
+    scale = valid.sum(-1).clamp(min=1).to(gap.dtype).reciprocal()
+    if factor is not None:
+        scale = scale * factor
+    return gap.sum(-1) * scale, (diff, den, valid, scale, sum_p, sum_y)
+
+
+def l1ace_backward(
+    grad: torch.Tensor, saved: tuple[torch.Tensor, ...], soft: bool, count_grad: bool
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The closed-form gradients ``(dL/dn or None, dL/dS_p, dL/dS_y)`` of :func:`l1ace_forward`, ``grad`` the
+    upstream (B, C); ``dL/dn`` only with ``count_grad`` (soft binning: the weight total depends on the input)."""
+    diff, den, valid, scale, sum_p, sum_y = saved
+    g = (grad * scale).unsqueeze(-1) * torch.sign(diff)
+    if soft:
+        g = g * valid
+    g_p = g / den
+    g_count = -(g_p * (sum_p - sum_y)) / den if (soft and count_grad) else None
+    return g_count, g_p, -g_p
+
+
 class _L1ACE(torch.autograd.Function):
-    """The mL1-ACE epilogue as one autograd node: forward ``Σ_j |S_p/n - S_y/n| · valid_j · scale`` per (b, c),
-    backward its closed form (a chain of a dozen small ops and their autograd nodes would cost more than the
+    """The mL1-ACE epilogue as one autograd node: forward :func:`l1ace_forward`, backward its closed form
+    :func:`l1ace_backward` (a chain of a dozen small ops and their autograd nodes would cost more than the
     statistics kernel itself on small inputs).
 
     Gradients (``g`` the upstream per (b, c), ``s = sign(S_p/n - S_y/n)`` on valid bins, 0 elsewhere):
@@ -120,32 +162,27 @@ class _L1ACE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, count, sum_p, sum_y, soft: bool, empty_weight: float, factor):  # [B, C, M] x3, [B, C]
-        if soft:
-            valid = (count >= empty_weight) & (count > 0)
-            den = torch.where(valid, count, torch.ones_like(count))
-        else:  # an empty bin has S_p = S_y = 0, so its gap is 0 without a mask
-            valid = count > 0
-            den = count.clamp(min=1)
-        diff = sum_p / den - sum_y / den
-        gap = diff.abs() * valid if soft else diff.abs()
-        scale = 1.0 / valid.sum(-1).clamp(min=1).to(gap.dtype)
-        if factor is not None:
-            scale = scale * factor
+        out, saved = l1ace_forward(count, sum_p, sum_y, soft, empty_weight, factor)
         ctx.soft = soft
-        ctx.save_for_backward(diff, den, valid, scale, sum_p, sum_y)
-        return gap.sum(-1) * scale
+        ctx.save_for_backward(*saved)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        diff, den, valid, scale, sum_p, sum_y = ctx.saved_tensors
-        g = (grad * scale).unsqueeze(-1) * torch.sign(diff)
-        if ctx.soft:
-            g = g * valid
-        g_p = g / den
-        g_count = None
-        if ctx.soft and ctx.needs_input_grad[0]:
-            g_count = -(g_p * (sum_p - sum_y)) / den
-        return g_count, g_p, -g_p, None, None, None
+        grads = l1ace_backward(grad, ctx.saved_tensors, ctx.soft, ctx.needs_input_grad[0])
+        return (*grads, None, None, None)
+
+
+def class_factor(sum_y: torch.Tensor, ignore_empty_classes: bool, weight: torch.Tensor | None) -> torch.Tensor | None:
+    """The constant per-(image, class) multiplier of the mL1-ACE: ``[Σ_j S_y > 0]`` (``ignore_empty_classes``)
+    times ``weight`` (C,); None when neither applies."""
+    factor = None
+    if ignore_empty_classes:
+        factor = (sum_y.detach().sum(-1) > 0).to(sum_y.dtype)
+    if weight is not None:
+        w = weight.to(device=sum_y.device, dtype=sum_y.dtype).view(1, -1)
+        factor = w if factor is None else factor * w
+    return factor
 
 
 def ace_from_stats(
@@ -163,12 +200,7 @@ def ace_from_stats(
     (:class:`_L1ACE`); hard counts carry no gradient.
     """
     count, sum_p, sum_y = stats
-    factor = None
-    if ignore_empty_classes:
-        factor = (sum_y.detach().sum(-1) > 0).to(sum_p.dtype)
-    if weight is not None:
-        w = weight.to(device=sum_p.device, dtype=sum_p.dtype).view(1, -1)
-        factor = w if factor is None else factor * w
+    factor = class_factor(sum_y, ignore_empty_classes, weight)
     return _L1ACE.apply(count if soft else count.detach(), sum_p, sum_y, soft, float(empty_weight), factor)
 
 

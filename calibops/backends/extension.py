@@ -22,6 +22,7 @@ __all__ = [
     "has_cpu_kernels",
     "has_cuda_kernels",
     "eager_autograd",
+    "stats_backward",
     "register_stats_autograd",
     "stats_backward_fake",
     "stats_fake",
@@ -145,18 +146,26 @@ def _setup(ctx, input, target, edges, options, outputs) -> None:
     ctx.shapes = tuple(o.shape for o in outputs[:5])
 
 
-def _grad_input(ctx, needed: bool, backward: Callable, grads: tuple) -> torch.Tensor | None:
+def stats_backward(
+    backward: Callable, grads: tuple, shapes: tuple, input: torch.Tensor, target: torch.Tensor, edges, options
+) -> torch.Tensor:
     """The one statistics autograd formula: ``backward`` (a backend's backward op) applied to the gradients of
-    the five statistics, zeros of their shape for those that got none (``None`` unless the input ``needed`` one)."""
-    if not needed:
-        return None
-    input, target, edges = ctx.saved_tensors
+    the five statistics (``shapes``: theirs), zeros of their shape for those that got none."""
     full = []
-    for gr, shape in zip(grads, ctx.shapes):
+    for gr, shape in zip(grads, shapes):
         if gr is None:
             gr = input.new_zeros(shape, dtype=torch.float32)
         full.append(gr.contiguous().float())
-    return backward(*full, input, target, edges, *ctx.options)
+    return backward(*full, input, target, edges, *options)
+
+
+def _grad_input(ctx, needed: bool, backward: Callable, grads: tuple) -> torch.Tensor | None:
+    """:func:`stats_backward` for an autograd context saved by :func:`_setup` (``None`` unless the input
+    ``needed`` a gradient)."""
+    if not needed:
+        return None
+    input, target, edges = ctx.saved_tensors
+    return stats_backward(backward, grads, ctx.shapes, input, target, edges, ctx.options)
 
 
 def register_stats_autograd(forward_op: str, backward: Callable) -> None:
@@ -202,7 +211,9 @@ class _EagerStats(torch.autograd.Function):
 
 def eager_autograd(forward_op: Callable, backward_op: Callable) -> Callable:
     """``forward_op`` with the statistics autograd formula, through :class:`_EagerStats` in eager mode when the
-    input needs a gradient, through the op (and its registered formula) otherwise and while compiling."""
+    input needs a gradient, through the op (and its registered formula) otherwise and while compiling. The
+    result carries ``forward_op`` and ``backward_op`` as attributes (the fused eager loss of
+    :mod:`calibops.engine` calls them directly)."""
 
     def stats(input, target, edges, *options):
         if input.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
@@ -210,6 +221,8 @@ def eager_autograd(forward_op: Callable, backward_op: Callable) -> Callable:
         return forward_op(input, target, edges, *options)
 
     stats.__doc__ = f"{forward_op} with the statistics autograd formula (eager: one autograd.Function)."
+    stats.forward_op = forward_op  # type: ignore[attr-defined]
+    stats.backward_op = backward_op  # type: ignore[attr-defined]
     return stats
 
 
