@@ -399,7 +399,8 @@ class _FusedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, stats, plan: _LossPlan, input, target, edges, *options):
-        outputs = stats.forward_op(input, target, edges, *options)
+        with torch._C._AutoDispatchBelowAutograd():  # the op's kernel directly (as torch.library's own wrapper)
+            outputs = stats.forward_op(input, target, edges, *options)
         count, sum_p, sum_y = outputs[:3]
         if plan.drop_background:
             count, sum_p, sum_y = count[:, 1:], sum_p[:, 1:], sum_y[:, 1:]
@@ -411,6 +412,8 @@ class _FusedLoss(torch.autograd.Function):
         ctx.stats, ctx.plan, ctx.options = stats, plan, options
         ctx.shapes = tuple(t.shape for t in outputs[:5])
         ctx.entries = per_class.numel()
+        # without moments the op returns empty sum_p2 / sum_py: an empty tensor is its own zero gradient
+        ctx.moment_grads = (None, None) if outputs[3].numel() else (outputs[3], outputs[4])
         ctx.mark_non_differentiable(outputs[5])
         return reduce_loss(per_class, plan.reduction), outputs[5]
 
@@ -424,13 +427,15 @@ class _FusedLoss(torch.autograd.Function):
         if plan.reduction == "mean" and ctx.entries > 0:
             grad = grad / ctx.entries  # a 0-d gradient broadcasts over (B, C') in the epilogue's backward
         g_count, g_p, g_y = l1ace_backward(grad, tuple(saved), plan.soft, plan.soft)
+        if g_count is None:  # hard counts carry no gradient
+            g_count = torch.zeros_like(g_p)
         g_y = g_y.unsqueeze(-2)  # back to the op's rater axis (B, C, R, M)
         raters = ctx.shapes[2][-2]
         if plan.multi_rater and raters > 1:
             g_y = (g_y / raters).expand(*g_y.shape[:-2], raters, g_y.shape[-1])
         if plan.drop_background:
             g_count, g_p, g_y = _pad_background(g_count), _pad_background(g_p), _pad_background(g_y)
-        grads = (g_count, g_p, g_y, None, None)
+        grads = (g_count, g_p, g_y, *ctx.moment_grads)
         grad_input = stats_backward(ctx.stats.backward_op, grads, ctx.shapes, input, target, edges, ctx.options)
         return none[:2] + (grad_input,) + none[3:]
 

@@ -233,10 +233,29 @@ _CHECKS: dict[str, Any] = {
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Options)}
 
 
+_FROM_CACHE: dict[tuple, Options] = {}
+
+
 def options_from(scope: dict[str, Any], **fixed: Any) -> Options:
     """The checked :class:`Options` of a call or constructor: the option arguments found in ``scope`` (its
-    ``locals()``; other names are skipped), then ``fixed`` (which wins)."""
-    return Options(**{**{k: v for k, v in scope.items() if k in DEFAULTS}, **fixed})
+    ``locals()``; other names are skipped), then ``fixed`` (which wins).
+
+    ``Options`` is frozen and its check a pure function of the values, so the result for hashable values is
+    memoised (keyed by each value's type too: ``True`` and ``1`` stay apart): a function called with the same
+    options in a training loop builds and checks them once."""
+    given = {k: v for k, v in scope.items() if k in DEFAULTS}
+    given.update(fixed)
+    values = tuple(given.values())
+    try:
+        key = (tuple(given), tuple(map(type, values)), values)
+        cached = _FROM_CACHE.get(key)
+    except TypeError:  # an unhashable value: Options itself checks (and names) it
+        return Options(**given)
+    if cached is None:
+        cached = Options(**given)
+        if len(_FROM_CACHE) < 1024:
+            _FROM_CACHE[key] = cached
+    return cached
 
 
 def check_options(**given: Any) -> Options:
