@@ -260,12 +260,11 @@ def kernel_resources() -> list[str]:
     try:
         import importlib
 
-        tb = importlib.import_module("calibops.backends.triton.binned_stats")  # the module (the package exports the op)
+        kern_mod = importlib.import_module("calibops.backends.triton.kernels")
 
-        kernels = (
-            ("fwd", tb._stats_fwd_kernel),
-            ("fwd-scatter", tb._stats_fwd_scatter_kernel),
-            ("bwd", tb._stats_bwd_kernel),
+        kernels = (  # the forward's register and scatter paths are two specialisations (SCATTER) of one kernel
+            ("fwd", kern_mod._stats_fwd_kernel),
+            ("bwd", kern_mod._stats_bwd_kernel),
         )
         for kname, kern in kernels:
             caches = getattr(kern, "device_caches", None) or {}
@@ -352,12 +351,12 @@ def register_report(args) -> int:
 def jit_launch_args(tb, launch, B: int, C: int, N: int, M: int, variant: str, binning: str, xdt, ldt, kernel: str):
     """(kernel function, keyword launch arguments, num_warps, config) as the op launches the kernel for a
     [B, C, N] softmax + integer-labels problem with M bins and an ``ENGINE_VARIANTS`` variant: the op's own
-    ``launch_config`` (forward kernel chosen as the op does) and constexpr ``flags``; small CPU tensors stand in
-    for the device buffers (only their dtype and 16-byte alignment matter to the specialisation, as for torch's
-    CUDA allocations)."""
+    ``launch_config`` (the forward's scatter path chosen as the op does) and constexpr ``flags``; small CPU
+    tensors stand in for the device buffers (only their dtype and 16-byte alignment matter to the
+    specialisation, as for torch's CUDA allocations)."""
     import torch
 
-    from calibops.contract import SCHEME_HARD, SCHEME_SOFT, TARGET_LABELS
+    from calibops.contract import SCHEME_HARD, SCHEME_SOFT, TARGET_LABELS, OpCall
 
     mode, R, moments = ENGINE_VARIANTS[variant]
     scheme = SCHEME_SOFT if binning == "soft" else SCHEME_HARD
@@ -365,12 +364,7 @@ def jit_launch_args(tb, launch, B: int, C: int, N: int, M: int, variant: str, bi
     cfg = launch.launch_config(
         B, C, N, M, torch.device("cuda"), backward=backward, mode=mode, raters=R, moments=moments
     )
-    if backward:
-        fn = tb._stats_bwd_kernel
-    elif cfg["SCATTER"]:
-        fn = tb._stats_fwd_scatter_kernel
-    else:
-        fn = tb._stats_fwd_kernel
+    fn = tb._stats_bwd_kernel if backward else tb._stats_fwd_kernel
     dtypes = {
         "x_ptr": xdt,
         "gx_ptr": xdt,
@@ -393,7 +387,8 @@ def jit_launch_args(tb, launch, B: int, C: int, N: int, M: int, variant: str, bi
         "has_ignore": 0,
         "right": 0,
     }
-    consts = launch.flags(cfg, M, scheme, 1, TARGET_LABELS, mode, moments, R, backward=backward)
+    call = OpCall(None, None, None, M, scheme, 1, TARGET_LABELS, mode, moments, None, False)  # the scalars flags reads
+    consts = launch.flags(cfg, call, R, backward=backward)
     num_warps = consts.pop("num_warps")
     kwargs = {}
     for name in fn.arg_names:
@@ -432,7 +427,7 @@ def _compile_one(tb, launch, triton, target, cuobjdump, args, B, C, N, variant, 
             getattr(torch, args.label_dtype),
             kernel,
         )
-        label += " scatter" if "scatter" in fn.__name__ else ""
+        label += " scatter" if cfg["SCATTER"] and kernel != "bwd" else ""
         label += f" C_BLOCK={cfg['C_BLOCK']:<3d} K_BLOCK={kwargs.get('K_BLOCK', '-')!s:<3s}"
         label += f" BLOCK_N={cfg['BLOCK_N']:<5d} warps={num_warps}"
         t0 = time.perf_counter()

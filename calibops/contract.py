@@ -10,8 +10,11 @@ glue code). Also the one definition of the backend names, the bin cap and the dt
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections import namedtuple
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -32,10 +35,13 @@ __all__ = [
     "TARGET_DENSE",
     "TARGET_LABELS",
     "Geometry",
+    "GRAD_NAMES",
     "OpCall",
     "check_args",
     "check_grads",
     "empty_outputs",
+    "implements_op",
+    "op_signature",
 ]
 
 #: Every backend name (``backend=`` in the API, besides ``"auto"``).
@@ -84,6 +90,56 @@ def _int(name: str, v: object) -> int:
 OpCall = namedtuple(
     "OpCall", "input target edges num_bins scheme activation target_kind mode moments ignore_index right"
 )
+#: The backward op's leading arguments (then the forward's :data:`OpCall`): the gradients of the five statistics.
+GRAD_NAMES = ("grad_count", "grad_sum_p", "grad_sum_y", "grad_sum_p2", "grad_sum_py")
+# Each argument's type in the op schema: tensors, then ints, except for these.
+_TYPES = {"moments": bool, "ignore_index": Optional[int], "right": bool}  # noqa: UP045 - torch 2.6 schema inference
+
+
+def op_signature(backward: bool = False) -> inspect.Signature:
+    """The Python signature of the forward op (``backward``: the backward op), built from :data:`OpCall`.
+
+    Forward: ``(input, target, edges, num_bins, ..., right) -> (count, sum_p, sum_y, sum_p2, sum_py, bad)``;
+    backward: the :data:`GRAD_NAMES` first, then the same, ``-> grad_input``. ``torch.library`` infers an op's
+    schema from this signature (:func:`implements_op`)."""
+    names = (GRAD_NAMES if backward else ()) + OpCall._fields
+    tensors = set(GRAD_NAMES + OpCall._fields[:3])
+    params = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            annotation=torch.Tensor if name in tensors else _TYPES.get(name, int),
+        )
+        for name in names
+    ]
+    returns = torch.Tensor if backward else tuple[(torch.Tensor,) * 6]
+    return inspect.Signature(params, return_annotation=returns)
+
+
+def implements_op(backward: bool = False) -> Callable[[Callable], Callable]:
+    """Decorator: ``fn(call)`` (``backward``: ``fn(grads, call)``), which takes the op's arguments as one
+    :data:`OpCall` (after the tuple of the five gradients), becomes a function with the op's own signature
+    (:func:`op_signature`): positional or keyword arguments are gathered into the :data:`OpCall`.
+
+    The signature is what ``torch.library.custom_op`` and ``triton_op`` infer the op schema from (``triton_op``
+    ignores an explicit ``schema=`` up to at least torch 2.13), so the argument list is written once, here; the
+    result's ``__wrapped__`` is ``fn`` (``triton_op`` finds the Triton kernels in its source)."""
+    sig = op_signature(backward)
+    n_grads = len(GRAD_NAMES) if backward else 0
+    size = len(sig.parameters)
+
+    def decorate(fn: Callable) -> Callable:
+        def op(*args, **kwargs):
+            if kwargs or len(args) != size:
+                args = sig.bind(*args, **kwargs).args  # a TypeError naming the missing / unexpected argument
+            call = OpCall._make(args[n_grads:])
+            return fn(args[:n_grads], call) if backward else fn(call)
+
+        functools.update_wrapper(op, fn)
+        op.__signature__ = sig
+        return op
+
+    return decorate
 
 
 def check_args(*call: object, allow_float64: bool = False) -> Geometry:

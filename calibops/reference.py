@@ -26,7 +26,9 @@ from .contract import (
     SCHEME_HARD,
     SCHEME_SOFT,
     TARGET_LABELS,
+    OpCall,
     check_args,
+    implements_op,
 )
 
 __all__ = [
@@ -119,20 +121,13 @@ def _membership(
     return lo, w_lo, hi, 1.0 - w_lo  # w_hi: "the rest" of the entry's unit weight
 
 
-def binned_stats_prepared(
-    input: torch.Tensor,  # [B, C, N]
-    target: torch.Tensor,  # [B, R, N] integer labels, or [B, C, N] dense
-    edges: torch.Tensor,  # [M + 1] hard edges, or [M] soft centres
-    num_bins: int,
-    scheme: int,
-    activation: int,
-    target_kind: int,
-    mode: int,
-    moments: bool,
-    ignore_index: int | None,
-    right: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@implements_op()
+def binned_stats_prepared(call: OpCall) -> tuple[torch.Tensor, ...]:
     """Reference of the kernel op ``calibops::binned_stats`` (docs/kernel_contract.md, v2).
+
+    Takes the op's arguments (:data:`calibops.contract.OpCall`): ``input`` [B, C, N], ``target`` [B, R, N]
+    integer labels or [B, C, N] dense, ``edges`` [M + 1] hard edges or [M] soft centres, then ``num_bins, scheme,
+    activation, target_kind, mode, moments, ignore_index, right``.
 
     Returns ``(count, sum_p, sum_y, sum_p2, sum_py, bad)``: ``count, sum_p`` (B, K, M), ``sum_y`` (B, K, R, M),
     ``sum_p2, sum_py`` (B, K, M) when ``moments`` else empty (0,), in float32 (float64 for float64 input), with
@@ -141,8 +136,8 @@ def binned_stats_prepared(
     non-finite probabilities) contribute nothing and get gradient exactly 0. Sums are accumulated in float64 and
     rounded once, so the reference is as exact as the float32 output allows at any volume size.
     """
-    call = (input, target, edges, num_bins, scheme, activation, target_kind, mode, moments, ignore_index, right)
     g = check_args(*call, allow_float64=True)
+    input, target, edges, _, scheme, activation, target_kind, mode, moments, ignore_index, right = call
     B, C, N, R, K, M = g
     out_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     acc = torch.float64

@@ -40,6 +40,7 @@ import pytest  # noqa: E402
 triton = pytest.importorskip("triton")
 
 import calibops.functional as F  # noqa: E402
+from calibops.contract import OpCall  # noqa: E402
 from calibops.reference import bin_centres, bin_edges, binned_stats_prepared, scheme_edges  # noqa: E402
 
 from . import _oracle  # noqa: E402
@@ -49,6 +50,8 @@ INTERPRET = DEVICE.type == "cpu"
 
 pytest.importorskip("calibops.backends.triton")
 tb = importlib.import_module("calibops.backends.triton.binned_stats")  # the module (the package exports the op)
+L = importlib.import_module("calibops.backends.triton.launch")
+K = importlib.import_module("calibops.backends.triton.kernels")
 
 # Every distinct constexpr/dtype combination is a separate Triton compile on a GPU (~1 s each on a fresh
 # machine); the interpreter has no such cost. Parameter sets marked with this run on CPU always and on a GPU
@@ -453,7 +456,7 @@ def test_any_strides_accepted():
 
 def test_many_programs_partial_merge():
     # more tiles than one program takes (forces several partial histograms per image, merged over P)
-    cfg = tb.launch_config(1, 2, 300_000, 5, DEVICE)
+    cfg = L.launch_config(1, 2, 300_000, 5, DEVICE)
     assert cfg["P"] > 1 or DEVICE.type == "cpu"
     x, t = _make(1, 2, 20_000 if INTERPRET else 300_000, act="sigmoid", kind=DENSE, seed=9)
     _check(x, t, 5, 0, "sigmoid", DENSE, 0, True, label="many programs")
@@ -466,32 +469,37 @@ def test_many_programs_partial_merge():
 
 @pytest.mark.parametrize("C", [1, 2, 3, 4, 16, 17, 32, 33, 100])
 def test_launch_config_heuristic(C):
-    cfg = tb.launch_config(2, C, 7_225_344, 20, torch.device("cpu"))
-    assert cfg["C_BLOCK"] == min(triton.next_power_of_2(C), tb.MAX_C_BLOCK) == cfg["K_BLOCK"]
+    cfg = L.launch_config(2, C, 7_225_344, 20, torch.device("cpu"))
+    assert cfg["C_BLOCK"] == min(triton.next_power_of_2(C), L.MAX_C_BLOCK) == cfg["K_BLOCK"]
     assert cfg["num_cc"] * cfg["C_BLOCK"] >= C and cfg["GRID_CC"] == cfg["num_cc"]
     assert cfg["P"] * cfg["tiles_per_prog"] * cfg["BLOCK_N"] >= 7_225_344
-    assert cfg["tiles_per_prog"] <= tb.MAX_TILES_PER_PROG
+    assert cfg["tiles_per_prog"] <= L.MAX_TILES_PER_PROG
     assert cfg["M_PAD"] == 32
-    bw = tb.launch_config(2, C, 7_225_344, 20, torch.device("cpu"), backward=True)
+    bw = L.launch_config(2, C, 7_225_344, 20, torch.device("cpu"), backward=True)
     assert bw["P"] * bw["tiles_per_prog"] * bw["BLOCK_N"] >= 7_225_344
     # top-label: one histogram row per program, one program over all class chunks, the same probability tile
-    top = tb.launch_config(2, C, 7_225_344, 20, torch.device("cpu"), mode=1)
+    top = L.launch_config(2, C, 7_225_344, 20, torch.device("cpu"), mode=1)
     assert top["K_BLOCK"] == 1 and top["GRID_CC"] == 1 and top["num_cc"] == cfg["num_cc"]
     assert top["C_BLOCK"] == cfg["C_BLOCK"] and top["BLOCK_N"] == cfg["BLOCK_N"]
     assert top["P"] * top["tiles_per_prog"] * top["BLOCK_N"] >= 7_225_344
     # marginal with several raters or moments: half the forward tile (more histogram planes per row); top-label
     # keeps its tile, the backward too
     for kw in (dict(raters=3), dict(moments=True)):
-        half = tb.launch_config(2, C, 7_225_344, 20, torch.device("cpu"), **kw)
+        half = L.launch_config(2, C, 7_225_344, 20, torch.device("cpu"), **kw)
         assert half["BLOCK_N"] == max(16, cfg["BLOCK_N"] // 2)
-        assert tb.launch_config(2, C, 7_225_344, 20, torch.device("cpu"), mode=1, **kw)["BLOCK_N"] == top["BLOCK_N"]
-        assert tb.launch_config(2, C, 7_225_344, 20, torch.device("cpu"), backward=True, **kw) == bw
+        assert L.launch_config(2, C, 7_225_344, 20, torch.device("cpu"), mode=1, **kw)["BLOCK_N"] == top["BLOCK_N"]
+        assert L.launch_config(2, C, 7_225_344, 20, torch.device("cpu"), backward=True, **kw) == bw
+
+
+def _call(num_bins, scheme, activation, target_kind, mode, moments):
+    """The scalar part of an op call (what the launcher's flags read)."""
+    return OpCall(None, None, None, num_bins, scheme, activation, target_kind, mode, moments, None, False)
 
 
 def test_flags_specialise_new_features_at_compile_time():
     # the v1 configuration (marginal, one rater, no moments) is one constexpr setting of the v2 kernels
-    cfg = tb.launch_config(2, 4, 1000, 20, torch.device("cpu"))
-    f = tb.flags(cfg, 20, 0, 1, LABELS, 0, False, 1)
+    cfg = L.launch_config(2, 4, 1000, 20, torch.device("cpu"))
+    f = L.flags(cfg, _call(20, 0, 1, LABELS, 0, False), 1)
     assert (f["MODE"], f["MOMENTS"], f["NUM_RATERS"], f["R_PAD"], f["ONE_BIN"], f["PACKED"]) == (
         0,
         False,
@@ -500,7 +508,7 @@ def test_flags_specialise_new_features_at_compile_time():
         True,
         True,
     )
-    f3 = tb.flags(cfg, 20, 1, 1, LABELS, 1, True, 3)
+    f3 = L.flags(cfg, _call(20, 1, 1, LABELS, 1, True), 3)
     assert (f3["MODE"], f3["MOMENTS"], f3["NUM_RATERS"], f3["R_PAD"], f3["ONE_BIN"], f3["PACKED"]) == (
         1,
         True,
@@ -509,20 +517,11 @@ def test_flags_specialise_new_features_at_compile_time():
         False,
         False,
     )
-    kernel_args = set(tb._stats_fwd_kernel.arg_names)
+    kernel_args = set(K._stats_fwd_kernel.arg_names)
     assert {k for k in f if k != "num_warps"} <= kernel_args
-    bw = tb.flags(
-        tb.launch_config(2, 4, 1000, 20, torch.device("cpu"), backward=True),
-        20,
-        0,
-        1,
-        LABELS,
-        0,
-        False,
-        1,
-        backward=True,
-    )
-    assert {k for k in bw if k != "num_warps"} <= set(tb._stats_bwd_kernel.arg_names)
+    bw_cfg = L.launch_config(2, 4, 1000, 20, torch.device("cpu"), backward=True)
+    bw = L.flags(bw_cfg, _call(20, 0, 1, LABELS, 0, False), 1, backward=True)
+    assert {k for k in bw if k != "num_warps"} <= set(K._stats_bwd_kernel.arg_names)
 
 
 # The interpreter accepts code that the compiler rejects (and never allocates registers): every kernel is also
@@ -535,15 +534,18 @@ import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
+from calibops.contract import OpCall
 tb = importlib.import_module("calibops.backends.triton.binned_stats")
 L = importlib.import_module("calibops.backends.triton.launch")
+K = importlib.import_module("calibops.backends.triton.kernels")
 assert not tb.INTERPRETED
 N, target = 224 * 224 * 144, GPUTarget("cuda", 90, 32)
 for C, scheme, mode, moments, R, kernel, M, kind in VARIANTS:
     bw = kernel == "bwd"
     cfg = L.launch_config(2, C, N, M, torch.device("cpu"), backward=bw, mode=mode, raters=R, moments=moments)
-    fn = tb._stats_bwd_kernel if bw else tb._stats_fwd_scatter_kernel if cfg["SCATTER"] else tb._stats_fwd_kernel
-    consts = L.flags(cfg, M, scheme, 1, kind, mode, moments, R, backward=bw)
+    fn = K._stats_bwd_kernel if bw else K._stats_fwd_kernel
+    call = OpCall(None, None, None, M, scheme, 1, kind, mode, moments, None, False)
+    consts = L.flags(cfg, call, R, backward=bw)
     num_warps = consts.pop("num_warps")
     ints = dict(C=C, N=N, P=cfg["P"], tiles_per_prog=cfg["tiles_per_prog"], ignore_index=0, has_ignore=0, right=0)
     dt = {"x_ptr": torch.bfloat16, "gx_ptr": torch.bfloat16, "t_ptr": torch.int64 if kind == 0 else torch.float32,
@@ -676,6 +678,19 @@ def test_dispatcher_uses_registered_op():
     assert _backends.resolve_backend("triton", DEVICE) == "triton"
 
 
+def test_op_schemas_come_from_the_contract():
+    # one argument list (calibops/contract.py): the registered schemas name it in order, keywords work
+    from calibops.contract import op_signature
+
+    for op, backward in ((tb.binned_stats, False), (tb.binned_stats_backward, True)):
+        assert tuple(a.name for a in op.default._schema.arguments) == tuple(op_signature(backward).parameters)
+    x, t = _make(1, 3, 20, act="softmax")
+    args = (x, t, _edges(5, 0), 5, 0, 1, LABELS, 0, False, None, False)
+    keywords = dict(zip(OpCall._fields[3:], args[3:]))
+    for got, want in zip(tb.binned_stats(*args[:3], **keywords), tb.binned_stats(*args)):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("mode,R,moments", [(0, 1, False), (1, 3, True)])
 def test_opcheck(mode, R, moments):
     x, t = _make(1, 3, 20, act="softmax", R=R)
@@ -799,22 +814,22 @@ def test_public_api_top_label_and_raters_match_reference():
 
 
 def _expect_scatter(M):
-    cfg = tb.launch_config(1, 3, 1000, M, DEVICE)
-    assert cfg["SCATTER"] == (M > tb.MAX_REGISTER_BINS), cfg
+    cfg = L.launch_config(1, 3, 1000, M, DEVICE)
+    assert cfg["SCATTER"] == (M > L.MAX_REGISTER_BINS), cfg
     return cfg
 
 
 def test_scatter_kernel_chosen_above_max_register_bins(monkeypatch):
-    assert tb.MAX_REGISTER_BINS == 64
-    assert not tb.launch_config(1, 3, 1000, 64, DEVICE)["SCATTER"]
-    assert tb.launch_config(1, 3, 1000, 65, DEVICE)["SCATTER"]
-    assert tb.launch_config(1, 3, 1000, 65, DEVICE, mode=1)["SCATTER"]
-    assert not tb.launch_config(1, 3, 1000, 2**24, DEVICE, backward=True)["SCATTER"]  # one backward for any M
+    assert L.MAX_REGISTER_BINS == 64
+    assert not L.launch_config(1, 3, 1000, 64, DEVICE)["SCATTER"]
+    assert L.launch_config(1, 3, 1000, 65, DEVICE)["SCATTER"]
+    assert L.launch_config(1, 3, 1000, 65, DEVICE, mode=1)["SCATTER"]
+    assert not L.launch_config(1, 3, 1000, 2**24, DEVICE, backward=True)["SCATTER"]  # one backward for any M
     monkeypatch.setenv("CALIBOPS_TRITON_MAX_REGISTER_BINS", "0")
-    assert tb.launch_config(1, 3, 1000, 1, DEVICE)["SCATTER"]
+    assert L.launch_config(1, 3, 1000, 1, DEVICE)["SCATTER"]
     monkeypatch.setenv("CALIBOPS_TRITON_MAX_REGISTER_BINS", "-1")
     with pytest.raises(ValueError, match="CALIBOPS_TRITON_MAX_REGISTER_BINS"):
-        tb.launch_config(1, 3, 1000, 5, DEVICE)
+        L.launch_config(1, 3, 1000, 5, DEVICE)
 
 
 @pytest.mark.parametrize("C", [1, 2, 3, 8, 16, 32, 40])
@@ -827,15 +842,16 @@ def test_scatter_work_per_element_does_not_depend_on_num_bins(C):
     N = 7_225_344
     for mode in (0, 1):
         Ms = (65, 1000, 4097, 100_000, 2**24)
-        cfgs = [tb.launch_config(2, C, N, M, torch.device("cpu"), mode=mode) for M in Ms]
+        cfgs = [L.launch_config(2, C, N, M, torch.device("cpu"), mode=mode) for M in Ms]
         for cfg, M in zip(cfgs, Ms):
             assert cfg["SCATTER"]
-            assert cfg["K_BLOCK"] * cfg["BLOCK_N"] ** 2 <= tb.SCATTER_PAIRS
-            assert 8 <= cfg["BLOCK_N"] <= tb.SCATTER_MAX_N and cfg["BLOCK_N"] == cfgs[0]["BLOCK_N"]
+            assert cfg["K_BLOCK"] * cfg["BLOCK_N"] ** 2 <= L.SCATTER_PAIRS
+            assert 8 <= cfg["BLOCK_N"] <= L.SCATTER_MAX_N and cfg["BLOCK_N"] == cfgs[0]["BLOCK_N"]
             assert cfg["P"] * cfg["tiles_per_prog"] * cfg["BLOCK_N"] >= N
             assert cfg["P"] <= max(1, N // M)
-    src = inspect.getsource(getattr(tb._stats_fwd_scatter_kernel, "fn", tb._stats_fwd_scatter_kernel))
-    assert "range(NUM_BINS)" not in src and "M_PAD" not in src, "the scatter kernel must not loop over the bins"
+    for helper in (K._scatter_tile, K._scatter_round):  # the forward kernel's SCATTER path, per tile
+        src = inspect.getsource(getattr(helper, "fn", helper))
+        assert "range(NUM_BINS)" not in src and "M_PAD" not in src, "the scatter path must not loop over the bins"
 
 
 def test_scatter_kernel_time_does_not_grow_with_num_bins():
@@ -922,7 +938,7 @@ def test_scatter_kernel_agrees_with_register_kernel(monkeypatch, scheme, act, ta
     x = _away_from_edges(x, act, 5)
     register = _op(x, t, 5, s, ACT[act], kind, m, True, right=bool(m))
     monkeypatch.setenv("CALIBOPS_TRITON_MAX_REGISTER_BINS", "0")
-    assert tb.launch_config(2, 5, 60, 5, DEVICE, mode=m)["SCATTER"]
+    assert L.launch_config(2, 5, 60, 5, DEVICE, mode=m)["SCATTER"]
     out, ref = _check(x, t, 5, s, act, kind, m, True, right=bool(m), label=f"scatter {scheme} {act} {target}")
     _check_stats(out, register, "scatter vs register", s == 1, 0)
     if s == 0:
@@ -1113,7 +1129,7 @@ def test_more_than_2_31_elements():
     # running sum over its tiles, then the merge of the P program partials); each term reaches the result
     # through at most log2(BLOCK_N) + tiles_per_prog + P roundings of 2^-24 relative, so the result is within
     # that many times 2^-24 of the exact sum, relative.
-    cfg = tb.launch_config(B, C, N, M, x.device)
+    cfg = L.launch_config(B, C, N, M, x.device)
     rtol = (math.log2(cfg["BLOCK_N"]) + cfg["tiles_per_prog"] + cfg["P"]) * 2.0**-24
     expect = torch.zeros(B, C, M, dtype=torch.float64)
     expect[0, :, 1] = N

@@ -6,6 +6,7 @@ needs triton; :mod:`calibops.backends.resolve` imports it lazily and reports any
 is unavailable.
 """
 
-from .binned_stats import MAX_C_BLOCK, binned_stats, binned_stats_backward, launch_config
+from .binned_stats import binned_stats, binned_stats_backward
+from .launch import MAX_C_BLOCK, launch_config
 
 __all__ = ["MAX_C_BLOCK", "binned_stats", "binned_stats_backward", "launch_config"]

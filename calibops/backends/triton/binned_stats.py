@@ -13,8 +13,8 @@ The package is split by job: :mod:`.schemes` (one membership function per binnin
 (loads, activations, targets, the contract's entries), :mod:`.kernels` (the kernels), :mod:`.launch` (block
 sizes, grid, constexpr flags), and this module (launchers, registration).
 
-Forward design (one read of input and target, label maps of all raters included), two kernels chosen by
-``num_bins``:
+Forward design (one read of input and target, label maps of all raters included), one kernel with two binning
+paths that ``num_bins`` chooses at compile time (the ``SCATTER`` constexpr):
 
 - ``num_bins <= MAX_REGISTER_BINS`` (64, the usual case): grid = (B * P, GRID_CC). Program ``(b, pn, cc)``
   walks ``tiles_per_prog`` consecutive tiles of ``BLOCK_N`` voxels of image ``b``, computes p (softmax over C /
@@ -24,7 +24,7 @@ Forward design (one read of input and target, label maps of all raters included)
   atomics). Each program writes its partial histograms to a float32 ``[S, B*P, K, M]`` buffer; ``torch.sum``
   over P merges them in a fixed order, so results are bitwise deterministic run to run on one device. Its cost
   per element grows with M (one masked pass per bin), which is why it is limited to small M.
-- ``num_bins > MAX_REGISTER_BINS`` (scatter kernel, cost independent of M): the same grid and per-element
+- ``num_bins > MAX_REGISTER_BINS`` (scatter path, cost independent of M): the same grid and per-element
   work on small tiles (``BLOCK_N`` 8-32, ``K_BLOCK * BLOCK_N**2 <= SCATTER_PAIRS``). Within each row of a tile,
   the entries that share a bin are grouped by an all-pairs comparison (``[K_BLOCK, BLOCK_N, BLOCK_N]``,
   O(BLOCK_N) work per element whatever M is); the first entry of each group (its leader) carries the group's
@@ -64,42 +64,16 @@ one-element array and calls ``int()`` on it for ``range(C)``, which numpy >= 2.4
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
-from ...contract import TARGET_LABELS, check_args, check_grads, empty_outputs
+from ...contract import TARGET_LABELS, Geometry, OpCall, check_args, check_grads, empty_outputs, implements_op
 from .. import extension as _ops
-from .kernels import _stats_bwd_kernel, _stats_fwd_kernel, _stats_fwd_scatter_kernel
-from .launch import (
-    MAX_BLOCK_N,
-    MAX_C_BLOCK,
-    MAX_REGISTER_BINS,
-    MAX_TILES_PER_PROG,
-    MIN_TILES_PER_PROG,
-    PROGRAMS_PER_SM,
-    SCATTER_MAX_N,
-    SCATTER_PAIRS,
-    flags,
-    interpreter_scalars,
-    launch_config,
-)
+from .kernels import _stats_bwd_kernel, _stats_fwd_kernel
+from .launch import flags, interpreter_scalars, launch_config
 
-__all__ = [
-    "MAX_BLOCK_N",
-    "MAX_C_BLOCK",
-    "MAX_REGISTER_BINS",
-    "MAX_TILES_PER_PROG",
-    "MIN_TILES_PER_PROG",
-    "PROGRAMS_PER_SM",
-    "SCATTER_MAX_N",
-    "SCATTER_PAIRS",
-    "binned_stats",
-    "binned_stats_backward",
-    "launch_config",
-]
+__all__ = ["INTERPRETED", "binned_stats", "binned_stats_backward"]
 
 INTERPRETED = not isinstance(_stats_fwd_kernel, triton.runtime.JITFunction)
 
@@ -121,101 +95,75 @@ def _interpreter_scalars(*values: int) -> tuple:
     return interpreter_scalars(INTERPRETED, *values)
 
 
-def _int_args(P: int, tiles_per_prog: int, C: int, N: int, target_kind: int, ignore_index, right: bool) -> tuple:
-    has_ignore = target_kind == TARGET_LABELS and ignore_index is not None
-    return _interpreter_scalars(
-        C, N, P, tiles_per_prog, int(ignore_index) if has_ignore else 0, int(has_ignore), int(right)
-    )
+def _int_args(g: Geometry, cfg: dict, call: OpCall) -> tuple:
+    """The kernels' run-time integer arguments ``C, N, P, tiles_per_prog, ignore_index, has_ignore, right``."""
+    has_ignore = call.target_kind == TARGET_LABELS and call.ignore_index is not None
+    ignore = int(call.ignore_index) if has_ignore else 0
+    return _interpreter_scalars(g.C, g.N, cfg["P"], cfg["tiles_per_prog"], ignore, int(has_ignore), int(call.right))
 
 
-def _triton_binned_stats(
-    input: torch.Tensor,
-    target: torch.Tensor,
-    edges: torch.Tensor,
-    num_bins: int,
-    scheme: int,
-    activation: int,
-    target_kind: int,
-    mode: int,
-    moments: bool,
-    ignore_index: Optional[int],  # noqa: UP045 - schema inference needs a real annotation
-    right: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@implements_op()
+def _triton_binned_stats(call: OpCall) -> tuple[torch.Tensor, ...]:
     """Forward statistics ``(count, sum_p, sum_y, sum_p2, sum_py, bad)`` (docs/kernel_contract.md)."""
-    g = check_args(input, target, edges, num_bins, scheme, activation, target_kind, mode, moments, ignore_index, right)
+    g = check_args(*call)
     B, C, N, R, K, M = g
     if B * C * N == 0:  # includes C = 0: empty (marginal) or zero (top-label) statistics, nothing counted
-        return tuple(o.zero_() for o in empty_outputs(input, g, moments))
-    x = input.contiguous()
-    t = _target_arg(target)
-    e = edges.contiguous()
-    cfg = launch_config(B, C, N, M, x.device, mode=mode, raters=R, moments=moments)
+        return tuple(o.zero_() for o in empty_outputs(call.input, g, call.moments))
+    x = call.input.contiguous()
+    cfg = launch_config(B, C, N, M, x.device, mode=call.mode, raters=R, moments=call.moments)
     P = cfg["P"]
-    grid = (B * P, cfg["GRID_CC"])
-    S = 2 + R + (2 if moments else 0)  # planes: count, sum_p, sum_y of each rater, sum_p2, sum_py
+    S = 2 + R + (2 if call.moments else 0)  # planes: count, sum_p, sum_y of each rater, sum_p2, sum_py
     counts = torch.empty((2, B * P * cfg["GRID_CC"]), dtype=torch.int64, device=x.device)
-    args = _int_args(P, cfg["tiles_per_prog"], C, N, target_kind, ignore_index, right)
-    consts = flags(cfg, M, scheme, activation, target_kind, mode, moments, R)
-    if cfg["SCATTER"]:
-        part = torch.zeros((S, B * P, K, M), dtype=torch.float64, device=x.device)
-        _launch(_stats_fwd_scatter_kernel)[grid](x, t, e, part, counts, *args, **consts)
-    else:
-        part = torch.empty((S, B * P, K, M), dtype=torch.float32, device=x.device)
-        _launch(_stats_fwd_kernel)[grid](x, t, e, part, counts, *args, **consts)
+    # the scatter path adds into zeroed float64 partials, the register path stores float32 ones
+    new = torch.zeros if cfg["SCATTER"] else torch.empty
+    part = new((S, B * P, K, M), dtype=torch.float64 if cfg["SCATTER"] else torch.float32, device=x.device)
+    _launch(_stats_fwd_kernel)[(B * P, cfg["GRID_CC"])](
+        x,
+        _target_arg(call.target),
+        call.edges.contiguous(),
+        part,
+        counts,
+        *_int_args(g, cfg, call),
+        **flags(cfg, call, R),
+    )
     part = part.view(S, B, P, K, M)
     # fixed-order merge over P (float64 partials of the scatter kernel are rounded once, here)
     stats = [part[s].sum(dim=1).to(torch.float32) for s in range(S)]
     count, sum_p = stats[0], stats[1]
     sum_y = torch.stack(stats[2 : 2 + R], dim=2)  # [B, K, R, M]
-    if moments:
+    if call.moments:
         sum_p2, sum_py = stats[2 + R], stats[3 + R]
     else:
         sum_p2, sum_py = (x.new_zeros((0,), dtype=torch.float32) for _ in range(2))
     return count, sum_p, sum_y, sum_p2, sum_py, counts.sum(dim=1)
 
 
-def _triton_binned_stats_backward(
-    grad_count: torch.Tensor,
-    grad_sum_p: torch.Tensor,
-    grad_sum_y: torch.Tensor,
-    grad_sum_p2: torch.Tensor,
-    grad_sum_py: torch.Tensor,
-    input: torch.Tensor,
-    target: torch.Tensor,
-    edges: torch.Tensor,
-    num_bins: int,
-    scheme: int,
-    activation: int,
-    target_kind: int,
-    mode: int,
-    moments: bool,
-    ignore_index: Optional[int],  # noqa: UP045 - schema inference needs a real annotation
-    right: bool,
-) -> torch.Tensor:
+@implements_op(backward=True)
+def _triton_binned_stats_backward(grads: tuple[torch.Tensor, ...], call: OpCall) -> torch.Tensor:
     """Gradient w.r.t. ``input`` from the gradients of the statistics (one pass, docs/kernel_contract.md)."""
-    g = check_args(input, target, edges, num_bins, scheme, activation, target_kind, mode, moments, ignore_index, right)
-    check_grads(g, moments, grad_count, grad_sum_p, grad_sum_y, grad_sum_p2, grad_sum_py)
+    g = check_args(*call)
+    check_grads(g, call.moments, *grads)
     B, C, N, R, K, M = g
-    grad = torch.empty((B, C, N), dtype=input.dtype, device=input.device)
+    grad = torch.empty((B, C, N), dtype=call.input.dtype, device=call.input.device)
     if B * C * N == 0:
         return grad
-    x = input.contiguous()
-    gc, gp, gy = (t.contiguous() for t in (grad_count, grad_sum_p, grad_sum_y))
-    gp2, gpy = (t.contiguous() for t in (grad_sum_p2, grad_sum_py)) if moments else (gp, gp)  # unused when off
-    cfg = launch_config(B, C, N, M, x.device, backward=True, mode=mode, raters=R, moments=moments)
-    P = cfg["P"]
-    _launch(_stats_bwd_kernel)[(B * P,)](
+    x = call.input.contiguous()
+    gc, gp, gy, gp2, gpy = (t.contiguous() for t in grads)
+    if not call.moments:
+        gp2 = gpy = gp  # unused when off
+    cfg = launch_config(B, C, N, M, x.device, backward=True, mode=call.mode, raters=R, moments=call.moments)
+    _launch(_stats_bwd_kernel)[(B * cfg["P"],)](
         gc,
         gp,
         gy,
         gp2,
         gpy,
         x,
-        _target_arg(target),
-        edges.contiguous(),
+        _target_arg(call.target),
+        call.edges.contiguous(),
         grad,
-        *_int_args(P, cfg["tiles_per_prog"], C, N, target_kind, ignore_index, right),
-        **flags(cfg, M, scheme, activation, target_kind, mode, moments, R, backward=True),
+        *_int_args(g, cfg, call),
+        **flags(cfg, call, R, backward=True),
     )
     return grad
 

@@ -1,4 +1,4 @@
-"""The Triton kernels of the statistics ops: two forward kernels and one backward kernel (docs/kernel_contract.md).
+"""The Triton kernels of the statistics ops: one forward and one backward kernel (docs/kernel_contract.md).
 
 Every kernel has one body for every option; the options are ``tl.constexpr`` so each configuration compiles
 to its own specialised code (an option that is off costs nothing):
@@ -8,6 +8,7 @@ to its own specialised code (an option that is off costs nothing):
 - ``MODE``: 0 marginal (rows k = c, one program axis per class chunk), 1 top-label (one row per voxel).
 - ``MOMENTS``: also accumulate ``sum_p2`` and ``sum_py``.
 - ``NUM_RATERS`` / ``R_PAD``: label maps per image (1: the single-rater code; more: ``[K, R_PAD, ...]`` tiles).
+- ``SCATTER`` (forward): the scatter binning (num_bins > MAX_REGISTER_BINS) instead of the register histogram.
 - ``PACKED``: 0/1 targets of one rater under a one-bin scheme: count and sum_y travel as one exact float
   ``1 + _PACK*y`` (a tile sums to at most ``BLOCK_N * (1 + _PACK) <= 2^21 + 2^10 < 2^24``), one sum fewer per bin.
 
@@ -27,15 +28,15 @@ from .tiles import (
     is_finite,
     load_x,
     marginal_targets,
+    normaliser,
     probs,
     rater,
-    softmax_norm,
     top_label,
     top_targets,
     voxels,
 )
 
-__all__ = ["_stats_bwd_kernel", "_stats_fwd_kernel", "_stats_fwd_scatter_kernel"]
+__all__ = ["_stats_bwd_kernel", "_stats_fwd_kernel"]
 
 _PACK = tl.constexpr(2048.0)
 _RUNTIME_INTS = ["C", "P", "tiles_per_prog", "ignore_index", "has_ignore", "right"]
@@ -73,144 +74,6 @@ def _store_counts(cnt_ptr, pid, cc, nbad, nnonfinite):
 def _put(acc, v, sel):
     """acc[:, m] += v where sel = (mcol == m) (register histogram column update)."""
     return acc + tl.where(sel, v[:, None], 0.0)
-
-
-@triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _stats_fwd_kernel(
-    x_ptr,  # [B, C, N] input (float32/float16/bfloat16)
-    t_ptr,  # [B, R, N] integer labels or [B, C, N] dense target
-    e_ptr,  # [M + 1] edges (hard) or [M] centres (soft), float32
-    part_ptr,  # [S, B * P, K, M] float32 per-program partial statistics (module doc)
-    cnt_ptr,  # [2, B * P * GRID_CC] int64 per-program out-of-range label / non-finite p counts
-    C,
-    N,
-    P,
-    tiles_per_prog,
-    ignore_index,
-    has_ignore,
-    right,
-    NUM_BINS: tl.constexpr,
-    M_PAD: tl.constexpr,
-    C_BLOCK: tl.constexpr,
-    K_BLOCK: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    SCHEME: tl.constexpr,
-    ONE_BIN: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    LABELS: tl.constexpr,
-    SINGLE_CHUNK: tl.constexpr,
-    MODE: tl.constexpr,
-    MOMENTS: tl.constexpr,
-    NUM_RATERS: tl.constexpr,
-    R_PAD: tl.constexpr,
-    PACKED: tl.constexpr,
-):
-    """Register-histogram forward (num_bins <= MAX_REGISTER_BINS): one masked pass over the tile per bin."""
-    pid = tl.program_id(0)
-    cc = tl.program_id(1)
-    b = pid // P
-    pn = pid % P
-    b64 = b.to(tl.int64)
-    x_img = x_ptr + b64 * C * N
-    mcol = tl.arange(0, M_PAD)
-    acc_n = tl.zeros([K_BLOCK, M_PAD], tl.float32)
-    acc_p = tl.zeros([K_BLOCK, M_PAD], tl.float32)
-    if NUM_RATERS == 1:
-        acc_y = tl.zeros([K_BLOCK, M_PAD], tl.float32)
-    else:
-        acc_y = tl.zeros([K_BLOCK, R_PAD, M_PAD], tl.float32)
-    if MOMENTS:
-        acc_p2 = tl.zeros([K_BLOCK, M_PAD], tl.float32)
-        acc_py = tl.zeros([K_BLOCK, M_PAD], tl.float32)
-    nbad = tl.zeros([BLOCK_N], tl.int32)
-    nnf = tl.zeros([BLOCK_N], tl.int32)
-    tile0 = pn.to(tl.int64) * tiles_per_prog
-    for it in range(0, tiles_per_prog):
-        n = (tile0 + it) * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = n < N
-        q, y, ybar, valid, bad, nonfinite = entries(
-            x_img,
-            t_ptr,
-            b64,
-            cc,
-            n,
-            nmask,
-            C,
-            N,
-            ignore_index,
-            has_ignore,
-            C_BLOCK,
-            BLOCK_N,
-            ACTIVATION,
-            LABELS,
-            SINGLE_CHUNK,
-            MODE,
-            NUM_RATERS,
-            R_PAD,
-        )
-        nbad += bad
-        nnf += nonfinite
-        j, w, dw = membership(q, e_ptr, right, NUM_BINS, SCHEME)
-        j = tl.where(valid, j, -2)  # -2: neither j nor j + 1 matches a bin
-        if MOMENTS:
-            qq = q * q
-            qy = q * ybar
-        if ONE_BIN:
-            if PACKED:
-                packed = 1.0 + _PACK * y
-            for m in range(NUM_BINS):
-                hit = j == m
-                if PACKED:
-                    both = tl.sum(tl.where(hit, packed, 0.0), axis=1)
-                    ym = tl.floor(both * (1.0 / _PACK))
-                    cm = both - ym * _PACK
-                else:
-                    cm = tl.sum(hit.to(tl.float32), axis=1)
-                    if NUM_RATERS == 1:
-                        ym = tl.sum(tl.where(hit, y, 0.0), axis=1)
-                    else:
-                        ym = tl.sum(tl.where(hit[:, None, :], y, 0.0), axis=2)
-                pm = tl.sum(tl.where(hit, q, 0.0), axis=1)
-                sel = (mcol == m)[None, :]
-                acc_n = _put(acc_n, cm, sel)
-                acc_p = _put(acc_p, pm, sel)
-                if NUM_RATERS == 1:
-                    acc_y = _put(acc_y, ym, sel)
-                else:
-                    acc_y += tl.where((mcol == m)[None, None, :], ym[:, :, None], 0.0)
-                if MOMENTS:
-                    acc_p2 = _put(acc_p2, tl.sum(tl.where(hit, qq, 0.0), axis=1), sel)
-                    acc_py = _put(acc_py, tl.sum(tl.where(hit, qy, 0.0), axis=1), sel)
-        else:
-            w1 = 1.0 - w  # bin j + 1 gets the rest of the entry's unit weight
-            for m in range(NUM_BINS):
-                wm = tl.where(j == m, w, 0.0) + tl.where(j == m - 1, w1, 0.0)
-                sel = (mcol == m)[None, :]
-                acc_n = _put(acc_n, tl.sum(wm, axis=1), sel)
-                acc_p = _put(acc_p, tl.sum(wm * q, axis=1), sel)
-                if NUM_RATERS == 1:
-                    acc_y = _put(acc_y, tl.sum(wm * y, axis=1), sel)
-                else:
-                    ym = tl.sum(wm[:, None, :] * y, axis=2)
-                    acc_y += tl.where((mcol == m)[None, None, :], ym[:, :, None], 0.0)
-                if MOMENTS:
-                    acc_p2 = _put(acc_p2, tl.sum(wm * qq, axis=1), sel)
-                    acc_py = _put(acc_py, tl.sum(wm * qy, axis=1), sel)
-    row, kmask, stride = _partial_rows(pid, cc, C, NUM_BINS, C_BLOCK, K_BLOCK, MODE)
-    offs = row[:, None] + mcol[None, :]
-    omask = kmask[:, None] & (mcol < NUM_BINS)[None, :]
-    tl.store(part_ptr + offs, acc_n, mask=omask)
-    tl.store(part_ptr + stride + offs, acc_p, mask=omask)
-    if NUM_RATERS == 1:
-        tl.store(part_ptr + 2 * stride + offs, acc_y, mask=omask)
-    else:
-        r = tl.arange(0, R_PAD)
-        offs3 = (2 + r)[None, :, None].to(tl.int64) * stride + offs[:, None, :]
-        tl.store(part_ptr + offs3, acc_y, mask=omask[:, None, :] & (r < NUM_RATERS)[None, :, None])
-    if MOMENTS:
-        tl.store(part_ptr + (2 + NUM_RATERS) * stride + offs, acc_p2, mask=omask)
-        tl.store(part_ptr + (3 + NUM_RATERS) * stride + offs, acc_py, mask=omask)
-    _store_counts(cnt_ptr, pid, cc, nbad, nnf)
 
 
 @triton.jit
@@ -264,12 +127,56 @@ def _scatter_round(
         _add(at + (3 + NUM_RATERS) * stride, mask, _group_sum(same, wt * qy))
 
 
+@triton.jit
+def _scatter_tile(
+    rowp,
+    stride,
+    lane,
+    j,
+    w,
+    q,
+    y,
+    ybar,
+    valid,
+    NUM_BINS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ONE_BIN: tl.constexpr,
+    MOMENTS: tl.constexpr,
+    NUM_RATERS: tl.constexpr,
+    R_PAD: tl.constexpr,
+    PACKED: tl.constexpr,
+):
+    """One tile of the scatter forward (``lane = tl.arange(0, BLOCK_N)``): group equal bins of a row by all-pairs
+    comparison; each group's leader adds the group sums into this program's partial rows ``rowp`` (binned_stats
+    module doc). Two-bin schemes update in two rounds (bins j, then bins j + 1), each writing distinct addresses.
+    Work per entry: O(BLOCK_N), whatever the number of bins."""
+    key = tl.where(valid, j, -1)
+    qq = q
+    qy = q
+    if MOMENTS:
+        qq = q * q
+        qy = q * ybar
+    # same[k, i, j]: lanes i and j of row k fall in the same bin; the group's leader is its first lane
+    same = key[:, :, None] == key[:, None, :]
+    first = tl.min(tl.where(same, lane[None, None, :], BLOCK_N), axis=2)
+    lead = (first == lane[None, :]) & (key >= 0)
+    at = rowp[:, None] + key  # [K_BLOCK, BLOCK_N] partial address of each lane's bin (used at leaders only)
+    if ONE_BIN:
+        _scatter_round(at, stride, lead, w, q, y, qq, qy, same, MOMENTS, NUM_RATERS, R_PAD, PACKED)
+    else:
+        _scatter_round(at, stride, lead, w, q, y, qq, qy, same, MOMENTS, NUM_RATERS, R_PAD, False)
+        tl.debug_barrier()  # group k's bin j + 1 may be group k'`s bin j: a second round
+        upper = lead & (key + 1 < NUM_BINS)
+        _scatter_round(at + 1, stride, upper, 1.0 - w, q, y, qq, qy, same, MOMENTS, NUM_RATERS, R_PAD, False)
+    tl.debug_barrier()  # this tile's updates land before the next tile's loads (other lanes may read them)
+
+
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _stats_fwd_scatter_kernel(
+def _stats_fwd_kernel(
     x_ptr,  # [B, C, N] input (float32/float16/bfloat16)
     t_ptr,  # [B, R, N] integer labels or [B, C, N] dense target
     e_ptr,  # [M + 1] edges (hard) or [M] centres (soft), float32
-    part_ptr,  # [S, B * P, K, M] float64 per-program partial statistics, zero-initialised
+    part_ptr,  # [S, B * P, K, M] per-program partial statistics: float32, or float64 zero-initialised (SCATTER)
     cnt_ptr,  # [2, B * P * GRID_CC] int64 per-program out-of-range label / non-finite p counts
     C,
     N,
@@ -279,6 +186,7 @@ def _stats_fwd_scatter_kernel(
     has_ignore,
     right,
     NUM_BINS: tl.constexpr,
+    M_PAD: tl.constexpr,
     C_BLOCK: tl.constexpr,
     K_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -292,24 +200,41 @@ def _stats_fwd_scatter_kernel(
     NUM_RATERS: tl.constexpr,
     R_PAD: tl.constexpr,
     PACKED: tl.constexpr,
+    SCATTER: tl.constexpr,
 ):
-    """Scatter forward (num_bins > MAX_REGISTER_BINS): per tile, group equal bins of a row by all-pairs
-    comparison; each group's leader adds the group sums into this program's partial row (binned_stats module
-    doc). Two-bin schemes update in two rounds (bins j, then bins j + 1), each writing distinct addresses."""
+    """The forward: the entries of each tile and their memberships, binned by one of two strategies that
+    ``SCATTER`` picks at compile time (binned_stats module doc):
+
+    - register histogram (num_bins <= MAX_REGISTER_BINS): one masked pass over the tile per bin into
+      ``[K_BLOCK, M_PAD]`` register accumulators, stored once at the end;
+    - scatter (num_bins > MAX_REGISTER_BINS): :func:`_scatter_tile` adds each tile's group sums straight into
+      this program's float64 partial rows (``M_PAD`` unused)."""
     pid = tl.program_id(0)
     cc = tl.program_id(1)
     b = pid // P
     pn = pid % P
     b64 = b.to(tl.int64)
     x_img = x_ptr + b64 * C * N
-    lane = tl.arange(0, BLOCK_N)
-    row, kmask, stride = _partial_rows(pid, cc, C, NUM_BINS, C_BLOCK, K_BLOCK, MODE)
-    rowp = part_ptr + row  # [K_BLOCK] this program's rows of plane 0
+    if SCATTER:
+        lane = tl.arange(0, BLOCK_N)
+        row, kmask, stride = _partial_rows(pid, cc, C, NUM_BINS, C_BLOCK, K_BLOCK, MODE)
+        rowp = part_ptr + row  # [K_BLOCK] this program's rows of plane 0
+    else:
+        mcol = tl.arange(0, M_PAD)
+        acc_n = tl.zeros([K_BLOCK, M_PAD], tl.float32)
+        acc_p = tl.zeros([K_BLOCK, M_PAD], tl.float32)
+        if NUM_RATERS == 1:
+            acc_y = tl.zeros([K_BLOCK, M_PAD], tl.float32)
+        else:
+            acc_y = tl.zeros([K_BLOCK, R_PAD, M_PAD], tl.float32)
+        if MOMENTS:
+            acc_p2 = tl.zeros([K_BLOCK, M_PAD], tl.float32)
+            acc_py = tl.zeros([K_BLOCK, M_PAD], tl.float32)
     nbad = tl.zeros([BLOCK_N], tl.int32)
     nnf = tl.zeros([BLOCK_N], tl.int32)
     tile0 = pn.to(tl.int64) * tiles_per_prog
     for it in range(0, tiles_per_prog):
-        n = (tile0 + it) * BLOCK_N + lane
+        n = (tile0 + it) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < N
         q, y, ybar, valid, bad, nonfinite = entries(
             x_img,
@@ -334,25 +259,86 @@ def _stats_fwd_scatter_kernel(
         nbad += bad
         nnf += nonfinite
         j, w, dw = membership(q, e_ptr, right, NUM_BINS, SCHEME)
-        key = tl.where(valid, j, -1)
-        qq = q
-        qy = q
-        if MOMENTS:
-            qq = q * q
-            qy = q * ybar
-        # same[k, i, j]: lanes i and j of row k fall in the same bin; the group's leader is its first lane
-        same = key[:, :, None] == key[:, None, :]
-        first = tl.min(tl.where(same, lane[None, None, :], BLOCK_N), axis=2)
-        lead = (first == lane[None, :]) & (key >= 0)
-        at = rowp[:, None] + key  # [K_BLOCK, BLOCK_N] partial address of each lane's bin (used at leaders only)
-        if ONE_BIN:
-            _scatter_round(at, stride, lead, w, q, y, qq, qy, same, MOMENTS, NUM_RATERS, R_PAD, PACKED)
+        if SCATTER:
+            _scatter_tile(
+                rowp,
+                stride,
+                lane,
+                j,
+                w,
+                q,
+                y,
+                ybar,
+                valid,
+                NUM_BINS,
+                BLOCK_N,
+                ONE_BIN,
+                MOMENTS,
+                NUM_RATERS,
+                R_PAD,
+                PACKED,
+            )
         else:
-            _scatter_round(at, stride, lead, w, q, y, qq, qy, same, MOMENTS, NUM_RATERS, R_PAD, False)
-            tl.debug_barrier()  # group k's bin j + 1 may be group k'`s bin j: a second round
-            upper = lead & (key + 1 < NUM_BINS)
-            _scatter_round(at + 1, stride, upper, 1.0 - w, q, y, qq, qy, same, MOMENTS, NUM_RATERS, R_PAD, False)
-        tl.debug_barrier()  # this tile's updates land before the next tile's loads (other lanes may read them)
+            j = tl.where(valid, j, -2)  # -2: neither j nor j + 1 matches a bin
+            if MOMENTS:
+                qq = q * q
+                qy = q * ybar
+            if ONE_BIN:
+                if PACKED:
+                    packed = 1.0 + _PACK * y
+                for m in range(NUM_BINS):
+                    hit = j == m
+                    if PACKED:
+                        both = tl.sum(tl.where(hit, packed, 0.0), axis=1)
+                        ym = tl.floor(both * (1.0 / _PACK))
+                        cm = both - ym * _PACK
+                    else:
+                        cm = tl.sum(hit.to(tl.float32), axis=1)
+                        if NUM_RATERS == 1:
+                            ym = tl.sum(tl.where(hit, y, 0.0), axis=1)
+                        else:
+                            ym = tl.sum(tl.where(hit[:, None, :], y, 0.0), axis=2)
+                    pm = tl.sum(tl.where(hit, q, 0.0), axis=1)
+                    sel = (mcol == m)[None, :]
+                    acc_n = _put(acc_n, cm, sel)
+                    acc_p = _put(acc_p, pm, sel)
+                    if NUM_RATERS == 1:
+                        acc_y = _put(acc_y, ym, sel)
+                    else:
+                        acc_y += tl.where((mcol == m)[None, None, :], ym[:, :, None], 0.0)
+                    if MOMENTS:
+                        acc_p2 = _put(acc_p2, tl.sum(tl.where(hit, qq, 0.0), axis=1), sel)
+                        acc_py = _put(acc_py, tl.sum(tl.where(hit, qy, 0.0), axis=1), sel)
+            else:
+                w1 = 1.0 - w  # bin j + 1 gets the rest of the entry's unit weight
+                for m in range(NUM_BINS):
+                    wm = tl.where(j == m, w, 0.0) + tl.where(j == m - 1, w1, 0.0)
+                    sel = (mcol == m)[None, :]
+                    acc_n = _put(acc_n, tl.sum(wm, axis=1), sel)
+                    acc_p = _put(acc_p, tl.sum(wm * q, axis=1), sel)
+                    if NUM_RATERS == 1:
+                        acc_y = _put(acc_y, tl.sum(wm * y, axis=1), sel)
+                    else:
+                        ym = tl.sum(wm[:, None, :] * y, axis=2)
+                        acc_y += tl.where((mcol == m)[None, None, :], ym[:, :, None], 0.0)
+                    if MOMENTS:
+                        acc_p2 = _put(acc_p2, tl.sum(wm * qq, axis=1), sel)
+                        acc_py = _put(acc_py, tl.sum(wm * qy, axis=1), sel)
+    if not SCATTER:
+        row, kmask, stride = _partial_rows(pid, cc, C, NUM_BINS, C_BLOCK, K_BLOCK, MODE)
+        offs = row[:, None] + mcol[None, :]
+        omask = kmask[:, None] & (mcol < NUM_BINS)[None, :]
+        tl.store(part_ptr + offs, acc_n, mask=omask)
+        tl.store(part_ptr + stride + offs, acc_p, mask=omask)
+        if NUM_RATERS == 1:
+            tl.store(part_ptr + 2 * stride + offs, acc_y, mask=omask)
+        else:
+            r = tl.arange(0, R_PAD)
+            offs3 = (2 + r)[None, :, None].to(tl.int64) * stride + offs[:, None, :]
+            tl.store(part_ptr + offs3, acc_y, mask=omask[:, None, :] & (r < NUM_RATERS)[None, :, None])
+        if MOMENTS:
+            tl.store(part_ptr + (2 + NUM_RATERS) * stride + offs, acc_p2, mask=omask)
+            tl.store(part_ptr + (3 + NUM_RATERS) * stride + offs, acc_py, mask=omask)
     _store_counts(cnt_ptr, pid, cc, nbad, nnf)
 
 
@@ -428,6 +414,13 @@ def _chain(p, g, dot, ACTIVATION: tl.constexpr):
     else:
         gx = g
     return gx
+
+
+@triton.jit
+def _store_grad(gx_img, c, n, nmask, C, N, gx):
+    """Store the dL/dx tile ``gx`` of classes ``c`` in the input's dtype."""
+    offs = c[:, None].to(tl.int64) * N + n[None, :]
+    tl.store(gx_img + offs, gx.to(gx_img.dtype.element_ty), mask=(c < C)[:, None] & nmask[None, :])
 
 
 @triton.jit
@@ -524,7 +517,14 @@ def _stats_bwd_kernel(
     NUM_RATERS: tl.constexpr,
     R_PAD: tl.constexpr,
 ):
-    """One read of input and target, one write of the gradient per tile (cost independent of M)."""
+    """One read of input and target, one write of the gradient per tile (cost independent of M).
+
+    Marginal: the tile's class chunks in one or two passes (``tl.static_range``: each pass its own loop). With
+    softmax over several chunks, dL/dx needs ``dot = sum_k p[k] dL/dp[k]`` over all classes first: a first pass
+    only sums it, the second writes. Otherwise one pass writes (one chunk and softmax: ``dot`` from the chunk
+    itself). With one chunk the chunk loop has constant bounds and a single iteration, which the compiler
+    replaces by its body: the same straight-line code as without a loop. Top-label: dL/dq once per voxel, then
+    one write pass over the chunks, dL/dp = dL/dq at the predicted class only."""
     pid = tl.program_id(0)
     b = pid // P
     pn = pid % P
@@ -532,92 +532,17 @@ def _stats_bwd_kernel(
     img = b64 * C * N
     x_img = x_ptr + img
     gx_img = gx_ptr + img
+    DOT_PASS: tl.constexpr = ACTIVATION == 1 and not SINGLE_CHUNK
     tile0 = pn.to(tl.int64) * tiles_per_prog
     for it in range(0, tiles_per_prog):
         n = (tile0 + it) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < N
         lab, keep, nbad = voxels(t_ptr, b64, n, nmask, C, N, ignore_index, has_ignore, LABELS, NUM_RATERS, R_PAD)
-        mx = tl.zeros([BLOCK_N], tl.float32)
-        den = mx
-        if ACTIVATION == 1:
-            if SINGLE_CHUNK:
-                pass
-            else:
-                mx, den = softmax_norm(x_img, n, nmask, C, N, C_BLOCK, BLOCK_N)
+        mx, den = normaliser(x_img, n, nmask, C, N, C_BLOCK, BLOCK_N, ACTIVATION, SINGLE_CHUNK)
         if MODE == 0:
             dot = tl.zeros([BLOCK_N], tl.float32)
-            if SINGLE_CHUNK:
-                c = tl.arange(0, C_BLOCK)
-                p, g = _marginal_grad_p(
-                    x_img,
-                    t_ptr,
-                    lab,
-                    keep,
-                    b64,
-                    c,
-                    n,
-                    nmask,
-                    mx,
-                    den,
-                    C,
-                    N,
-                    e_ptr,
-                    right,
-                    gc_ptr,
-                    gp_ptr,
-                    gy_ptr,
-                    gp2_ptr,
-                    gpy_ptr,
-                    NUM_BINS,
-                    SCHEME,
-                    ONE_BIN,
-                    ACTIVATION,
-                    LABELS,
-                    True,
-                    MOMENTS,
-                    NUM_RATERS,
-                    R_PAD,
-                )
-                if ACTIVATION == 1:
-                    dot = tl.sum(p * g, axis=0)
-                offs = c[:, None].to(tl.int64) * N + n[None, :]
-                gx = _chain(p, g, dot, ACTIVATION)
-                tl.store(gx_img + offs, gx.to(gx_ptr.dtype.element_ty), mask=(c < C)[:, None] & nmask[None, :])
-            else:
-                if ACTIVATION == 1:  # softmax over chunks: the dot product first, then the write pass
-                    for c0 in range(0, C, C_BLOCK):
-                        p, g = _marginal_grad_p(
-                            x_img,
-                            t_ptr,
-                            lab,
-                            keep,
-                            b64,
-                            c0 + tl.arange(0, C_BLOCK),
-                            n,
-                            nmask,
-                            mx,
-                            den,
-                            C,
-                            N,
-                            e_ptr,
-                            right,
-                            gc_ptr,
-                            gp_ptr,
-                            gy_ptr,
-                            gp2_ptr,
-                            gpy_ptr,
-                            NUM_BINS,
-                            SCHEME,
-                            ONE_BIN,
-                            ACTIVATION,
-                            LABELS,
-                            False,
-                            MOMENTS,
-                            NUM_RATERS,
-                            R_PAD,
-                        )
-                        dot += tl.sum(p * g, axis=0)
-                for c0 in range(0, C, C_BLOCK):
+            for phase in tl.static_range(1 + DOT_PASS):
+                for c0 in range(0, C_BLOCK if SINGLE_CHUNK else C, C_BLOCK):
                     c = c0 + tl.arange(0, C_BLOCK)
                     p, g = _marginal_grad_p(
                         x_img,
@@ -644,14 +569,17 @@ def _stats_bwd_kernel(
                         ONE_BIN,
                         ACTIVATION,
                         LABELS,
-                        False,
+                        SINGLE_CHUNK,
                         MOMENTS,
                         NUM_RATERS,
                         R_PAD,
                     )
-                    offs = c[:, None].to(tl.int64) * N + n[None, :]
-                    gx = _chain(p, g, dot, ACTIVATION)
-                    tl.store(gx_img + offs, gx.to(gx_ptr.dtype.element_ty), mask=(c < C)[:, None] & nmask[None, :])
+                    if phase < DOT_PASS:
+                        dot += tl.sum(p * g, axis=0)
+                    else:
+                        if ACTIVATION == 1 and SINGLE_CHUNK:
+                            dot = tl.sum(p * g, axis=0)
+                        _store_grad(gx_img, c, n, nmask, C, N, _chain(p, g, dot, ACTIVATION))
         else:
             # top-label: dL/dq once per voxel, then dL/dp = dL/dq at the predicted class a only
             qv, a, nf = top_label(x_img, n, nmask, mx, den, C, N, C_BLOCK, BLOCK_N, ACTIVATION, SINGLE_CHUNK)
@@ -687,6 +615,4 @@ def _stats_bwd_kernel(
                 p = probs(load_x(x_img, c, n, cmask, nmask, N), cmask, mx, den, ACTIVATION, SINGLE_CHUNK)
                 p = tl.where(is_finite(p), p, 0.0)
                 g = tl.where(c[:, None] == a[None, :], gq[None, :], 0.0)
-                gx = _chain(p, g, dot, ACTIVATION)
-                offs = c[:, None].to(tl.int64) * N + n[None, :]
-                tl.store(gx_img + offs, gx.to(gx_ptr.dtype.element_ty), mask=cmask[:, None] & nmask[None, :])
+                _store_grad(gx_img, c, n, nmask, C, N, _chain(p, g, dot, ACTIVATION))

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...contract import MODE_MARGINAL, TARGET_LABELS
+from ...contract import MODE_MARGINAL, TARGET_LABELS, OpCall
 from .schemes import ONE_BIN
 
 __all__ = [
@@ -109,8 +109,8 @@ def launch_config(
 ) -> dict:
     """Block sizes and grid for a ``[B, C, N]`` problem (see the module docstring for the heuristic).
 
-    ``SCATTER`` (forward only) selects the scatter kernel (``num_bins > MAX_REGISTER_BINS``); ``M_PAD`` is the
-    register histogram width of the other forward kernel. ``num_cc`` class chunks of ``C_BLOCK`` classes;
+    ``SCATTER`` (forward only) selects the forward kernel's scatter path (``num_bins > MAX_REGISTER_BINS``);
+    ``M_PAD`` is the register histogram width of its other path. ``num_cc`` class chunks of ``C_BLOCK`` classes;
     ``GRID_CC`` programs per (image, voxel range) in the forward grid (``num_cc`` marginal, 1 top-label, whose
     program loops over the chunks); ``K_BLOCK`` statistic rows per forward program. Several raters or moments
     add histogram planes: the register kernel's tile is then halved (module docstring)."""
@@ -168,31 +168,22 @@ def launch_config(
     }
 
 
-def flags(
-    cfg: dict,
-    num_bins: int,
-    scheme: int,
-    activation: int,
-    target_kind: int,
-    mode: int,
-    moments: bool,
-    raters: int,
-    backward: bool = False,
-) -> dict:
-    """The kernels' constexpr arguments (and ``num_warps``) for one call; see calibops/backends/triton/kernels.py."""
-    labels = target_kind == TARGET_LABELS
-    one_bin = scheme in ONE_BIN
+def flags(cfg: dict, call: OpCall, raters: int, backward: bool = False) -> dict:
+    """The kernels' constexpr arguments (and ``num_warps``) for the op call ``call`` with ``raters`` label maps;
+    see calibops/backends/triton/kernels.py."""
+    labels = call.target_kind == TARGET_LABELS
+    one_bin = call.scheme in ONE_BIN
     out = {
-        "NUM_BINS": num_bins,
+        "NUM_BINS": call.num_bins,
         "C_BLOCK": cfg["C_BLOCK"],
         "BLOCK_N": cfg["BLOCK_N"],
-        "SCHEME": int(scheme),
+        "SCHEME": int(call.scheme),
         "ONE_BIN": one_bin,
-        "ACTIVATION": int(activation),
+        "ACTIVATION": int(call.activation),
         "LABELS": labels,
         "SINGLE_CHUNK": cfg["num_cc"] == 1,
-        "MODE": int(mode),
-        "MOMENTS": bool(moments),
+        "MODE": int(call.mode),
+        "MOMENTS": bool(call.moments),
         "NUM_RATERS": int(raters),
         "R_PAD": triton.next_power_of_2(int(raters)),
         "num_warps": cfg["num_warps"],
@@ -200,8 +191,8 @@ def flags(
     if not backward:
         out["K_BLOCK"] = cfg["K_BLOCK"]
         out["PACKED"] = one_bin and labels and raters == 1
-        if not cfg["SCATTER"]:
-            out["M_PAD"] = cfg["M_PAD"]
+        out["M_PAD"] = cfg["M_PAD"]
+        out["SCATTER"] = cfg["SCATTER"]
     return out
 
 

@@ -4,7 +4,7 @@ A tile is ``BLOCK_N`` consecutive voxels of one image. Every function here is ``
 float32 registers whatever the input dtype (docs/kernel_contract.md, "Entries, probabilities, targets"):
 
 - :func:`voxels`: the label maps of the tile, read once (``R`` raters), which voxels are used, bad labels;
-- :func:`probs` / :func:`softmax_norm`: p from the input (softmax over C, online over class chunks when C does
+- :func:`probs` / :func:`normaliser`: p from the input (softmax over C, online over class chunks when C does
   not fit one register tile; sigmoid; identity);
 - :func:`marginal_targets` / :func:`top_label` / :func:`top_targets`: the marginal rows ``k = c`` and the
   top-label row (confidence ``q = max_c p``, predicted class ``a``, lowest index on ties);
@@ -24,9 +24,9 @@ __all__ = [
     "is_finite",
     "load_x",
     "marginal_targets",
+    "normaliser",
     "probs",
     "rater",
-    "softmax_norm",
     "top_label",
     "top_targets",
     "voxels",
@@ -47,7 +47,29 @@ def load_x(x_img, c, n, cmask, nmask, N):
 
 
 @triton.jit
-def softmax_norm(x_img, n, nmask, C, N, C_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+def normaliser(
+    x_img,
+    n,
+    nmask,
+    C,
+    N,
+    C_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr,
+):
+    """``(mx, den)`` for :func:`probs`: with softmax over several class chunks, the per-voxel max and
+    sum(exp(x - max)) over all C classes, online over the chunks ([BLOCK_N] each); otherwise unused zeros (one
+    chunk normalises itself)."""
+    mx = tl.zeros([BLOCK_N], tl.float32)
+    den = mx
+    if ACTIVATION == 1 and not SINGLE_CHUNK:
+        mx, den = _softmax_norm(x_img, n, nmask, C, N, C_BLOCK, BLOCK_N)
+    return mx, den
+
+
+@triton.jit
+def _softmax_norm(x_img, n, nmask, C, N, C_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
     """Per-voxel max and sum(exp(x - max)) over all C classes, online over class chunks ([BLOCK_N] each)."""
     mx = tl.full([BLOCK_N], float("-inf"), tl.float32)
     den = tl.zeros([BLOCK_N], tl.float32)
@@ -187,7 +209,7 @@ def top_label(
 
     Classes are scanned chunk by chunk; a later chunk replaces the running maximum only when strictly larger,
     so ties go to the lowest index as with ``torch.argmax``. ``mx, den``: the softmax normaliser over all
-    classes (:func:`softmax_norm`) unless SINGLE_CHUNK."""
+    classes (:func:`normaliser`) unless SINGLE_CHUNK."""
     q = tl.full([BLOCK_N], float("-inf"), tl.float32)
     a = tl.zeros([BLOCK_N], tl.int32)
     nf = tl.zeros([BLOCK_N], tl.int32)
@@ -266,13 +288,7 @@ def entries(
     [BLOCK_N]: out-of-range labels; ``nnf`` [BLOCK_N]: non-finite p of used voxels (marginal: of this chunk's
     classes; top-label: of all classes)."""
     lab, keep, nbad = voxels(t_ptr, b64, n, nmask, C, N, ignore_index, has_ignore, LABELS, NUM_RATERS, R_PAD)
-    mx = tl.zeros([BLOCK_N], tl.float32)
-    den = mx
-    if ACTIVATION == 1:
-        if SINGLE_CHUNK:
-            pass  # the tile holds every class: probs() normalises it directly
-        else:
-            mx, den = softmax_norm(x_img, n, nmask, C, N, C_BLOCK, BLOCK_N)
+    mx, den = normaliser(x_img, n, nmask, C, N, C_BLOCK, BLOCK_N, ACTIVATION, SINGLE_CHUNK)
     if MODE == 0:
         c = cc * C_BLOCK + tl.arange(0, C_BLOCK)
         cmask = c < C
