@@ -13,6 +13,7 @@ second. Prints the CPU, torch version and thread count.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -76,6 +77,7 @@ def main() -> None:
     ap.add_argument("--alternations", type=int, default=7)
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, help="append the rows to this CSV (e.g. benchmarks/results/overhead.csv)")
     args = ap.parse_args()
     import torch
 
@@ -85,7 +87,8 @@ def main() -> None:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    print(f"CPU {cpu}, torch {torch.__version__}, {args.threads} threads, load {os.getloadavg()[0]:.2f}")
+    load = os.getloadavg()[0]
+    print(f"CPU {cpu}, torch {torch.__version__}, {args.threads} threads, load {load:.2f}")
     sides = {"this": HERE} | ({"baseline": args.baseline.resolve()} if args.baseline else {})
     samples: dict[str, dict[str, list[float]]] = {s: {} for s in sides}
     for _ in range(args.alternations):
@@ -95,13 +98,56 @@ def main() -> None:
     print(f"load at the end {os.getloadavg()[0]:.2f}; medians of {args.alternations} alternations, calls/s")
     head = f"{'1x4x16^3 fwd+bwd':<20} {'this':>10}" + (f" {'baseline':>10} {'ratio':>7}" if args.baseline else "")
     print(head)
+    rows = []
     for k in samples["this"]:
         a = statistics.median(samples["this"][k])
-        line = f"{k:<20} {a:>10.0f}"
-        if args.baseline:
-            b = statistics.median(samples["baseline"][k])
-            line += f" {b:>10.0f} {a / b:>7.2f}"
+        b = statistics.median(samples["baseline"][k]) if args.baseline else None
+        line = f"{k:<20} {a:>10.0f}" + (f" {b:>10.0f} {a / b:>7.2f}" if b else "")
         print(line)
+        rows.append((k, a, b))
+    if args.out:
+        base = ""
+        if args.baseline:
+            rev = subprocess.run(
+                ["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+            )
+            base = f"{args.baseline.name}@{rev.stdout.strip()}" if rev.returncode == 0 else str(args.baseline)
+        new = not args.out.exists()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(
+                    [
+                        "cpu",
+                        "torch",
+                        "threads",
+                        "load",
+                        "alternations",
+                        "calls",
+                        "row",
+                        "this_calls_per_s",
+                        "baseline",
+                        "baseline_calls_per_s",
+                        "ratio",
+                    ]
+                )
+            for k, a, b in rows:
+                w.writerow(
+                    [
+                        cpu,
+                        torch.__version__,
+                        args.threads,
+                        f"{load:.2f}",
+                        args.alternations,
+                        args.calls,
+                        k,
+                        f"{a:.0f}",
+                        base,
+                        f"{b:.0f}" if b else "",
+                        f"{a / b:.3f}" if b else "",
+                    ]
+                )
 
 
 if __name__ == "__main__":
