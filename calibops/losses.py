@@ -107,14 +107,7 @@ class MarginalL1ACELoss(nn.Module):
         (``none_shape="broadcast"``: (B, C', 1, ..., 1))."""
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-        x = input
-        if self.other_act is not None:
-            x = self.other_act(x)
-            if not isinstance(x, torch.Tensor) or x.shape != input.shape:
-                raise ValueError(
-                    f"other_act must return a tensor of the input's shape {tuple(input.shape)}, got "
-                    f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
-                )
+        x = _activate(self.other_act, input)
         out = engine.loss(x, target, self.options, self.weight)
         if self.options.reduction == "none" and self.none_shape == "broadcast":
             out = out.reshape(*out.shape, *([1] * (input.dim() - 2)))
@@ -128,6 +121,19 @@ class MarginalL1ACELoss(nn.Module):
             f"sigmoid={o.sigmoid}, softmax={o.softmax}{act}, num_bins={o.num_bins}, "
             f"binning={o.binning!r}, reduction={o.reduction!r}, backend={o.backend!r}"
         )
+
+
+def _activate(other_act: Callable | None, input: torch.Tensor) -> torch.Tensor:
+    """``other_act(input)`` (differentiated by autograd), checked to keep the input's shape; ``input`` without one."""
+    if other_act is None:
+        return input
+    x = other_act(input)
+    if not isinstance(x, torch.Tensor) or x.shape != input.shape:
+        raise ValueError(
+            f"other_act must return a tensor of the input's shape {tuple(input.shape)}, got "
+            f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+        )
+    return x
 
 
 def _option_property(name: str) -> property:
@@ -257,14 +263,7 @@ class _MonaiL1ACELoss(_Loss):
             raise TypeError(f"input must be a floating point tensor (probabilities or logits), got {input.dtype}")
         o = self.options
         C = input.shape[1]
-        x = input
-        if self.other_act is not None:
-            x = self.other_act(x)
-            if not isinstance(x, torch.Tensor) or x.shape != input.shape:
-                raise ValueError(
-                    f"other_act must return a tensor of the input's shape {tuple(input.shape)}, got "
-                    f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
-                )
+        x = _activate(self.other_act, input)
         if C == 1:
             engine._single_channel_warnings(o, stacklevel=3)
             run_opts = self._options_c1
