@@ -8,6 +8,7 @@ True elsewhere; ``sigmoid``/``softmax`` came in opposite positional order in the
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import warnings
 
@@ -170,3 +171,28 @@ def test_float64_runs_in_float64_with_auto():
     out = F.marginal_l1_ace(x, y, to_onehot_y=True, softmax=True)
     assert out.dtype == torch.float64
     assert torch.autograd.gradcheck(lambda z: F.marginal_l1_ace(z, y, to_onehot_y=True, softmax=True), (x,))
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "calibops.losses:HardL1ACELoss",
+        "calibops.losses:SoftL1ACELoss",
+        "calibops.integrations.torchmetrics:DatasetCalibrationMetric",
+        "calibops.integrations.monai:CalibrationErrorMetric",
+        "calibops.integrations.monai:CalibrationError",
+    ],
+)
+def test_drop_in_signatures_use_the_one_default_too(where):
+    # the MONAI-signature losses and the adapters list their options again (their own positional orders)
+    module, name = where.split(":")
+    package = {"torchmetrics": "torchmetrics", "monai": "monai"}.get(module.rsplit(".", 1)[-1])
+    if package is not None:
+        pytest.importorskip(package)
+    if name == "CalibrationError":
+        pytest.importorskip("ignite")
+    cls = getattr(importlib.import_module(module), name)
+    found = _defaults(cls)
+    assert len(found) >= 5, f"{name} lists {sorted(found)}"
+    wrong = {n: (v, DEFAULTS[n]) for n, v in found.items() if v != DEFAULTS[n]}
+    assert not wrong, f"{name}: defaults differ from Options: {wrong}"
