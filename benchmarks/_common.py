@@ -86,7 +86,7 @@ def environment() -> dict[str, str]:
         "calibops": calibops.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "threads": str(torch.get_num_threads()),
     }
     if torch.cuda.is_available():
@@ -101,7 +101,8 @@ def environment() -> dict[str, str]:
     return env
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``), for every table's header."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -16,7 +16,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -80,13 +79,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="append the rows to this CSV (e.g. benchmarks/results/overhead.csv)")
     args = ap.parse_args()
     import torch
+    from _common import cpu_name  # benchmarks/ is first on sys.path when run as a script
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     load = os.getloadavg()[0]
     print(f"CPU {cpu}, torch {torch.__version__}, {args.threads} threads, load {load:.2f}")
     sides = {"this": HERE} | ({"baseline": args.baseline.resolve()} if args.baseline else {})

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
+from _common import cpu_name  # noqa: E402
 
 from calibops import engine  # noqa: E402
 from calibops.backends import registry as _registry  # noqa: E402
@@ -61,17 +61,6 @@ SPECS = (
     ),
 )
 DRY_SPECS = SPECS[:4]
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _sync(device: torch.device) -> None:
@@ -150,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = DRY_SPECS if args.dry_run else SPECS
     where = _selfcheck.device_name(device) if device.type == "cuda" else "CPU tensors"
     print(
-        f"self-check cost on {device} ({where}); host CPU {_cpu_name()}, torch {torch.__version__}, "
+        f"self-check cost on {device} ({where}); host CPU {cpu_name()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )

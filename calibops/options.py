@@ -234,23 +234,24 @@ DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Options)}
 
 
 _FROM_CACHE: dict[tuple, Options] = {}
+_PLAIN = (bool, int, float, str, type(None))  # immutable: a cached check can never go stale
 
 
 def options_from(scope: dict[str, Any], **fixed: Any) -> Options:
     """The checked :class:`Options` of a call or constructor: the option arguments found in ``scope`` (its
     ``locals()``; other names are skipped), then ``fixed`` (which wins).
 
-    ``Options`` is frozen and its check a pure function of the values, so the result for hashable values is
-    memoised (keyed by each value's type too: ``True`` and ``1`` stay apart): a function called with the same
-    options in a training loop builds and checks them once."""
+    ``Options`` is frozen and its check a pure function of the values, so the result for plain Python values
+    (bool, int, float, str, None) is memoised, keyed by each value's type too (``True`` and ``1`` stay apart): a
+    function called with the same options in a training loop builds and checks them once. Other values (NumPy
+    scalars, 0-d tensors, which a caller could change in place) are checked on every call."""
     given = {k: v for k, v in scope.items() if k in DEFAULTS}
     given.update(fixed)
-    values = tuple(given.values())
-    try:
-        key = (tuple(given), tuple(map(type, values)), values)
-        cached = _FROM_CACHE.get(key)
-    except TypeError:  # an unhashable value: Options itself checks (and names) it
+    types = tuple(map(type, given.values()))
+    if not all(t in _PLAIN for t in types):
         return Options(**given)
+    key = (tuple(given), types, tuple(given.values()))
+    cached = _FROM_CACHE.get(key)
     if cached is None:
         cached = Options(**given)
         if len(_FROM_CACHE) < 1024:

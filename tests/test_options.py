@@ -196,3 +196,17 @@ def test_drop_in_signatures_use_the_one_default_too(where):
     assert len(found) >= 5, f"{name} lists {sorted(found)}"
     wrong = {n: (v, DEFAULTS[n]) for n, v in found.items() if v != DEFAULTS[n]}
     assert not wrong, f"{name}: defaults differ from Options: {wrong}"
+
+
+def test_options_from_memoises_plain_values_only():
+    from calibops.options import options_from
+
+    a = options_from({"num_bins": 9, "softmax": True, "input": object()})
+    assert options_from({"num_bins": 9, "softmax": True}) is a  # the same plain values: checked once
+    with pytest.raises(TypeError, match="num_bins"):
+        options_from({"num_bins": True})  # a bool is no bin count, even though True == 1 ...
+    assert options_from({"num_bins": 1}).num_bins == 1  # ... and 1 is not served the bool's failure
+    t = torch.tensor(10)  # a value a caller can change in place is never served from the memo
+    assert options_from({"num_bins": t}).num_bins == 10
+    t.fill_(12)
+    assert options_from({"num_bins": t}).num_bins == 12

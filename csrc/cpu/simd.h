@@ -6,6 +6,21 @@
 #error "included by kernel_impl.h only"
 #endif
 
+#if CALIBOPS_ISA_LEVEL >= 1
+// dst[4 v .. 4 v + 3] = (1, p, p * p, p * (y * inv_r)) in float64 for 4 lanes (the moments' entry quads: exact
+// conversions, then the same two IEEE products as the generic path's pack_general, no FMA).
+static inline void store_quads4(double* dst, __m128 p4, __m128 y4, __m256d inv_r) {
+  const __m256d one = _mm256_set1_pd(1.0), pd = _mm256_cvtps_pd(p4);
+  const __m256d p2 = _mm256_mul_pd(pd, pd), py = _mm256_mul_pd(pd, _mm256_mul_pd(_mm256_cvtps_pd(y4), inv_r));
+  const __m256d t0 = _mm256_unpacklo_pd(one, pd), t1 = _mm256_unpackhi_pd(one, pd);  // (1 p0 1 p2), (1 p1 1 p3)
+  const __m256d t2 = _mm256_unpacklo_pd(p2, py), t3 = _mm256_unpackhi_pd(p2, py);    // (a0 b0 a2 b2), (a1 b1 a3 b3)
+  _mm256_storeu_pd(dst, _mm256_permute2f128_pd(t0, t2, 0x20));
+  _mm256_storeu_pd(dst + 4, _mm256_permute2f128_pd(t1, t3, 0x20));
+  _mm256_storeu_pd(dst + 8, _mm256_permute2f128_pd(t0, t2, 0x31));
+  _mm256_storeu_pd(dst + 12, _mm256_permute2f128_pd(t1, t3, 0x31));
+}
+#endif
+
 #if CALIBOPS_ISA_LEVEL >= 2
 constexpr int VL = 16;
 typedef __m512 VF;
@@ -57,18 +72,6 @@ static inline void store_pairs(double* dst, VF p) {
   _mm512_storeu_pd(dst + 8, _mm512_permutex2var_pd(ones, ib, lo));
   _mm512_storeu_pd(dst + 16, _mm512_permutex2var_pd(ones, ia, hi));
   _mm512_storeu_pd(dst + 24, _mm512_permutex2var_pd(ones, ib, hi));
-}
-// dst[4 v .. 4 v + 3] = (1, p, p * p, p * (y * inv_r)) in float64 for 4 lanes (the moments' entry quads: exact
-// conversions, then the same two IEEE products as the generic path's pack_general, no FMA).
-static inline void store_quads4(double* dst, __m128 p4, __m128 y4, __m256d inv_r) {
-  const __m256d one = _mm256_set1_pd(1.0), pd = _mm256_cvtps_pd(p4);
-  const __m256d p2 = _mm256_mul_pd(pd, pd), py = _mm256_mul_pd(pd, _mm256_mul_pd(_mm256_cvtps_pd(y4), inv_r));
-  const __m256d t0 = _mm256_unpacklo_pd(one, pd), t1 = _mm256_unpackhi_pd(one, pd);  // (1 p0 1 p2), (1 p1 1 p3)
-  const __m256d t2 = _mm256_unpacklo_pd(p2, py), t3 = _mm256_unpackhi_pd(p2, py);    // (a0 b0 a2 b2), (a1 b1 a3 b3)
-  _mm256_storeu_pd(dst, _mm256_permute2f128_pd(t0, t2, 0x20));
-  _mm256_storeu_pd(dst + 4, _mm256_permute2f128_pd(t1, t3, 0x20));
-  _mm256_storeu_pd(dst + 8, _mm256_permute2f128_pd(t0, t2, 0x31));
-  _mm256_storeu_pd(dst + 12, _mm256_permute2f128_pd(t1, t3, 0x31));
 }
 static inline void store_quads(double* dst, VF p, VF y, double inv_r) {
   const __m256d ir = _mm256_set1_pd(inv_r);
@@ -145,18 +148,6 @@ static inline void store_pairs4(double* dst, __m128 p4) {
 static inline void store_pairs(double* dst, VF p) {
   store_pairs4(dst, _mm256_castps256_ps128(p));
   store_pairs4(dst + 8, _mm256_extractf128_ps(p, 1));
-}
-// dst[4 v .. 4 v + 3] = (1, p, p * p, p * (y * inv_r)) in float64 for 4 lanes (the moments' entry quads: exact
-// conversions, then the same two IEEE products as the generic path's pack_general, no FMA).
-static inline void store_quads4(double* dst, __m128 p4, __m128 y4, __m256d inv_r) {
-  const __m256d one = _mm256_set1_pd(1.0), pd = _mm256_cvtps_pd(p4);
-  const __m256d p2 = _mm256_mul_pd(pd, pd), py = _mm256_mul_pd(pd, _mm256_mul_pd(_mm256_cvtps_pd(y4), inv_r));
-  const __m256d t0 = _mm256_unpacklo_pd(one, pd), t1 = _mm256_unpackhi_pd(one, pd);  // (1 p0 1 p2), (1 p1 1 p3)
-  const __m256d t2 = _mm256_unpacklo_pd(p2, py), t3 = _mm256_unpackhi_pd(p2, py);    // (a0 b0 a2 b2), (a1 b1 a3 b3)
-  _mm256_storeu_pd(dst, _mm256_permute2f128_pd(t0, t2, 0x20));
-  _mm256_storeu_pd(dst + 4, _mm256_permute2f128_pd(t1, t3, 0x20));
-  _mm256_storeu_pd(dst + 8, _mm256_permute2f128_pd(t0, t2, 0x31));
-  _mm256_storeu_pd(dst + 12, _mm256_permute2f128_pd(t1, t3, 0x31));
 }
 static inline void store_quads(double* dst, VF p, VF y, double inv_r) {
   const __m256d ir = _mm256_set1_pd(inv_r);
